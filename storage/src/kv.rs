@@ -1,0 +1,216 @@
+//! The engine-independent key-value boundary.
+
+use crate::Result;
+
+/// Column families. Each is a separate ordered key space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Column {
+    /// Chain metadata: latest height, genesis hash, pruned height, schema version.
+    Meta,
+    /// Block headers by hash.
+    Headers,
+    /// Block bodies (transaction bytes) by hash.
+    Bodies,
+    /// Big-endian height to block hash.
+    HeightIndex,
+    /// Transaction hash to (height, index).
+    TxIndex,
+    /// Big-endian height ++ big-endian index to receipt.
+    Receipts,
+    /// State tree nodes, keyed by (version, path).
+    StateNodes,
+    /// Stale state tree nodes by the version that made them stale, for pruning.
+    StateStale,
+    /// Consensus safety data.
+    Consensus,
+    /// Slashing evidence.
+    Evidence,
+    /// Peer scores and addresses.
+    Peers,
+}
+
+impl Column {
+    /// Every column, in a fixed order.
+    pub const ALL: [Column; 11] = [
+        Column::Meta,
+        Column::Headers,
+        Column::Bodies,
+        Column::HeightIndex,
+        Column::TxIndex,
+        Column::Receipts,
+        Column::StateNodes,
+        Column::StateStale,
+        Column::Consensus,
+        Column::Evidence,
+        Column::Peers,
+    ];
+
+    /// The column family name on disk.
+    pub fn name(self) -> &'static str {
+        match self {
+            Column::Meta => "meta",
+            Column::Headers => "headers",
+            Column::Bodies => "bodies",
+            Column::HeightIndex => "height_index",
+            Column::TxIndex => "tx_index",
+            Column::Receipts => "receipts",
+            Column::StateNodes => "state_nodes",
+            Column::StateStale => "state_stale",
+            Column::Consensus => "consensus",
+            Column::Evidence => "evidence",
+            Column::Peers => "peers",
+        }
+    }
+}
+
+/// One operation of a [`WriteBatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Set a key.
+    Put(Column, Vec<u8>, Vec<u8>),
+    /// Remove a key.
+    Delete(Column, Vec<u8>),
+    /// Remove every key in `[from, to)`.
+    DeleteRange(Column, Vec<u8>, Vec<u8>),
+}
+
+/// Operations applied atomically, in order: after a crash either all or none are visible.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    ops: Vec<Op>,
+    sync: bool,
+    bytes: usize,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    /// Sets `key` to `value` in `col`.
+    pub fn put(&mut self, col: Column, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        let (k, v) = (key.into(), value.into());
+        self.bytes = self.bytes.saturating_add(k.len() + v.len());
+        self.ops.push(Op::Put(col, k, v));
+    }
+
+    /// Removes `key` from `col`.
+    pub fn delete(&mut self, col: Column, key: impl Into<Vec<u8>>) {
+        let k = key.into();
+        self.bytes = self.bytes.saturating_add(k.len());
+        self.ops.push(Op::Delete(col, k));
+    }
+
+    /// Removes every key of `col` in `[from, to)`.
+    pub fn delete_range(&mut self, col: Column, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.ops.push(Op::DeleteRange(col, from.into(), to.into()));
+    }
+
+    /// Asks the engine to make the batch durable (fsync the log) before `write` returns.
+    /// Needed for consensus safety data; block commits rely on the write-ahead log.
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
+    }
+
+    /// Whether the batch must be fsynced.
+    pub fn sync(&self) -> bool {
+        self.sync
+    }
+
+    /// The operations, in order.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    /// Consumes the batch into its operations.
+    pub fn into_ops(self) -> Vec<Op> {
+        self.ops
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch has no operations.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Approximate payload bytes (keys and values).
+    pub fn size_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Appends all operations of `other`.
+    pub fn extend(&mut self, other: WriteBatch) {
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.sync |= other.sync;
+        self.ops.extend(other.ops);
+    }
+}
+
+/// Iteration order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Ascending keys.
+    Forward,
+    /// Descending keys.
+    Reverse,
+}
+
+/// An iterator over `(key, value)` pairs of one column.
+pub type KvIter<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + 'a>;
+
+/// An ordered, column-oriented key-value store with atomic batches.
+pub trait KvStore: Send + Sync + 'static {
+    /// Reads one key.
+    fn get(&self, col: Column, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Applies a batch atomically.
+    fn write(&self, batch: WriteBatch) -> Result<()>;
+
+    /// Iterates keys in `[from, to)` (`to = None`: to the end of the column) in `dir` order.
+    fn iter_range<'a>(&'a self, col: Column, from: &[u8], to: Option<&[u8]>, dir: Direction) -> KvIter<'a>;
+
+    /// Asks the engine to reclaim space of deleted keys in `[from, to)` now (after pruning).
+    fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()>;
+
+    /// Bytes the store takes on disk (0 for memory stores: see [`KvStore::memory_bytes`]).
+    fn disk_size_bytes(&self) -> Result<u64>;
+
+    /// Bytes the store holds in memory outside the allocator's view (RocksDB caches and
+    /// memtables), for the memory budget.
+    fn memory_bytes(&self) -> u64;
+
+    /// Iterates every key that starts with `prefix`, ascending.
+    fn iter_prefix<'a>(&'a self, col: Column, prefix: &[u8]) -> KvIter<'a> {
+        match prefix_end(prefix) {
+            Some(end) => {
+                let end_owned = end;
+                self.iter_range(col, prefix, Some(&end_owned), Direction::Forward)
+            }
+            None => self.iter_range(col, prefix, None, Direction::Forward),
+        }
+    }
+
+    /// Sets one key (a batch of one).
+    fn put(&self, col: Column, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut b = WriteBatch::new();
+        b.put(col, key, value);
+        self.write(b)
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, if there is one.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}

@@ -1,0 +1,103 @@
+//! An in-memory [`KvStore`] for tests and simulations.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+use crate::{Column, Direction, Error, KvIter, KvStore, Op, Result, WriteBatch};
+
+type Table = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// An in-memory store. Clones share the same data, like handles to one database, so a
+/// simulated node can "crash" (drop everything else) and restart on the same store.
+#[derive(Clone, Default)]
+pub struct MemStore {
+    inner: Arc<RwLock<BTreeMap<Column, Table>>>,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> MemStore {
+        MemStore::default()
+    }
+
+    fn poisoned() -> Error {
+        Error::Engine("memory store lock poisoned".into())
+    }
+}
+
+impl KvStore for MemStore {
+    fn get(&self, col: Column, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let inner = self.inner.read().map_err(|_| MemStore::poisoned())?;
+        Ok(inner.get(&col).and_then(|t| t.get(key)).cloned())
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut inner = self.inner.write().map_err(|_| MemStore::poisoned())?;
+        for op in batch.into_ops() {
+            match op {
+                Op::Put(col, k, v) => {
+                    inner.entry(col).or_default().insert(k, v);
+                }
+                Op::Delete(col, k) => {
+                    if let Some(t) = inner.get_mut(&col) {
+                        t.remove(&k);
+                    }
+                }
+                Op::DeleteRange(col, from, to) => {
+                    if let Some(t) = inner.get_mut(&col) {
+                        if from < to {
+                            let doomed: Vec<Vec<u8>> = t
+                                .range::<[u8], _>((Bound::Included(&from[..]), Bound::Excluded(&to[..])))
+                                .map(|(k, _)| k.clone())
+                                .collect();
+                            for k in doomed {
+                                t.remove(&k);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn iter_range<'a>(&'a self, col: Column, from: &[u8], to: Option<&[u8]>, dir: Direction) -> KvIter<'a> {
+        let inner = match self.inner.read() {
+            Ok(i) => i,
+            Err(_) => return Box::new(std::iter::once(Err(MemStore::poisoned()))),
+        };
+        let Some(table) = inner.get(&col) else {
+            return Box::new(std::iter::empty());
+        };
+        let upper = match to {
+            Some(t) => Bound::Excluded(t),
+            None => Bound::Unbounded,
+        };
+        if let Some(t) = to {
+            if t <= from {
+                return Box::new(std::iter::empty());
+            }
+        }
+        let range = table.range::<[u8], _>((Bound::Included(from), upper));
+        // A snapshot: the lock is released before the caller iterates.
+        let items: Vec<Result<(Vec<u8>, Vec<u8>)>> = match dir {
+            Direction::Forward => range.map(|(k, v)| Ok((k.clone(), v.clone()))).collect(),
+            Direction::Reverse => range.rev().map(|(k, v)| Ok((k.clone(), v.clone()))).collect(),
+        };
+        Box::new(items.into_iter())
+    }
+
+    fn compact_range(&self, _col: Column, _from: &[u8], _to: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
+    fn disk_size_bytes(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        let Ok(inner) = self.inner.read() else { return 0 };
+        inner.values().flat_map(|t| t.iter()).map(|(k, v)| (k.len() + v.len()) as u64).sum()
+    }
+}

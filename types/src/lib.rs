@@ -1,0 +1,25 @@
+//! Core types of keel: hashes, addresses, ed25519 keys, transactions, blocks, votes and
+//! certificates, and their prost wire codec.
+//!
+//! Invariants:
+//! - This crate does no I/O and depends on no other keel crate.
+//! - Every wire type has one canonical prost encoding; hashes are blake3 over those bytes
+//!   (a transaction's hash is blake3 of its `SignedTx` bytes exactly as received).
+//! - Decoding never panics on untrusted input: every failure is an [`Error`].
+
+mod block;
+mod codec;
+mod crypto;
+mod error;
+mod hash;
+pub mod proto;
+mod tx;
+mod vote;
+
+pub use block::{merkle_root, Block, Header, Receipt};
+pub use codec::MAX_MESSAGE_BYTES;
+pub use crypto::{verify_batch, Keypair, PublicKey, Signature};
+pub use error::{Error, Result};
+pub use hash::{Address, Hash};
+pub use tx::{signing_hash, Transaction, TxKind};
+pub use vote::{QuorumCertificate, Vote, VoteSignature};

@@ -1,0 +1,150 @@
+//! The prost wire messages. Field numbers are part of the protocol: never renumber.
+//!
+//! These are the raw encodings; the rest of keel works with the checked types of this crate
+//! (`Transaction`, `Header`, `Block`, ...) that convert to and from them.
+
+#![allow(missing_docs)]
+
+/// The body of a transaction: what the sender signs.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Tx {
+    #[prost(string, tag = "1")]
+    pub chain_id: String,
+    #[prost(uint64, tag = "2")]
+    pub nonce: u64,
+    #[prost(uint64, tag = "3")]
+    pub fee: u64,
+    #[prost(oneof = "tx::Kind", tags = "4, 5, 6")]
+    pub kind: Option<tx::Kind>,
+}
+
+pub mod tx {
+    /// What a transaction does.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "4")]
+        Transfer(super::Transfer),
+        #[prost(message, tag = "5")]
+        Bond(super::Bond),
+        #[prost(message, tag = "6")]
+        Unbond(super::Unbond),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Transfer {
+    #[prost(bytes = "vec", tag = "1")]
+    pub to: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub amount: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Bond {
+    #[prost(uint64, tag = "1")]
+    pub amount: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Unbond {
+    #[prost(uint64, tag = "1")]
+    pub amount: u64,
+}
+
+/// A signed transaction as it travels and is stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SignedTx {
+    #[prost(bytes = "vec", tag = "1")]
+    pub body: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub public_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VoteSignature {
+    #[prost(bytes = "vec", tag = "1")]
+    pub validator: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QuorumCertificate {
+    #[prost(bytes = "vec", tag = "1")]
+    pub block_hash: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub height: u64,
+    #[prost(uint64, tag = "3")]
+    pub round: u64,
+    #[prost(message, repeated, tag = "4")]
+    pub signatures: Vec<VoteSignature>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Vote {
+    #[prost(string, tag = "1")]
+    pub chain_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub block_hash: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub height: u64,
+    #[prost(uint64, tag = "4")]
+    pub round: u64,
+    #[prost(bytes = "vec", tag = "5")]
+    pub voter: Vec<u8>,
+    #[prost(bytes = "vec", tag = "6")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Header {
+    #[prost(string, tag = "1")]
+    pub chain_id: String,
+    #[prost(uint64, tag = "2")]
+    pub height: u64,
+    #[prost(uint64, tag = "3")]
+    pub round: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub parent_hash: Vec<u8>,
+    #[prost(uint64, tag = "5")]
+    pub timestamp_ms: u64,
+    #[prost(bytes = "vec", tag = "6")]
+    pub proposer: Vec<u8>,
+    #[prost(bytes = "vec", tag = "7")]
+    pub tx_root: Vec<u8>,
+    #[prost(bytes = "vec", tag = "8")]
+    pub state_root: Vec<u8>,
+    #[prost(bytes = "vec", tag = "9")]
+    pub validators_hash: Vec<u8>,
+    #[prost(message, optional, tag = "10")]
+    pub parent_qc: Option<QuorumCertificate>,
+    #[prost(uint64, tag = "11")]
+    pub epoch: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Block {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    /// Each entry is the exact bytes of one `SignedTx`.
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub txs: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Receipt {
+    #[prost(bytes = "vec", tag = "1")]
+    pub tx_hash: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub height: u64,
+    #[prost(uint32, tag = "3")]
+    pub index: u32,
+    #[prost(bool, tag = "4")]
+    pub success: bool,
+    #[prost(string, tag = "5")]
+    pub error: String,
+    #[prost(uint64, tag = "6")]
+    pub fee: u64,
+}
