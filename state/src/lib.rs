@@ -1,1 +1,35 @@
-//! placeholder
+//! Account state of keel: accounts, the versioned sparse Merkle tree that commits to them,
+//! Merkle proofs, and the block executor.
+//!
+//! - [`StateTree`] is a Jellyfish-style versioned sparse Merkle tree over a
+//!   [`keel_storage::KvStore`]: 16-ary on disk, binary in its hashing, blake3 throughout.
+//!   [`verify_proof`] checks its proofs with no store at all.
+//! - [`State`] executes blocks: it checks and applies transactions in order and stages the
+//!   resulting state version into a [`keel_storage::WriteBatch`].
+//!
+//! Invariants:
+//! - State version = block height; version 0 is genesis. Every committed version keeps a
+//!   readable root until it is pruned, also when nothing changed.
+//! - Tree nodes are written once and never modified; a replaced node is recorded in the stale
+//!   index under the version that replaced it, so pruning needs nothing but that index.
+//! - The root depends only on the key/value set, never on the order or batching of updates.
+//! - Nothing here writes to the store: `apply`, `init_genesis` and `execute_block` only stage
+//!   into the caller's batch, so a block commit stays one atomic write.
+//! - Execution is a deterministic function of (parent state, block environment, transactions);
+//!   all arithmetic is checked and a bad transaction yields a failed receipt, never a panic.
+//!
+//! The hashing rules and the transaction rules are spelled out in this crate's `README.md`.
+
+mod account;
+mod error;
+mod executor;
+mod tree;
+
+pub use account::{Account, Unbonding};
+pub use error::{Error, Result};
+pub use executor::{
+    account_key, verify_signatures, BlockEnv, BlockOutcome, ExecParams, State, SIGNATURE_CHUNK,
+};
+pub use tree::{
+    verify_proof, Proof, ProofLeaf, StateTree, DEFAULT_NODE_CACHE, EMPTY_ROOT, MAX_PROOF_SIBLINGS,
+};

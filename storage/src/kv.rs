@@ -172,7 +172,13 @@ pub trait KvStore: Send + Sync + 'static {
     fn write(&self, batch: WriteBatch) -> Result<()>;
 
     /// Iterates keys in `[from, to)` (`to = None`: to the end of the column) in `dir` order.
-    fn iter_range<'a>(&'a self, col: Column, from: &[u8], to: Option<&[u8]>, dir: Direction) -> KvIter<'a>;
+    fn iter_range<'a>(
+        &'a self,
+        col: Column,
+        from: &[u8],
+        to: Option<&[u8]>,
+        dir: Direction,
+    ) -> KvIter<'a>;
 
     /// Asks the engine to reclaim space of deleted keys in `[from, to)` now (after pruning).
     fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()>;

@@ -4,7 +4,7 @@
 //!   iteration and atomic [`WriteBatch`]es (puts, deletes, range deletes). It does not mention
 //!   RocksDB.
 //! - [`RocksStore`] is the real engine, [`MemStore`] the in-memory one for tests and
-//!   simulations. Both pass one shared test suite (`tests::suite`).
+//!   simulations. Both pass one shared test suite (`suite`, test builds only).
 //! - [`BlockStore`] keeps headers, bodies, the height and transaction indexes and receipts,
 //!   and stages a whole block commit into one batch so a crash leaves the last committed
 //!   block whole.
@@ -14,6 +14,8 @@ mod error;
 mod kv;
 mod mem;
 mod rocks;
+#[cfg(test)]
+mod suite;
 
 pub use block_store::{BlockStore, TxLocation};
 pub use error::{Error, Result};

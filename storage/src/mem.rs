@@ -48,7 +48,10 @@ impl KvStore for MemStore {
                     if let Some(t) = inner.get_mut(&col) {
                         if from < to {
                             let doomed: Vec<Vec<u8>> = t
-                                .range::<[u8], _>((Bound::Included(&from[..]), Bound::Excluded(&to[..])))
+                                .range::<[u8], _>((
+                                    Bound::Included(&from[..]),
+                                    Bound::Excluded(&to[..]),
+                                ))
                                 .map(|(k, _)| k.clone())
                                 .collect();
                             for k in doomed {
@@ -62,7 +65,13 @@ impl KvStore for MemStore {
         Ok(())
     }
 
-    fn iter_range<'a>(&'a self, col: Column, from: &[u8], to: Option<&[u8]>, dir: Direction) -> KvIter<'a> {
+    fn iter_range<'a>(
+        &'a self,
+        col: Column,
+        from: &[u8],
+        to: Option<&[u8]>,
+        dir: Direction,
+    ) -> KvIter<'a> {
         let inner = match self.inner.read() {
             Ok(i) => i,
             Err(_) => return Box::new(std::iter::once(Err(MemStore::poisoned()))),
@@ -83,7 +92,10 @@ impl KvStore for MemStore {
         // A snapshot: the lock is released before the caller iterates.
         let items: Vec<Result<(Vec<u8>, Vec<u8>)>> = match dir {
             Direction::Forward => range.map(|(k, v)| Ok((k.clone(), v.clone()))).collect(),
-            Direction::Reverse => range.rev().map(|(k, v)| Ok((k.clone(), v.clone()))).collect(),
+            Direction::Reverse => range
+                .rev()
+                .map(|(k, v)| Ok((k.clone(), v.clone())))
+                .collect(),
         };
         Box::new(items.into_iter())
     }
@@ -97,7 +109,13 @@ impl KvStore for MemStore {
     }
 
     fn memory_bytes(&self) -> u64 {
-        let Ok(inner) = self.inner.read() else { return 0 };
-        inner.values().flat_map(|t| t.iter()).map(|(k, v)| (k.len() + v.len()) as u64).sum()
+        let Ok(inner) = self.inner.read() else {
+            return 0;
+        };
+        inner
+            .values()
+            .flat_map(|t| t.iter())
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum()
     }
 }

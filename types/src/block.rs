@@ -60,7 +60,9 @@ impl Header {
             tx_root: Hash::from_slice("header.tx_root", &p.tx_root)?,
             state_root: Hash::from_slice("header.state_root", &p.state_root)?,
             validators_hash: Hash::from_slice("header.validators_hash", &p.validators_hash)?,
-            parent_qc: QuorumCertificate::from_proto(p.parent_qc.ok_or(Error::Missing("header.parent_qc"))?)?,
+            parent_qc: QuorumCertificate::from_proto(
+                p.parent_qc.ok_or(Error::Missing("header.parent_qc"))?,
+            )?,
         })
     }
 
@@ -92,7 +94,11 @@ pub struct Block {
 impl Block {
     /// Prost bytes.
     pub fn encode(&self) -> Vec<u8> {
-        proto::Block { header: Some(self.header.to_proto()), txs: self.txs.clone() }.encode_to_vec()
+        proto::Block {
+            header: Some(self.header.to_proto()),
+            txs: self.txs.clone(),
+        }
+        .encode_to_vec()
     }
 
     /// Decodes a block (its transactions are decoded separately, by whoever executes them).
@@ -154,7 +160,11 @@ impl Receipt {
             height: p.height,
             index: p.index,
             success: p.success,
-            error: if p.error.is_empty() { None } else { Some(p.error) },
+            error: if p.error.is_empty() {
+                None
+            } else {
+                Some(p.error)
+            },
             fee: p.fee,
         })
     }
@@ -207,27 +217,34 @@ mod tests {
             any::<([u8; 32], [u8; 20], [u8; 32], [u8; 32], [u8; 32])>(),
             proptest::collection::vec(any::<([u8; 20], u8)>(), 0..4),
         )
-            .prop_map(|(chain_id, (height, round, epoch, ts), (parent, proposer, txr, sr, vh), sigs)| Header {
-                chain_id,
-                height,
-                round,
-                epoch,
-                parent_hash: Hash(parent),
-                timestamp_ms: ts,
-                proposer: Address(proposer),
-                tx_root: Hash(txr),
-                state_root: Hash(sr),
-                validators_hash: Hash(vh),
-                parent_qc: QuorumCertificate {
-                    block_hash: Hash(parent),
-                    height: height.saturating_sub(1),
-                    round,
-                    signatures: sigs
-                        .into_iter()
-                        .map(|(v, b)| VoteSignature { validator: Address(v), signature: Signature([b; 64]) })
-                        .collect(),
+            .prop_map(
+                |(chain_id, (height, round, epoch, ts), (parent, proposer, txr, sr, vh), sigs)| {
+                    Header {
+                        chain_id,
+                        height,
+                        round,
+                        epoch,
+                        parent_hash: Hash(parent),
+                        timestamp_ms: ts,
+                        proposer: Address(proposer),
+                        tx_root: Hash(txr),
+                        state_root: Hash(sr),
+                        validators_hash: Hash(vh),
+                        parent_qc: QuorumCertificate {
+                            block_hash: Hash(parent),
+                            height: height.saturating_sub(1),
+                            round,
+                            signatures: sigs
+                                .into_iter()
+                                .map(|(v, b)| VoteSignature {
+                                    validator: Address(v),
+                                    signature: Signature([b; 64]),
+                                })
+                                .collect(),
+                        },
+                    }
                 },
-            })
+            )
     }
 
     proptest! {

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 use crate::{Address, Error, Hash, Result};
 
@@ -61,7 +61,9 @@ impl PublicKey {
     /// Parses 32 bytes, refusing points that are not valid keys.
     pub fn from_bytes(bytes: &[u8]) -> Result<PublicKey> {
         let arr: [u8; 32] = crate::codec::array("public_key", bytes)?;
-        VerifyingKey::from_bytes(&arr).map(PublicKey).map_err(|_| Error::PublicKey)
+        VerifyingKey::from_bytes(&arr)
+            .map(PublicKey)
+            .map_err(|_| Error::PublicKey)
     }
 
     /// The 32 bytes of the key.
@@ -80,7 +82,9 @@ impl PublicKey {
     /// Verifies one signature over a message hash (strict: rejects malleable signatures).
     pub fn verify(&self, msg: &Hash, sig: &Signature) -> Result<()> {
         let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
-        self.0.verify_strict(msg.as_bytes(), &sig).map_err(|_| Error::BadSignature)
+        self.0
+            .verify_strict(msg.as_bytes(), &sig)
+            .map_err(|_| Error::BadSignature)
     }
 }
 
@@ -120,8 +124,10 @@ pub fn verify_batch(msgs: &[Hash], sigs: &[Signature], keys: &[PublicKey]) -> Re
         return Err(Error::BadSignature);
     }
     let m: Vec<&[u8]> = msgs.iter().map(|h| h.0.as_slice()).collect();
-    let s: Vec<ed25519_dalek::Signature> =
-        sigs.iter().map(|s| ed25519_dalek::Signature::from_bytes(&s.0)).collect();
+    let s: Vec<ed25519_dalek::Signature> = sigs
+        .iter()
+        .map(|s| ed25519_dalek::Signature::from_bytes(&s.0))
+        .collect();
     let k: Vec<VerifyingKey> = keys.iter().map(|k| k.0).collect();
     ed25519_dalek::verify_batch(&m, &s, &k).map_err(|_| Error::BadSignature)
 }

@@ -51,7 +51,10 @@ fn parse_hex<const N: usize>(field: &'static str, s: &str) -> Result<[u8; N]> {
     let digits = s
         .strip_prefix("0x")
         .or_else(|| s.strip_prefix("0X"))
-        .ok_or_else(|| Error::Hex { field, reason: "missing 0x prefix".into() })?;
+        .ok_or_else(|| Error::Hex {
+            field,
+            reason: "missing 0x prefix".into(),
+        })?;
     if digits.len() != N * 2 {
         return Err(Error::Hex {
             field,
@@ -59,7 +62,10 @@ fn parse_hex<const N: usize>(field: &'static str, s: &str) -> Result<[u8; N]> {
         });
     }
     let mut out = [0u8; N];
-    hex::decode_to_slice(digits, &mut out).map_err(|e| Error::Hex { field, reason: e.to_string() })?;
+    hex::decode_to_slice(digits, &mut out).map_err(|e| Error::Hex {
+        field,
+        reason: e.to_string(),
+    })?;
     Ok(out)
 }
 

@@ -69,14 +69,20 @@ impl Transaction {
     /// Builds and signs a transaction.
     pub fn sign(key: &Keypair, chain_id: &str, nonce: u64, fee: u64, kind: TxKind) -> Transaction {
         let kind_proto = match kind {
-            TxKind::Transfer { to, amount } => {
-                proto::tx::Kind::Transfer(proto::Transfer { to: to.0.to_vec(), amount })
-            }
+            TxKind::Transfer { to, amount } => proto::tx::Kind::Transfer(proto::Transfer {
+                to: to.0.to_vec(),
+                amount,
+            }),
             TxKind::Bond { amount } => proto::tx::Kind::Bond(proto::Bond { amount }),
             TxKind::Unbond { amount } => proto::tx::Kind::Unbond(proto::Unbond { amount }),
         };
-        let body = proto::Tx { chain_id: chain_id.to_string(), nonce, fee, kind: Some(kind_proto) }
-            .encode_to_vec();
+        let body = proto::Tx {
+            chain_id: chain_id.to_string(),
+            nonce,
+            fee,
+            kind: Some(kind_proto),
+        }
+        .encode_to_vec();
         let signing_hash = signing_hash(chain_id, &body);
         let signature = key.sign(&signing_hash);
         let public_key = key.public();
@@ -107,9 +113,10 @@ impl Transaction {
         let signature = Signature::from_slice(&signed.signature)?;
         let body: proto::Tx = codec::decode("Tx", &signed.body)?;
         let kind = match body.kind.ok_or(Error::Missing("tx.kind"))? {
-            proto::tx::Kind::Transfer(t) => {
-                TxKind::Transfer { to: Address::from_slice("transfer.to", &t.to)?, amount: t.amount }
-            }
+            proto::tx::Kind::Transfer(t) => TxKind::Transfer {
+                to: Address::from_slice("transfer.to", &t.to)?,
+                amount: t.amount,
+            },
             proto::tx::Kind::Bond(b) => TxKind::Bond { amount: b.amount },
             proto::tx::Kind::Unbond(u) => TxKind::Unbond { amount: u.amount },
         };
@@ -148,8 +155,10 @@ mod tests {
 
     fn kind_strategy() -> impl Strategy<Value = TxKind> {
         prop_oneof![
-            (any::<[u8; 20]>(), any::<u64>())
-                .prop_map(|(to, amount)| TxKind::Transfer { to: Address(to), amount }),
+            (any::<[u8; 20]>(), any::<u64>()).prop_map(|(to, amount)| TxKind::Transfer {
+                to: Address(to),
+                amount
+            }),
             any::<u64>().prop_map(|amount| TxKind::Bond { amount }),
             any::<u64>().prop_map(|amount| TxKind::Unbond { amount }),
         ]
@@ -200,7 +209,13 @@ mod tests {
     #[test]
     fn missing_kind_and_short_recipient_are_refused() {
         let key = Keypair::from_seed(4);
-        let body = proto::Tx { chain_id: "c".into(), nonce: 0, fee: 1, kind: None }.encode_to_vec();
+        let body = proto::Tx {
+            chain_id: "c".into(),
+            nonce: 0,
+            fee: 1,
+            kind: None,
+        }
+        .encode_to_vec();
         let sig = key.sign(&signing_hash("c", &body));
         let bytes = proto::SignedTx {
             body,
@@ -214,7 +229,10 @@ mod tests {
             chain_id: "c".into(),
             nonce: 0,
             fee: 1,
-            kind: Some(proto::tx::Kind::Transfer(proto::Transfer { to: vec![1; 19], amount: 1 })),
+            kind: Some(proto::tx::Kind::Transfer(proto::Transfer {
+                to: vec![1; 19],
+                amount: 1,
+            })),
         }
         .encode_to_vec();
         let bytes = proto::SignedTx {
@@ -223,6 +241,12 @@ mod tests {
             signature: sig.0.to_vec(),
         }
         .encode_to_vec();
-        assert!(matches!(Transaction::decode(&bytes), Err(Error::Length { field: "transfer.to", .. })));
+        assert!(matches!(
+            Transaction::decode(&bytes),
+            Err(Error::Length {
+                field: "transfer.to",
+                ..
+            })
+        ));
     }
 }

@@ -38,7 +38,14 @@ impl Vote {
     /// Signs a vote.
     pub fn sign(key: &Keypair, chain_id: &str, block_hash: Hash, height: u64, round: u64) -> Vote {
         let signature = key.sign(&Vote::signing_hash(chain_id, &block_hash, height, round));
-        Vote { chain_id: chain_id.to_string(), block_hash, height, round, voter: key.address(), signature }
+        Vote {
+            chain_id: chain_id.to_string(),
+            block_hash,
+            height,
+            round,
+            voter: key.address(),
+            signature,
+        }
     }
 
     /// Prost bytes.
@@ -94,7 +101,12 @@ pub struct QuorumCertificate {
 impl QuorumCertificate {
     /// The certificate of genesis: certifies height 0 with no votes.
     pub fn genesis(genesis_hash: Hash) -> QuorumCertificate {
-        QuorumCertificate { block_hash: genesis_hash, height: 0, round: 0, signatures: Vec::new() }
+        QuorumCertificate {
+            block_hash: genesis_hash,
+            height: 0,
+            round: 0,
+            signatures: Vec::new(),
+        }
     }
 
     pub(crate) fn to_proto(&self) -> proto::QuorumCertificate {

@@ -1,0 +1,193 @@
+//! The command-line grammar.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default RPC endpoint of a local node.
+pub const DEFAULT_RPC: &str = "http://127.0.0.1:26657";
+
+/// keel: a proof-of-stake blockchain node.
+#[derive(Parser, Debug)]
+#[command(name = "keel", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a node home: config.toml, keys, and a one-validator genesis.json.
+    Init {
+        /// Home folder to create.
+        #[arg(long)]
+        home: PathBuf,
+        /// Human name of this node.
+        #[arg(long, default_value = "node0")]
+        moniker: String,
+        /// Chain id of a new genesis.
+        #[arg(long, default_value = "keel-local")]
+        chain_id: String,
+    },
+    /// Manage key files.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Run a node until SIGINT or SIGTERM.
+    Start {
+        /// Node home folder.
+        #[arg(long)]
+        home: PathBuf,
+    },
+    /// Run a throwaway local network with funded accounts (RPC on 127.0.0.1:26657).
+    Devnet(DevnetArgs),
+    /// Show a node's chain status.
+    Status {
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+    /// Query chain state.
+    #[command(subcommand)]
+    Query(QueryCommand),
+    /// Sign and submit transactions.
+    #[command(subcommand)]
+    Tx(TxCommand),
+}
+
+/// `keel keys ...`
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Generate a new key file (mode 0600) and print its address.
+    Generate {
+        /// Where to write the key; never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show the validator key's address and public key.
+    Show {
+        /// Node home folder.
+        #[arg(long)]
+        home: PathBuf,
+    },
+}
+
+/// `keel devnet` options.
+#[derive(Args, Debug)]
+pub struct DevnetArgs {
+    /// Number of validators. Only 1 is available until networking lands.
+    #[arg(long, default_value_t = 1)]
+    pub validators: u32,
+    /// Block time in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub block_time_ms: u64,
+    /// Folder for the network's homes (default: a new temporary folder, removed on exit).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// RPC listen address of node0.
+    #[arg(long, default_value = "127.0.0.1:26657")]
+    pub rpc_addr: String,
+    /// Number of extra funded accounts (keys written under DIR/accounts/).
+    #[arg(long, default_value_t = 4)]
+    pub accounts: u32,
+}
+
+/// `keel query ...`
+#[derive(Subcommand, Debug)]
+pub enum QueryCommand {
+    /// An account's balance, nonce and stake.
+    Account {
+        /// Address, 0x + 40 hex.
+        address: String,
+        /// Height to read at (default: latest).
+        #[arg(long)]
+        height: Option<u64>,
+        /// Fetch a Merkle proof and verify it against the block header's state root.
+        #[arg(long)]
+        prove: bool,
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+    /// A block by height.
+    Block {
+        /// Block height.
+        height: u64,
+        /// Include full transactions.
+        #[arg(long)]
+        full: bool,
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+    /// A transaction and its receipt.
+    Tx {
+        /// Transaction hash, 0x + 64 hex.
+        hash: String,
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+    /// The current validator set.
+    Validators {
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+}
+
+/// Options shared by every transaction command.
+#[derive(Args, Debug)]
+pub struct TxOptions {
+    /// Key file of the sender.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Fee (default: the chain's minimum fee).
+    #[arg(long)]
+    pub fee: Option<u64>,
+    /// Nonce (default: the sender's next nonce, counting its pending transactions).
+    #[arg(long)]
+    pub nonce: Option<u64>,
+    /// Wait until the transaction is final and print its receipt.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long `--wait` waits, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub wait_timeout_s: u64,
+    /// RPC endpoint.
+    #[arg(long, default_value = DEFAULT_RPC)]
+    pub rpc: String,
+}
+
+/// `keel tx ...`
+#[derive(Subcommand, Debug)]
+pub enum TxCommand {
+    /// Transfer funds.
+    Transfer {
+        /// Recipient address.
+        #[arg(long)]
+        to: String,
+        /// Amount to send.
+        #[arg(long)]
+        amount: u64,
+        #[command(flatten)]
+        opts: TxOptions,
+    },
+    /// Bond stake.
+    Bond {
+        /// Amount to bond.
+        #[arg(long)]
+        amount: u64,
+        #[command(flatten)]
+        opts: TxOptions,
+    },
+    /// Unbond stake (returned after the unbonding period).
+    Unbond {
+        /// Amount to unbond.
+        #[arg(long)]
+        amount: u64,
+        #[command(flatten)]
+        opts: TxOptions,
+    },
+}

@@ -1,0 +1,196 @@
+//! The chain as the RPC server and the driver share it: storage, state, mempool, the current
+//! tip, and the head notifications.
+
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use keel_consensus::ValidatorSet;
+use keel_genesis::Params;
+use keel_state::State;
+use keel_storage::BlockStore;
+use keel_types::{Hash, Header, Transaction};
+use tokio::sync::broadcast;
+
+use crate::mempool::{Mempool, Rejection};
+
+/// Capacity of the head notification channels: a subscriber further behind than this misses
+/// heads (and is told so) instead of growing memory.
+pub const HEAD_CHANNEL_CAPACITY: usize = 256;
+
+/// Heights and hashes of the latest and the finalized block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TipInfo {
+    /// Latest stored (certified) block.
+    pub latest: (u64, Hash),
+    /// Latest final block.
+    pub finalized: (u64, Hash),
+}
+
+/// Where a transaction stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxStatus {
+    /// Waiting in the mempool.
+    Pending,
+    /// In a stored block that is not final yet.
+    Included,
+    /// In a final block.
+    Finalized,
+    /// Not known to this node.
+    Unknown,
+}
+
+impl TxStatus {
+    /// The RPC name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxStatus::Pending => "pending",
+            TxStatus::Included => "included",
+            TxStatus::Finalized => "finalized",
+            TxStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// Why `tx_submit` refused a transaction.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Bytes that are not a `SignedTx`.
+    #[error("{0}")]
+    Malformed(keel_types::Error),
+    /// The signature does not verify.
+    #[error("invalid signature")]
+    BadSignature,
+    /// The mempool refused it.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// The node failed to read state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The shared chain.
+pub struct Chain {
+    /// Chain id.
+    pub chain_id: String,
+    /// This node's network identity.
+    pub node_id: String,
+    /// Genesis parameters.
+    pub params: Params,
+    /// Blocks, receipts, indexes.
+    pub blocks: BlockStore,
+    /// Account state.
+    pub state: State,
+    /// The validator set in force.
+    pub validators: ValidatorSet,
+    mempool: Mutex<Mempool>,
+    tip: RwLock<TipInfo>,
+    new_heads: broadcast::Sender<Header>,
+    finalized_heads: broadcast::Sender<Header>,
+}
+
+impl Chain {
+    /// Assembles the shared chain.
+    pub fn new(
+        chain_id: String,
+        node_id: String,
+        params: Params,
+        blocks: BlockStore,
+        state: State,
+        validators: ValidatorSet,
+        mempool: Mempool,
+        tip: TipInfo,
+    ) -> Chain {
+        Chain {
+            chain_id,
+            node_id,
+            params,
+            blocks,
+            state,
+            validators,
+            mempool: Mutex::new(mempool),
+            tip: RwLock::new(tip),
+            new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
+            finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
+        }
+    }
+
+    /// The current tip.
+    pub fn tip(&self) -> TipInfo {
+        match self.tip.read() {
+            Ok(t) => *t,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    pub(crate) fn set_latest(&self, height: u64, hash: Hash) {
+        match self.tip.write() {
+            Ok(mut t) => t.latest = (height, hash),
+            Err(poisoned) => poisoned.into_inner().latest = (height, hash),
+        }
+    }
+
+    pub(crate) fn set_finalized(&self, height: u64, hash: Hash) {
+        match self.tip.write() {
+            Ok(mut t) => t.finalized = (height, hash),
+            Err(poisoned) => poisoned.into_inner().finalized = (height, hash),
+        }
+    }
+
+    /// The mempool. Held while a block commits, so admission always sees committed nonces.
+    pub fn mempool(&self) -> MutexGuard<'_, Mempool> {
+        match self.mempool.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// New certified heads, as they are stored.
+    pub fn subscribe_new_heads(&self) -> broadcast::Receiver<Header> {
+        self.new_heads.subscribe()
+    }
+
+    /// Newly final heads, in height order.
+    pub fn subscribe_finalized_heads(&self) -> broadcast::Receiver<Header> {
+        self.finalized_heads.subscribe()
+    }
+
+    pub(crate) fn notify_new_head(&self, header: Header) {
+        // No subscribers is not an error.
+        let _ = self.new_heads.send(header);
+    }
+
+    pub(crate) fn notify_finalized_head(&self, header: Header) {
+        let _ = self.finalized_heads.send(header);
+    }
+
+    /// Checks and admits a transaction: decode, signature, then the mempool's rules against
+    /// the sender's committed account.
+    pub fn submit(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
+        let tx = Transaction::decode(bytes).map_err(SubmitError::Malformed)?;
+        tx.verify_signature()
+            .map_err(|_| SubmitError::BadSignature)?;
+        let hash = tx.hash;
+        let mut pool = self.mempool();
+        // Read the account under the mempool lock: the driver commits blocks under it too, so
+        // the nonce and balance seen here are those the pool was last pruned against.
+        let height = self.tip().latest.0;
+        let account = self
+            .state
+            .account(&tx.sender, height)
+            .map_err(|e| SubmitError::Internal(e.to_string()))?
+            .unwrap_or_default();
+        pool.insert(tx, account.nonce, account.balance)?;
+        Ok(hash)
+    }
+
+    /// Where a transaction stands.
+    pub fn tx_status(&self, hash: &Hash) -> Result<TxStatus, keel_storage::Error> {
+        if self.mempool().contains(hash) {
+            return Ok(TxStatus::Pending);
+        }
+        Ok(match self.blocks.tx_location(hash)? {
+            Some(loc) if loc.height <= self.tip().finalized.0 => TxStatus::Finalized,
+            Some(_) => TxStatus::Included,
+            None => TxStatus::Unknown,
+        })
+    }
+}

@@ -1,0 +1,613 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use keel_storage::MemStore;
+use keel_types::Keypair;
+
+use super::*;
+use crate::tree::verify_proof;
+
+const CHAIN: &str = "keel-test";
+const MIN_FEE: u64 = 10;
+const PERIOD: u64 = 3;
+
+fn params() -> ExecParams {
+    ExecParams {
+        chain_id: CHAIN.into(),
+        min_fee: MIN_FEE,
+        unbonding_period: PERIOD,
+    }
+}
+
+fn key(seed: u64) -> Keypair {
+    Keypair::from_seed(seed)
+}
+
+fn funded(balance: u64) -> Account {
+    Account {
+        balance,
+        ..Account::default()
+    }
+}
+
+/// A chain with `accounts` at genesis (version 0, committed).
+struct Chain {
+    store: Arc<MemStore>,
+    state: State,
+    height: u64,
+}
+
+impl Chain {
+    fn new(accounts: &[(Address, Account)]) -> Chain {
+        let store = Arc::new(MemStore::new());
+        let state = State::new(store.clone(), params());
+        let mut batch = WriteBatch::new();
+        let root = state.init_genesis(accounts, &mut batch).unwrap();
+        store.write(batch).unwrap();
+        assert_eq!(state.root(0).unwrap(), root);
+        Chain {
+            store,
+            state,
+            height: 0,
+        }
+    }
+
+    /// Executes and commits the next block.
+    fn block(&mut self, proposer: Address, txs: &[Transaction]) -> BlockOutcome {
+        self.height += 1;
+        let env = BlockEnv {
+            height: self.height,
+            proposer,
+        };
+        let mut batch = WriteBatch::new();
+        let out = self.state.execute_block(&env, txs, &mut batch).unwrap();
+        self.store.write(batch).unwrap();
+        assert_eq!(self.state.root(self.height).unwrap(), out.state_root);
+        assert_eq!(out.receipts.len(), txs.len());
+        out
+    }
+
+    fn account(&self, addr: &Address) -> Account {
+        self.state
+            .account(addr, self.height)
+            .unwrap()
+            .unwrap_or_default()
+    }
+}
+
+fn transfer(from: &Keypair, nonce: u64, fee: u64, to: Address, amount: u64) -> Transaction {
+    Transaction::sign(from, CHAIN, nonce, fee, TxKind::Transfer { to, amount })
+}
+
+fn proposer() -> Address {
+    Address([0xEE; 20])
+}
+
+#[test]
+fn transfer_moves_funds_charges_fee_and_pays_the_proposer() {
+    let (alice, bob) = (key(1), key(2));
+    let mut chain = Chain::new(&[(alice.address(), funded(1_000))]);
+    let tx = transfer(&alice, 0, 10, bob.address(), 100);
+    let out = chain.block(proposer(), std::slice::from_ref(&tx));
+    assert_eq!(
+        out.receipts,
+        vec![Receipt {
+            tx_hash: tx.hash,
+            height: 1,
+            index: 0,
+            success: true,
+            error: None,
+            fee: 10
+        }]
+    );
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 890,
+            nonce: 1,
+            ..Account::default()
+        }
+    );
+    assert_eq!(chain.account(&bob.address()), funded(100));
+    assert_eq!(chain.account(&proposer()), funded(10));
+    let mut expected = vec![
+        (
+            alice.address(),
+            Account {
+                balance: 890,
+                nonce: 1,
+                ..Account::default()
+            },
+        ),
+        (bob.address(), funded(100)),
+        (proposer(), funded(10)),
+    ];
+    expected.sort_by_key(|a| a.0);
+    assert_eq!(out.changed, expected);
+}
+
+/// Asserts the tx got a rejected receipt with `reason` and the state did not move.
+fn assert_rejected(chain: &mut Chain, tx: Transaction, reason: &str) {
+    let before = chain.state.root(chain.height).unwrap();
+    let sender_before = chain.account(&tx.sender);
+    let out = chain.block(proposer(), std::slice::from_ref(&tx));
+    let r = &out.receipts[0];
+    assert!(!r.success);
+    assert_eq!(r.fee, 0);
+    assert_eq!(r.error.as_deref(), Some(reason));
+    assert_eq!(
+        out.state_root, before,
+        "a rejected tx must not change the state"
+    );
+    assert!(out.changed.is_empty());
+    assert_eq!(chain.account(&tx.sender), sender_before);
+}
+
+#[test]
+fn rejections_change_nothing() {
+    let (alice, bob, pauper) = (key(1), key(2), key(3));
+    let mut chain = Chain::new(&[
+        (alice.address(), funded(1_000)),
+        (pauper.address(), funded(5)),
+    ]);
+    let to = bob.address();
+
+    let wrong_chain = Transaction::sign(&alice, "other", 0, 10, TxKind::Transfer { to, amount: 1 });
+    assert_rejected(&mut chain, wrong_chain, "wrong chain id");
+
+    let mut bad_sig = transfer(&alice, 0, 10, to, 1);
+    bad_sig.signature.0[0] ^= 1;
+    assert_rejected(&mut chain, bad_sig, "invalid signature");
+
+    assert_rejected(
+        &mut chain,
+        transfer(&alice, 5, 10, to, 1),
+        "bad nonce: expected 0, got 5",
+    );
+    assert_rejected(
+        &mut chain,
+        transfer(&alice, 0, 1, to, 1),
+        "fee 1 below minimum 10",
+    );
+    assert_rejected(
+        &mut chain,
+        transfer(&pauper, 0, 10, to, 1),
+        "cannot pay fee 10: balance 5",
+    );
+    // An account that does not exist has nonce 0 and nothing to pay with.
+    assert_rejected(
+        &mut chain,
+        transfer(&bob, 0, 10, alice.address(), 1),
+        "cannot pay fee 10: balance 0",
+    );
+    assert_eq!(
+        chain.state.account(&bob.address(), chain.height).unwrap(),
+        None
+    );
+}
+
+#[test]
+fn failed_transfer_keeps_fee_and_uses_nonce() {
+    let (alice, bob) = (key(1), key(2));
+    let mut chain = Chain::new(&[(alice.address(), funded(100))]);
+    let out = chain.block(proposer(), &[transfer(&alice, 0, 10, bob.address(), 91)]);
+    let r = &out.receipts[0];
+    assert!(!r.success);
+    assert_eq!(r.error.as_deref(), Some("insufficient funds"));
+    assert_eq!(r.fee, 10);
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 90,
+            nonce: 1,
+            ..Account::default()
+        }
+    );
+    assert_eq!(
+        chain.state.account(&bob.address(), chain.height).unwrap(),
+        None
+    );
+    assert_eq!(chain.account(&proposer()), funded(10));
+    // Exactly the balance left after the fee works.
+    let out = chain.block(proposer(), &[transfer(&alice, 1, 10, bob.address(), 80)]);
+    assert!(out.receipts[0].success);
+    assert_eq!(chain.account(&alice.address()).balance, 0);
+}
+
+#[test]
+fn nonces_sequence_within_one_block() {
+    let (alice, bob) = (key(1), key(2));
+    let mut chain = Chain::new(&[(alice.address(), funded(1_000))]);
+    let txs: Vec<Transaction> = (0..3)
+        .map(|n| transfer(&alice, n, 10, bob.address(), 5))
+        .collect();
+    let out = chain.block(proposer(), &txs);
+    assert!(out.receipts.iter().all(|r| r.success), "{:?}", out.receipts);
+    assert_eq!(
+        out.receipts.iter().map(|r| r.index).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 955,
+            nonce: 3,
+            ..Account::default()
+        }
+    );
+    assert_eq!(chain.account(&bob.address()).balance, 15);
+    assert_eq!(chain.account(&proposer()).balance, 30);
+    // A replay of nonce 1 is rejected in the next block.
+    let out = chain.block(proposer(), &[txs[1].clone()]);
+    assert_eq!(
+        out.receipts[0].error.as_deref(),
+        Some("bad nonce: expected 3, got 1")
+    );
+}
+
+#[test]
+fn later_transactions_see_earlier_ones() {
+    let (alice, bob, carol) = (key(1), key(2), key(3));
+    let mut chain = Chain::new(&[(alice.address(), funded(100))]);
+    // Bob has nothing until Alice's transfer earlier in the same block.
+    let txs = [
+        transfer(&alice, 0, 10, bob.address(), 50),
+        transfer(&bob, 0, 10, carol.address(), 40),
+    ];
+    let out = chain.block(proposer(), &txs);
+    assert!(out.receipts.iter().all(|r| r.success));
+    assert_eq!(
+        chain.account(&bob.address()),
+        Account {
+            balance: 0,
+            nonce: 1,
+            ..Account::default()
+        }
+    );
+    assert_eq!(chain.account(&carol.address()).balance, 40);
+}
+
+#[test]
+fn sending_to_oneself_costs_only_the_fee() {
+    let alice = key(1);
+    let mut chain = Chain::new(&[(alice.address(), funded(100))]);
+    let out = chain.block(proposer(), &[transfer(&alice, 0, 10, alice.address(), 90)]);
+    assert!(out.receipts[0].success);
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 90,
+            nonce: 1,
+            ..Account::default()
+        }
+    );
+    // And when the sender also proposes, it costs nothing.
+    let out = chain.block(
+        alice.address(),
+        &[transfer(&alice, 1, 10, alice.address(), 90)],
+    );
+    assert!(out.receipts[0].success);
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 90,
+            nonce: 2,
+            ..Account::default()
+        }
+    );
+}
+
+#[test]
+fn bond_unbond_and_release_after_the_period() {
+    let alice = key(1);
+    let mut chain = Chain::new(&[(alice.address(), funded(1_000))]);
+    let bond = |n, amount| Transaction::sign(&alice, CHAIN, n, 10, TxKind::Bond { amount });
+    let unbond = |n, amount| Transaction::sign(&alice, CHAIN, n, 10, TxKind::Unbond { amount });
+
+    let out = chain.block(proposer(), &[bond(0, 500), bond(1, 481)]);
+    assert!(out.receipts[0].success);
+    assert_eq!(out.receipts[1].error.as_deref(), Some("insufficient funds"));
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 480,
+            nonce: 2,
+            stake: 500,
+            unbonding: vec![]
+        }
+    );
+
+    // Height 2: unbond 200, released at 2 + 3 = 5.
+    let out = chain.block(proposer(), &[unbond(2, 200), unbond(3, 301)]);
+    assert!(out.receipts[0].success);
+    assert_eq!(out.receipts[1].error.as_deref(), Some("insufficient stake"));
+    let entry = Unbonding {
+        amount: 200,
+        release_height: 5,
+    };
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 460,
+            nonce: 4,
+            stake: 300,
+            unbonding: vec![entry.clone()]
+        }
+    );
+
+    // Height 3 and 4: not yet.
+    chain.block(proposer(), &[bond(4, 0)]);
+    chain.block(proposer(), &[bond(5, 0)]);
+    assert_eq!(chain.account(&alice.address()).unbonding, vec![entry]);
+    assert_eq!(chain.account(&alice.address()).balance, 440);
+
+    // Height 5: a rejected transaction does not materialise the release...
+    let out = chain.block(proposer(), &[bond(0, 0)]);
+    assert!(!out.receipts[0].success);
+    assert!(out.changed.is_empty());
+    // ...an accepted one at height 6 sees and keeps the released balance (440 + 200 - 10 fee).
+    let out = chain.block(proposer(), &[transfer(&alice, 6, 10, proposer(), 630)]);
+    assert!(out.receipts[0].success, "{:?}", out.receipts);
+    assert_eq!(
+        chain.account(&alice.address()),
+        Account {
+            balance: 0,
+            nonce: 7,
+            stake: 300,
+            unbonding: vec![]
+        }
+    );
+}
+
+#[test]
+fn overflows_are_refused_cleanly() {
+    let (alice, rich) = (key(1), key(2));
+    let mut chain = Chain::new(&[
+        (alice.address(), funded(1_000)),
+        (rich.address(), funded(u64::MAX - 5)),
+    ]);
+    // Recipient overflow: the transfer fails, the fee is paid.
+    let out = chain.block(proposer(), &[transfer(&alice, 0, 10, rich.address(), 6)]);
+    assert_eq!(
+        out.receipts[0].error.as_deref(),
+        Some("recipient balance would overflow")
+    );
+    assert_eq!(out.receipts[0].fee, 10);
+    assert_eq!(chain.account(&rich.address()).balance, u64::MAX - 5);
+    assert_eq!(chain.account(&alice.address()).balance, 990);
+
+    // Proposer overflow: the whole transaction is rejected.
+    assert_rejected_with_proposer(
+        &mut chain,
+        transfer(&alice, 1, 10, proposer(), 1),
+        rich.address(),
+    );
+
+    // Stake overflow.
+    let mut chain = Chain::new(&[(
+        alice.address(),
+        Account {
+            balance: 1_000,
+            stake: u64::MAX,
+            ..Account::default()
+        },
+    )]);
+    let out = chain.block(
+        proposer(),
+        &[Transaction::sign(
+            &alice,
+            CHAIN,
+            0,
+            10,
+            TxKind::Bond { amount: 1 },
+        )],
+    );
+    assert_eq!(
+        out.receipts[0].error.as_deref(),
+        Some("stake would overflow")
+    );
+
+    // Huge amounts are just insufficient.
+    let out = chain.block(proposer(), &[transfer(&alice, 1, 10, proposer(), u64::MAX)]);
+    assert_eq!(out.receipts[0].error.as_deref(), Some("insufficient funds"));
+    let out = chain.block(proposer(), &[transfer(&alice, 2, u64::MAX, proposer(), 1)]);
+    assert_eq!(
+        out.receipts[0].error.as_deref(),
+        Some(&*format!("cannot pay fee {}: balance 980", u64::MAX))
+    );
+}
+
+fn assert_rejected_with_proposer(chain: &mut Chain, tx: Transaction, proposer: Address) {
+    let before = chain.state.root(chain.height).unwrap();
+    let out = chain.block(proposer, std::slice::from_ref(&tx));
+    assert!(!out.receipts[0].success);
+    assert_eq!(out.receipts[0].fee, 0);
+    assert_eq!(
+        out.receipts[0].error.as_deref(),
+        Some("fee would overflow the proposer's balance")
+    );
+    assert_eq!(out.state_root, before);
+}
+
+#[test]
+fn unbond_release_height_overflow_is_a_failure() {
+    let alice = key(1);
+    let store = Arc::new(MemStore::new());
+    let state = State::new(
+        store.clone(),
+        ExecParams {
+            chain_id: CHAIN.into(),
+            min_fee: 0,
+            unbonding_period: u64::MAX,
+        },
+    );
+    let mut batch = WriteBatch::new();
+    state
+        .init_genesis(
+            &[(
+                alice.address(),
+                Account {
+                    balance: 5,
+                    stake: 5,
+                    ..Account::default()
+                },
+            )],
+            &mut batch,
+        )
+        .unwrap();
+    store.write(batch).unwrap();
+    let tx = Transaction::sign(&alice, CHAIN, 0, 0, TxKind::Unbond { amount: 1 });
+    let out = state
+        .execute_block(
+            &BlockEnv {
+                height: 1,
+                proposer: proposer(),
+            },
+            &[tx],
+            &mut WriteBatch::new(),
+        )
+        .unwrap();
+    assert_eq!(
+        out.receipts[0].error.as_deref(),
+        Some("release height would overflow")
+    );
+}
+
+fn mixed_block() -> (Vec<(Address, Account)>, Vec<Transaction>) {
+    let keys: Vec<Keypair> = (0..20).map(key).collect();
+    let genesis: Vec<(Address, Account)> =
+        keys.iter().map(|k| (k.address(), funded(10_000))).collect();
+    let mut txs = Vec::new();
+    for round in 0..5u64 {
+        for (i, k) in keys.iter().enumerate() {
+            let to = keys[(i * 7 + 3) % keys.len()].address();
+            let kind = match (i + round as usize) % 4 {
+                0 => TxKind::Bond { amount: 100 },
+                1 => TxKind::Unbond { amount: 50 },
+                _ => TxKind::Transfer {
+                    to,
+                    amount: 300 * (round + 1),
+                },
+            };
+            let mut tx = Transaction::sign(k, CHAIN, round, 10 + round, kind);
+            if i == 13 && round == 2 {
+                tx.signature.0[5] ^= 1;
+            }
+            txs.push(tx);
+        }
+    }
+    (genesis, txs)
+}
+
+#[test]
+fn execution_is_deterministic() {
+    let (genesis, txs) = mixed_block();
+    let run = || {
+        let store = Arc::new(MemStore::new());
+        let state = State::new(store.clone(), params());
+        let mut batch = WriteBatch::new();
+        state.init_genesis(&genesis, &mut batch).unwrap();
+        store.write(batch).unwrap();
+        let mut batch = WriteBatch::new();
+        let out = state
+            .execute_block(
+                &BlockEnv {
+                    height: 1,
+                    proposer: proposer(),
+                },
+                &txs,
+                &mut batch,
+            )
+            .unwrap();
+        (out, batch)
+    };
+    let (a, batch_a) = run();
+    let (b, batch_b) = run();
+    assert_eq!(a, b);
+    assert_eq!(batch_a, batch_b);
+    assert!(a.receipts.iter().any(|r| r.success));
+    assert!(a
+        .receipts
+        .iter()
+        .any(|r| r.error.as_deref() == Some("invalid signature")));
+}
+
+#[test]
+fn account_proofs_verify_against_the_block_root() {
+    let (alice, bob) = (key(1), key(2));
+    let mut chain = Chain::new(&[(alice.address(), funded(1_000))]);
+    let out = chain.block(proposer(), &[transfer(&alice, 0, 10, bob.address(), 100)]);
+    let (account, proof, root) = chain.state.account_with_proof(&bob.address(), 1).unwrap();
+    assert_eq!(root, out.state_root);
+    let account = account.unwrap();
+    verify_proof(
+        &root,
+        &account_key(&bob.address()),
+        Some(&account.encode()),
+        &proof,
+    )
+    .unwrap();
+    // An address that never appeared: a proof of absence.
+    let nobody = Address([1; 20]);
+    let (none, proof, root) = chain.state.account_with_proof(&nobody, 1).unwrap();
+    assert_eq!(none, None);
+    verify_proof(&root, &account_key(&nobody), None, &proof).unwrap();
+    // Old versions still answer.
+    assert_eq!(chain.state.account(&bob.address(), 0).unwrap(), None);
+}
+
+#[test]
+fn heights_and_genesis_are_checked() {
+    let alice = key(1);
+    let chain = Chain::new(&[(alice.address(), funded(1))]);
+    let mut batch = WriteBatch::new();
+    let env0 = BlockEnv {
+        height: 0,
+        proposer: proposer(),
+    };
+    assert!(matches!(
+        chain.state.execute_block(&env0, &[], &mut batch),
+        Err(Error::GenesisHeight)
+    ));
+    let env5 = BlockEnv {
+        height: 5,
+        proposer: proposer(),
+    };
+    assert!(matches!(
+        chain.state.execute_block(&env5, &[], &mut batch),
+        Err(Error::VersionNotFound(4))
+    ));
+    let dup = [(alice.address(), funded(1)), (alice.address(), funded(2))];
+    assert!(matches!(
+        chain.state.init_genesis(&dup, &mut batch),
+        Err(Error::DuplicateGenesisAccount(_))
+    ));
+    // An empty block still produces a version with the parent's root.
+    let out = chain
+        .state
+        .execute_block(
+            &BlockEnv {
+                height: 1,
+                proposer: proposer(),
+            },
+            &[],
+            &mut batch,
+        )
+        .unwrap();
+    assert_eq!(out.state_root, chain.state.root(0).unwrap());
+}
+
+#[test]
+fn signature_verification_finds_the_bad_ones_across_chunks() {
+    let keys: Vec<Keypair> = (0..5).map(key).collect();
+    let mut txs: Vec<Transaction> = (0..150u64)
+        .map(|i| transfer(&keys[(i % 5) as usize], i, 10, Address([2; 20]), i))
+        .collect();
+    let bad = [3usize, 64, 65, 149];
+    for &i in &bad {
+        txs[i].signature.0[10] ^= 0x40;
+    }
+    let result = verify_signatures(&txs);
+    let expected: Vec<bool> = (0..150).map(|i| !bad.contains(&i)).collect();
+    assert_eq!(result, expected);
+    assert!(verify_signatures(&[]).is_empty());
+}

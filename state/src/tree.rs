@@ -1,0 +1,643 @@
+//! The versioned sparse Merkle tree (Jellyfish Merkle Tree style).
+//!
+//! Keys are 256-bit hashes. On disk the tree is 16-ary: an internal node has one slot per
+//! nibble, and a leaf sits at the shortest nibble prefix that no other key shares. Hashing is
+//! binary: an internal node's hash is a 4-level binary Merkle tree over its 16 slots in which
+//! empty ranges hash to [`EMPTY_ROOT`] and a range holding a single leaf takes that leaf's
+//! hash. The root is therefore the root of the canonical binary sparse Merkle tree of the key
+//! set (every leaf lifted to its shortest unique *bit* prefix), independent of the history
+//! of updates, and proofs are plain binary proofs (see [`verify_proof`]).
+//!
+//! Versioning: every node is written once, under `(version that created it, nibble path)`,
+//! and never changed. Building version `v` writes only the nodes on changed paths; the nodes
+//! it replaces are recorded in `Column::StateStale` under `v` so a pruner can delete them once
+//! no version older than `v` is kept. Each version has a root pointer, also when nothing
+//! changed, so every committed version's root can be read back.
+
+mod node;
+mod proof;
+
+use std::borrow::Cow;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use keel_storage::{Column, KvStore, WriteBatch};
+use keel_types::Hash;
+use lru::LruCache;
+use rayon::prelude::*;
+
+pub use node::EMPTY_ROOT;
+pub use proof::{verify_proof, Proof, ProofLeaf, MAX_PROOF_SIBLINGS};
+
+use node::{
+    decode_root_pointer, descend, encode_leaf, encode_root_pointer, internal_node_hash, leaf_hash,
+    nibble, root_pointer_key, ChildRef, Children, LeafNode, NibblePath, Node, NodeKey, PathEnd,
+    MAX_NIBBLES,
+};
+
+use crate::{Error, Result};
+
+/// Nodes kept in the read cache by [`StateTree::new`].
+pub const DEFAULT_NODE_CACHE: usize = 65_536;
+
+/// Subtrees with at least this many updates are built on the rayon pool, one task per child
+/// slot. Below it the overhead of a task outweighs the hashing it saves.
+const PARALLEL_UPDATES: usize = 256;
+
+/// One update, borrowed from the caller: `None` deletes.
+type Update<'a> = (Hash, Option<&'a [u8]>);
+
+/// The versioned sparse Merkle tree over a [`KvStore`].
+///
+/// Reads go through an LRU cache of decoded nodes. Only nodes read from the store are cached:
+/// `apply` stages nodes that may never be committed (a proposal that loses), so it must not
+/// leave them where a read could find them.
+pub struct StateTree {
+    store: Arc<dyn KvStore>,
+    cache: Mutex<LruCache<NodeKey, Node>>,
+}
+
+/// A subtree as built by `apply`, before the parent decides where it goes.
+enum Subtree<'a> {
+    /// No keys.
+    Empty,
+    /// Exactly one key. Its node is written by whoever places it, since a leaf may move up
+    /// when its siblings are deleted.
+    Leaf(PendingLeaf<'a>),
+    /// A node already stored (or staged) at `(version, path of this subtree)`.
+    Stored(ChildRef),
+}
+
+/// A leaf whose final position is not decided yet.
+struct PendingLeaf<'a> {
+    key: Hash,
+    value: Cow<'a, [u8]>,
+    hash: Hash,
+    /// Where the leaf is stored already, if it is an existing, unchanged leaf.
+    stored_at: Option<NodeKey>,
+}
+
+/// Writes collected while building a subtree (one per rayon task, merged in slot order so the
+/// batch is the same whatever the thread count).
+#[derive(Default)]
+struct Sink {
+    nodes: Vec<(Vec<u8>, Vec<u8>)>,
+    stale: Vec<Vec<u8>>,
+}
+
+impl Sink {
+    fn append(&mut self, other: Sink) {
+        self.nodes.extend(other.nodes);
+        self.stale.extend(other.stale);
+    }
+}
+
+/// Sorts updates by key; of several updates to one key the last one wins.
+fn normalize(updates: &[(Hash, Option<Vec<u8>>)]) -> Vec<Update<'_>> {
+    let mut sorted: Vec<Update<'_>> = updates.iter().map(|(k, v)| (*k, v.as_deref())).collect();
+    // Stable, so equal keys keep their input order and the last one is the latest.
+    sorted.sort_by_key(|a| a.0);
+    let mut out: Vec<Update<'_>> = Vec::with_capacity(sorted.len());
+    for u in sorted {
+        match out.last_mut() {
+            Some(last) if last.0 == u.0 => *last = u,
+            _ => out.push(u),
+        }
+    }
+    out
+}
+
+/// Splits sorted updates sharing a `depth`-nibble prefix into runs by the nibble at `depth`.
+fn group_by_nibble<'u, 'a>(updates: &'u [Update<'a>], depth: usize) -> Vec<(u8, &'u [Update<'a>])> {
+    let mut groups = Vec::new();
+    let mut rest = updates;
+    while let Some(first) = rest.first() {
+        let n = nibble(&first.0, depth);
+        let end = rest.partition_point(|u| nibble(&u.0, depth) <= n);
+        let (group, tail) = rest.split_at(end.max(1));
+        groups.push((n, group));
+        rest = tail;
+    }
+    groups
+}
+
+fn too_deep() -> Error {
+    Error::Corrupt {
+        what: "state tree",
+        reason: "path longer than 64 nibbles".into(),
+    }
+}
+
+impl StateTree {
+    /// A tree over `store` with a read cache of [`DEFAULT_NODE_CACHE`] nodes.
+    pub fn new(store: Arc<dyn KvStore>) -> StateTree {
+        StateTree::with_cache_capacity(store, DEFAULT_NODE_CACHE)
+    }
+
+    /// A tree over `store` caching up to `nodes` decoded nodes (at least one).
+    pub fn with_cache_capacity(store: Arc<dyn KvStore>, nodes: usize) -> StateTree {
+        let cap = NonZeroUsize::new(nodes).unwrap_or(NonZeroUsize::MIN);
+        StateTree {
+            store,
+            cache: Mutex::new(LruCache::new(cap)),
+        }
+    }
+
+    /// Empties the node cache. Only needed if a version is ever written twice with different
+    /// contents (which a chain that commits only final blocks never does).
+    pub fn clear_cache(&self) {
+        self.lock_cache().clear();
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, LruCache<NodeKey, Node>> {
+        // The cache holds only immutable, already-stored nodes, so a panic elsewhere while the
+        // lock was held cannot have left it inconsistent.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The root hash of `version`; [`Error::VersionNotFound`] if it was never committed or
+    /// has been pruned.
+    pub fn root(&self, version: u64) -> Result<Hash> {
+        Ok(self.root_ref(version)?.map_or(EMPTY_ROOT, |r| r.hash))
+    }
+
+    /// The value of `key` at `version`.
+    pub fn get(&self, version: u64, key: &Hash) -> Result<Option<Vec<u8>>> {
+        let Some(mut cur) = self.root_ref(version)? else {
+            return Ok(None);
+        };
+        let mut path = NibblePath::ROOT;
+        loop {
+            let node_key = NodeKey {
+                version: cur.version,
+                path,
+            };
+            if cur.is_leaf {
+                let leaf = self.load_leaf(&node_key)?;
+                return Ok((leaf.key == *key).then(|| leaf.value.clone()));
+            }
+            let children = self.load_internal(&node_key)?;
+            if path.len() >= MAX_NIBBLES {
+                return Err(too_deep());
+            }
+            let n = nibble(key, path.len());
+            match children.get(usize::from(n)).copied().flatten() {
+                None => return Ok(None),
+                Some(child) => {
+                    cur = child;
+                    path = path.child(n);
+                }
+            }
+        }
+    }
+
+    /// The value of `key` at `version` and a proof of it (membership or non-membership)
+    /// against [`StateTree::root`] of `version`.
+    pub fn get_with_proof(&self, version: u64, key: &Hash) -> Result<(Option<Vec<u8>>, Proof)> {
+        let mut siblings = Vec::new();
+        let finish = |mut siblings: Vec<Hash>, leaf: Option<&LeafNode>| {
+            siblings.reverse();
+            let proof = Proof {
+                leaf: leaf.map(|l| ProofLeaf {
+                    key: l.key,
+                    value_hash: Hash::digest(&l.value),
+                }),
+                siblings,
+            };
+            let value = leaf.filter(|l| l.key == *key).map(|l| l.value.clone());
+            (value, proof)
+        };
+        let Some(mut cur) = self.root_ref(version)? else {
+            return Ok(finish(siblings, None));
+        };
+        let mut path = NibblePath::ROOT;
+        loop {
+            let node_key = NodeKey {
+                version: cur.version,
+                path,
+            };
+            if cur.is_leaf {
+                let leaf = self.load_leaf(&node_key)?;
+                return Ok(finish(siblings, Some(&leaf)));
+            }
+            let children = self.load_internal(&node_key)?;
+            if path.len() >= MAX_NIBBLES {
+                return Err(too_deep());
+            }
+            let n = nibble(key, path.len());
+            match descend(&children, n, &mut siblings) {
+                PathEnd::Empty => return Ok(finish(siblings, None)),
+                PathEnd::Leaf(child, slot) => {
+                    let leaf = self.load_leaf(&NodeKey {
+                        version: child.version,
+                        path: path.child(slot),
+                    })?;
+                    return Ok(finish(siblings, Some(&leaf)));
+                }
+                PathEnd::Internal(child) => {
+                    cur = child;
+                    path = path.child(n);
+                }
+            }
+        }
+    }
+
+    /// Builds `version` from `base` (`None` = the empty tree) by applying `updates` (a `None`
+    /// value deletes the key; of several updates to one key the last wins) in one pass over
+    /// the sorted keys: every changed node is computed and staged once. New nodes, the root
+    /// pointer of `version` and the stale-node records go into `batch`; nothing is written to
+    /// the store. Returns the new root hash.
+    ///
+    /// `base`'s nodes must be in the store (committed), and `version` must be newer than
+    /// `base`. Write at most one batch per version: node keys contain the version.
+    pub fn apply(
+        &self,
+        base: Option<u64>,
+        version: u64,
+        updates: &[(Hash, Option<Vec<u8>>)],
+        batch: &mut WriteBatch,
+    ) -> Result<Hash> {
+        let old_root = match base {
+            Some(b) if b >= version => return Err(Error::BadVersion { base: b, version }),
+            Some(b) => self.root_ref(b)?,
+            None => None,
+        };
+        let updates = normalize(updates);
+        let mut sink = Sink::default();
+        let subtree = self.update(version, old_root, NibblePath::ROOT, &updates, &mut sink)?;
+        let new_root = match subtree {
+            Subtree::Empty => None,
+            Subtree::Leaf(leaf) => Some(place_leaf(leaf, NibblePath::ROOT, version, &mut sink)),
+            Subtree::Stored(r) => Some(r),
+        };
+        if let Some(b) = base {
+            // The old pointer is needed only while `b` is kept, exactly like a replaced node.
+            sink.stale.push(root_pointer_key(b));
+        }
+        for (k, v) in sink.nodes {
+            batch.put(Column::StateNodes, k, v);
+        }
+        batch.put(
+            Column::StateNodes,
+            root_pointer_key(version),
+            encode_root_pointer(new_root.as_ref()),
+        );
+        let since = version.to_be_bytes();
+        for node_key in sink.stale {
+            let mut k = Vec::with_capacity(8 + node_key.len());
+            k.extend_from_slice(&since);
+            k.extend_from_slice(&node_key);
+            batch.put(Column::StateStale, k, Vec::new());
+        }
+        Ok(new_root.map_or(EMPTY_ROOT, |r| r.hash))
+    }
+
+    /// Applies sorted, distinct `updates` to the subtree at `path` whose current node is
+    /// `existing`.
+    fn update<'a>(
+        &self,
+        version: u64,
+        existing: Option<ChildRef>,
+        path: NibblePath,
+        updates: &[Update<'a>],
+        sink: &mut Sink,
+    ) -> Result<Subtree<'a>> {
+        let Some(existing) = existing else {
+            return self.build(version, path, updates, None, sink);
+        };
+        if updates.is_empty() {
+            return Ok(Subtree::Stored(existing));
+        }
+        let node_key = NodeKey {
+            version: existing.version,
+            path,
+        };
+        if existing.is_leaf {
+            let leaf = self.load_leaf(&node_key)?;
+            let pending = PendingLeaf {
+                key: leaf.key,
+                value: Cow::Owned(leaf.value.clone()),
+                hash: existing.hash,
+                stored_at: Some(node_key),
+            };
+            return self.build(version, path, updates, Some(pending), sink);
+        }
+        let children = self.load_internal(&node_key)?;
+        let depth = path.len();
+        if depth >= MAX_NIBBLES {
+            return Err(too_deep());
+        }
+        let jobs: Vec<(u8, &[Update<'a>], Option<ChildRef>)> = group_by_nibble(updates, depth)
+            .into_iter()
+            .map(|(n, group)| (n, group, children.get(usize::from(n)).copied().flatten()))
+            .collect();
+        let results = self.run_jobs(jobs, updates.len(), sink, |(n, group, child), sink| {
+            self.update(version, child, path.child(n), group, sink)
+                .map(|s| (n, s))
+        })?;
+
+        let unchanged = results.iter().all(|(n, s)| {
+            let old = children.get(usize::from(*n)).copied().flatten();
+            match (s, old) {
+                (Subtree::Empty, None) => true,
+                (Subtree::Stored(r), Some(o)) => *r == o,
+                (Subtree::Leaf(l), Some(o)) => {
+                    o.is_leaf
+                        && l.stored_at
+                            == Some(NodeKey {
+                                version: o.version,
+                                path: path.child(*n),
+                            })
+                }
+                _ => false,
+            }
+        });
+        if unchanged {
+            return Ok(Subtree::Stored(existing));
+        }
+        let mut slots: Vec<Subtree<'a>> = children
+            .iter()
+            .map(|c| c.map_or(Subtree::Empty, Subtree::Stored))
+            .collect();
+        for (n, s) in results {
+            if let Some(slot) = slots.get_mut(usize::from(n)) {
+                *slot = s;
+            }
+        }
+        self.make_internal(version, path, slots, Some(node_key), sink)
+    }
+
+    /// Builds the subtree at `path` holding the inserts of `updates` plus `extra` (an
+    /// existing leaf, dropped if `updates` touches its key). Deletes of absent keys do nothing.
+    fn build<'a>(
+        &self,
+        version: u64,
+        path: NibblePath,
+        updates: &[Update<'a>],
+        extra: Option<PendingLeaf<'a>>,
+        sink: &mut Sink,
+    ) -> Result<Subtree<'a>> {
+        // The update to the existing leaf's key, if any. Rewriting the same value keeps the
+        // leaf (no new node); anything else replaces or deletes it.
+        let mut extra_update: Option<&Update<'a>> = None;
+        let extra = match extra {
+            Some(e) => match updates.binary_search_by(|u| u.0.cmp(&e.key)) {
+                Ok(i) if updates.get(i).and_then(|u| u.1) == Some(&e.value[..]) => {
+                    extra_update = updates.get(i);
+                    Some(e)
+                }
+                Ok(_) => {
+                    if let Some(old) = e.stored_at {
+                        sink.stale.push(old.encode());
+                    }
+                    None
+                }
+                Err(_) => Some(e),
+            },
+            None => None,
+        };
+        let is_new_insert =
+            |u: &Update<'a>| u.1.is_some() && extra_update.is_none_or(|x| x.0 != u.0);
+        let inserts =
+            updates.iter().filter(|u| is_new_insert(u)).count() + usize::from(extra.is_some());
+        match inserts {
+            0 => return Ok(Subtree::Empty),
+            1 => {
+                if let Some(e) = extra {
+                    return Ok(Subtree::Leaf(e));
+                }
+                if let Some((key, Some(value))) = updates.iter().find(|u| is_new_insert(u)) {
+                    let hash = leaf_hash(key, &Hash::digest(value));
+                    return Ok(Subtree::Leaf(PendingLeaf {
+                        key: *key,
+                        value: Cow::Borrowed(value),
+                        hash,
+                        stored_at: None,
+                    }));
+                }
+                return Ok(Subtree::Empty);
+            }
+            _ => {}
+        }
+        let depth = path.len();
+        if depth >= MAX_NIBBLES {
+            return Err(too_deep());
+        }
+        let mut jobs: Vec<(u8, &[Update<'a>], Option<PendingLeaf<'a>>)> =
+            group_by_nibble(updates, depth)
+                .into_iter()
+                .map(|(n, group)| (n, group, None))
+                .collect();
+        if let Some(e) = extra {
+            let n = nibble(&e.key, depth);
+            match jobs.iter_mut().find(|j| j.0 == n) {
+                Some(job) => job.2 = Some(e),
+                None => jobs.push((n, &[], Some(e))),
+            }
+        }
+        let results = self.run_jobs(jobs, updates.len(), sink, |(n, group, e), sink| {
+            self.build(version, path.child(n), group, e, sink)
+                .map(|s| (n, s))
+        })?;
+        let mut slots: Vec<Subtree<'a>> = (0..16).map(|_| Subtree::Empty).collect();
+        for (n, s) in results {
+            if let Some(slot) = slots.get_mut(usize::from(n)) {
+                *slot = s;
+            }
+        }
+        self.make_internal(version, path, slots, None, sink)
+    }
+
+    /// Runs one job per child slot, on the rayon pool when the subtree is big enough, and
+    /// returns the results in job order with their writes appended to `sink` in that order.
+    fn run_jobs<'a, J, F>(
+        &self,
+        jobs: Vec<J>,
+        updates: usize,
+        sink: &mut Sink,
+        f: F,
+    ) -> Result<Vec<(u8, Subtree<'a>)>>
+    where
+        J: Send,
+        F: Fn(J, &mut Sink) -> Result<(u8, Subtree<'a>)> + Sync + Send,
+    {
+        if updates < PARALLEL_UPDATES || jobs.len() < 2 {
+            return jobs.into_iter().map(|j| f(j, sink)).collect();
+        }
+        let done: Vec<((u8, Subtree<'a>), Sink)> = jobs
+            .into_par_iter()
+            .map(|j| {
+                let mut local = Sink::default();
+                f(j, &mut local).map(|r| (r, local))
+            })
+            .collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(done.len());
+        for (r, local) in done {
+            sink.append(local);
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Turns 16 child subtrees into the subtree at `path`: nothing, a single leaf moving up,
+    /// or a new internal node staged at `(version, path)`. `old` is the node it replaces.
+    fn make_internal<'a>(
+        &self,
+        version: u64,
+        path: NibblePath,
+        slots: Vec<Subtree<'a>>,
+        old: Option<NodeKey>,
+        sink: &mut Sink,
+    ) -> Result<Subtree<'a>> {
+        let mut present = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !matches!(s, Subtree::Empty));
+        let first = present.next().map(|(i, _)| i);
+        let several = present.next().is_some();
+        let single_leaf = match (first, several) {
+            (None, _) => {
+                if let Some(old) = old {
+                    sink.stale.push(old.encode());
+                }
+                return Ok(Subtree::Empty);
+            }
+            (Some(i), false) => match slots.get(i) {
+                Some(Subtree::Leaf(_)) => true,
+                Some(Subtree::Stored(r)) => r.is_leaf,
+                _ => false,
+            },
+            _ => false,
+        };
+        if single_leaf {
+            if let Some(old) = old {
+                sink.stale.push(old.encode());
+            }
+            let Some(i) = first else {
+                return Ok(Subtree::Empty);
+            };
+            // The one leaf left moves up to this path (or higher): the caller places it.
+            return match slots.into_iter().nth(i) {
+                Some(Subtree::Stored(r)) => {
+                    // i < 16, so it fits in a nibble.
+                    let at = NodeKey {
+                        version: r.version,
+                        path: path.child((i & 0x0f) as u8),
+                    };
+                    let leaf = self.load_leaf(&at)?;
+                    Ok(Subtree::Leaf(PendingLeaf {
+                        key: leaf.key,
+                        value: Cow::Owned(leaf.value.clone()),
+                        hash: r.hash,
+                        stored_at: Some(at),
+                    }))
+                }
+                Some(other) => Ok(other),
+                None => Ok(Subtree::Empty),
+            };
+        }
+        let mut children: Children = [None; 16];
+        for ((i, s), slot) in slots.into_iter().enumerate().zip(children.iter_mut()) {
+            *slot = match s {
+                Subtree::Empty => None,
+                Subtree::Stored(r) => Some(r),
+                // i < 16, so it fits in a nibble.
+                Subtree::Leaf(l) => {
+                    Some(place_leaf(l, path.child((i & 0x0f) as u8), version, sink))
+                }
+            };
+        }
+        let hash = internal_node_hash(&children);
+        let node = Node::Internal(Arc::new(children));
+        sink.nodes
+            .push((NodeKey { version, path }.encode(), node.encode()));
+        if let Some(old) = old {
+            sink.stale.push(old.encode());
+        }
+        Ok(Subtree::Stored(ChildRef {
+            version,
+            hash,
+            is_leaf: false,
+        }))
+    }
+
+    /// The root node of `version` (`None` for the empty tree).
+    fn root_ref(&self, version: u64) -> Result<Option<ChildRef>> {
+        match self
+            .store
+            .get(Column::StateNodes, &root_pointer_key(version))?
+        {
+            None => Err(Error::VersionNotFound(version)),
+            Some(bytes) => decode_root_pointer(&bytes),
+        }
+    }
+
+    fn load(&self, key: &NodeKey) -> Result<Node> {
+        if let Some(node) = self.lock_cache().get(key) {
+            return Ok(node.clone());
+        }
+        let bytes = self
+            .store
+            .get(Column::StateNodes, &key.encode())?
+            .ok_or_else(|| Error::Corrupt {
+                what: "state tree",
+                reason: format!(
+                    "missing node at version {} depth {}",
+                    key.version,
+                    key.path.len()
+                ),
+            })?;
+        let node = Node::decode(&bytes)?;
+        self.lock_cache().put(*key, node.clone());
+        Ok(node)
+    }
+
+    fn load_leaf(&self, key: &NodeKey) -> Result<Arc<LeafNode>> {
+        match self.load(key)? {
+            Node::Leaf(leaf) => Ok(leaf),
+            Node::Internal(_) => Err(Error::Corrupt {
+                what: "state tree",
+                reason: "expected a leaf".into(),
+            }),
+        }
+    }
+
+    fn load_internal(&self, key: &NodeKey) -> Result<Arc<Children>> {
+        match self.load(key)? {
+            Node::Internal(children) => Ok(children),
+            Node::Leaf(_) => Err(Error::Corrupt {
+                what: "state tree",
+                reason: "expected an internal node".into(),
+            }),
+        }
+    }
+}
+
+/// Stages `leaf` at `(version, path)` unless it is stored there already, and returns the
+/// parent's reference to it.
+fn place_leaf(leaf: PendingLeaf<'_>, path: NibblePath, version: u64, sink: &mut Sink) -> ChildRef {
+    if let Some(at) = leaf.stored_at {
+        if at.path == path {
+            return ChildRef {
+                version: at.version,
+                hash: leaf.hash,
+                is_leaf: true,
+            };
+        }
+        sink.stale.push(at.encode());
+    }
+    sink.nodes.push((
+        NodeKey { version, path }.encode(),
+        encode_leaf(&leaf.key, &leaf.value),
+    ));
+    ChildRef {
+        version,
+        hash: leaf.hash,
+        is_leaf: true,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1027 @@
+//! The RocksDB engine behind [`KvStore`].
+//!
+//! One column family per [`Column`] (named by [`Column::name`]), all sharing one LRU block
+//! cache so `block_cache_size` bounds the cache of the whole database, not of each column.
+//! Tables are block-based with 10-bit bloom filters; index and filter blocks live in the
+//! shared cache too so their memory is bounded by it and counted in [`KvStore::memory_bytes`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, BottommostLevelCompaction, BoundColumnFamily, Cache, ColumnFamilyDescriptor,
+    CompactOptions, DBCompressionType, DBWithThreadMode, IteratorMode, MultiThreaded, Options,
+    ReadOptions, WriteOptions,
+};
+
+use crate::{Column, Direction, Error, KvIter, KvStore, Op, Result, WriteBatch};
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// Smallest memtable RocksDB handles sensibly; smaller values are refused rather than
+/// silently rounded.
+const MIN_WRITE_BUFFER_SIZE: u64 = 64 * KIB;
+
+/// Block compression of the SST files.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// LZ4: fast, moderate ratio. The default.
+    #[default]
+    Lz4,
+    /// Zstandard: better ratio, more CPU.
+    Zstd,
+    /// Snappy: fast, lower ratio.
+    Snappy,
+}
+
+impl Compression {
+    /// Every variant, in the order they are listed in messages.
+    pub const ALL: [Compression; 4] = [
+        Compression::None,
+        Compression::Lz4,
+        Compression::Zstd,
+        Compression::Snappy,
+    ];
+
+    /// The lowercase name used in configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+            Compression::Snappy => "snappy",
+        }
+    }
+
+    fn to_rocks(self) -> DBCompressionType {
+        match self {
+            Compression::None => DBCompressionType::None,
+            Compression::Lz4 => DBCompressionType::Lz4,
+            Compression::Zstd => DBCompressionType::Zstd,
+            Compression::Snappy => DBCompressionType::Snappy,
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = Error;
+
+    /// Parses a name case-insensitively ("lz4", "ZSTD", ...).
+    fn from_str(s: &str) -> Result<Compression> {
+        let wanted = s.trim();
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.name().eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| {
+                let allowed: Vec<&str> = Compression::ALL.iter().map(|c| c.name()).collect();
+                Error::Config {
+                    key: "compression",
+                    reason: format!(
+                        "unknown compression {s:?}, expected one of: {}",
+                        allowed.join(", ")
+                    ),
+                }
+            })
+    }
+}
+
+/// Tuning of a [`RocksStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RocksConfig {
+    /// Bytes of the one LRU block cache shared by every column family.
+    pub block_cache_size: u64,
+    /// Bytes of one memtable of one column family before it is flushed.
+    pub write_buffer_size: u64,
+    /// Table files kept open at once; -1 keeps all of them open.
+    pub max_open_files: i32,
+    /// Compression of the table files.
+    pub compression: Compression,
+}
+
+impl Default for RocksConfig {
+    fn default() -> RocksConfig {
+        RocksConfig {
+            block_cache_size: GIB,
+            write_buffer_size: 64 * MIB,
+            max_open_files: 1000,
+            compression: Compression::Lz4,
+        }
+    }
+}
+
+impl RocksConfig {
+    /// Refuses values RocksDB cannot use, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        usize::try_from(self.block_cache_size).map_err(|_| Error::Config {
+            key: "block_cache_size",
+            reason: format!(
+                "{} bytes does not fit this platform's address space",
+                self.block_cache_size
+            ),
+        })?;
+        if self.write_buffer_size < MIN_WRITE_BUFFER_SIZE {
+            return Err(Error::Config {
+                key: "write_buffer_size",
+                reason: format!(
+                    "{} bytes is below the minimum of {MIN_WRITE_BUFFER_SIZE}",
+                    self.write_buffer_size
+                ),
+            });
+        }
+        usize::try_from(self.write_buffer_size.saturating_mul(4)).map_err(|_| Error::Config {
+            key: "write_buffer_size",
+            reason: format!("{} bytes is too large", self.write_buffer_size),
+        })?;
+        if self.max_open_files < -1 || self.max_open_files == 0 {
+            return Err(Error::Config {
+                key: "max_open_files",
+                reason: format!(
+                    "{} is neither -1 (unlimited) nor positive",
+                    self.max_open_files
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A [`KvStore`] on RocksDB. Dropping it closes the database; the write-ahead log makes every
+/// completed [`KvStore::write`] survive a process crash.
+pub struct RocksStore {
+    db: Db,
+    cache: Cache,
+    path: PathBuf,
+}
+
+impl fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the database in directory `path` with every column family
+    /// of [`Column::ALL`].
+    ///
+    /// Fails with [`Error::Engine`] if another process has the database open, and with
+    /// [`Error::Config`] if `cfg` is unusable.
+    pub fn open(path: &Path, cfg: &RocksConfig) -> Result<RocksStore> {
+        cfg.validate()?;
+        std::fs::create_dir_all(path).map_err(|e| {
+            Error::Engine(format!(
+                "cannot create database directory {}: {e}",
+                path.display()
+            ))
+        })?;
+
+        let block_cache_size = usize::try_from(cfg.block_cache_size).unwrap_or(usize::MAX);
+        let write_buffer_size = usize::try_from(cfg.write_buffer_size).unwrap_or(usize::MAX);
+        let cache = Cache::new_lru_cache(block_cache_size);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_open_files(cfg.max_open_files);
+        let jobs = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8);
+        db_opts.set_max_background_jobs(i32::try_from(jobs).unwrap_or(2));
+        // Eleven column families at `write_buffer_size` each (times two while one flushes)
+        // would allow gigabytes of memtables; the write buffer manager caps them all together.
+        db_opts.set_db_write_buffer_size(write_buffer_size.saturating_mul(4));
+        // Rarely written columns (consensus, peers) would otherwise pin old log files forever.
+        db_opts.set_max_total_wal_size(cfg.write_buffer_size.saturating_mul(8));
+        db_opts.set_keep_log_file_num(10);
+
+        let cf_opts = column_options(&cache, cfg.compression, write_buffer_size);
+        let mut names: Vec<String> = Column::ALL.iter().map(|c| c.name().to_string()).collect();
+        // A database written by a newer version may have more column families; RocksDB refuses
+        // to open it unless every one is named, so open those too (with the same options).
+        if path.join("CURRENT").exists() {
+            let existing = Db::list_cf(&db_opts, path)
+                .map_err(|e| engine_error(path, "list column families", e))?;
+            for name in existing {
+                if name != rocksdb::DEFAULT_COLUMN_FAMILY_NAME && !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let descriptors: Vec<ColumnFamilyDescriptor> = names
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, cf_opts.clone()))
+            .collect();
+
+        let db = Db::open_cf_descriptors(&db_opts, path, descriptors)
+            .map_err(|e| open_error(path, e))?;
+        Ok(RocksStore {
+            db,
+            cache,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes every memtable to table files (and so empties the write-ahead log).
+    pub fn flush(&self) -> Result<()> {
+        let cfs: Vec<Arc<BoundColumnFamily<'_>>> = Column::ALL
+            .iter()
+            .map(|c| self.cf(*c))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Arc<BoundColumnFamily<'_>>> = cfs.iter().collect();
+        self.db
+            .flush_cfs_opt(&refs, &rocksdb::FlushOptions::default())
+            .map_err(|e| engine_error(&self.path, "flush", e))
+    }
+
+    /// Sum of an integer property over every column (`rocksdb.cur-size-all-mem-tables`...).
+    /// Properties a column does not report count as zero.
+    pub fn property_sum(&self, name: &str) -> Result<u64> {
+        let mut total = 0u64;
+        for col in Column::ALL {
+            let cf = self.cf(col)?;
+            let v = self
+                .db
+                .property_int_value_cf(&cf, name)
+                .map_err(|e| engine_error(&self.path, "read property", e))?;
+            total = total.saturating_add(v.unwrap_or(0));
+        }
+        Ok(total)
+    }
+
+    /// One integer property of one column, `None` if RocksDB does not know it.
+    pub fn property(&self, col: Column, name: &str) -> Result<Option<u64>> {
+        let cf = self.cf(col)?;
+        self.db
+            .property_int_value_cf(&cf, name)
+            .map_err(|e| engine_error(&self.path, "read property", e))
+    }
+
+    fn cf(&self, col: Column) -> Result<Arc<BoundColumnFamily<'_>>> {
+        self.db.cf_handle(col.name()).ok_or_else(|| {
+            Error::Engine(format!(
+                "column family {} missing in {}",
+                col.name(),
+                self.path.display()
+            ))
+        })
+    }
+}
+
+/// Column family handles looked up at most once per batch.
+#[derive(Default)]
+struct Handles<'s> {
+    slots: [Option<Arc<BoundColumnFamily<'s>>>; Column::ALL.len()],
+}
+
+impl<'s> Handles<'s> {
+    fn get(&mut self, store: &'s RocksStore, col: Column) -> Result<Arc<BoundColumnFamily<'s>>> {
+        let slot = Column::ALL
+            .iter()
+            .position(|c| *c == col)
+            .and_then(|i| self.slots.get_mut(i))
+            .ok_or_else(|| Error::Engine(format!("unknown column {}", col.name())))?;
+        if let Some(h) = slot {
+            return Ok(Arc::clone(h));
+        }
+        let h = store.cf(col)?;
+        *slot = Some(Arc::clone(&h));
+        Ok(h)
+    }
+}
+
+fn column_options(cache: &Cache, compression: Compression, write_buffer_size: usize) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    // Keeps the hottest filters from being evicted by bulk reads, as the tuning guide advises
+    // once index and filter blocks live in the block cache.
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_write_buffer_size(write_buffer_size);
+    opts.set_compression_type(compression.to_rocks());
+    opts
+}
+
+fn engine_error(path: &Path, what: &str, e: rocksdb::Error) -> Error {
+    Error::Engine(format!("{what} on database at {}: {e}", path.display()))
+}
+
+fn open_error(path: &Path, e: rocksdb::Error) -> Error {
+    let msg = e.to_string();
+    // RocksDB takes an fcntl lock on PATH/LOCK: "IO error: While lock file: .../LOCK:
+    // Resource temporarily unavailable" from another process, "lock hold by current process"
+    // from this one.
+    if msg.contains("lock file") || msg.contains("LOCK") {
+        Error::Engine(format!(
+            "database at {} is in use by another process (or already open in this one): {msg}",
+            path.display()
+        ))
+    } else {
+        Error::Engine(format!("cannot open database at {}: {msg}", path.display()))
+    }
+}
+
+impl KvStore for RocksStore {
+    fn get(&self, col: Column, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cf = self.cf(col)?;
+        self.db
+            .get_cf(&cf, key)
+            .map_err(|e| engine_error(&self.path, "get", e))
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut handles = Handles::default();
+        let sync = batch.sync();
+        let mut rb = rocksdb::WriteBatch::default();
+        for op in batch.into_ops() {
+            match op {
+                Op::Put(col, k, v) => rb.put_cf(&handles.get(self, col)?, k, v),
+                Op::Delete(col, k) => rb.delete_cf(&handles.get(self, col)?, k),
+                // An empty or inverted range deletes nothing (RocksDB would reject it).
+                Op::DeleteRange(col, from, to) => {
+                    if from < to {
+                        rb.delete_range_cf(&handles.get(self, col)?, from, to);
+                    }
+                }
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db
+            .write_opt(rb, &wo)
+            .map_err(|e| engine_error(&self.path, "write", e))
+    }
+
+    fn iter_range<'a>(
+        &'a self,
+        col: Column,
+        from: &[u8],
+        to: Option<&[u8]>,
+        dir: Direction,
+    ) -> KvIter<'a> {
+        if to.is_some_and(|t| t <= from) {
+            return Box::new(std::iter::empty());
+        }
+        let cf = match self.cf(col) {
+            Ok(cf) => cf,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from);
+        if let Some(t) = to {
+            ro.set_iterate_upper_bound(t);
+        }
+        // With both bounds set RocksDB positions `End` on the last key below the exclusive
+        // upper bound and stops reverse iteration at the lower bound.
+        let mode = match dir {
+            Direction::Forward => IteratorMode::From(from, rocksdb::Direction::Forward),
+            Direction::Reverse => IteratorMode::End,
+        };
+        let path = &self.path;
+        let iter = self.db.iterator_cf_opt(&cf, ro, mode).map(move |item| {
+            item.map(|(k, v)| (k.into_vec(), v.into_vec()))
+                .map_err(|e| engine_error(path, "iterate", e))
+        });
+        Box::new(iter)
+    }
+
+    fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()> {
+        let cf = self.cf(col)?;
+        let mut opts = CompactOptions::default();
+        // Rewrite the bottommost files too, otherwise range tombstones over data that already
+        // sits in the last level would keep its space until some later compaction.
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
+        self.db
+            .compact_range_cf_opt(&cf, Some(from), Some(to), &opts);
+        Ok(())
+    }
+
+    fn disk_size_bytes(&self) -> Result<u64> {
+        dir_size(&self.path)
+            .map_err(|e| Error::Engine(format!("cannot measure {}: {e}", self.path.display())))
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        // The cache is shared, so it is counted once rather than per column.
+        let cache = self.cache.get_usage() as u64;
+        let memtables = self
+            .property_sum("rocksdb.cur-size-all-mem-tables")
+            .unwrap_or(0);
+        let readers = self
+            .property_sum("rocksdb.estimate-table-readers-mem")
+            .unwrap_or(0);
+        cache.saturating_add(memtables).saturating_add(readers)
+    }
+}
+
+/// Total size of the regular files under `dir`. Files deleted while walking (compaction
+/// removing obsolete tables) are skipped.
+fn dir_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            total = total.saturating_add(dir_size(&entry.path())?);
+        } else if meta.is_file() {
+            total = total.saturating_add(meta.len());
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::BTreeMap;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+    use crate::suite::small_rocks_config;
+
+    /// Sections of the newest `OPTIONS-*` file RocksDB wrote: what it actually runs with.
+    fn options_file(dir: &Path) -> BTreeMap<String, BTreeMap<String, String>> {
+        let newest = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter_map(|n| {
+                n.strip_prefix("OPTIONS-")
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .map(|x| (x, n.clone()))
+            })
+            .max()
+            .unwrap()
+            .1;
+        let text = std::fs::read_to_string(dir.join(newest)).unwrap();
+        let mut sections = BTreeMap::new();
+        let mut current = String::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                current = name.to_string();
+            } else if let Some((k, v)) = line.split_once('=') {
+                sections
+                    .entry(current.clone())
+                    .or_insert_with(BTreeMap::new)
+                    .insert(k.to_string(), v.to_string());
+            }
+        }
+        sections
+    }
+
+    fn opt<'m>(
+        sections: &'m BTreeMap<String, BTreeMap<String, String>>,
+        section: &str,
+        key: &str,
+    ) -> &'m str {
+        sections
+            .get(section)
+            .and_then(|s| s.get(key))
+            .unwrap_or_else(|| panic!("no {key} in [{section}]"))
+    }
+
+    #[test]
+    fn every_option_reaches_every_column_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RocksConfig {
+            block_cache_size: 48 << 20,
+            write_buffer_size: 3 << 20,
+            max_open_files: 321,
+            compression: Compression::Zstd,
+        };
+        let store = RocksStore::open(dir.path(), &cfg).unwrap();
+        for col in Column::ALL {
+            assert_eq!(
+                store.property(col, "rocksdb.block-cache-capacity").unwrap(),
+                Some(48 << 20),
+                "{col:?}"
+            );
+        }
+        let o = options_file(dir.path());
+        assert_eq!(opt(&o, "DBOptions", "max_open_files"), "321");
+        assert_eq!(
+            opt(&o, "DBOptions", "db_write_buffer_size"),
+            (12u64 << 20).to_string()
+        );
+        for col in Column::ALL {
+            let cf = format!("CFOptions \"{}\"", col.name());
+            let table = format!("TableOptions/BlockBasedTable \"{}\"", col.name());
+            assert_eq!(
+                opt(&o, &cf, "write_buffer_size"),
+                (3u64 << 20).to_string(),
+                "{col:?}"
+            );
+            assert_eq!(opt(&o, &cf, "compression"), "kZSTD", "{col:?}");
+            let filter = opt(&o, &table, "filter_policy");
+            assert!(
+                filter.contains("bloomfilter") && filter.contains(":10"),
+                "{col:?}: {filter}"
+            );
+            assert_eq!(
+                opt(&o, &table, "cache_index_and_filter_blocks"),
+                "true",
+                "{col:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_block_cache_is_shared_by_all_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+        for i in 0u32..2000 {
+            store
+                .put(Column::Headers, &i.to_be_bytes(), &[7; 64])
+                .unwrap();
+        }
+        store.flush().unwrap();
+        for i in 0u32..2000 {
+            assert!(store
+                .get(Column::Headers, &i.to_be_bytes())
+                .unwrap()
+                .is_some());
+        }
+        let used = store
+            .property(Column::Headers, "rocksdb.block-cache-usage")
+            .unwrap()
+            .unwrap();
+        assert!(used > 0);
+        // A column never read from reports the same (shared) cache.
+        assert_eq!(
+            store
+                .property(Column::Peers, "rocksdb.block-cache-usage")
+                .unwrap(),
+            Some(used)
+        );
+        assert!(store.memory_bytes() >= used);
+    }
+
+    fn sst_size_with(compression: Compression) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(
+            dir.path(),
+            &RocksConfig {
+                compression,
+                ..small_rocks_config()
+            },
+        )
+        .unwrap();
+        let mut b = WriteBatch::new();
+        for i in 0u32..2000 {
+            b.put(
+                Column::Bodies,
+                i.to_be_bytes().to_vec(),
+                format!("transfer {i} to somebody; ").repeat(20),
+            );
+        }
+        store.write(b).unwrap();
+        store.flush().unwrap();
+        store
+            .property(Column::Bodies, "rocksdb.live-sst-files-size")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn compression_setting_changes_the_table_files() {
+        let none = sst_size_with(Compression::None);
+        assert!(none > 500_000, "{none}");
+        for c in [Compression::Lz4, Compression::Zstd, Compression::Snappy] {
+            let size = sst_size_with(c);
+            assert!(size * 3 < none, "{c}: {size} bytes vs {none} uncompressed");
+        }
+    }
+
+    #[test]
+    fn reopening_with_another_compression_updates_the_options() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RocksStore::open(
+            dir.path(),
+            &RocksConfig {
+                compression: Compression::Zstd,
+                ..small_rocks_config()
+            },
+        ));
+        assert_eq!(
+            opt(
+                &options_file(dir.path()),
+                "CFOptions \"bodies\"",
+                "compression"
+            ),
+            "kZSTD"
+        );
+        drop(RocksStore::open(
+            dir.path(),
+            &RocksConfig {
+                compression: Compression::None,
+                ..small_rocks_config()
+            },
+        ));
+        assert_eq!(
+            opt(
+                &options_file(dir.path()),
+                "CFOptions \"bodies\"",
+                "compression"
+            ),
+            "kNoCompression"
+        );
+    }
+
+    #[test]
+    fn data_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+            assert_eq!(store.path(), dir.path());
+            let mut b = WriteBatch::new();
+            b.put(Column::Meta, b"flushed".to_vec(), b"1".to_vec());
+            store.write(b).unwrap();
+            store.flush().unwrap();
+            let mut b = WriteBatch::new();
+            b.put(Column::Consensus, b"in-wal-only".to_vec(), b"2".to_vec());
+            b.delete(Column::Meta, b"flushed".to_vec());
+            b.put(Column::Meta, b"kept".to_vec(), b"3".to_vec());
+            b.set_sync(true);
+            store.write(b).unwrap();
+        }
+        let store = RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+        assert_eq!(store.get(Column::Meta, b"flushed").unwrap(), None);
+        assert_eq!(
+            store.get(Column::Meta, b"kept").unwrap(),
+            Some(b"3".to_vec())
+        );
+        assert_eq!(
+            store.get(Column::Consensus, b"in-wal-only").unwrap(),
+            Some(b"2".to_vec())
+        );
+    }
+
+    #[test]
+    fn disk_and_memory_usage_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+        for i in 0u32..1000 {
+            store
+                .put(Column::StateNodes, &i.to_be_bytes(), &[1; 100])
+                .unwrap();
+        }
+        assert!(store.memory_bytes() > 0, "memtables count");
+        store.flush().unwrap();
+        let disk = store.disk_size_bytes().unwrap();
+        assert!(disk > 0);
+        assert!(disk >= store.property_sum("rocksdb.live-sst-files-size").unwrap());
+    }
+
+    fn incompressible(i: u32) -> Vec<u8> {
+        (0u32..32)
+            .flat_map(|j| keel_types::Hash::digest(&[i.to_be_bytes(), j.to_be_bytes()].concat()).0)
+            .collect()
+    }
+
+    #[test]
+    fn compact_range_reclaims_deleted_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+        let col = Column::StateNodes;
+        for chunk in (0u32..4000).collect::<Vec<_>>().chunks(500) {
+            let mut b = WriteBatch::new();
+            for i in chunk {
+                b.put(col, i.to_be_bytes().to_vec(), incompressible(*i));
+            }
+            store.write(b).unwrap();
+        }
+        store.flush().unwrap();
+        let before = store
+            .property(col, "rocksdb.live-sst-files-size")
+            .unwrap()
+            .unwrap();
+        assert!(before > 3_000_000, "{before}");
+
+        let mut b = WriteBatch::new();
+        b.delete_range(
+            col,
+            0u32.to_be_bytes().to_vec(),
+            3900u32.to_be_bytes().to_vec(),
+        );
+        store.write(b).unwrap();
+        store
+            .compact_range(col, &0u32.to_be_bytes(), &3900u32.to_be_bytes())
+            .unwrap();
+        let after = store
+            .property(col, "rocksdb.live-sst-files-size")
+            .unwrap()
+            .unwrap();
+        assert!(after * 10 < before, "{after} bytes left of {before}");
+        assert_eq!(
+            store.get(col, &3950u32.to_be_bytes()).unwrap(),
+            Some(incompressible(3950))
+        );
+        assert_eq!(store.get(col, &10u32.to_be_bytes()).unwrap(), None);
+    }
+
+    #[test]
+    fn opening_an_open_database_again_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+        match RocksStore::open(dir.path(), &small_rocks_config()) {
+            Err(Error::Engine(msg)) => assert!(msg.contains("is in use"), "{msg}"),
+            other => panic!("expected an engine error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn databases_with_unknown_column_families_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            Db::open_cf(&opts, dir.path(), ["meta", "from_a_newer_version"]).unwrap();
+        }
+        let store = RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+        store.put(Column::Peers, b"p", b"1").unwrap();
+        assert_eq!(store.get(Column::Peers, b"p").unwrap(), Some(b"1".to_vec()));
+    }
+
+    #[test]
+    fn bad_config_values_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                RocksConfig {
+                    write_buffer_size: 1024,
+                    ..RocksConfig::default()
+                },
+                "write_buffer_size",
+            ),
+            (
+                RocksConfig {
+                    max_open_files: 0,
+                    ..RocksConfig::default()
+                },
+                "max_open_files",
+            ),
+            (
+                RocksConfig {
+                    max_open_files: -5,
+                    ..RocksConfig::default()
+                },
+                "max_open_files",
+            ),
+        ];
+        for (cfg, key) in cases {
+            match RocksStore::open(dir.path(), &cfg) {
+                Err(Error::Config { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("expected a config error for {key}, got {other:?}"),
+            }
+        }
+        assert!(RocksConfig {
+            max_open_files: -1,
+            ..RocksConfig::default()
+        }
+        .validate()
+        .is_ok());
+        assert!(RocksConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn default_config_is_the_documented_one() {
+        let d = RocksConfig::default();
+        assert_eq!(d.block_cache_size, 1 << 30);
+        assert_eq!(d.write_buffer_size, 64 << 20);
+        assert_eq!(d.max_open_files, 1000);
+        assert_eq!(d.compression, Compression::Lz4);
+    }
+
+    #[test]
+    fn compression_names_are_lowercase_both_ways() {
+        use serde::de::IntoDeserializer;
+        use serde::Deserialize;
+        for c in Compression::ALL {
+            assert_eq!(c.to_string().parse::<Compression>().unwrap(), c);
+            assert_eq!(c.to_string(), c.to_string().to_lowercase());
+            let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+                c.name().into_deserializer();
+            assert_eq!(Compression::deserialize(de).unwrap(), c);
+        }
+        assert_eq!("ZSTD".parse::<Compression>().unwrap(), Compression::Zstd);
+        match "gzip".parse::<Compression>() {
+            Err(
+                e @ Error::Config {
+                    key: "compression", ..
+                },
+            ) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("gzip") && msg.contains("none, lz4, zstd, snappy"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    // ---- Real-process tests: a child process (this test binary, re-run on `child_process`
+    // with an environment variable) holds or writes the database while the parent watches.
+
+    const CHILD_ENV: &str = "KEEL_STORAGE_TEST_CHILD";
+    const CRASH_BATCHES: u32 = 40;
+    const CRASH_KEYS: u32 = 25;
+
+    fn crash_batch(i: u32) -> WriteBatch {
+        let mut b = WriteBatch::new();
+        for j in 0..CRASH_KEYS {
+            b.put(
+                Column::StateNodes,
+                format!("b{i:03}-k{j:03}").into_bytes(),
+                vec![i as u8; 100],
+            );
+        }
+        b.put(Column::HeightIndex, i.to_be_bytes().to_vec(), b"h".to_vec());
+        b.put(Column::Meta, b"latest".to_vec(), i.to_be_bytes().to_vec());
+        b
+    }
+
+    /// Not a test on its own: returns at once unless started by `spawn_child`.
+    #[test]
+    fn child_process() {
+        let Ok(task) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let (mode, path) = task.split_once(':').unwrap();
+        let store = RocksStore::open(Path::new(path), &small_rocks_config()).unwrap();
+        if mode == "write" {
+            for i in 0..CRASH_BATCHES {
+                store.write(crash_batch(i)).unwrap();
+            }
+        }
+        let mut out = std::io::stdout();
+        writeln!(out, "child ready").unwrap();
+        out.flush().unwrap();
+        // Wait to be killed (or for the parent to close stdin).
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        drop(store);
+    }
+
+    fn spawn_child(mode: &str, path: &Path) -> Child {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "rocks::tests::child_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, format!("{mode}:{}", path.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+            .any(|l| l.trim() == "child ready");
+        assert!(ready, "child exited before it was ready");
+        child
+    }
+
+    #[test]
+    fn open_is_refused_while_another_process_holds_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = spawn_child("hold", dir.path());
+        let result = RocksStore::open(dir.path(), &small_rocks_config());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        match result {
+            Err(Error::Engine(msg)) => {
+                assert!(msg.contains("in use by another process"), "{msg}");
+                assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+            }
+            other => panic!("expected an engine error, got {other:?}"),
+        }
+        // Once the holder is gone the database opens.
+        RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
+    }
+
+    /// Which crash batches a store holds; panics if any batch is partly there.
+    fn whole_batches(store: &RocksStore) -> Vec<u32> {
+        let mut present = Vec::new();
+        for i in 0..CRASH_BATCHES {
+            let keys = store
+                .iter_prefix(Column::StateNodes, format!("b{i:03}-").as_bytes())
+                .count() as u32;
+            let index = store
+                .get(Column::HeightIndex, &i.to_be_bytes())
+                .unwrap()
+                .is_some();
+            match (keys, index) {
+                (0, false) => {}
+                (CRASH_KEYS, true) => present.push(i),
+                _ => panic!("batch {i} is partly visible: {keys} keys, height index {index}"),
+            }
+        }
+        present
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_killed_process_leaves_every_written_batch_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = spawn_child("write", dir.path());
+        // SIGKILL: no destructor, no flush, no clean close.
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // The WAL as the killed process left it: every batch is there.
+        let crashed = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), crashed.path());
+        {
+            let store = RocksStore::open(crashed.path(), &small_rocks_config()).unwrap();
+            assert_eq!(
+                whole_batches(&store),
+                (0..CRASH_BATCHES).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                store.get(Column::Meta, b"latest").unwrap(),
+                Some((CRASH_BATCHES - 1).to_be_bytes().to_vec())
+            );
+        }
+
+        // A log torn anywhere (a machine crash mid-append) recovers a prefix of whole batches.
+        let wal = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .unwrap();
+        let wal_len = std::fs::metadata(&wal).unwrap().len();
+        let mut last = 0usize;
+        for cut in (1..16).map(|k| wal_len * k / 16).chain([wal_len - 1]) {
+            let torn = tempfile::tempdir().unwrap();
+            copy_dir(dir.path(), torn.path());
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(torn.path().join(wal.file_name().unwrap()))
+                .unwrap();
+            f.set_len(cut).unwrap();
+            drop(f);
+            let store = RocksStore::open(torn.path(), &small_rocks_config()).unwrap();
+            let present = whole_batches(&store);
+            assert_eq!(
+                present,
+                (0..present.len() as u32).collect::<Vec<_>>(),
+                "cut at {cut}: not a prefix"
+            );
+            assert!(
+                present.len() >= last,
+                "cut at {cut}: fewer batches than an earlier cut"
+            );
+            last = present.len();
+        }
+        assert!(
+            last > 0 && last < CRASH_BATCHES as usize,
+            "cuts should tear the log: {last}"
+        );
+    }
+}
