@@ -67,6 +67,26 @@ pub enum SubmitError {
     Internal(String),
 }
 
+/// What a [`Chain`] is made of.
+pub struct ChainParts {
+    /// Chain id.
+    pub chain_id: String,
+    /// This node's network identity.
+    pub node_id: String,
+    /// Genesis parameters.
+    pub params: Params,
+    /// Blocks, receipts, indexes.
+    pub blocks: BlockStore,
+    /// Account state.
+    pub state: State,
+    /// The validator set in force.
+    pub validators: ValidatorSet,
+    /// The mempool.
+    pub mempool: Mempool,
+    /// The tip at start.
+    pub tip: TipInfo,
+}
+
 /// The shared chain.
 pub struct Chain {
     /// Chain id.
@@ -89,25 +109,16 @@ pub struct Chain {
 
 impl Chain {
     /// Assembles the shared chain.
-    pub fn new(
-        chain_id: String,
-        node_id: String,
-        params: Params,
-        blocks: BlockStore,
-        state: State,
-        validators: ValidatorSet,
-        mempool: Mempool,
-        tip: TipInfo,
-    ) -> Chain {
+    pub fn new(parts: ChainParts) -> Chain {
         Chain {
-            chain_id,
-            node_id,
-            params,
-            blocks,
-            state,
-            validators,
-            mempool: Mutex::new(mempool),
-            tip: RwLock::new(tip),
+            chain_id: parts.chain_id,
+            node_id: parts.node_id,
+            params: parts.params,
+            blocks: parts.blocks,
+            state: parts.state,
+            validators: parts.validators,
+            mempool: Mutex::new(parts.mempool),
+            tip: RwLock::new(parts.tip),
             new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
             finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
         }

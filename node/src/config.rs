@@ -33,13 +33,12 @@ const DEFAULT_ORIGIN: &str = "config.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read (a missing file included).
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}: {source_error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The I/O error (in the message, not a `source`, so it prints once).
+        source_error: std::io::Error,
     },
     /// The text is not valid TOML.
     #[error("{origin}: {message}")]
@@ -496,7 +495,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            source_error: source,
         })?;
         // Variables whose name or value is not UTF-8 cannot name or set a key: skip them
         // rather than panicking as `std::env::vars` would.

@@ -21,12 +21,12 @@ pub enum Error {
     #[error(transparent)]
     Consensus(#[from] keel_consensus::Error),
     /// A file that could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The failure.
-        source: std::io::Error,
+        /// The failure (in the message, not a `source`, so it prints once).
+        error: std::io::Error,
     },
     /// A key file that does not hold a key.
     #[error("{path}: {reason}")]
@@ -50,10 +50,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

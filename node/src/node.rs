@@ -14,7 +14,7 @@ use keel_types::{Block, Hash, Header, QuorumCertificate};
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
-use crate::chain::{Chain, TipInfo};
+use crate::chain::{Chain, ChainParts, TipInfo};
 use crate::config::{Compression, Config, StorageEngine};
 use crate::driver::{Command, Driver, LATEST_QC_KEY, SAFETY_KEY};
 use crate::home::{read_key_file, Home};
@@ -105,19 +105,19 @@ impl Node {
             genesis.chain_id.clone(),
             genesis.params.min_fee,
         );
-        let chain = Arc::new(Chain::new(
-            genesis.chain_id.clone(),
-            node_key.public().to_string(),
-            genesis.params.clone(),
+        let chain = Arc::new(Chain::new(ChainParts {
+            chain_id: genesis.chain_id.clone(),
+            node_id: node_key.public().to_string(),
+            params: genesis.params.clone(),
             blocks,
             state,
             validators,
             mempool,
-            TipInfo {
+            tip: TipInfo {
                 latest: (tip.height, tip.hash),
                 finalized,
             },
-        ));
+        }));
 
         let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
