@@ -276,6 +276,7 @@ impl Genesis {
             state_root,
             validators_hash,
             parent_qc: QuorumCertificate::default(),
+            evidence_root: Hash::ZERO,
         }
     }
 }

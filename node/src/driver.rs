@@ -196,10 +196,12 @@ impl Driver {
             state_root: outcome.state_root,
             validators_hash: self.chain.validators.hash(),
             parent_qc,
+            evidence_root: Hash::ZERO,
         };
         let block = Block {
             header,
             txs: txs.into_iter().map(|t| t.bytes).collect(),
+            evidence: Vec::new(),
         };
         let hash = block.hash();
         debug!(

@@ -235,6 +235,7 @@ fn write_genesis(
     let block = Block {
         header: header.clone(),
         txs: Vec::new(),
+        evidence: Vec::new(),
     };
     let hash = block.hash();
     blocks.stage_block(&mut batch, &block, &[]);

@@ -21,7 +21,6 @@
 use std::sync::Arc;
 
 use keel_types::{Block, Hash, Header, Receipt};
-use prost::Message;
 
 use crate::{Column, Error, KvStore, Result, WriteBatch};
 
@@ -105,17 +104,7 @@ fn decode_hash(what: &'static str, bytes: &[u8]) -> Result<Hash> {
 }
 
 fn encode_body(block: &Block) -> Vec<u8> {
-    keel_types::proto::Block {
-        header: None,
-        txs: block.txs.clone(),
-    }
-    .encode_to_vec()
-}
-
-fn decode_body(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-    keel_types::proto::Block::decode(bytes)
-        .map(|b| b.txs)
-        .map_err(|e| corrupt("block body", e))
+    block.encode_body()
 }
 
 impl BlockStore {
@@ -225,10 +214,9 @@ impl BlockStore {
             .store
             .get(Column::Bodies, hash.as_bytes())?
             .ok_or_else(|| corrupt("block body", format!("missing for stored header {hash}")))?;
-        Ok(Some(Block {
-            header,
-            txs: decode_body(&body)?,
-        }))
+        Ok(Some(
+            Block::from_header_and_body(header, &body).map_err(|e| corrupt("block body", e))?,
+        ))
     }
 
     /// The committed block at `height`.
@@ -329,7 +317,11 @@ mod tests {
         let txs = (0..txs)
             .map(|i| format!("tx-{height}-{i}").into_bytes())
             .collect();
-        Block { header, txs }
+        Block {
+            header,
+            txs,
+            evidence: vec![],
+        }
     }
 
     fn receipts(block: &Block) -> Vec<Receipt> {

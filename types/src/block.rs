@@ -2,7 +2,7 @@
 
 use prost::Message;
 
-use crate::{codec, proto, Address, Error, Hash, QuorumCertificate, Result};
+use crate::{codec, proto, Address, Error, Evidence, Hash, QuorumCertificate, Result};
 
 /// A block header. Its hash is blake3 of its prost encoding.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -29,6 +29,8 @@ pub struct Header {
     pub validators_hash: Hash,
     /// Certificate of the parent block.
     pub parent_qc: QuorumCertificate,
+    /// Merkle root of the ids of the block's evidence ([`Evidence::id`]).
+    pub evidence_root: Hash,
 }
 
 impl Header {
@@ -45,6 +47,7 @@ impl Header {
             validators_hash: self.validators_hash.0.to_vec(),
             parent_qc: Some(self.parent_qc.to_proto()),
             epoch: self.epoch,
+            evidence_root: self.evidence_root.0.to_vec(),
         }
     }
 
@@ -63,6 +66,7 @@ impl Header {
             parent_qc: QuorumCertificate::from_proto(
                 p.parent_qc.ok_or(Error::Missing("header.parent_qc"))?,
             )?,
+            evidence_root: Hash::from_slice("header.evidence_root", &p.evidence_root)?,
         })
     }
 
@@ -89,25 +93,68 @@ pub struct Block {
     pub header: Header,
     /// `SignedTx` bytes, in execution order.
     pub txs: Vec<Vec<u8>>,
+    /// Equivocation evidence, applied (slashing) before the transactions.
+    pub evidence: Vec<Evidence>,
 }
 
 impl Block {
     /// Prost bytes.
     pub fn encode(&self) -> Vec<u8> {
+        self.to_proto().encode_to_vec()
+    }
+
+    pub(crate) fn to_proto(&self) -> proto::Block {
         proto::Block {
             header: Some(self.header.to_proto()),
             txs: self.txs.clone(),
+            evidence: self.evidence.iter().map(Evidence::to_proto).collect(),
         }
-        .encode_to_vec()
     }
 
     /// Decodes a block (its transactions are decoded separately, by whoever executes them).
     pub fn decode(bytes: &[u8]) -> Result<Block> {
-        let p: proto::Block = codec::decode("Block", bytes)?;
+        Block::from_proto(codec::decode("Block", bytes)?)
+    }
+
+    pub(crate) fn from_proto(p: proto::Block) -> Result<Block> {
         Ok(Block {
             header: Header::from_proto(p.header.ok_or(Error::Missing("block.header"))?)?,
             txs: p.txs,
+            evidence: p
+                .evidence
+                .into_iter()
+                .map(Evidence::from_proto)
+                .collect::<Result<_>>()?,
         })
+    }
+
+    /// The body alone (transactions and evidence, no header): how block stores keep it.
+    pub fn encode_body(&self) -> Vec<u8> {
+        proto::Block {
+            header: None,
+            txs: self.txs.clone(),
+            evidence: self.evidence.iter().map(Evidence::to_proto).collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Reassembles a block from its header and the bytes of [`Block::encode_body`].
+    pub fn from_header_and_body(header: Header, body: &[u8]) -> Result<Block> {
+        let p: proto::Block = codec::decode("BlockBody", body)?;
+        Ok(Block {
+            header,
+            txs: p.txs,
+            evidence: p
+                .evidence
+                .into_iter()
+                .map(Evidence::from_proto)
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// The evidence root the header must carry.
+    pub fn evidence_root(&self) -> Hash {
+        merkle_root(&self.evidence.iter().map(Evidence::id).collect::<Vec<_>>())
     }
 
     /// Hashes of the transactions, in order.
@@ -230,6 +277,7 @@ mod tests {
                         tx_root: Hash(txr),
                         state_root: Hash(sr),
                         validators_hash: Hash(vh),
+                        evidence_root: Hash(txr),
                         parent_qc: QuorumCertificate {
                             block_hash: Hash(parent),
                             height: height.saturating_sub(1),
@@ -252,7 +300,7 @@ mod tests {
         fn header_and_block_round_trip(header in header_strategy(),
                                        txs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
             prop_assert_eq!(Header::decode(&header.encode()).unwrap(), header.clone());
-            let block = Block { header, txs };
+            let block = Block { header, txs, evidence: vec![] };
             prop_assert_eq!(Block::decode(&block.encode()).unwrap(), block);
         }
 

@@ -12,6 +12,7 @@ mod codec;
 mod crypto;
 mod error;
 mod hash;
+mod message;
 pub mod proto;
 mod tx;
 mod vote;
@@ -21,5 +22,8 @@ pub use codec::MAX_MESSAGE_BYTES;
 pub use crypto::{verify_batch, Keypair, PublicKey, Signature};
 pub use error::{Error, Result};
 pub use hash::{Address, Hash};
+pub use message::{
+    ConsensusMessage, Evidence, Proposal, Timeout, TimeoutCertificate, TimeoutSignature,
+};
 pub use tx::{signing_hash, Transaction, TxKind};
 pub use vote::{QuorumCertificate, Vote, VoteSignature};

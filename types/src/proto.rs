@@ -122,6 +122,8 @@ pub struct Header {
     pub parent_qc: Option<QuorumCertificate>,
     #[prost(uint64, tag = "11")]
     pub epoch: u64,
+    #[prost(bytes = "vec", tag = "12")]
+    pub evidence_root: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -131,6 +133,9 @@ pub struct Block {
     /// Each entry is the exact bytes of one `SignedTx`.
     #[prost(bytes = "vec", repeated, tag = "2")]
     pub txs: Vec<Vec<u8>>,
+    /// Equivocation evidence included by the proposer.
+    #[prost(message, repeated, tag = "3")]
+    pub evidence: Vec<Evidence>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -147,4 +152,77 @@ pub struct Receipt {
     pub error: String,
     #[prost(uint64, tag = "6")]
     pub fee: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Proposal {
+    #[prost(message, optional, tag = "1")]
+    pub block: Option<Block>,
+    #[prost(message, optional, tag = "2")]
+    pub tc: Option<TimeoutCertificate>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Timeout {
+    #[prost(string, tag = "1")]
+    pub chain_id: String,
+    #[prost(uint64, tag = "2")]
+    pub round: u64,
+    #[prost(message, optional, tag = "3")]
+    pub high_qc: Option<QuorumCertificate>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub voter: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TimeoutSignature {
+    #[prost(bytes = "vec", tag = "1")]
+    pub validator: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub high_qc_round: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TimeoutCertificate {
+    #[prost(uint64, tag = "1")]
+    pub round: u64,
+    #[prost(message, optional, tag = "2")]
+    pub high_qc: Option<QuorumCertificate>,
+    #[prost(message, repeated, tag = "3")]
+    pub signatures: Vec<TimeoutSignature>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Evidence {
+    #[prost(message, optional, tag = "1")]
+    pub first: Option<Vote>,
+    #[prost(message, optional, tag = "2")]
+    pub second: Option<Vote>,
+}
+
+/// Every consensus message, as sent on the consensus channel.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ConsensusMessage {
+    #[prost(oneof = "consensus_message::Kind", tags = "1, 2, 3, 4")]
+    pub kind: Option<consensus_message::Kind>,
+}
+
+pub mod consensus_message {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Proposal(super::Proposal),
+        #[prost(message, tag = "2")]
+        Vote(super::Vote),
+        #[prost(message, tag = "3")]
+        Timeout(super::Timeout),
+        #[prost(message, tag = "4")]
+        Evidence(super::Evidence),
+    }
 }

@@ -50,6 +50,10 @@ impl Vote {
 
     /// Prost bytes.
     pub fn encode(&self) -> Vec<u8> {
+        self.to_proto().encode_to_vec()
+    }
+
+    pub(crate) fn to_proto(&self) -> proto::Vote {
         proto::Vote {
             chain_id: self.chain_id.clone(),
             block_hash: self.block_hash.0.to_vec(),
@@ -58,12 +62,14 @@ impl Vote {
             voter: self.voter.0.to_vec(),
             signature: self.signature.0.to_vec(),
         }
-        .encode_to_vec()
     }
 
     /// Decodes and checks the form of a vote (not its signature).
     pub fn decode(bytes: &[u8]) -> Result<Vote> {
-        let p: proto::Vote = codec::decode("Vote", bytes)?;
+        Vote::from_proto(codec::decode("Vote", bytes)?)
+    }
+
+    pub(crate) fn from_proto(p: proto::Vote) -> Result<Vote> {
         Ok(Vote {
             chain_id: p.chain_id,
             block_hash: Hash::from_slice("vote.block_hash", &p.block_hash)?,
