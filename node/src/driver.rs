@@ -183,7 +183,7 @@ impl Driver {
         let outcome =
             self.chain
                 .state
-                .execute_block(&BlockEnv { height, proposer }, &txs, &mut batch)?;
+                .execute_block(&BlockEnv { height, proposer, evidence: Vec::new() }, &txs, &mut batch)?;
         let header = Header {
             chain_id: self.chain.chain_id.clone(),
             height,

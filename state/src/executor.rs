@@ -31,12 +31,15 @@ pub struct ExecParams {
 }
 
 /// The block being executed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct BlockEnv {
     /// Its height: the state version it produces.
     pub height: u64,
     /// Who proposed it: receives the fees.
     pub proposer: Address,
+    /// Equivocation evidence the block carries, applied before its transactions. Consensus
+    /// has verified the votes' signatures against the offender's key.
+    pub evidence: Vec<keel_types::Evidence>,
 }
 
 /// What executing a block produced.

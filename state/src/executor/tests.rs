@@ -461,6 +461,7 @@ fn unbond_release_height_overflow_is_a_failure() {
             &BlockEnv {
                 height: 1,
                 proposer: proposer(),
+                evidence: Vec::new(),
             },
             &[tx],
             &mut WriteBatch::new(),
@@ -513,6 +514,7 @@ fn execution_is_deterministic() {
                 &BlockEnv {
                     height: 1,
                     proposer: proposer(),
+                    evidence: Vec::new(),
                 },
                 &txs,
                 &mut batch,
@@ -563,6 +565,7 @@ fn heights_and_genesis_are_checked() {
     let env0 = BlockEnv {
         height: 0,
         proposer: proposer(),
+        evidence: Vec::new(),
     };
     assert!(matches!(
         chain.state.execute_block(&env0, &[], &mut batch),
@@ -571,6 +574,7 @@ fn heights_and_genesis_are_checked() {
     let env5 = BlockEnv {
         height: 5,
         proposer: proposer(),
+        evidence: Vec::new(),
     };
     assert!(matches!(
         chain.state.execute_block(&env5, &[], &mut batch),
@@ -588,6 +592,7 @@ fn heights_and_genesis_are_checked() {
             &BlockEnv {
                 height: 1,
                 proposer: proposer(),
+                evidence: Vec::new(),
             },
             &[],
             &mut batch,
