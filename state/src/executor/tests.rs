@@ -57,6 +57,7 @@ impl Chain {
         let env = BlockEnv {
             height: self.height,
             proposer,
+            evidence: Vec::new(),
         };
         let mut batch = WriteBatch::new();
         let out = self.state.execute_block(&env, txs, &mut batch).unwrap();
