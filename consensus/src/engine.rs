@@ -1,21 +1,54 @@
-//! The consensus engine: inputs in, effects out.
+//! The consensus engine: 2-chain HotStuff (Jolteon / DiemBFT v4 family) as a pure state
+//! machine. Inputs in, effects out; time arrives with every input.
+//!
+//! Rounds. Each round has a stake-weighted leader. The leader proposes a block extending the
+//! highest certified block it knows (its `high_qc`); if the previous round ended in a timeout
+//! certificate (TC) rather than a certificate of the parent, the proposal carries the TC.
+//! Validators re-execute the block (the node does, on [`Effect::ValidateBlock`]) and vote;
+//! votes go to the next round's leader, which aggregates more than 2/3 of the stake into a
+//! quorum certificate (QC) and proposes in the next round. A round that makes no progress
+//! times out: validators broadcast signed timeouts carrying their `high_qc`; more than 2/3 of
+//! the stake of them form a TC that moves everyone to the next round.
+//!
+//! Safety (the voting rule): vote for a block of round `r` only if `r` is above the last round
+//! voted or timed out in, and either its QC is for round `r - 1`, or it carries a TC for round
+//! `r - 1` and its QC is at least as high as every `high_qc` in that TC. Commit (2-chain
+//! rule): a block is final when it has a certified child in the very next round.
 
-use keel_types::{Address, Hash, Keypair, QuorumCertificate, Vote, VoteSignature};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use keel_types::{
+    verify_batch, Address, Block, ConsensusMessage, Evidence, Hash, Keypair, Proposal, PublicKey,
+    QuorumCertificate, Signature, Timeout, TimeoutCertificate, TimeoutSignature, Vote,
+    VoteSignature,
+};
 
 use crate::{Error, Result, ValidatorSet};
+
+/// Largest round gap to the future a vote or timeout may have before it is ignored (bounds
+/// the memory a peer can make us hold; certificates still move us forward any distance).
+const MAX_FUTURE_ROUNDS: u64 = 64;
+/// Most pieces of evidence held for inclusion.
+const MAX_EVIDENCE_POOL: usize = 256;
+/// Most proposals held while the node validates them.
+const MAX_PENDING_PROPOSALS: usize = 16;
+/// Largest allowed lead of a proposal's timestamp over our clock.
+const MAX_CLOCK_DRIFT_MS: u64 = 10_000;
 
 /// Consensus timing and identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Chain id, bound into every vote signature.
+    /// Chain id, bound into every signature.
     pub chain_id: String,
     /// Time between a block and its child.
     pub block_time_ms: u64,
-    /// Round timeout.
+    /// Base round timeout; doubles with each consecutive timed-out round.
     pub timeout_ms: u64,
+    /// Cap of the round timeout after back-off.
+    pub max_timeout_ms: u64,
 }
 
-/// The highest certified block the node has stored: where consensus continues from.
+/// The final block the node has stored: where consensus continues from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tip {
     /// Its height (0 = genesis).
@@ -31,10 +64,10 @@ pub struct Tip {
 }
 
 /// What a validator must remember across restarts so it never votes twice in a round or
-/// against its lock.
+/// against the voting rule.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SafetyData {
-    /// Highest round this validator voted in.
+    /// Highest round this validator voted or timed out in.
     pub last_voted_round: u64,
     /// Highest certificate it knows.
     pub highest_qc: QuorumCertificate,
@@ -64,33 +97,61 @@ impl SafetyData {
 /// Timers the engine asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TimerKind {
-    /// Time to propose the next block.
+    /// Time for this node, the round's leader, to propose.
     Propose,
+    /// The current round has run out of time.
+    RoundTimeout,
+}
+
+/// What the node is asked to build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildRequest {
+    /// Height of the new block.
+    pub height: u64,
+    /// Its round.
+    pub round: u64,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The parent it extends.
+    pub parent_hash: Hash,
+    /// The parent's certificate, to put in the header.
+    pub parent_qc: QuorumCertificate,
+    /// Header timestamp.
+    pub timestamp_ms: u64,
+    /// Proposer address for the header.
+    pub proposer: Address,
+    /// Hash of the validator set, for the header.
+    pub validators_hash: Hash,
+    /// Evidence to include.
+    pub evidence: Vec<Evidence>,
 }
 
 /// Everything that can happen to consensus.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
-    /// The node is up; consensus may schedule its first timer.
+    /// The node is up; consensus may schedule its first timers.
     Start,
     /// A timer set by [`Effect::SetTimer`] fired.
     Timer(TimerKind),
+    /// A message from the network (signatures not yet checked).
+    Message(ConsensusMessage),
     /// The node built and executed the block asked for by [`Effect::BuildBlock`].
-    BlockBuilt {
-        /// Its height.
-        height: u64,
-        /// Its round.
-        round: u64,
-        /// Its header hash.
-        hash: Hash,
-    },
-    /// Building that block failed (e.g. a storage error); the engine retries later.
+    BlockBuilt(Block),
+    /// Building failed (e.g. a storage error).
     BuildFailed {
-        /// Its height.
-        height: u64,
-        /// Its round.
+        /// The round it was for.
         round: u64,
     },
+    /// The outcome of [`Effect::ValidateBlock`].
+    BlockValidated {
+        /// The block.
+        hash: Hash,
+        /// Whether re-execution matched its header.
+        valid: bool,
+    },
+    /// Blocks the node fetched and validated after [`Effect::RequestSync`] (or reloaded at
+    /// restart), ancestors first.
+    Synced(Vec<Block>),
 }
 
 /// What the node must do, in order.
@@ -103,44 +164,66 @@ pub enum Effect {
         /// When, in the node's clock (milliseconds).
         at_ms: u64,
     },
-    /// Build a block on `parent_hash` from the mempool, execute it, and answer with
-    /// [`Input::BlockBuilt`] (or [`Input::BuildFailed`]). Nothing is stored yet.
-    BuildBlock {
-        /// Height of the new block.
-        height: u64,
-        /// Its round.
-        round: u64,
-        /// Its epoch.
-        epoch: u64,
-        /// The parent it extends.
-        parent_hash: Hash,
-        /// The parent's certificate, to put in the header.
-        parent_qc: QuorumCertificate,
-        /// Header timestamp.
-        timestamp_ms: u64,
-        /// Proposer address for the header.
-        proposer: Address,
-    },
+    /// Build a block from the mempool on the parent, execute it, answer with
+    /// [`Input::BlockBuilt`] or [`Input::BuildFailed`].
+    BuildBlock(BuildRequest),
+    /// Re-execute a proposed block on its parent and check its header; answer with
+    /// [`Input::BlockValidated`].
+    ValidateBlock(Block),
     /// Make this safety data durable (fsync) before carrying out the effects after it.
     PersistSafety(SafetyData),
-    /// The block is certified: store it atomically with its certificate.
-    Commit {
+    /// Send to every validator.
+    Broadcast(ConsensusMessage),
+    /// Send to one validator.
+    SendTo {
+        /// The recipient.
+        to: Address,
+        /// The message.
+        message: ConsensusMessage,
+    },
+    /// A block got a certificate: the chain's latest certified head.
+    Certified {
+        /// Its hash.
+        hash: Hash,
         /// Its height.
         height: u64,
         /// Its round.
         round: u64,
+    },
+    /// This block and all its ancestors are final: store them.
+    Finalize {
         /// Its hash.
         hash: Hash,
+        /// Its height.
+        height: u64,
         /// Its certificate.
         qc: QuorumCertificate,
     },
-    /// This block, and every ancestor, is final.
-    Finalize {
-        /// Its height.
-        height: u64,
-        /// Its hash.
-        hash: Hash,
+    /// Fetch the block certified by `qc` and its missing ancestors from peers, validate them
+    /// and answer with [`Input::Synced`].
+    RequestSync {
+        /// The certificate of the block wanted.
+        qc: QuorumCertificate,
     },
+    /// Equivocation was detected or learnt: keep it for inclusion and gossip it.
+    ReportEvidence(Evidence),
+}
+
+/// What consensus knows of a validated block.
+#[derive(Clone, Debug)]
+struct BlockMeta {
+    height: u64,
+    round: u64,
+    parent: Hash,
+    timestamp_ms: u64,
+    parent_qc: QuorumCertificate,
+}
+
+/// Votes for one block in one round, collected by that round's next leader.
+#[derive(Default)]
+struct VoteSet {
+    votes: BTreeMap<Address, Signature>,
+    verified: HashSet<Address>,
 }
 
 /// The consensus state machine.
@@ -148,57 +231,102 @@ pub struct Engine {
     config: Config,
     key: Keypair,
     validators: ValidatorSet,
+    genesis_hash: Hash,
     safety: SafetyData,
-    tip: Tip,
-    epoch: u64,
-    building: Option<(u64, u64)>,
+    round: u64,
+    high_qc: QuorumCertificate,
+    high_tc: Option<TimeoutCertificate>,
+    blocks: HashMap<Hash, BlockMeta>,
+    final_tip: Tip,
+    certified_head: (u64, Hash),
+    votes: HashMap<(u64, Hash), VoteSet>,
+    voters: HashMap<(u64, Address), Vote>,
+    timeouts: HashMap<u64, BTreeMap<Address, Timeout>>,
+    pending: HashMap<Hash, Proposal>,
+    verified_qcs: HashSet<(Hash, u64)>,
+    evidence: BTreeMap<Hash, Evidence>,
+    proposed_round: u64,
+    building: Option<u64>,
+    consecutive_timeouts: u32,
+    last_timeout_round: u64,
     started: bool,
 }
 
 impl Engine {
-    /// An engine continuing from `tip` with persisted `safety` data (None on first start).
-    ///
-    /// Refuses a validator set in which this node's own vote is not a quorum: those need the
-    /// multi-validator protocol.
+    /// An engine continuing from the final `tip` with persisted `safety` data (None on first
+    /// start). `genesis_hash` identifies the chain's first block, certified by definition.
     pub fn new(
         config: Config,
         key: Keypair,
         validators: ValidatorSet,
-        epoch: u64,
+        genesis_hash: Hash,
         tip: Tip,
         safety: Option<SafetyData>,
     ) -> Result<Engine> {
-        let me = validators
-            .get(&key.address())
-            .ok_or(Error::NotAValidator(key.address()))?;
-        if !validators.is_quorum(me.stake) {
-            return Err(Error::InvalidValidatorSet(format!(
-                "{} validators where this node holds {} of {} stake: multi-validator consensus is not \
-                 available in this build",
-                validators.len(),
-                me.stake,
-                validators.total_stake()
-            )));
+        if validators.get(&key.address()).is_none() {
+            return Err(Error::NotAValidator(key.address()));
         }
         let safety = safety.unwrap_or_else(|| SafetyData {
             last_voted_round: tip.round,
             highest_qc: tip.qc.clone(),
         });
+        let mut blocks = HashMap::new();
+        blocks.insert(
+            tip.hash,
+            BlockMeta {
+                height: tip.height,
+                round: tip.round,
+                parent: Hash::ZERO,
+                timestamp_ms: tip.timestamp_ms,
+                parent_qc: QuorumCertificate::default(),
+            },
+        );
+        // The highest certificate we can build on is the tip's until the blocks above it are
+        // reloaded or synced; the persisted one is restored by `Synced` when its block comes back.
+        let high_qc = tip.qc.clone();
+        // The current round follows from certificates, never from the vote record: a validator
+        // that restarts after voting in round r must still be able to time out round r with
+        // the others, or no TC forms. `last_voted_round` only stops it voting again.
+        let round = safety.highest_qc.round.max(tip.round).saturating_add(1);
         Ok(Engine {
+            certified_head: (tip.height, tip.hash),
             config,
             key,
             validators,
+            genesis_hash,
             safety,
-            tip,
-            epoch,
+            round,
+            high_qc,
+            high_tc: None,
+            blocks,
+            final_tip: tip,
+            votes: HashMap::new(),
+            voters: HashMap::new(),
+            timeouts: HashMap::new(),
+            pending: HashMap::new(),
+            verified_qcs: HashSet::new(),
+            evidence: BTreeMap::new(),
+            proposed_round: 0,
             building: None,
+            consecutive_timeouts: 0,
+            last_timeout_round: 0,
             started: false,
         })
     }
 
-    /// The block consensus continues from.
-    pub fn tip(&self) -> &Tip {
-        &self.tip
+    /// The current round.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The final block.
+    pub fn final_tip(&self) -> &Tip {
+        &self.final_tip
+    }
+
+    /// Height and hash of the highest certified block.
+    pub fn certified_head(&self) -> (u64, Hash) {
+        self.certified_head
     }
 
     /// The current safety data.
@@ -211,337 +339,670 @@ impl Engine {
         &self.validators
     }
 
+    /// The highest certificate known.
+    pub fn high_qc(&self) -> &QuorumCertificate {
+        &self.high_qc
+    }
+
+    /// Evidence waiting for inclusion.
+    pub fn evidence_pool(&self) -> impl Iterator<Item = &Evidence> {
+        self.evidence.values()
+    }
+
     /// Handles one input at time `now_ms`.
     pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
+        let mut out = Vec::new();
         match input {
             Input::Start => {
-                if self.started {
-                    return Vec::new();
+                if !self.started {
+                    self.started = true;
+                    self.enter_round(now_ms, self.round, &mut out);
                 }
-                self.started = true;
-                vec![self.propose_timer(now_ms)]
             }
-            Input::Timer(TimerKind::Propose) => self.on_propose_timer(now_ms),
-            Input::BlockBuilt {
-                height,
-                round,
-                hash,
-            } => self.on_block_built(now_ms, height, round, hash),
-            Input::BuildFailed { height, round } => {
-                if self.building != Some((height, round)) {
-                    return Vec::new();
+            Input::Timer(TimerKind::Propose) => self.try_propose(now_ms, &mut out),
+            Input::Timer(TimerKind::RoundTimeout) => self.on_round_timeout(now_ms, &mut out),
+            Input::Message(msg) => self.on_message(now_ms, msg, &mut out),
+            Input::BlockBuilt(block) => self.on_block_built(now_ms, block, &mut out),
+            Input::BuildFailed { round } => {
+                if self.building == Some(round) {
+                    self.building = None;
+                    self.proposed_round = self.proposed_round.min(round.saturating_sub(1));
+                    let retry = self.config.block_time_ms.clamp(1, 1000);
+                    out.push(Effect::SetTimer {
+                        kind: TimerKind::Propose,
+                        at_ms: now_ms.saturating_add(retry),
+                    });
                 }
-                self.building = None;
-                let retry = self.config.block_time_ms.clamp(1, 1000);
-                vec![Effect::SetTimer {
-                    kind: TimerKind::Propose,
-                    at_ms: now_ms.saturating_add(retry),
-                }]
             }
+            Input::BlockValidated { hash, valid } => {
+                self.on_block_validated(now_ms, hash, valid, &mut out)
+            }
+            Input::Synced(blocks) => {
+                for block in blocks {
+                    self.insert_block(&block);
+                    self.on_qc(now_ms, block.header.parent_qc.clone(), &mut out);
+                }
+                // The persisted highest certificate may be for a block just restored.
+                let persisted = self.safety.highest_qc.clone();
+                if persisted.round > self.high_qc.round
+                    && self.blocks.contains_key(&persisted.block_hash)
+                {
+                    self.on_qc(now_ms, persisted, &mut out);
+                }
+                self.try_propose(now_ms, &mut out);
+            }
+        }
+        out
+    }
+
+    // ----- rounds -----
+
+    fn round_timeout_ms(&self) -> u64 {
+        // Exponential back-off, capped at 4x: enough to outgrow a slow network, short enough
+        // that a crashed leader costs seconds, not minutes.
+        let factor = 1u64 << self.consecutive_timeouts.min(2);
+        self.config
+            .timeout_ms
+            .saturating_mul(factor)
+            .min(self.config.max_timeout_ms.max(self.config.timeout_ms))
+    }
+
+    fn enter_round(&mut self, now_ms: u64, round: u64, out: &mut Vec<Effect>) {
+        self.round = round;
+        self.prune_rounds();
+        out.push(Effect::SetTimer {
+            kind: TimerKind::RoundTimeout,
+            at_ms: now_ms.saturating_add(self.round_timeout_ms()),
+        });
+        if self.validators.leader(round).address == self.key.address() {
+            let parent_ts = self
+                .blocks
+                .get(&self.high_qc.block_hash)
+                .map(|b| b.timestamp_ms)
+                .unwrap_or(0);
+            let at_ms = parent_ts
+                .saturating_add(self.config.block_time_ms)
+                .max(now_ms);
+            out.push(Effect::SetTimer {
+                kind: TimerKind::Propose,
+                at_ms,
+            });
         }
     }
 
-    fn propose_timer(&self, now_ms: u64) -> Effect {
-        let at_ms = self
-            .tip
+    fn advance_to(&mut self, now_ms: u64, round: u64, out: &mut Vec<Effect>) {
+        if round > self.round {
+            self.enter_round(now_ms, round, out);
+        }
+    }
+
+    fn prune_rounds(&mut self) {
+        let keep_from = self.round.saturating_sub(1);
+        self.votes.retain(|(r, _), _| *r >= keep_from);
+        self.voters.retain(|(r, _), _| *r >= keep_from);
+        self.timeouts.retain(|r, _| *r >= keep_from);
+        self.pending
+            .retain(|_, p| p.block.header.round >= keep_from);
+    }
+
+    // ----- proposing -----
+
+    fn try_propose(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
+        let round = self.round;
+        if self.validators.leader(round).address != self.key.address()
+            || self.proposed_round >= round
+            || self.building.is_some()
+        {
+            return;
+        }
+        let Some(parent) = self.blocks.get(&self.high_qc.block_hash).cloned() else {
+            out.push(Effect::RequestSync {
+                qc: self.high_qc.clone(),
+            });
+            return;
+        };
+        // A proposal needs the previous round's QC, or its TC.
+        let needs_tc = self.high_qc.round.saturating_add(1) != round;
+        if needs_tc && self.high_tc.as_ref().map(|tc| tc.round) != Some(round.saturating_sub(1)) {
+            return;
+        }
+        let at_ms = parent
             .timestamp_ms
-            .saturating_add(self.config.block_time_ms)
-            .max(now_ms);
-        Effect::SetTimer {
-            kind: TimerKind::Propose,
-            at_ms,
+            .saturating_add(self.config.block_time_ms);
+        if now_ms < at_ms {
+            out.push(Effect::SetTimer {
+                kind: TimerKind::Propose,
+                at_ms,
+            });
+            return;
         }
-    }
-
-    fn on_propose_timer(&mut self, now_ms: u64) -> Vec<Effect> {
-        if self.building.is_some() {
-            return Vec::new();
-        }
-        let round = self
-            .safety
-            .last_voted_round
-            .max(self.tip.round)
-            .saturating_add(1);
-        let height = self.tip.height.saturating_add(1);
-        let leader = self.validators.leader(round).address;
-        if leader != self.key.address() {
-            // With a self-quorum the schedule may still name another validator; it cannot
-            // certify anything without us, so the round passes to us on the next tick.
-            self.safety.last_voted_round = round;
-            return vec![
-                Effect::PersistSafety(self.safety.clone()),
-                Effect::SetTimer {
-                    kind: TimerKind::Propose,
-                    at_ms: now_ms.saturating_add(1),
-                },
-            ];
-        }
-        self.building = Some((height, round));
-        vec![Effect::BuildBlock {
-            height,
+        self.proposed_round = round;
+        self.building = Some(round);
+        out.push(Effect::BuildBlock(BuildRequest {
+            height: parent.height.saturating_add(1),
             round,
-            epoch: self.epoch,
-            parent_hash: self.tip.hash,
-            parent_qc: self.tip.qc.clone(),
-            timestamp_ms: now_ms.max(self.tip.timestamp_ms.saturating_add(1)),
+            epoch: 0,
+            parent_hash: self.high_qc.block_hash,
+            parent_qc: self.high_qc.clone(),
+            timestamp_ms: now_ms.max(parent.timestamp_ms.saturating_add(1)),
             proposer: self.key.address(),
-        }]
+            validators_hash: self.validators.hash(),
+            evidence: self.evidence.values().cloned().collect(),
+        }));
     }
 
-    fn on_block_built(&mut self, now_ms: u64, height: u64, round: u64, hash: Hash) -> Vec<Effect> {
-        if self.building != Some((height, round)) || round <= self.safety.last_voted_round {
-            // Not what we asked for, or a round we already voted in: never vote twice.
-            return Vec::new();
+    fn on_block_built(&mut self, now_ms: u64, block: Block, out: &mut Vec<Effect>) {
+        let round = block.header.round;
+        if self.building != Some(round) {
+            return;
         }
         self.building = None;
-        let vote = Vote::sign(&self.key, &self.config.chain_id, hash, height, round);
+        let tc = if block.header.parent_qc.round.saturating_add(1) == round {
+            None
+        } else {
+            self.high_tc.clone()
+        };
+        let proposal = Proposal::sign(&self.key, block.clone(), tc);
+        self.insert_block(&block);
+        out.push(Effect::Broadcast(ConsensusMessage::Proposal(
+            proposal.clone(),
+        )));
+        // Our own proposal needs no re-execution: vote on it directly.
+        self.pending.insert(block.hash(), proposal);
+        self.on_block_validated(now_ms, block.hash(), true, out);
+    }
+
+    // ----- messages -----
+
+    fn on_message(&mut self, now_ms: u64, msg: ConsensusMessage, out: &mut Vec<Effect>) {
+        match msg {
+            ConsensusMessage::Proposal(p) => self.on_proposal(now_ms, p, out),
+            ConsensusMessage::Vote(v) => self.on_vote(now_ms, v, out),
+            ConsensusMessage::Timeout(t) => self.on_timeout(now_ms, t, out),
+            ConsensusMessage::Evidence(e) => self.on_evidence(e, out),
+        }
+    }
+
+    fn on_proposal(&mut self, now_ms: u64, p: Proposal, out: &mut Vec<Effect>) {
+        let header = &p.block.header;
+        let round = header.round;
+        let hash = p.block.hash();
+        if header.chain_id != self.config.chain_id
+            || round < self.round
+            || self.pending.contains_key(&hash)
+        {
+            return;
+        }
+        let leader = self.validators.leader(round);
+        if header.proposer != leader.address {
+            return;
+        }
+        let msg = Proposal::signing_hash(&self.config.chain_id, &hash, round);
+        if leader.public_key.verify(&msg, &p.signature).is_err() {
+            return;
+        }
+        if !self.verify_qc(&header.parent_qc) {
+            return;
+        }
+        if let Some(tc) = &p.tc {
+            if !self.verify_tc(tc) {
+                return;
+            }
+        }
+        if header.timestamp_ms > now_ms.saturating_add(MAX_CLOCK_DRIFT_MS) {
+            return;
+        }
+        // Certificates move us forward even if we cannot vote on this block.
+        self.on_qc(now_ms, header.parent_qc.clone(), out);
+        if let Some(tc) = p.tc.clone() {
+            self.on_tc(now_ms, tc, out);
+        }
+        if round != self.round {
+            return;
+        }
+        if !self.blocks.contains_key(&header.parent_hash) {
+            out.push(Effect::RequestSync {
+                qc: header.parent_qc.clone(),
+            });
+            return;
+        }
+        if self.pending.len() >= MAX_PENDING_PROPOSALS {
+            return;
+        }
+        self.pending.insert(hash, p.clone());
+        out.push(Effect::ValidateBlock(p.block));
+    }
+
+    fn on_block_validated(&mut self, now_ms: u64, hash: Hash, valid: bool, out: &mut Vec<Effect>) {
+        let Some(p) = self.pending.remove(&hash) else {
+            return;
+        };
+        if !valid {
+            return;
+        }
+        self.insert_block(&p.block);
+        let header = &p.block.header;
+        let parent_ok = self.blocks.get(&header.parent_hash).is_some_and(|parent| {
+            parent.height.saturating_add(1) == header.height
+                && parent.timestamp_ms < header.timestamp_ms
+        });
+        if !parent_ok || header.validators_hash != self.validators.hash() {
+            return;
+        }
+        let round = header.round;
+        if round != self.round || round <= self.safety.last_voted_round || !self.voting_rule(&p) {
+            return;
+        }
+        self.safety.last_voted_round = round;
+        if self.high_qc.round > self.safety.highest_qc.round {
+            self.safety.highest_qc = self.high_qc.clone();
+        }
+        let vote = Vote::sign(&self.key, &self.config.chain_id, hash, header.height, round);
+        out.push(Effect::PersistSafety(self.safety.clone()));
+        let next_leader = self.validators.leader(round.saturating_add(1)).address;
+        if next_leader == self.key.address() {
+            self.on_vote(now_ms, vote, out);
+        } else {
+            out.push(Effect::SendTo {
+                to: next_leader,
+                message: ConsensusMessage::Vote(vote),
+            });
+        }
+    }
+
+    /// The 2-chain voting rule.
+    fn voting_rule(&self, p: &Proposal) -> bool {
+        let round = p.block.header.round;
+        let qc_round = p.block.header.parent_qc.round;
+        if qc_round.saturating_add(1) == round {
+            return true;
+        }
+        match &p.tc {
+            Some(tc) => {
+                tc.round.saturating_add(1) == round
+                    && tc.signatures.iter().all(|s| qc_round >= s.high_qc_round)
+                    && qc_round >= tc.high_qc.round
+            }
+            None => false,
+        }
+    }
+
+    fn on_vote(&mut self, now_ms: u64, vote: Vote, out: &mut Vec<Effect>) {
+        let round = vote.round;
+        if vote.chain_id != self.config.chain_id
+            || round.saturating_add(1) < self.round
+            || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
+            || self.validators.leader(round.saturating_add(1)).address != self.key.address()
+        {
+            return;
+        }
+        let Some(validator) = self.validators.get(&vote.voter).cloned() else {
+            return;
+        };
+        // Equivocation: a second, different vote from the same validator in the same round.
+        if let Some(earlier) = self.voters.get(&(round, vote.voter)) {
+            if earlier.block_hash != vote.block_hash {
+                let msg =
+                    Vote::signing_hash(&self.config.chain_id, &vote.block_hash, vote.height, round);
+                if validator.public_key.verify(&msg, &vote.signature).is_ok() {
+                    let evidence = Evidence {
+                        first: earlier.clone(),
+                        second: vote,
+                    };
+                    self.add_evidence(evidence, out);
+                }
+            }
+            return;
+        }
+        self.voters.insert((round, vote.voter), vote.clone());
+        let key = (round, vote.block_hash);
+        let set = self.votes.entry(key).or_default();
+        set.votes.insert(vote.voter, vote.signature);
+        if vote.voter == self.key.address() {
+            set.verified.insert(vote.voter);
+        }
+        self.try_form_qc(now_ms, round, vote.block_hash, vote.height, out);
+    }
+
+    fn try_form_qc(
+        &mut self,
+        now_ms: u64,
+        round: u64,
+        hash: Hash,
+        height: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(set) = self.votes.get_mut(&(round, hash)) else {
+            return;
+        };
+        let stake: u64 = set
+            .votes
+            .keys()
+            .filter_map(|a| self.validators.get(a))
+            .map(|v| v.stake)
+            .sum();
+        if !self.validators.is_quorum(stake) {
+            return;
+        }
+        // Batch-verify the signatures not verified yet; on failure, find and drop the bad ones.
+        let msg = Vote::signing_hash(&self.config.chain_id, &hash, height, round);
+        let unverified: Vec<(Address, Signature, PublicKey)> = set
+            .votes
+            .iter()
+            .filter(|(a, _)| !set.verified.contains(*a))
+            .filter_map(|(a, s)| self.validators.get(a).map(|v| (*a, *s, v.public_key)))
+            .collect();
+        if !unverified.is_empty() {
+            let msgs = vec![msg; unverified.len()];
+            let sigs: Vec<Signature> = unverified.iter().map(|u| u.1).collect();
+            let keys: Vec<PublicKey> = unverified.iter().map(|u| u.2).collect();
+            if verify_batch(&msgs, &sigs, &keys).is_ok() {
+                set.verified.extend(unverified.iter().map(|u| u.0));
+            } else {
+                for (addr, sig, key) in &unverified {
+                    if key.verify(&msg, sig).is_ok() {
+                        set.verified.insert(*addr);
+                    } else {
+                        set.votes.remove(addr);
+                    }
+                }
+                return self.try_form_qc(now_ms, round, hash, height, out);
+            }
+        }
         let qc = QuorumCertificate {
             block_hash: hash,
             height,
             round,
-            signatures: vec![VoteSignature {
-                validator: vote.voter,
-                signature: vote.signature,
-            }],
+            signatures: set
+                .votes
+                .iter()
+                .map(|(validator, signature)| VoteSignature {
+                    validator: *validator,
+                    signature: *signature,
+                })
+                .collect(),
         };
-        self.safety = SafetyData {
-            last_voted_round: round,
-            highest_qc: qc.clone(),
-        };
-        let mut effects = vec![
-            Effect::PersistSafety(self.safety.clone()),
-            Effect::Commit {
-                height,
-                round,
-                hash,
-                qc: qc.clone(),
-            },
-        ];
-        // 2-chain rule: the parent is final once its direct child (next round) is certified.
-        if self.tip.height > 0 && self.tip.round.saturating_add(1) == round {
-            effects.push(Effect::Finalize {
-                height: self.tip.height,
-                hash: self.tip.hash,
-            });
+        self.votes.remove(&(round, hash));
+        self.verified_qcs.insert((hash, round));
+        self.on_qc(now_ms, qc, out);
+        self.try_propose(now_ms, out);
+    }
+
+    fn on_timeout(&mut self, now_ms: u64, t: Timeout, out: &mut Vec<Effect>) {
+        let round = t.round;
+        if t.chain_id != self.config.chain_id
+            || round < self.round
+            || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
+        {
+            return;
         }
-        self.tip = Tip {
+        let Some(validator) = self.validators.get(&t.voter).cloned() else {
+            return;
+        };
+        if self
+            .timeouts
+            .get(&round)
+            .is_some_and(|m| m.contains_key(&t.voter))
+        {
+            return;
+        }
+        let msg = Timeout::signing_hash(&self.config.chain_id, round, t.high_qc.round);
+        if validator.public_key.verify(&msg, &t.signature).is_err() || !self.verify_qc(&t.high_qc) {
+            return;
+        }
+        self.on_qc(now_ms, t.high_qc.clone(), out);
+        let set = self.timeouts.entry(round).or_default();
+        set.insert(t.voter, t);
+        let stake: u64 = set
+            .keys()
+            .filter_map(|a| self.validators.get(a))
+            .map(|v| v.stake)
+            .sum();
+        if !self.validators.is_quorum(stake) {
+            // More than 1/3 of the stake timed out a round at or above ours: at least one honest
+            // validator did, so join it. Without this a validator that missed a TC stays a round
+            // behind and its timeouts never count.
+            let total = u128::from(self.validators.total_stake());
+            if round >= self.round
+                && round > self.last_timeout_round
+                && 3 * u128::from(stake) > total
+            {
+                self.advance_to(now_ms, round, out);
+                self.on_round_timeout(now_ms, out);
+            }
+            return;
+        }
+        let high_qc = set
+            .values()
+            .map(|t| &t.high_qc)
+            .max_by_key(|qc| qc.round)
+            .cloned()
+            .unwrap_or_default();
+        let tc = TimeoutCertificate {
+            round,
+            high_qc,
+            signatures: set
+                .values()
+                .map(|t| TimeoutSignature {
+                    validator: t.voter,
+                    high_qc_round: t.high_qc.round,
+                    signature: t.signature,
+                })
+                .collect(),
+        };
+        self.on_tc(now_ms, tc, out);
+        self.try_propose(now_ms, out);
+    }
+
+    fn on_round_timeout(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
+        let round = self.round;
+        self.last_timeout_round = round;
+        self.consecutive_timeouts = self.consecutive_timeouts.saturating_add(1);
+        self.safety.last_voted_round = self.safety.last_voted_round.max(round);
+        if self.high_qc.round > self.safety.highest_qc.round {
+            self.safety.highest_qc = self.high_qc.clone();
+        }
+        // Report the highest certificate ever persisted, even if its block was lost in a crash:
+        // a TC must never hide a certificate that may have made a block final.
+        let timeout = Timeout::sign(
+            &self.key,
+            &self.config.chain_id,
+            round,
+            self.safety.highest_qc.clone(),
+        );
+        out.push(Effect::PersistSafety(self.safety.clone()));
+        out.push(Effect::Broadcast(ConsensusMessage::Timeout(
+            timeout.clone(),
+        )));
+        // Rebroadcast with back-off until the round changes.
+        out.push(Effect::SetTimer {
+            kind: TimerKind::RoundTimeout,
+            at_ms: now_ms.saturating_add(self.round_timeout_ms()),
+        });
+        self.on_timeout(now_ms, timeout, out);
+    }
+
+    fn on_evidence(&mut self, e: Evidence, out: &mut Vec<Effect>) {
+        if e.check_form().is_err() || e.first.chain_id != self.config.chain_id {
+            return;
+        }
+        let Some(v) = self.validators.get(&e.offender()) else {
+            return;
+        };
+        let ok = [&e.first, &e.second].iter().all(|vote| {
+            let msg = Vote::signing_hash(
+                &self.config.chain_id,
+                &vote.block_hash,
+                vote.height,
+                vote.round,
+            );
+            v.public_key.verify(&msg, &vote.signature).is_ok()
+        });
+        if ok {
+            self.add_evidence(e, out);
+        }
+    }
+
+    fn add_evidence(&mut self, e: Evidence, out: &mut Vec<Effect>) {
+        let id = e.id();
+        if self.evidence.contains_key(&id) || self.evidence.len() >= MAX_EVIDENCE_POOL {
+            return;
+        }
+        self.evidence.insert(id, e.clone());
+        out.push(Effect::ReportEvidence(e.clone()));
+        out.push(Effect::Broadcast(ConsensusMessage::Evidence(e)));
+    }
+
+    // ----- certificates -----
+
+    fn is_genesis_qc(&self, qc: &QuorumCertificate) -> bool {
+        qc.round == 0
+            && qc.height == 0
+            && qc.block_hash == self.genesis_hash
+            && qc.signatures.is_empty()
+    }
+
+    /// Checks a QC: known validators, no duplicates, more than 2/3 of the stake, and every
+    /// signature valid (one batch verification).
+    fn verify_qc(&mut self, qc: &QuorumCertificate) -> bool {
+        if self.is_genesis_qc(qc) || self.verified_qcs.contains(&(qc.block_hash, qc.round)) {
+            return true;
+        }
+        let msg = Vote::signing_hash(&self.config.chain_id, &qc.block_hash, qc.height, qc.round);
+        let mut seen = HashSet::new();
+        let mut stake: u64 = 0;
+        let mut keys = Vec::with_capacity(qc.signatures.len());
+        for s in &qc.signatures {
+            let Some(v) = self.validators.get(&s.validator) else {
+                return false;
+            };
+            if !seen.insert(s.validator) {
+                return false;
+            }
+            stake = stake.saturating_add(v.stake);
+            keys.push(v.public_key);
+        }
+        if !self.validators.is_quorum(stake) {
+            return false;
+        }
+        let sigs: Vec<Signature> = qc.signatures.iter().map(|s| s.signature).collect();
+        if verify_batch(&vec![msg; sigs.len()], &sigs, &keys).is_err() {
+            return false;
+        }
+        self.verified_qcs.insert((qc.block_hash, qc.round));
+        true
+    }
+
+    fn verify_tc(&mut self, tc: &TimeoutCertificate) -> bool {
+        let mut seen = HashSet::new();
+        let mut stake: u64 = 0;
+        let (mut msgs, mut sigs, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        let mut max_high = 0;
+        for s in &tc.signatures {
+            let Some(v) = self.validators.get(&s.validator) else {
+                return false;
+            };
+            if !seen.insert(s.validator) {
+                return false;
+            }
+            stake = stake.saturating_add(v.stake);
+            max_high = max_high.max(s.high_qc_round);
+            msgs.push(Timeout::signing_hash(
+                &self.config.chain_id,
+                tc.round,
+                s.high_qc_round,
+            ));
+            sigs.push(s.signature);
+            keys.push(v.public_key);
+        }
+        self.validators.is_quorum(stake)
+            && tc.high_qc.round == max_high
+            && verify_batch(&msgs, &sigs, &keys).is_ok()
+            && self.verify_qc(&tc.high_qc)
+    }
+
+    /// A verified QC: raise `high_qc`, move to the next round, apply the commit rule.
+    fn on_qc(&mut self, now_ms: u64, qc: QuorumCertificate, out: &mut Vec<Effect>) {
+        if qc.round > self.high_qc.round {
+            self.high_qc = qc.clone();
+        }
+        // Persist a higher certificate for a block we hold, so a restart resumes from the
+        // certified head instead of timing out a round to replace it.
+        if qc.round > self.safety.highest_qc.round && self.blocks.contains_key(&qc.block_hash) {
+            self.safety.highest_qc = qc.clone();
+            out.push(Effect::PersistSafety(self.safety.clone()));
+        }
+        if let Some(meta) = self.blocks.get(&qc.block_hash) {
+            if meta.height > self.certified_head.0 {
+                self.certified_head = (meta.height, qc.block_hash);
+                out.push(Effect::Certified {
+                    hash: qc.block_hash,
+                    height: meta.height,
+                    round: qc.round,
+                });
+            }
+        }
+        if qc.round >= self.round {
+            self.consecutive_timeouts = 0;
+            self.advance_to(now_ms, qc.round.saturating_add(1), out);
+        }
+        self.commit_rule(&qc, out);
+    }
+
+    fn on_tc(&mut self, now_ms: u64, tc: TimeoutCertificate, out: &mut Vec<Effect>) {
+        let round = tc.round;
+        self.on_qc(now_ms, tc.high_qc.clone(), out);
+        if self.high_tc.as_ref().is_none_or(|t| t.round < round) {
+            self.high_tc = Some(tc);
+        }
+        self.advance_to(now_ms, round.saturating_add(1), out);
+    }
+
+    /// 2-chain commit: a certified block whose parent is from the previous round makes the
+    /// parent final.
+    fn commit_rule(&mut self, qc: &QuorumCertificate, out: &mut Vec<Effect>) {
+        let Some(child) = self.blocks.get(&qc.block_hash) else {
+            return;
+        };
+        let Some(parent) = self.blocks.get(&child.parent) else {
+            return;
+        };
+        if parent.round.saturating_add(1) != child.round || parent.height <= self.final_tip.height {
+            return;
+        }
+        let hash = child.parent;
+        let final_qc = child.parent_qc.clone();
+        let (height, round, timestamp_ms) = (parent.height, parent.round, parent.timestamp_ms);
+        self.final_tip = Tip {
             height,
             hash,
             round,
-            timestamp_ms: now_ms,
-            qc,
+            timestamp_ms,
+            qc: final_qc.clone(),
         };
-        effects.push(self.propose_timer(now_ms));
-        effects
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use crate::Validator;
-
-    fn engine(stakes: &[u64]) -> Engine {
-        let keys: Vec<Keypair> = (0..stakes.len() as u64).map(Keypair::from_seed).collect();
-        let set = ValidatorSet::new(
-            keys.iter()
-                .zip(stakes)
-                .map(|(k, s)| Validator {
-                    address: k.address(),
-                    public_key: k.public(),
-                    stake: *s,
-                })
-                .collect(),
-        )
-        .unwrap();
-        let genesis = Hash::digest(b"genesis");
-        let tip = Tip {
-            height: 0,
-            hash: genesis,
-            round: 0,
-            timestamp_ms: 1_000,
-            qc: QuorumCertificate::genesis(genesis),
-        };
-        let cfg = Config {
-            chain_id: "test".into(),
-            block_time_ms: 3000,
-            timeout_ms: 6000,
-        };
-        Engine::new(cfg, keys[0].clone(), set, 0, tip, None).unwrap()
+        // Forget blocks that can no longer matter: at or below the final height, except the tip.
+        self.blocks.retain(|h, b| b.height > height || *h == hash);
+        self.verified_qcs.retain(|(_, r)| *r >= round);
+        out.push(Effect::Finalize {
+            hash,
+            height,
+            qc: final_qc,
+        });
     }
 
-    fn built(effects: &[Effect]) -> (u64, u64, u64) {
-        match effects.first() {
-            Some(Effect::BuildBlock {
-                height,
-                round,
-                timestamp_ms,
-                ..
-            }) => (*height, *round, *timestamp_ms),
-            other => panic!("expected BuildBlock, got {other:?}"),
+    fn insert_block(&mut self, block: &Block) {
+        let h = &block.header;
+        if h.height <= self.final_tip.height {
+            return;
         }
-    }
-
-    #[test]
-    fn start_schedules_a_proposal_one_block_time_after_the_tip() {
-        let mut e = engine(&[10]);
-        assert_eq!(
-            e.handle(1_500, Input::Start),
-            vec![Effect::SetTimer {
-                kind: TimerKind::Propose,
-                at_ms: 4_000
-            }]
-        );
-        assert!(e.handle(1_600, Input::Start).is_empty());
-    }
-
-    #[test]
-    fn built_block_is_persisted_then_committed_and_parent_finalized() {
-        let mut e = engine(&[10]);
-        let (h, r, _) = built(&e.handle(4_000, Input::Timer(TimerKind::Propose)));
-        assert_eq!((h, r), (1, 1));
-        let b1 = Hash::digest(b"b1");
-        let fx = e.handle(
-            4_010,
-            Input::BlockBuilt {
-                height: 1,
-                round: 1,
-                hash: b1,
-            },
-        );
-        assert!(matches!(
-            fx[0],
-            Effect::PersistSafety(SafetyData {
-                last_voted_round: 1,
-                ..
-            })
-        ));
-        assert!(
-            matches!(&fx[1], Effect::Commit { height: 1, hash, qc, .. } if *hash == b1 && qc.signatures.len() == 1)
-        );
-        assert!(
-            !fx.iter().any(|f| matches!(f, Effect::Finalize { .. })),
-            "genesis needs no finalize"
-        );
-        assert_eq!(
-            fx.last(),
-            Some(&Effect::SetTimer {
-                kind: TimerKind::Propose,
-                at_ms: 7_010
-            })
-        );
-
-        let (h, r, _) = built(&e.handle(7_010, Input::Timer(TimerKind::Propose)));
-        assert_eq!((h, r), (2, 2));
-        let fx = e.handle(
-            7_020,
-            Input::BlockBuilt {
-                height: 2,
-                round: 2,
-                hash: Hash::digest(b"b2"),
-            },
-        );
-        assert!(fx.contains(&Effect::Finalize {
-            height: 1,
-            hash: b1
-        }));
-    }
-
-    #[test]
-    fn never_votes_twice_in_a_round() {
-        let mut e = engine(&[10]);
-        built(&e.handle(4_000, Input::Timer(TimerKind::Propose)));
-        assert!(!e
-            .handle(
-                4_001,
-                Input::BlockBuilt {
-                    height: 1,
-                    round: 1,
-                    hash: Hash::digest(b"a")
-                }
-            )
-            .is_empty());
-        assert!(e
-            .handle(
-                4_002,
-                Input::BlockBuilt {
-                    height: 1,
-                    round: 1,
-                    hash: Hash::digest(b"b")
-                }
-            )
-            .is_empty());
-    }
-
-    #[test]
-    fn restart_continues_above_the_persisted_round() {
-        let mut e = engine(&[10]);
-        let safety = SafetyData {
-            last_voted_round: 7,
-            highest_qc: e.tip().qc.clone(),
-        };
-        e.safety = safety;
-        let (h, r, _) = built(&e.handle(4_000, Input::Timer(TimerKind::Propose)));
-        assert_eq!((h, r), (1, 8));
-    }
-
-    #[test]
-    fn build_failure_retries_later() {
-        let mut e = engine(&[10]);
-        built(&e.handle(4_000, Input::Timer(TimerKind::Propose)));
-        let fx = e.handle(
-            4_100,
-            Input::BuildFailed {
-                height: 1,
-                round: 1,
-            },
-        );
-        assert_eq!(
-            fx,
-            vec![Effect::SetTimer {
-                kind: TimerKind::Propose,
-                at_ms: 5_100
-            }]
-        );
-        built(&e.handle(5_100, Input::Timer(TimerKind::Propose)));
-    }
-
-    #[test]
-    fn a_set_where_we_are_not_a_quorum_is_refused() {
-        let keys: Vec<Keypair> = (0..2).map(Keypair::from_seed).collect();
-        let set = ValidatorSet::new(
-            keys.iter()
-                .map(|k| Validator {
-                    address: k.address(),
-                    public_key: k.public(),
-                    stake: 5,
-                })
-                .collect(),
-        )
-        .unwrap();
-        let tip = Tip {
-            height: 0,
-            hash: Hash::ZERO,
-            round: 0,
-            timestamp_ms: 0,
-            qc: QuorumCertificate::genesis(Hash::ZERO),
-        };
-        let cfg = Config {
-            chain_id: "t".into(),
-            block_time_ms: 10,
-            timeout_ms: 20,
-        };
-        assert!(Engine::new(cfg, keys[0].clone(), set, 0, tip, None).is_err());
-    }
-
-    #[test]
-    fn safety_data_round_trips() {
-        let s = SafetyData {
-            last_voted_round: 42,
-            highest_qc: QuorumCertificate::genesis(Hash([3; 32])),
-        };
-        assert_eq!(SafetyData::decode(&s.encode()).unwrap(), s);
-        assert!(SafetyData::decode(&[1, 2]).is_err());
+        self.blocks
+            .entry(block.hash())
+            .or_insert_with(|| BlockMeta {
+                height: h.height,
+                round: h.round,
+                parent: h.parent_hash,
+                timestamp_ms: h.timestamp_ms,
+                parent_qc: h.parent_qc.clone(),
+            });
     }
 }

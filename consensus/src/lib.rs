@@ -23,6 +23,6 @@ mod engine;
 mod error;
 mod validators;
 
-pub use engine::{Config, Effect, Engine, Input, SafetyData, TimerKind, Tip};
+pub use engine::{BuildRequest, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip};
 pub use error::{Error, Result};
 pub use validators::{Validator, ValidatorSet};

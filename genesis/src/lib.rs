@@ -240,6 +240,15 @@ impl Genesis {
             .collect()
     }
 
+    /// The validators' public keys, in file order: what `State::init_genesis` registers.
+    pub fn validator_public_keys(&self) -> Result<Vec<PublicKey>> {
+        Ok(self
+            .validator_keys()?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect())
+    }
+
     /// The initial state: funded balances, and each validator's stake bonded on its own
     /// account. Sorted by address.
     pub fn initial_accounts(&self) -> Result<Vec<(Address, Account)>> {
@@ -259,6 +268,7 @@ impl Genesis {
             chain_id: self.chain_id.clone(),
             min_fee: self.params.min_fee,
             unbonding_period: self.params.unbonding_period,
+            slash_fraction_ppm: self.params.slash_fraction_ppm,
         }
     }
 
@@ -366,5 +376,15 @@ mod tests {
         assert_eq!(acc.stake, DEFAULT_VALIDATOR_STAKE);
         assert_eq!(acc.balance, DEFAULT_VALIDATOR_BALANCE);
         assert_eq!(accounts.len(), 4);
+    }
+
+    #[test]
+    fn validator_keys_and_slash_fraction_reach_the_state() {
+        let mut g = sample();
+        g.params.slash_fraction_ppm = 123_456;
+        let keys = g.validator_public_keys().unwrap();
+        let expected: Vec<PublicKey> = (0..3).map(|i| Keypair::from_seed(i).public()).collect();
+        assert_eq!(keys, expected);
+        assert_eq!(g.exec_params().slash_fraction_ppm, 123_456);
     }
 }

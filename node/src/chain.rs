@@ -7,7 +7,7 @@ use keel_consensus::ValidatorSet;
 use keel_genesis::Params;
 use keel_state::State;
 use keel_storage::BlockStore;
-use keel_types::{Hash, Header, Transaction};
+use keel_types::{Block, Hash, Header, Transaction};
 use tokio::sync::broadcast;
 
 use crate::mempool::{Mempool, Rejection};
@@ -103,6 +103,8 @@ pub struct Chain {
     pub validators: ValidatorSet,
     mempool: Mutex<Mempool>,
     tip: RwLock<TipInfo>,
+    /// Certified blocks above the final height, by height (the branch consensus extends).
+    certified: RwLock<std::collections::BTreeMap<u64, Block>>,
     new_heads: broadcast::Sender<Header>,
     finalized_heads: broadcast::Sender<Header>,
 }
@@ -119,6 +121,7 @@ impl Chain {
             validators: parts.validators,
             mempool: Mutex::new(parts.mempool),
             tip: RwLock::new(parts.tip),
+            certified: RwLock::new(std::collections::BTreeMap::new()),
             new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
             finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
         }
@@ -144,6 +147,42 @@ impl Chain {
             Ok(mut t) => t.finalized = (height, hash),
             Err(poisoned) => poisoned.into_inner().finalized = (height, hash),
         }
+        let mut certified = match self.certified.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        certified.retain(|h, _| *h > height);
+    }
+
+    /// Records a newly certified block as the chain's latest head.
+    pub(crate) fn set_certified(&self, block: Block) {
+        let (height, hash) = (block.header.height, block.hash());
+        {
+            let mut certified = match self.certified.write() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            // A certified block replaces any other at its height and everything above it.
+            certified.retain(|h, _| *h < height);
+            certified.insert(height, block);
+        }
+        self.set_latest(height, hash);
+    }
+
+    /// A certified, not yet final block at `height`.
+    pub fn certified_at(&self, height: u64) -> Option<Block> {
+        self.certified
+            .read()
+            .ok()
+            .and_then(|c| c.get(&height).cloned())
+    }
+
+    /// A certified, not yet final block by hash.
+    pub fn certified_by_hash(&self, hash: &Hash) -> Option<Block> {
+        self.certified
+            .read()
+            .ok()
+            .and_then(|c| c.values().find(|b| b.hash() == *hash).cloned())
     }
 
     /// The mempool. Held while a block commits, so admission always sees committed nonces.
@@ -183,7 +222,9 @@ impl Chain {
         let mut pool = self.mempool();
         // Read the account under the mempool lock: the driver commits blocks under it too, so
         // the nonce and balance seen here are those the pool was last pruned against.
-        let height = self.tip().latest.0;
+        // Admission checks against final state; the mempool tolerates nonce gaps for
+        // transactions that certified blocks have already included.
+        let height = self.tip().finalized.0;
         let account = self
             .state
             .account(&tx.sender, height)
@@ -198,10 +239,18 @@ impl Chain {
         if self.mempool().contains(hash) {
             return Ok(TxStatus::Pending);
         }
-        Ok(match self.blocks.tx_location(hash)? {
-            Some(loc) if loc.height <= self.tip().finalized.0 => TxStatus::Finalized,
-            Some(_) => TxStatus::Included,
-            None => TxStatus::Unknown,
+        if self.blocks.tx_location(hash)?.is_some() {
+            return Ok(TxStatus::Finalized);
+        }
+        let in_certified = self
+            .certified
+            .read()
+            .map(|c| c.values().any(|b| b.tx_hashes().contains(hash)))
+            .unwrap_or(false);
+        Ok(if in_certified {
+            TxStatus::Included
+        } else {
+            TxStatus::Unknown
         })
     }
 }

@@ -1,41 +1,40 @@
 //! The consensus driver: a dedicated thread that feeds the pure consensus engine and carries
-//! out its effects against the real store.
+//! out its effects against the real store through the [`App`].
 //!
 //! Block execution is CPU work measured in milliseconds to seconds, so the driver runs on its
 //! own OS thread rather than on the async runtime; it talks to the rest of the node through a
 //! bounded command channel and the shared [`Chain`].
+//!
+//! Durability: every block built or validated is written to the `consensus` column before the
+//! (fsynced) safety data that a vote for it depends on, so a restarted validator can reload
+//! the certified-but-not-final blocks above its final tip; final blocks are written by
+//! [`App::finalize`], one atomic batch per block.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_consensus::{Effect, Engine, Input, TimerKind};
-use keel_state::BlockEnv;
 use keel_storage::{Column, WriteBatch};
-use keel_types::{merkle_root, Address, Block, Hash, Header, QuorumCertificate, Receipt};
+use keel_types::{Block, Hash, QuorumCertificate};
 use tracing::{debug, error, info, warn};
 
+use crate::app::{App, BlockTemplate};
 use crate::chain::Chain;
 use crate::Result;
 
 /// Key of the safety data in [`Column::Consensus`].
 pub(crate) const SAFETY_KEY: &[u8] = b"safety";
-/// Meta key of the latest block's certificate.
+/// Meta key of the final tip's certificate (written by [`App::finalize`]).
 pub(crate) const LATEST_QC_KEY: &str = "latest_qc";
+/// Prefix of non-final blocks kept in [`Column::Consensus`] for restarts.
+pub(crate) const PENDING_BLOCK_PREFIX: &[u8] = b"block/";
 
 /// Commands from the node to the driver.
 pub(crate) enum Command {
     /// Stop after the current effect.
     Shutdown,
-}
-
-/// A block built and executed but not yet certified and stored.
-struct Built {
-    block: Block,
-    receipts: Vec<Receipt>,
-    batch: WriteBatch,
-    new_nonces: Vec<(Address, u64)>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the only clock the driver reads.
@@ -46,33 +45,56 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn pending_key(hash: &Hash) -> Vec<u8> {
+    [PENDING_BLOCK_PREFIX, hash.as_bytes()].concat()
+}
+
 pub(crate) struct Driver {
     chain: Arc<Chain>,
     engine: Engine,
+    app: App,
     commands: Receiver<Command>,
-    timer: Option<u64>,
-    built: Option<Built>,
+    timers: HashMap<TimerKind, u64>,
+    /// Non-final blocks written to the consensus column, with their heights.
+    persisted: HashMap<Hash, u64>,
 }
 
 impl Driver {
-    pub(crate) fn new(chain: Arc<Chain>, engine: Engine, commands: Receiver<Command>) -> Driver {
+    pub(crate) fn new(
+        chain: Arc<Chain>,
+        engine: Engine,
+        app: App,
+        commands: Receiver<Command>,
+    ) -> Driver {
         Driver {
             chain,
             engine,
+            app,
             commands,
-            timer: None,
-            built: None,
+            timers: HashMap::new(),
+            persisted: HashMap::new(),
         }
+    }
+
+    /// Starts consensus and reloads the non-final blocks of a previous run. Called before the
+    /// RPC server opens, so clients never see the chain rewound to its final tip.
+    pub(crate) fn start(&mut self) -> Result<()> {
+        let start = self.engine.handle(now_ms(), Input::Start);
+        self.carry_out(start)?;
+        self.reload_pending()
     }
 
     /// Runs until shutdown or a storage failure (after which the node must not continue: it
     /// could not make its votes or blocks durable).
     pub(crate) fn run(mut self) -> Result<()> {
-        let start = self.engine.handle(now_ms(), Input::Start);
-        self.carry_out(start)?;
         loop {
-            let wait = match self.timer {
-                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+            let next = self
+                .timers
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(k, at)| (*k, *at));
+            let wait = match next {
+                Some((_, at)) => Duration::from_millis(at.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
             };
             match self.commands.recv_timeout(wait) {
@@ -81,77 +103,162 @@ impl Driver {
                     return Ok(());
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.timer.is_some_and(|at| at <= now_ms()) {
-                        self.timer = None;
-                        let effects = self
-                            .engine
-                            .handle(now_ms(), Input::Timer(TimerKind::Propose));
-                        self.carry_out(effects)?;
+                    if let Some((kind, at)) = next {
+                        if at <= now_ms() {
+                            self.timers.remove(&kind);
+                            let effects = self.engine.handle(now_ms(), Input::Timer(kind));
+                            self.carry_out(effects)?;
+                        }
                     }
                 }
             }
         }
     }
 
+    /// Re-validates the non-final blocks persisted before a restart and hands them back to
+    /// consensus, so certificates on them are not lost.
+    fn reload_pending(&mut self) -> Result<()> {
+        let kv = self.chain.blocks.kv().clone();
+        let mut blocks = Vec::new();
+        for item in kv.iter_prefix(Column::Consensus, PENDING_BLOCK_PREFIX) {
+            let (key, bytes) = item?;
+            match Block::decode(&bytes) {
+                Ok(b) => blocks.push(b),
+                Err(e) => warn!(error = %e, key = ?key, "dropping an undecodable pending block"),
+            }
+        }
+        blocks.sort_by_key(|b| b.header.height);
+        let mut valid = Vec::new();
+        for block in blocks {
+            let hash = block.hash();
+            if self.app.validate_block(&block).is_ok() {
+                self.persisted.insert(hash, block.header.height);
+                valid.push(block);
+            } else {
+                let mut batch = WriteBatch::new();
+                batch.delete(Column::Consensus, pending_key(&hash));
+                kv.write(batch)?;
+            }
+        }
+        if !valid.is_empty() {
+            info!(blocks = valid.len(), "reloaded non-final blocks");
+            let effects = self.engine.handle(now_ms(), Input::Synced(valid));
+            self.carry_out(effects)?;
+        }
+        Ok(())
+    }
+
+    fn persist_block(&mut self, block: &Block) -> Result<()> {
+        let hash = block.hash();
+        if self.persisted.insert(hash, block.header.height).is_none() {
+            self.chain
+                .blocks
+                .kv()
+                .put(Column::Consensus, &pending_key(&hash), &block.encode())?;
+        }
+        Ok(())
+    }
+
     fn carry_out(&mut self, effects: Vec<Effect>) -> Result<()> {
         let mut queue: VecDeque<Effect> = effects.into();
         while let Some(effect) = queue.pop_front() {
             let follow_up = match effect {
-                Effect::SetTimer {
-                    kind: TimerKind::Propose,
-                    at_ms,
-                } => {
-                    self.timer = Some(at_ms);
+                Effect::SetTimer { kind, at_ms } => {
+                    self.timers.insert(kind, at_ms);
                     None
                 }
-                Effect::BuildBlock {
-                    height,
-                    round,
-                    epoch,
-                    parent_hash,
-                    parent_qc,
-                    timestamp_ms,
-                    proposer,
-                } => {
-                    let input = match self.build(
-                        height,
+                Effect::BuildBlock(req) => {
+                    let round = req.round;
+                    let exclude = self.app.branch_tx_hashes(&req.parent_hash);
+                    let params = &self.chain.params;
+                    let txs: Vec<_> = self
+                        .chain
+                        .mempool()
+                        .select(
+                            params.max_block_txs as usize + exclude.len(),
+                            params.max_block_bytes as usize,
+                        )
+                        .into_iter()
+                        .filter(|t| !exclude.contains(&t.hash))
+                        .take(params.max_block_txs as usize)
+                        .collect();
+                    let template = BlockTemplate {
+                        height: req.height,
                         round,
-                        epoch,
-                        parent_hash,
-                        parent_qc,
-                        timestamp_ms,
-                        proposer,
-                    ) {
-                        Ok(hash) => Input::BlockBuilt {
-                            height,
-                            round,
-                            hash,
-                        },
+                        epoch: req.epoch,
+                        parent_hash: req.parent_hash,
+                        parent_qc: req.parent_qc,
+                        timestamp_ms: req.timestamp_ms,
+                        proposer: req.proposer,
+                        validators_hash: req.validators_hash,
+                    };
+                    let started = std::time::Instant::now();
+                    match self.app.build_block(template, txs, req.evidence) {
+                        Ok(block) => {
+                            debug!(
+                                height = block.header.height,
+                                round,
+                                txs = block.txs.len(),
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "built block"
+                            );
+                            self.persist_block(&block)?;
+                            Some(Input::BlockBuilt(block))
+                        }
                         Err(e) => {
-                            error!(height, round, error = %e, "building block failed");
-                            Input::BuildFailed { height, round }
+                            error!(round, error = %e, "building block failed");
+                            Some(Input::BuildFailed { round })
+                        }
+                    }
+                }
+                Effect::ValidateBlock(block) => {
+                    let hash = block.hash();
+                    let valid = match self.app.validate_block(&block) {
+                        Ok(()) => {
+                            self.persist_block(&block)?;
+                            true
+                        }
+                        Err(e) => {
+                            warn!(height = block.header.height, %hash, error = %e, "refusing proposed block");
+                            false
                         }
                     };
-                    Some(input)
+                    Some(Input::BlockValidated { hash, valid })
                 }
                 Effect::PersistSafety(safety) => {
                     let mut batch = WriteBatch::new();
                     batch.put(Column::Consensus, SAFETY_KEY, safety.encode());
+                    // fsync: also makes every earlier write (the blocks above) durable.
                     batch.set_sync(true);
                     self.chain.blocks.kv().write(batch)?;
                     None
                 }
-                Effect::Commit {
-                    height,
-                    round,
-                    hash,
-                    qc,
-                } => {
-                    self.commit(height, round, hash, qc)?;
+                Effect::Broadcast(_) | Effect::SendTo { .. } => {
+                    // Single-process build: there are no peers to reach (see docs/architecture.md).
                     None
                 }
-                Effect::Finalize { height, hash } => {
-                    self.finalize(height, hash)?;
+                Effect::RequestSync { qc } => {
+                    debug!(round = qc.round, block = %qc.block_hash, "missing blocks, and no peers to sync from");
+                    None
+                }
+                Effect::ReportEvidence(e) => {
+                    warn!(offender = %e.offender(), round = e.first.round, "equivocation detected");
+                    None
+                }
+                Effect::Certified {
+                    hash,
+                    height,
+                    round,
+                } => {
+                    if let Ok(Some(block)) = self.app.block(&hash) {
+                        debug!(height, round, %hash, "certified");
+                        self.chain.set_certified(block.clone());
+                        self.chain.notify_new_head(block.header);
+                    }
+                    None
+                }
+                Effect::Finalize { hash, height, qc } => {
+                    self.finalize(hash, height, &qc)?;
                     None
                 }
             };
@@ -162,110 +269,48 @@ impl Driver {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn build(
-        &mut self,
-        height: u64,
-        round: u64,
-        epoch: u64,
-        parent_hash: Hash,
-        parent_qc: QuorumCertificate,
-        timestamp_ms: u64,
-        proposer: Address,
-    ) -> Result<Hash> {
-        let params = &self.chain.params;
-        let txs = self.chain.mempool().select(
-            params.max_block_txs as usize,
-            params.max_block_bytes as usize,
-        );
-        let mut batch = WriteBatch::new();
-        let started = std::time::Instant::now();
-        let outcome =
-            self.chain
-                .state
-                .execute_block(&BlockEnv { height, proposer, evidence: Vec::new() }, &txs, &mut batch)?;
-        let header = Header {
-            chain_id: self.chain.chain_id.clone(),
-            height,
-            round,
-            epoch,
-            parent_hash,
-            timestamp_ms,
-            proposer,
-            tx_root: merkle_root(&txs.iter().map(|t| t.hash).collect::<Vec<_>>()),
-            state_root: outcome.state_root,
-            validators_hash: self.chain.validators.hash(),
-            parent_qc,
-            evidence_root: Hash::ZERO,
-        };
-        let block = Block {
-            header,
-            txs: txs.into_iter().map(|t| t.bytes).collect(),
-            evidence: Vec::new(),
-        };
-        let hash = block.hash();
-        debug!(
-            height,
-            txs = block.txs.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "built block"
-        );
-        let new_nonces = outcome
-            .changed
-            .iter()
-            .map(|(a, acc)| (*a, acc.nonce))
-            .collect();
-        self.built = Some(Built {
-            block,
-            receipts: outcome.receipts,
-            batch,
-            new_nonces,
-        });
-        Ok(hash)
-    }
-
-    fn commit(&mut self, height: u64, round: u64, hash: Hash, qc: QuorumCertificate) -> Result<()> {
-        let Some(built) = self.built.take().filter(|b| b.block.hash() == hash) else {
-            warn!(height, round, %hash, "asked to commit a block this node did not build");
-            return Ok(());
-        };
-        let Built {
-            block,
-            receipts,
-            mut batch,
-            new_nonces,
-        } = built;
-        self.chain.blocks.stage_block(&mut batch, &block, &receipts);
-        self.chain
-            .blocks
-            .stage_meta(&mut batch, LATEST_QC_KEY, &qc.encode());
-        let included = block.tx_hashes();
-        {
-            // Commit under the mempool lock so admission never sees a half-updated view.
+    fn finalize(&mut self, hash: Hash, height: u64, qc: &QuorumCertificate) -> Result<()> {
+        let written = {
+            // Under the mempool lock, so admission never sees a half-updated view.
             let mut pool = self.chain.mempool();
-            self.chain.blocks.kv().write(batch)?;
-            pool.remove_committed(&included, &new_nonces);
-            self.chain.set_latest(height, hash);
-        }
-        let failed = receipts.iter().filter(|r| !r.success).count();
-        info!(height, round, %hash, txs = included.len(), failed, "committed block");
-        self.chain.notify_new_head(block.header);
-        Ok(())
-    }
-
-    fn finalize(&mut self, height: u64, hash: Hash) -> Result<()> {
-        let previous = self.chain.tip().finalized.0;
-        if height <= previous {
-            return Ok(());
-        }
-        let mut batch = WriteBatch::new();
-        self.chain.blocks.stage_finalized(&mut batch, height, hash);
-        self.chain.blocks.kv().write(batch)?;
-        self.chain.set_finalized(height, hash);
-        for h in previous.saturating_add(1)..=height {
-            if let Some(header) = self.chain.blocks.header_at(h)? {
-                self.chain.notify_finalized_head(header);
+            let written = match self.app.finalize(&hash, qc) {
+                Ok(w) => w,
+                Err(crate::app::AppError::Storage(e)) => return Err(e.into()),
+                Err(crate::app::AppError::State(e)) => return Err(e.into()),
+                Err(e) => {
+                    error!(height, %hash, error = %e, "cannot finalize block");
+                    return Ok(());
+                }
+            };
+            for f in &written {
+                pool.remove_committed(&f.block.tx_hashes(), &f.new_nonces);
             }
+            if !written.is_empty() {
+                self.chain.set_finalized(height, hash);
+            }
+            written
+        };
+        for f in written {
+            let failed = f.receipts.iter().filter(|r| !r.success).count();
+            info!(height = f.block.header.height, round = f.block.header.round, hash = %f.block.hash(),
+                  txs = f.block.txs.len(), failed, "finalized block");
+            self.chain.notify_finalized_head(f.block.header);
+        }
+        // Forget persisted blocks at or below the final height: final now, or on a dropped fork.
+        let final_height = self.app.final_tip().0;
+        let stale: Vec<Hash> = self
+            .persisted
+            .iter()
+            .filter(|(_, h)| **h <= final_height)
+            .map(|(hash, _)| *hash)
+            .collect();
+        if !stale.is_empty() {
+            let mut batch = WriteBatch::new();
+            for h in &stale {
+                batch.delete(Column::Consensus, pending_key(h));
+                self.persisted.remove(h);
+            }
+            self.chain.blocks.kv().write(batch)?;
         }
         Ok(())
     }

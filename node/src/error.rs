@@ -17,6 +17,9 @@ pub enum Error {
     /// State failure.
     #[error(transparent)]
     State(#[from] keel_state::Error),
+    /// Block execution or storage through the application layer.
+    #[error(transparent)]
+    App(#[from] crate::app::AppError),
     /// Consensus setup failure.
     #[error(transparent)]
     Consensus(#[from] keel_consensus::Error),

@@ -13,6 +13,7 @@
 //! used; nothing a client sends can panic the node or grow memory without bound (the mempool
 //! and every channel are bounded).
 
+pub mod app;
 pub mod chain;
 pub mod config;
 mod driver;

@@ -14,6 +14,7 @@ use keel_types::{Block, Hash, Header, QuorumCertificate};
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
+use crate::app::App;
 use crate::chain::{Chain, ChainParts, TipInfo};
 use crate::config::{Compression, Config, StorageEngine};
 use crate::driver::{Command, Driver, LATEST_QC_KEY, SAFETY_KEY};
@@ -88,18 +89,30 @@ impl Node {
         };
         let finalized = blocks.finalized()?.unwrap_or((0, genesis_header.hash()));
 
+        let me = validators.get(&key.address()).map(|v| v.stake).unwrap_or(0);
+        if !validators.is_quorum(me) {
+            return Err(Error::Mismatch(format!(
+                "genesis has {} validators and this node holds {me} of {} stake; this build has no \
+                 peer-to-peer networking, so only a validator holding more than 2/3 of the stake can \
+                 make progress",
+                validators.len(),
+                validators.total_stake()
+            )));
+        }
         let engine = Engine::new(
             keel_consensus::Config {
                 chain_id: genesis.chain_id.clone(),
                 block_time_ms: config.consensus.block_time_ms,
                 timeout_ms: config.consensus.timeout_ms,
+                max_timeout_ms: config.consensus.timeout_ms.saturating_mul(8),
             },
             key,
             validators.clone(),
-            tip.height / genesis.params.epoch_length,
+            genesis_header.hash(),
             tip.clone(),
             safety,
         )?;
+        let app = App::new(store.clone(), genesis.exec_params())?;
         let mempool = Mempool::new(
             MempoolLimits::from(&config.mempool),
             genesis.chain_id.clone(),
@@ -119,12 +132,13 @@ impl Node {
             },
         }));
 
+        let (commands, receiver) = sync_channel(16);
+        let (done_tx, done_rx) = oneshot::channel();
+        let mut driver = Driver::new(chain.clone(), engine, app, receiver);
+        driver.start()?;
         let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
 
-        let (commands, receiver) = sync_channel(16);
-        let (done_tx, done_rx) = oneshot::channel();
-        let driver = Driver::new(chain.clone(), engine, receiver);
         let handle = std::thread::Builder::new()
             .name("keel-consensus".into())
             .spawn(move || {
@@ -209,7 +223,11 @@ pub(crate) fn validator_set(genesis: &Genesis) -> Result<ValidatorSet> {
 /// The genesis header, computing the initial state root on a scratch store.
 fn genesis_header(genesis: &Genesis, validators: &ValidatorSet) -> Result<Header> {
     let scratch = State::new(Arc::new(MemStore::new()), genesis.exec_params());
-    let root = scratch.init_genesis(&genesis.initial_accounts()?, &mut WriteBatch::new())?;
+    let root = scratch.init_genesis(
+        &genesis.initial_accounts()?,
+        &genesis.validator_public_keys()?,
+        &mut WriteBatch::new(),
+    )?;
     Ok(genesis.header(root, validators.hash()))
 }
 
@@ -231,7 +249,11 @@ fn write_genesis(
     header: &Header,
 ) -> Result<()> {
     let mut batch = WriteBatch::new();
-    state.init_genesis(&genesis.initial_accounts()?, &mut batch)?;
+    state.init_genesis(
+        &genesis.initial_accounts()?,
+        &genesis.validator_public_keys()?,
+        &mut batch,
+    )?;
     let block = Block {
         header: header.clone(),
         txs: Vec::new(),

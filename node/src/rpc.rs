@@ -238,11 +238,15 @@ fn account_json(address: &keel_types::Address, account: &Account, height: u64) -
 
 impl Chain {
     fn block_by_id(&self, id: &BlockId) -> RpcResult<Block> {
-        let found = match id {
+        let stored = match id {
             BlockId::Height(h) => self.blocks.block_at(*h),
             BlockId::Hash(hash) => self.blocks.block_by_hash(hash),
         }
         .map_err(internal)?;
+        let found = stored.or_else(|| match id {
+            BlockId::Height(h) => self.certified_at(*h),
+            BlockId::Hash(hash) => self.certified_by_hash(hash),
+        });
         found.ok_or_else(|| match id {
             BlockId::Height(h) => err(
                 codes::NOT_FOUND,
@@ -252,13 +256,14 @@ impl Chain {
         })
     }
 
+    /// State is served at final heights: a certified block above them may still be replaced.
     fn state_height(&self, requested: Option<u64>) -> RpcResult<u64> {
-        let latest = self.tip().latest.0;
+        let finalized = self.tip().finalized.0;
         match requested {
-            None => Ok(latest),
-            Some(h) if h > latest => Err(err(
+            None => Ok(finalized),
+            Some(h) if h > finalized => Err(err(
                 codes::NOT_FOUND,
-                format!("height {h} is above the latest height {latest}"),
+                format!("height {h} is above the finalized height {finalized}"),
             )),
             Some(h) => Ok(h),
         }
@@ -392,7 +397,7 @@ pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
             .map_err(|e| state_error(height, e))?
             .unwrap_or_default();
         let mut v = account_json(&address, &account, height);
-        if height == c.tip().latest.0 {
+        if height == c.tip().finalized.0 {
             // The nonce a wallet should use next, counting this sender's pending transactions.
             let next = c
                 .mempool()

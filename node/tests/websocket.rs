@@ -1,5 +1,7 @@
 //! The RPC server speaks WebSocket on the same port as HTTP and streams heads.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use jsonrpsee::core::client::{ClientT, Subscription, SubscriptionClientT};

@@ -25,6 +25,10 @@ pub struct Account {
     pub stake: u64,
     /// Unbonding entries, oldest first.
     pub unbonding: Vec<Unbonding>,
+    /// Slashed for equivocation: never again in a validator set, and its bonds are refused.
+    /// There is no unjailing; the account can still unbond and spend.
+    #[serde(default)]
+    pub jailed: bool,
 }
 
 /// Wire form of [`Account`]. Field numbers are part of the state root: never renumber.
@@ -38,6 +42,9 @@ struct AccountProto {
     stake: u64,
     #[prost(message, repeated, tag = "4")]
     unbonding: Vec<UnbondingProto>,
+    /// Added after the first four; `false` is omitted, so older encodings are unchanged.
+    #[prost(bool, tag = "5")]
+    jailed: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -64,6 +71,7 @@ impl Account {
                     release_height: u.release_height,
                 })
                 .collect(),
+            jailed: self.jailed,
         }
         .encode_to_vec()
     }
@@ -86,6 +94,7 @@ impl Account {
                     release_height: u.release_height,
                 })
                 .collect(),
+            jailed: p.jailed,
         })
     }
 
@@ -113,6 +122,36 @@ impl Account {
         self.balance = balance;
         released
     }
+
+    /// Slashes `fraction_ppm` parts per million (capped at 1,000,000) of the bonded stake and
+    /// of every unbonding entry still listed, each rounded down on its own
+    /// (`amount * fraction_ppm / 1_000_000` in u128); entries left at zero are removed, the
+    /// others keep their order and release height. Returns the total taken, which the caller
+    /// burns. Does not touch `jailed`.
+    pub fn slash(&mut self, fraction_ppm: u32) -> u64 {
+        // Each part is at most the amount it is taken from, so the subtractions never saturate.
+        let mut total = slash_part(self.stake, fraction_ppm);
+        self.stake = self.stake.saturating_sub(total);
+        for u in &mut self.unbonding {
+            let part = slash_part(u.amount, fraction_ppm);
+            u.amount = u.amount.saturating_sub(part);
+            // Cannot saturate: the parts sum to at most the account's own stake and entries,
+            // and all the value on the chain fits in a u64.
+            total = total.saturating_add(part);
+        }
+        self.unbonding.retain(|u| u.amount > 0);
+        total
+    }
+}
+
+/// Parts per million in a whole.
+const PPM: u128 = 1_000_000;
+
+/// `floor(amount * min(fraction_ppm, 1e6) / 1e6)`: never more than `amount`.
+fn slash_part(amount: u64, fraction_ppm: u32) -> u64 {
+    let ppm = u128::from(fraction_ppm).min(PPM);
+    // The quotient is at most `amount`, so it fits; the fallback is unreachable.
+    u64::try_from(u128::from(amount) * ppm / PPM).unwrap_or(amount)
 }
 
 #[cfg(test)]
@@ -128,8 +167,9 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..4),
+            any::<bool>(),
         )
-            .prop_map(|(balance, nonce, stake, u)| Account {
+            .prop_map(|(balance, nonce, stake, u, jailed)| Account {
                 balance,
                 nonce,
                 stake,
@@ -140,7 +180,21 @@ mod tests {
                         release_height,
                     })
                     .collect(),
+                jailed,
             })
+    }
+
+    /// The encoding before `jailed` existed: fields 1 to 4 only.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct OldAccountProto {
+        #[prost(uint64, tag = "1")]
+        balance: u64,
+        #[prost(uint64, tag = "2")]
+        nonce: u64,
+        #[prost(uint64, tag = "3")]
+        stake: u64,
+        #[prost(message, repeated, tag = "4")]
+        unbonding: Vec<UnbondingProto>,
     }
 
     proptest! {
@@ -152,9 +206,115 @@ mod tests {
         }
 
         #[test]
+        fn old_encodings_decode_unjailed_and_reencode_byte_for_byte(a in account_strategy()) {
+            let old = OldAccountProto {
+                balance: a.balance,
+                nonce: a.nonce,
+                stake: a.stake,
+                unbonding: a
+                    .unbonding
+                    .iter()
+                    .map(|u| UnbondingProto { amount: u.amount, release_height: u.release_height })
+                    .collect(),
+            }
+            .encode_to_vec();
+            let decoded = Account::decode(&old).unwrap();
+            prop_assert!(!decoded.jailed);
+            prop_assert_eq!(&decoded, &Account { jailed: false, ..a });
+            // So an unjailed account's bytes (and the state root) are what they always were.
+            prop_assert_eq!(decoded.encode(), old);
+        }
+
+        #[test]
+        fn slashing_takes_the_floored_fraction_of_each_part(
+            a in account_strategy(),
+            ppm in prop_oneof![0u32..=1_000_000, any::<u32>()],
+        ) {
+            // Keep the whole account within u64, as all value on a chain is.
+            let mut a = a;
+            a.stake /= 8;
+            for u in &mut a.unbonding {
+                u.amount /= 8;
+            }
+            let before = a.clone();
+            let taken = a.slash(ppm);
+            let p = u128::from(ppm.min(1_000_000));
+            let part = |x: u64| (u128::from(x) * p / 1_000_000) as u64;
+            let mut expected = part(before.stake);
+            prop_assert_eq!(a.stake, before.stake - part(before.stake));
+            let kept: Vec<Unbonding> = before
+                .unbonding
+                .iter()
+                .map(|u| {
+                    expected += part(u.amount);
+                    Unbonding {
+                        amount: u.amount - part(u.amount),
+                        release_height: u.release_height,
+                    }
+                })
+                .filter(|u| u.amount > 0)
+                .collect();
+            prop_assert_eq!(&a.unbonding, &kept);
+            prop_assert_eq!(taken, expected);
+            prop_assert_eq!(
+                (a.balance, a.nonce, a.jailed),
+                (before.balance, before.nonce, before.jailed)
+            );
+        }
+
+        #[test]
         fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Account::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn slash_example_five_percent() {
+        let mut a = Account {
+            balance: 7,
+            stake: 1_000_019,
+            unbonding: vec![
+                Unbonding {
+                    amount: 400,
+                    release_height: 9,
+                },
+                Unbonding {
+                    amount: 19,
+                    release_height: 12,
+                },
+            ],
+            ..Account::default()
+        };
+        // 50,000 ppm = 5%: 50,000 (floor of 50,000.95) + 20 + 0 (floor of 0.95).
+        assert_eq!(a.slash(50_000), 50_020);
+        assert_eq!(a.stake, 950_019);
+        assert_eq!(
+            a.unbonding,
+            vec![
+                Unbonding {
+                    amount: 380,
+                    release_height: 9
+                },
+                Unbonding {
+                    amount: 19,
+                    release_height: 12
+                }
+            ]
+        );
+        assert_eq!(a.balance, 7);
+        // 100% takes everything and drops the emptied entries.
+        assert_eq!(a.slash(1_000_000), 950_019 + 399);
+        assert_eq!((a.stake, a.unbonding.len()), (0, 0));
+    }
+
+    #[test]
+    fn jailed_flag_is_field_5() {
+        let a = Account {
+            jailed: true,
+            ..Account::default()
+        };
+        assert_eq!(a.encode(), vec![0x28, 0x01]);
+        assert_eq!(Account::decode(&[0x28, 0x01]).unwrap(), a);
     }
 
     #[test]

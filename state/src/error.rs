@@ -28,6 +28,9 @@ pub enum Error {
     /// The same address appears twice in the genesis accounts.
     #[error("genesis lists account {0} twice")]
     DuplicateGenesisAccount(Address),
+    /// The same validator key appears twice in the genesis validators.
+    #[error("genesis lists validator {0} twice")]
+    DuplicateGenesisValidator(Address),
     /// More transactions in one block than receipts can index.
     #[error("a block cannot hold {0} transactions")]
     TooManyTransactions(usize),

@@ -1,8 +1,9 @@
 //! The sequential block executor: the reference implementation of the transaction rules.
 //!
 //! A later parallel executor must produce byte-identical receipts, state roots and batches,
-//! so this one is kept plain: transactions run one after another against a per-block account
-//! cache, and every changed account goes into the tree in one update at the end.
+//! so this one is kept plain: the block's evidence is applied, then transactions run one after
+//! another against a per-block account cache, and every changed account (and the validator
+//! registry, if a bond added to it) goes into the tree in one update at the end.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use keel_types::{verify_batch, Address, Hash, PublicKey, Receipt, Signature, Tra
 use rayon::prelude::*;
 
 use crate::tree::{Proof, StateTree};
-use crate::{Account, Error, Result, Unbonding};
+use crate::{Account, Error, Result, StakeEntry, Unbonding, ValidatorRegistry};
 
 /// The tree key of an account: blake3 of the 20 address bytes.
 pub fn account_key(addr: &Address) -> Hash {
@@ -28,6 +29,9 @@ pub struct ExecParams {
     pub min_fee: u64,
     /// Blocks between an unbond and the return of its stake to the balance.
     pub unbonding_period: u64,
+    /// Share of an equivocator's stake (and pending unbonding) slashed, in parts per million.
+    /// Values above 1,000,000 act as 1,000,000.
+    pub slash_fraction_ppm: u32,
 }
 
 /// The block being executed.
@@ -37,8 +41,9 @@ pub struct BlockEnv {
     pub height: u64,
     /// Who proposed it: receives the fees.
     pub proposer: Address,
-    /// Equivocation evidence the block carries, applied before its transactions. Consensus
-    /// has verified the votes' signatures against the offender's key.
+    /// Equivocation evidence the block carries, applied in order before its transactions.
+    /// The executor checks each piece again and ignores (deterministically) any that is
+    /// invalid or whose offender is already jailed.
     pub evidence: Vec<keel_types::Evidence>,
 }
 
@@ -51,6 +56,9 @@ pub struct BlockOutcome {
     pub state_root: Hash,
     /// Every account written to the tree, by ascending address.
     pub changed: Vec<(Address, Account)>,
+    /// Validators slashed and jailed by the block's evidence, in evidence order, with the
+    /// amount burned (stake and unbonding together; may be 0).
+    pub slashed: Vec<(Address, u64)>,
 }
 
 /// Transactions per batch-verification chunk. Fixed, so the chunking of a block (and with it
@@ -128,26 +136,69 @@ impl State {
         self.tree.root(version)
     }
 
-    /// Stages version 0 (genesis) holding exactly `accounts` into `batch`; returns its root.
+    /// The validator registry at `version` (empty if none was ever written). Its bytes are
+    /// provable like an account's: `tree().get_with_proof(version, &ValidatorRegistry::key())`.
+    pub fn validator_registry(&self, version: u64) -> Result<ValidatorRegistry> {
+        match self.tree.get(version, &ValidatorRegistry::key())? {
+            Some(bytes) => ValidatorRegistry::decode(&bytes),
+            None => Ok(ValidatorRegistry::default()),
+        }
+    }
+
+    /// Registered, non-jailed accounts with stake > 0 at `version`, sorted by address: the
+    /// candidates for a validator set, a function of the state at `version` alone.
+    pub fn stakes(&self, version: u64) -> Result<Vec<StakeEntry>> {
+        let registry = self.validator_registry(version)?;
+        let mut out = Vec::new();
+        for (address, public_key) in registry.iter() {
+            let Some(account) = self.account(address, version)? else {
+                continue;
+            };
+            if account.jailed || account.stake == 0 {
+                continue;
+            }
+            out.push(StakeEntry {
+                address: *address,
+                public_key: *public_key,
+                stake: account.stake,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stages version 0 (genesis) into `batch` and returns its root: exactly `accounts`, and
+    /// the registry of the genesis `validators`' keys (their stake is already on their
+    /// accounts; no registry entry when there are none).
     pub fn init_genesis(
         &self,
         accounts: &[(Address, Account)],
+        validators: &[PublicKey],
         batch: &mut WriteBatch,
     ) -> Result<Hash> {
         let mut seen = std::collections::HashSet::with_capacity(accounts.len());
-        let mut updates = Vec::with_capacity(accounts.len());
+        let mut updates = Vec::with_capacity(accounts.len().saturating_add(1));
         for (addr, account) in accounts {
             if !seen.insert(*addr) {
                 return Err(Error::DuplicateGenesisAccount(*addr));
             }
             updates.push((account_key(addr), Some(account.encode())));
         }
+        let mut registry = ValidatorRegistry::default();
+        for key in validators {
+            if !registry.insert(*key) {
+                return Err(Error::DuplicateGenesisValidator(key.address()));
+            }
+        }
+        if !registry.is_empty() {
+            updates.push((ValidatorRegistry::key(), Some(registry.encode())));
+        }
         self.tree.apply(None, 0, &updates, batch)
     }
 
-    /// Executes `txs` on top of version `env.height - 1` and stages version `env.height` into
-    /// `batch` (one tree update for the whole block). Deterministic: the outcome and the
-    /// staged bytes depend only on the parent state, `env` and `txs`.
+    /// Applies `env.evidence`, then executes `txs`, on top of version `env.height - 1` and
+    /// stages version `env.height` into `batch` (one tree update for the whole block).
+    /// Deterministic: the outcome and the staged bytes depend only on the parent state, `env`
+    /// and `txs`.
     pub fn execute_block(
         &self,
         env: &BlockEnv,
@@ -163,7 +214,11 @@ impl State {
             env,
             base,
             accounts: HashMap::new(),
+            registry: None,
+            bonded: BTreeMap::new(),
+            slashed: Vec::new(),
         };
+        block.apply_evidence()?;
         let mut receipts = Vec::with_capacity(txs.len());
         for (i, (tx, sig_ok)) in txs.iter().zip(valid).enumerate() {
             let index = u32::try_from(i).map_err(|_| Error::TooManyTransactions(txs.len()))?;
@@ -177,16 +232,22 @@ impl State {
                 fee,
             });
         }
+        let registry = block.registry_update()?;
+        let slashed = std::mem::take(&mut block.slashed);
         let changed = block.changed();
-        let updates: Vec<(Hash, Option<Vec<u8>>)> = changed
+        let mut updates: Vec<(Hash, Option<Vec<u8>>)> = changed
             .iter()
             .map(|(a, acc)| (account_key(a), Some(acc.encode())))
             .collect();
+        if let Some(bytes) = registry {
+            updates.push((ValidatorRegistry::key(), Some(bytes)));
+        }
         let state_root = self.tree.apply(Some(base), env.height, &updates, batch)?;
         tracing::debug!(
             height = env.height,
             txs = txs.len(),
             changed = changed.len(),
+            slashed = slashed.len(),
             root = %state_root,
             "executed block"
         );
@@ -194,6 +255,7 @@ impl State {
             receipts,
             state_root,
             changed,
+            slashed,
         })
     }
 }
@@ -204,7 +266,7 @@ struct Slot {
     stored: Option<Account>,
     /// The account now, matured unbonding credited.
     current: Account,
-    /// Whether a transaction that was not rejected wrote it.
+    /// Whether evidence or a transaction that was not rejected wrote it.
     dirty: bool,
 }
 
@@ -214,6 +276,13 @@ struct BlockRun<'s> {
     env: &'s BlockEnv,
     base: u64,
     accounts: HashMap<Address, Slot>,
+    /// The registry at `base`, loaded on first use.
+    registry: Option<ValidatorRegistry>,
+    /// Keys of the senders of this block's successful positive bonds, registered (those not
+    /// yet registered) in one write at the end.
+    bonded: BTreeMap<Address, PublicKey>,
+    /// Offenders slashed so far, with the amounts burned.
+    slashed: Vec<(Address, u64)>,
 }
 
 /// Receipt essentials: success, error, fee charged.
@@ -228,6 +297,8 @@ fn rejected(reason: String) -> Result<TxResult> {
 #[derive(Default)]
 struct Overlay {
     accounts: BTreeMap<Address, Account>,
+    /// A bonder's key, to register if the phase commits.
+    register: Option<PublicKey>,
 }
 
 impl BlockRun<'_> {
@@ -258,12 +329,71 @@ impl BlockRun<'_> {
     }
 
     fn commit(&mut self, overlay: Overlay) -> Result<()> {
+        if let Some(key) = overlay.register {
+            self.bonded.entry(key.address()).or_insert(key);
+        }
         for (addr, account) in overlay.accounts {
             let slot = self.load(&addr)?;
             slot.current = account;
             slot.dirty = true;
         }
         Ok(())
+    }
+
+    /// The registry at the parent version (plus, after [`BlockRun::registry_update`], this
+    /// block's registrations).
+    fn registry(&mut self) -> Result<&mut ValidatorRegistry> {
+        match &mut self.registry {
+            Some(r) => Ok(r),
+            slot => Ok(slot.insert(self.state.validator_registry(self.base)?)),
+        }
+    }
+
+    /// Applies the block's evidence in order: each piece that verifies against the registry
+    /// (see [`ValidatorRegistry::verify_evidence`]) and whose offender is not jailed yet
+    /// slashes the offender ([`Account::slash`], the amount is burned) and jails it. Anything
+    /// else, a repeat for the same offender included, is skipped.
+    fn apply_evidence(&mut self) -> Result<()> {
+        let (state, env) = (self.state, self.env);
+        for evidence in &env.evidence {
+            if self
+                .registry()?
+                .verify_evidence(evidence, &state.params.chain_id)
+                .is_none()
+            {
+                continue;
+            }
+            let offender = evidence.offender();
+            let slot = self.load(&offender)?;
+            if slot.current.jailed {
+                continue;
+            }
+            let amount = slot.current.slash(state.params.slash_fraction_ppm);
+            slot.current.jailed = true;
+            slot.dirty = true;
+            tracing::info!(
+                height = env.height,
+                %offender,
+                amount,
+                "slashed and jailed an equivocating validator"
+            );
+            self.slashed.push((offender, amount));
+        }
+        Ok(())
+    }
+
+    /// The new registry bytes if this block's bonds registered anyone new, else `None`.
+    fn registry_update(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.bonded.is_empty() {
+            return Ok(None);
+        }
+        let bonded = std::mem::take(&mut self.bonded);
+        let registry = self.registry()?;
+        let mut added = false;
+        for key in bonded.into_values() {
+            added |= registry.insert(key);
+        }
+        Ok(added.then(|| registry.encode()))
     }
 
     /// Runs one transaction. `Err` only for storage failures; rule violations are receipts.
@@ -339,6 +469,9 @@ impl BlockRun<'_> {
                 overlay.accounts.insert(to, recipient);
             }
             TxKind::Bond { amount } => {
+                if sender.jailed {
+                    return Ok(Err("validator is jailed".into()));
+                }
                 let Some(balance) = sender.balance.checked_sub(amount) else {
                     return Ok(Err("insufficient funds".into()));
                 };
@@ -348,6 +481,9 @@ impl BlockRun<'_> {
                 sender.balance = balance;
                 sender.stake = stake;
                 overlay.accounts.insert(tx.sender, sender);
+                if amount > 0 {
+                    overlay.register = Some(tx.public_key);
+                }
             }
             TxKind::Unbond { amount } => {
                 let Some(stake) = sender.stake.checked_sub(amount) else {
@@ -373,8 +509,8 @@ impl BlockRun<'_> {
         Ok(Ok(overlay))
     }
 
-    /// Accounts to write, by ascending address: written by an accepted transaction and now
-    /// different from what the tree holds. An account that never existed and is still all
+    /// Accounts to write, by ascending address: written by evidence or an accepted transaction
+    /// and now different from what the tree holds. An account that never existed and is still all
     /// zero (say, the recipient of a zero transfer) stays absent.
     fn changed(self) -> Vec<(Address, Account)> {
         let mut out: Vec<(Address, Account)> = self

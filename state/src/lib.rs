@@ -4,8 +4,11 @@
 //! - [`StateTree`] is a Jellyfish-style versioned sparse Merkle tree over a
 //!   [`keel_storage::KvStore`]: 16-ary on disk, binary in its hashing, blake3 throughout.
 //!   [`verify_proof`] checks its proofs with no store at all.
-//! - [`State`] executes blocks: it checks and applies transactions in order and stages the
-//!   resulting state version into a [`keel_storage::WriteBatch`].
+//! - [`State`] executes blocks: it applies the block's equivocation evidence (slashing and
+//!   jailing), then checks and applies transactions in order, and stages the resulting state
+//!   version into a [`keel_storage::WriteBatch`].
+//! - [`ValidatorRegistry`] (one entry of the tree) holds the key of every address that ever
+//!   bonded, so [`State::stakes`] derives a validator set from the state alone.
 //!
 //! Invariants:
 //! - State version = block height; version 0 is genesis. Every committed version keeps a
@@ -16,13 +19,15 @@
 //! - Nothing here writes to the store: `apply`, `init_genesis` and `execute_block` only stage
 //!   into the caller's batch, so a block commit stays one atomic write.
 //! - Execution is a deterministic function of (parent state, block environment, transactions);
-//!   all arithmetic is checked and a bad transaction yields a failed receipt, never a panic.
+//!   all arithmetic is checked and a bad transaction yields a failed receipt, never a panic;
+//!   invalid evidence is ignored, never an error.
 //!
 //! The hashing rules and the transaction rules are spelled out in this crate's `README.md`.
 
 mod account;
 mod error;
 mod executor;
+mod registry;
 mod tree;
 
 pub use account::{Account, Unbonding};
@@ -30,6 +35,7 @@ pub use error::{Error, Result};
 pub use executor::{
     account_key, verify_signatures, BlockEnv, BlockOutcome, ExecParams, State, SIGNATURE_CHUNK,
 };
+pub use registry::{StakeEntry, ValidatorRegistry};
 pub use tree::{
     verify_proof, Proof, ProofLeaf, StateTree, DEFAULT_NODE_CACHE, EMPTY_ROOT, MAX_PROOF_SIBLINGS,
 };

@@ -13,6 +13,7 @@ mod block_store;
 mod error;
 mod kv;
 mod mem;
+mod overlay;
 mod rocks;
 #[cfg(test)]
 mod suite;
@@ -21,4 +22,5 @@ pub use block_store::{BlockStore, TxLocation};
 pub use error::{Error, Result};
 pub use kv::{Column, Direction, KvIter, KvStore, Op, WriteBatch};
 pub use mem::MemStore;
+pub use overlay::{Layer, OverlayStore};
 pub use rocks::{Compression, RocksConfig, RocksStore};

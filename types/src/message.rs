@@ -241,6 +241,9 @@ impl Evidence {
 }
 
 /// Any consensus message.
+// A proposal carries a whole block, so the variants differ in size; messages are short-lived
+// and moved rarely, so boxing would only add an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsensusMessage {
     /// A leader's proposal.

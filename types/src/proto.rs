@@ -214,6 +214,7 @@ pub struct ConsensusMessage {
 }
 
 pub mod consensus_message {
+    #[allow(clippy::large_enum_variant)]
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Kind {
         #[prost(message, tag = "1")]

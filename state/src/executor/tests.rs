@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keel_storage::MemStore;
-use keel_types::Keypair;
+use keel_types::{Evidence, Keypair, Vote};
 
 use super::*;
 use crate::tree::verify_proof;
@@ -9,12 +9,15 @@ use crate::tree::verify_proof;
 const CHAIN: &str = "keel-test";
 const MIN_FEE: u64 = 10;
 const PERIOD: u64 = 3;
+/// 5%.
+const SLASH_PPM: u32 = 50_000;
 
 fn params() -> ExecParams {
     ExecParams {
         chain_id: CHAIN.into(),
         min_fee: MIN_FEE,
         unbonding_period: PERIOD,
+        slash_fraction_ppm: SLASH_PPM,
     }
 }
 
@@ -38,10 +41,17 @@ struct Chain {
 
 impl Chain {
     fn new(accounts: &[(Address, Account)]) -> Chain {
+        Chain::with_validators(accounts, &[])
+    }
+
+    /// A chain whose genesis also registers `validators`.
+    fn with_validators(accounts: &[(Address, Account)], validators: &[PublicKey]) -> Chain {
         let store = Arc::new(MemStore::new());
         let state = State::new(store.clone(), params());
         let mut batch = WriteBatch::new();
-        let root = state.init_genesis(accounts, &mut batch).unwrap();
+        let root = state
+            .init_genesis(accounts, validators, &mut batch)
+            .unwrap();
         store.write(batch).unwrap();
         assert_eq!(state.root(0).unwrap(), root);
         Chain {
@@ -53,11 +63,21 @@ impl Chain {
 
     /// Executes and commits the next block.
     fn block(&mut self, proposer: Address, txs: &[Transaction]) -> BlockOutcome {
+        self.block_with_evidence(proposer, Vec::new(), txs)
+    }
+
+    /// Executes and commits the next block, carrying `evidence`.
+    fn block_with_evidence(
+        &mut self,
+        proposer: Address,
+        evidence: Vec<Evidence>,
+        txs: &[Transaction],
+    ) -> BlockOutcome {
         self.height += 1;
         let env = BlockEnv {
             height: self.height,
             proposer,
-            evidence: Vec::new(),
+            evidence,
         };
         let mut batch = WriteBatch::new();
         let out = self.state.execute_block(&env, txs, &mut batch).unwrap();
@@ -313,7 +333,8 @@ fn bond_unbond_and_release_after_the_period() {
             balance: 480,
             nonce: 2,
             stake: 500,
-            unbonding: vec![]
+            unbonding: vec![],
+            jailed: false,
         }
     );
 
@@ -331,7 +352,8 @@ fn bond_unbond_and_release_after_the_period() {
             balance: 460,
             nonce: 4,
             stake: 300,
-            unbonding: vec![entry.clone()]
+            unbonding: vec![entry.clone()],
+            jailed: false,
         }
     );
 
@@ -354,7 +376,8 @@ fn bond_unbond_and_release_after_the_period() {
             balance: 0,
             nonce: 7,
             stake: 300,
-            unbonding: vec![]
+            unbonding: vec![],
+            jailed: false,
         }
     );
 }
@@ -439,6 +462,7 @@ fn unbond_release_height_overflow_is_a_failure() {
             chain_id: CHAIN.into(),
             min_fee: 0,
             unbonding_period: u64::MAX,
+            slash_fraction_ppm: 0,
         },
     );
     let mut batch = WriteBatch::new();
@@ -452,6 +476,7 @@ fn unbond_release_height_overflow_is_a_failure() {
                     ..Account::default()
                 },
             )],
+            &[],
             &mut batch,
         )
         .unwrap();
@@ -507,7 +532,7 @@ fn execution_is_deterministic() {
         let store = Arc::new(MemStore::new());
         let state = State::new(store.clone(), params());
         let mut batch = WriteBatch::new();
-        state.init_genesis(&genesis, &mut batch).unwrap();
+        state.init_genesis(&genesis, &[], &mut batch).unwrap();
         store.write(batch).unwrap();
         let mut batch = WriteBatch::new();
         let out = state
@@ -583,7 +608,7 @@ fn heights_and_genesis_are_checked() {
     ));
     let dup = [(alice.address(), funded(1)), (alice.address(), funded(2))];
     assert!(matches!(
-        chain.state.init_genesis(&dup, &mut batch),
+        chain.state.init_genesis(&dup, &[], &mut batch),
         Err(Error::DuplicateGenesisAccount(_))
     ));
     // An empty block still produces a version with the parent's root.
@@ -616,4 +641,424 @@ fn signature_verification_finds_the_bad_ones_across_chunks() {
     let expected: Vec<bool> = (0..150).map(|i| !bad.contains(&i)).collect();
     assert_eq!(result, expected);
     assert!(verify_signatures(&[]).is_empty());
+}
+
+// ---- Validator registry, stakes and slashing ----
+
+fn staked(balance: u64, stake: u64) -> Account {
+    Account {
+        balance,
+        stake,
+        ..Account::default()
+    }
+}
+
+fn bond(k: &Keypair, nonce: u64, amount: u64) -> Transaction {
+    Transaction::sign(k, CHAIN, nonce, 10, TxKind::Bond { amount })
+}
+
+fn unbond(k: &Keypair, nonce: u64, amount: u64) -> Transaction {
+    Transaction::sign(k, CHAIN, nonce, 10, TxKind::Unbond { amount })
+}
+
+/// Two votes of `k` for different blocks in `round` on `chain`.
+fn equivocation(k: &Keypair, chain: &str, round: u64) -> Evidence {
+    Evidence {
+        first: Vote::sign(k, chain, Hash([0xA1; 32]), 4, round),
+        second: Vote::sign(k, chain, Hash([0xB2; 32]), 4, round),
+    }
+}
+
+/// Validators 1, 2, 3 with stakes 1,000,000 / 2,000,000 / 3,000,000 and balance 1,000, plus
+/// alice (seed 10), funded and not a validator.
+fn validator_chain() -> (Chain, Vec<Keypair>) {
+    let vals: Vec<Keypair> = (1..=3).map(key).collect();
+    let mut accounts: Vec<(Address, Account)> = vals
+        .iter()
+        .zip(1u64..)
+        .map(|(k, i)| (k.address(), staked(1_000, i * 1_000_000)))
+        .collect();
+    accounts.push((key(10).address(), funded(10_000)));
+    let keys: Vec<PublicKey> = vals.iter().map(Keypair::public).collect();
+    (Chain::with_validators(&accounts, &keys), vals)
+}
+
+fn stake_of(entries: &[StakeEntry], addr: &Address) -> Option<u64> {
+    entries.iter().find(|e| e.address == *addr).map(|e| e.stake)
+}
+
+/// Balances, stakes and unbonding of `addrs` at the chain's height, summed.
+fn supply(chain: &Chain, addrs: &[Address]) -> u64 {
+    addrs
+        .iter()
+        .map(|a| {
+            let acc = chain.account(a);
+            acc.balance + acc.stake + acc.unbonding.iter().map(|u| u.amount).sum::<u64>()
+        })
+        .sum()
+}
+
+#[test]
+fn genesis_registers_the_validators_and_stakes_lists_them_by_address() {
+    let (chain, vals) = validator_chain();
+    let registry = chain.state.validator_registry(0).unwrap();
+    assert_eq!(registry.len(), 3);
+    for v in &vals {
+        assert_eq!(registry.get(&v.address()), Some(&v.public()));
+    }
+    let stakes = chain.state.stakes(0).unwrap();
+    let mut expected: Vec<StakeEntry> = vals
+        .iter()
+        .zip(1u64..)
+        .map(|(k, i)| StakeEntry {
+            address: k.address(),
+            public_key: k.public(),
+            stake: i * 1_000_000,
+        })
+        .collect();
+    expected.sort_by_key(|e| e.address);
+    assert_eq!(stakes, expected);
+
+    // The registry is part of the state root, with a proof like any account.
+    let (value, proof) = chain
+        .state
+        .tree()
+        .get_with_proof(0, &ValidatorRegistry::key())
+        .unwrap();
+    let value = value.unwrap();
+    assert_eq!(value, registry.encode());
+    verify_proof(
+        &chain.state.root(0).unwrap(),
+        &ValidatorRegistry::key(),
+        Some(&value),
+        &proof,
+    )
+    .unwrap();
+
+    // No validators: no registry entry, so the root is exactly the accounts' root.
+    let plain = Chain::new(&[(key(10).address(), funded(10_000))]);
+    assert!(plain.state.validator_registry(0).unwrap().is_empty());
+    assert!(plain.state.stakes(0).unwrap().is_empty());
+    let root = StateTree::new(Arc::new(MemStore::new()))
+        .apply(
+            None,
+            0,
+            &[(
+                account_key(&key(10).address()),
+                Some(funded(10_000).encode()),
+            )],
+            &mut WriteBatch::new(),
+        )
+        .unwrap();
+    assert_eq!(plain.state.root(0).unwrap(), root);
+
+    // A registered key without stake is not a candidate; duplicates are refused.
+    let lone = Chain::with_validators(&[], &[key(4).public()]);
+    assert_eq!(lone.state.validator_registry(0).unwrap().len(), 1);
+    assert!(lone.state.stakes(0).unwrap().is_empty());
+    assert!(matches!(
+        chain.state.init_genesis(
+            &[],
+            &[key(4).public(), key(4).public()],
+            &mut WriteBatch::new()
+        ),
+        Err(Error::DuplicateGenesisValidator(a)) if a == key(4).address()
+    ));
+    assert!(matches!(
+        chain.state.stakes(7),
+        Err(Error::VersionNotFound(7))
+    ));
+}
+
+#[test]
+fn bond_registers_a_new_validator_once_and_stakes_includes_it() {
+    let (mut chain, _) = validator_chain();
+    let (alice, bob) = (key(10), key(11));
+    let registry_0 = chain.state.validator_registry(0).unwrap();
+
+    // A failed bond and a zero bond register nobody.
+    chain.block(proposer(), &[transfer(&alice, 0, 10, bob.address(), 100)]);
+    let out = chain.block(proposer(), &[bond(&bob, 0, 0), bond(&alice, 1, 1_000_000)]);
+    assert!(out.receipts[0].success);
+    assert_eq!(out.receipts[1].error.as_deref(), Some("insufficient funds"));
+    assert_eq!(chain.state.validator_registry(2).unwrap(), registry_0);
+
+    // Two bonds in one block: registered once, stake is the sum, effective immediately in
+    // `stakes` (consensus decides when a snapshot becomes a validator set).
+    let out = chain.block(proposer(), &[bond(&alice, 2, 100), bond(&alice, 3, 50)]);
+    assert!(out.receipts.iter().all(|r| r.success), "{:?}", out.receipts);
+    let registry = chain.state.validator_registry(3).unwrap();
+    assert_eq!(registry.len(), 4);
+    assert_eq!(registry.get(&alice.address()), Some(&alice.public()));
+    let stakes = chain.state.stakes(3).unwrap();
+    assert_eq!(stakes.len(), 4);
+    assert_eq!(stake_of(&stakes, &alice.address()), Some(150));
+    assert!(stakes.windows(2).all(|w| w[0].address < w[1].address));
+    // The earlier version still answers as it was.
+    assert_eq!(chain.state.stakes(2).unwrap().len(), 3);
+
+    // Bonding again changes the stake but not the registry bytes.
+    let before = chain
+        .state
+        .tree()
+        .get(3, &ValidatorRegistry::key())
+        .unwrap();
+    chain.block(proposer(), &[bond(&alice, 4, 5)]);
+    assert_eq!(
+        chain
+            .state
+            .tree()
+            .get(4, &ValidatorRegistry::key())
+            .unwrap(),
+        before
+    );
+    assert_eq!(
+        stake_of(&chain.state.stakes(4).unwrap(), &alice.address()),
+        Some(155)
+    );
+}
+
+#[test]
+fn unbonding_to_zero_leaves_stakes_but_not_the_registry() {
+    let (mut chain, vals) = validator_chain();
+    let v = &vals[0];
+    let out = chain.block(proposer(), &[unbond(v, 0, 1_000_000)]);
+    assert!(out.receipts[0].success);
+    let stakes = chain.state.stakes(1).unwrap();
+    assert_eq!(stake_of(&stakes, &v.address()), None);
+    assert_eq!(stakes.len(), 2);
+    assert!(chain
+        .state
+        .validator_registry(1)
+        .unwrap()
+        .contains(&v.address()));
+    // Bonding again brings it back, without a new registration.
+    chain.block(proposer(), &[bond(v, 1, 7)]);
+    assert_eq!(
+        stake_of(&chain.state.stakes(2).unwrap(), &v.address()),
+        Some(7)
+    );
+    assert_eq!(chain.state.validator_registry(2).unwrap().len(), 3);
+}
+
+#[test]
+fn evidence_slashes_stake_and_unbonding_burns_it_and_jails() {
+    let (mut chain, vals) = validator_chain();
+    let (v, other) = (&vals[0], &vals[1]);
+    let all: Vec<Address> = vals
+        .iter()
+        .map(Keypair::address)
+        .chain([key(10).address(), proposer()])
+        .collect();
+    // Height 1: unbond 200,000 (released at 1 + 3 = 4).
+    chain.block(proposer(), &[unbond(v, 0, 200_000)]);
+    let supply_before = supply(&chain, &all);
+
+    // Height 2: evidence, twice for the same offender in one block.
+    let out = chain.block_with_evidence(
+        proposer(),
+        vec![equivocation(v, CHAIN, 9), equivocation(v, CHAIN, 10)],
+        &[],
+    );
+    // 5% of 800,000 stake + 5% of the 200,000 unbonding.
+    assert_eq!(out.slashed, vec![(v.address(), 40_000 + 10_000)]);
+    assert_eq!(
+        out.changed,
+        vec![(
+            v.address(),
+            Account {
+                balance: 990,
+                nonce: 1,
+                stake: 760_000,
+                unbonding: vec![Unbonding {
+                    amount: 190_000,
+                    release_height: 4
+                }],
+                jailed: true,
+            }
+        )]
+    );
+    assert_eq!(supply(&chain, &all), supply_before - 50_000);
+    let stakes = chain.state.stakes(2).unwrap();
+    assert_eq!(stake_of(&stakes, &v.address()), None);
+    assert_eq!(stake_of(&stakes, &other.address()), Some(2_000_000));
+    assert_eq!(stakes.len(), 2);
+    assert!(chain
+        .state
+        .validator_registry(2)
+        .unwrap()
+        .contains(&v.address()));
+
+    // Height 3: more evidence against the jailed offender is a no-op.
+    let root = chain.state.root(2).unwrap();
+    let out = chain.block_with_evidence(proposer(), vec![equivocation(v, CHAIN, 11)], &[]);
+    assert!(out.slashed.is_empty());
+    assert!(out.changed.is_empty());
+    assert_eq!(out.state_root, root);
+
+    // Height 4: the slashed unbonding is released as it stands.
+    chain.block(proposer(), &[transfer(v, 1, 10, proposer(), 0)]);
+    let acc = chain.account(&v.address());
+    assert_eq!(
+        (acc.balance, acc.stake, acc.unbonding.len(), acc.jailed),
+        (990 - 10 + 190_000, 760_000, 0, true)
+    );
+}
+
+#[test]
+fn invalid_evidence_is_ignored() {
+    let (mut chain, vals) = validator_chain();
+    let (v, w) = (&vals[0], &vals[1]);
+    let good = equivocation(v, CHAIN, 3);
+
+    let mut bad_signature = good.clone();
+    bad_signature.second.signature.0[0] ^= 1;
+    let not_conflicting = Evidence {
+        first: good.first.clone(),
+        second: good.first.clone(),
+    };
+    let two_voters = Evidence {
+        first: good.first.clone(),
+        second: Vote::sign(w, CHAIN, Hash([0xB2; 32]), 4, 3),
+    };
+    let mut forged = Vote::sign(w, CHAIN, Hash([0xB2; 32]), 4, 3);
+    forged.voter = v.address();
+    let forged = Evidence {
+        first: good.first.clone(),
+        second: forged,
+    };
+    let cases = [
+        ("bad signature", bad_signature),
+        ("wrong chain", equivocation(v, "other-chain", 3)),
+        ("not conflicting", not_conflicting),
+        ("two voters", two_voters),
+        ("forged vote", forged),
+        ("unknown offender", equivocation(&key(10), CHAIN, 3)),
+    ];
+    for (what, evidence) in cases {
+        let root = chain.state.root(chain.height).unwrap();
+        let out = chain.block_with_evidence(proposer(), vec![evidence], &[]);
+        assert!(out.slashed.is_empty(), "{what}");
+        assert!(out.changed.is_empty(), "{what}");
+        assert_eq!(out.state_root, root, "{what}");
+    }
+    assert_eq!(chain.state.stakes(chain.height).unwrap().len(), 3);
+
+    // An invalid piece does not stop a valid one after it.
+    let out = chain.block_with_evidence(
+        proposer(),
+        vec![equivocation(&key(10), CHAIN, 3), good],
+        &[],
+    );
+    assert_eq!(out.slashed, vec![(v.address(), 50_000)]);
+}
+
+#[test]
+fn evidence_against_a_new_bonder_needs_its_registration_from_an_earlier_block() {
+    let (mut chain, _) = validator_chain();
+    let alice = key(10);
+    // Evidence is applied before transactions, against the parent's registry.
+    let out = chain.block_with_evidence(
+        proposer(),
+        vec![equivocation(&alice, CHAIN, 1)],
+        &[bond(&alice, 0, 1_000)],
+    );
+    assert!(out.slashed.is_empty());
+    assert!(out.receipts[0].success);
+    let out = chain.block_with_evidence(proposer(), vec![equivocation(&alice, CHAIN, 1)], &[]);
+    assert_eq!(out.slashed, vec![(alice.address(), 50)]);
+    assert!(chain.account(&alice.address()).jailed);
+}
+
+#[test]
+fn a_jailed_validator_cannot_bond_but_can_unbond() {
+    let (mut chain, vals) = validator_chain();
+    let v = &vals[0];
+    // Evidence comes first, so a bond in the same block is already refused.
+    let out = chain.block_with_evidence(
+        proposer(),
+        vec![equivocation(v, CHAIN, 1)],
+        &[bond(v, 0, 10)],
+    );
+    assert_eq!(out.slashed, vec![(v.address(), 50_000)]);
+    let r = &out.receipts[0];
+    assert!(!r.success);
+    assert_eq!(r.error.as_deref(), Some("validator is jailed"));
+    assert_eq!(r.fee, 10);
+    let acc = chain.account(&v.address());
+    assert_eq!((acc.balance, acc.nonce, acc.stake), (990, 1, 950_000));
+
+    let out = chain.block(proposer(), &[bond(v, 1, 0), unbond(v, 2, 950_000)]);
+    assert_eq!(
+        out.receipts[0].error.as_deref(),
+        Some("validator is jailed")
+    );
+    assert!(out.receipts[1].success);
+    let acc = chain.account(&v.address());
+    assert_eq!((acc.nonce, acc.stake, acc.jailed), (3, 0, true));
+    assert_eq!(
+        acc.unbonding,
+        vec![Unbonding {
+            amount: 950_000,
+            release_height: 2 + PERIOD
+        }]
+    );
+}
+
+#[test]
+fn blocks_with_evidence_and_bonds_are_deterministic() {
+    let (genesis, txs) = mixed_block();
+    let vals: Vec<Keypair> = (0..4).map(key).collect();
+    let validator_keys: Vec<PublicKey> = vals.iter().map(Keypair::public).collect();
+    let genesis: Vec<(Address, Account)> = genesis
+        .into_iter()
+        .map(|(a, mut acc)| {
+            if vals.iter().any(|k| k.address() == a) {
+                acc.stake = 123_457;
+            }
+            (a, acc)
+        })
+        .collect();
+    let mut bad = equivocation(&vals[2], CHAIN, 5);
+    bad.first.signature.0[1] ^= 1;
+    let evidence = vec![
+        equivocation(&vals[1], CHAIN, 5),
+        bad,
+        equivocation(&vals[3], CHAIN, 6),
+        equivocation(&vals[1], CHAIN, 7),
+    ];
+    let run = || {
+        let store = Arc::new(MemStore::new());
+        let state = State::new(store.clone(), params());
+        let mut batch = WriteBatch::new();
+        state
+            .init_genesis(&genesis, &validator_keys, &mut batch)
+            .unwrap();
+        store.write(batch).unwrap();
+        let mut batch = WriteBatch::new();
+        let env = BlockEnv {
+            height: 1,
+            proposer: proposer(),
+            evidence: evidence.clone(),
+        };
+        let out = state.execute_block(&env, &txs, &mut batch).unwrap();
+        store.write(batch.clone()).unwrap();
+        (out, batch, state.stakes(1).unwrap())
+    };
+    let (a, batch_a, stakes_a) = run();
+    let (b, batch_b, stakes_b) = run();
+    assert_eq!(a, b);
+    assert_eq!(batch_a, batch_b);
+    assert_eq!(stakes_a, stakes_b);
+    // floor(123,457 * 5%) = 6,172 for each of the two valid offenders.
+    assert_eq!(
+        a.slashed,
+        vec![(vals[1].address(), 6_172), (vals[3].address(), 6_172)]
+    );
+    // The mixed block bonds from 20 accounts: the 4 genesis validators plus the new bonders,
+    // minus the two jailed ones (whose bonds are refused).
+    assert!(stakes_a
+        .iter()
+        .all(|e| e.address != vals[1].address() && e.address != vals[3].address()));
+    assert!(stakes_a.len() > 2);
 }

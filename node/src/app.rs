@@ -1,0 +1,1152 @@
+//! Block execution over blocks that are not final yet.
+//!
+//! Under BFT consensus a block is proposed, re-executed by every validator on its parent's
+//! state, certified, and only later final; a certified block can still be abandoned on a
+//! fork. [`App`] keeps the blocks above the final tip in memory ("pending"), each with the
+//! state-tree nodes its execution staged, and writes a block to the store only when it is
+//! final.
+//!
+//! How a pending block reads its parent's state: the staged batch of every pending block is
+//! indexed once into a [`Layer`]; executing on a pending parent reads through an
+//! [`OverlayStore`] of the store plus the layers of the parent's pending ancestors, oldest
+//! first, with a throw-away [`State`] (so the long-lived `State`'s node cache, which serves
+//! executions on the final tip, only ever holds nodes read from the store). Two forks at one
+//! height stage different nodes under the same keys; that is harmless because each branch
+//! reads only its own ancestors' layers and only the final branch is ever written.
+//!
+//! Invariants:
+//! - Every pending block is a descendant of the final tip, at most [`MAX_PENDING_HEIGHTS`]
+//!   above it: blocks further ahead are refused, and [`App::finalize`] drops every pending
+//!   block that does not descend from the new final tip. The memory held is therefore bounded
+//!   by the heights kept times the forks per height (one proposal per round, which consensus
+//!   checks before a block gets here).
+//! - A block is written once, when final, in one atomic batch: its state nodes, header, body,
+//!   indexes, receipts, the `finalized`/`latest` pointers and its certificate.
+//! - Everything is synchronous and deterministic: the same blocks give the same roots,
+//!   receipts and writes on every node, over `MemStore` or RocksDB.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use keel_state::{Account, BlockEnv, BlockOutcome, ExecParams, State};
+use keel_storage::{BlockStore, KvStore, Layer, OverlayStore, WriteBatch};
+use keel_types::{
+    merkle_root, Address, Block, Evidence, Hash, Header, QuorumCertificate, Receipt, Transaction,
+};
+
+use crate::driver::LATEST_QC_KEY;
+
+/// How far above the final tip a pending block may be. A block higher than that is refused
+/// ([`AppError::Invalid`]): with finality two blocks behind the head, an honest chain never
+/// gets near it, and it caps the memory a stalled or lying network can make a node spend.
+pub const MAX_PENDING_HEIGHTS: u64 = 256;
+
+/// What consensus decides about a block before it is built: everything in the header except
+/// the roots, which execution fills in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockTemplate {
+    /// Height: the parent's height plus one.
+    pub height: u64,
+    /// Consensus round of the proposal.
+    pub round: u64,
+    /// Epoch of the validator set proposing it.
+    pub epoch: u64,
+    /// The parent: the final tip or a pending block.
+    pub parent_hash: Hash,
+    /// The parent's certificate (it must certify `parent_hash`).
+    pub parent_qc: QuorumCertificate,
+    /// Proposer's clock, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The proposer: receives the fees.
+    pub proposer: Address,
+    /// Hash of the validator set proposing it.
+    pub validators_hash: Hash,
+}
+
+/// Why a block cannot be built, validated or finalized.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The parent is neither the final tip nor a pending block: fetch it first.
+    #[error("unknown parent {0}")]
+    UnknownParent(Hash),
+    /// Finalizing a block that is neither pending nor stored.
+    #[error("unknown block {0}")]
+    UnknownBlock(Hash),
+    /// The block breaks a rule (the message says which); it is not kept.
+    #[error("invalid block: {0}")]
+    Invalid(String),
+    /// The store holds no chain: genesis must be written before an [`App`] opens it.
+    #[error("the store holds no chain: write genesis first")]
+    NoGenesis,
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] keel_storage::Error),
+    /// Execution failed (a store failure or corrupt state, never a bad transaction).
+    #[error(transparent)]
+    State(#[from] keel_state::Error),
+}
+
+/// A block [`App::finalize`] has written, with what the node needs to update its mempool
+/// and notify subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finalized {
+    /// The block.
+    pub block: Block,
+    /// One receipt per transaction, in block order.
+    pub receipts: Vec<Receipt>,
+    /// The new nonce of every account the block changed.
+    pub new_nonces: Vec<(Address, u64)>,
+}
+
+/// A block's height and the layers of its pending branch, oldest first (none for the
+/// final tip).
+type BranchView = (u64, Vec<Arc<Layer>>);
+
+/// An executed block above the final tip.
+struct Pending {
+    block: Block,
+    receipts: Vec<Receipt>,
+    new_nonces: Vec<(Address, u64)>,
+    tx_hashes: Vec<Hash>,
+    /// The state nodes, root pointer and stale records its execution staged.
+    layer: Arc<Layer>,
+}
+
+impl Pending {
+    fn new(block: Block, tx_hashes: Vec<Hash>, outcome: BlockOutcome, batch: &WriteBatch) -> Self {
+        Pending {
+            block,
+            receipts: outcome.receipts,
+            new_nonces: outcome
+                .changed
+                .iter()
+                .map(|(a, acc)| (*a, acc.nonce))
+                .collect(),
+            tx_hashes,
+            layer: Arc::new(Layer::from_batch(batch)),
+        }
+    }
+
+    fn height(&self) -> u64 {
+        self.block.header.height
+    }
+
+    fn parent(&self) -> Hash {
+        self.block.header.parent_hash
+    }
+}
+
+/// Block execution for consensus: builds and validates blocks on the final tip or on pending
+/// blocks, keeps them in memory, and writes them when they become final.
+pub struct App {
+    store: Arc<dyn KvStore>,
+    blocks: BlockStore,
+    /// Executes on the final tip; its node cache holds only stored nodes.
+    state: State,
+    params: ExecParams,
+    pending: HashMap<Hash, Pending>,
+    final_tip: (u64, Hash),
+}
+
+impl App {
+    /// Opens over a store whose genesis is already written; the last stored block
+    /// (`BlockStore::latest`) is the final tip.
+    pub fn new(store: Arc<dyn KvStore>, params: ExecParams) -> Result<App, AppError> {
+        let blocks = BlockStore::new(store.clone());
+        let final_tip = blocks.latest()?.ok_or(AppError::NoGenesis)?;
+        Ok(App {
+            state: State::new(store.clone(), params.clone()),
+            store,
+            blocks,
+            params,
+            pending: HashMap::new(),
+            final_tip,
+        })
+    }
+
+    /// Height and hash of the final tip: the newest block written to the store.
+    pub fn final_tip(&self) -> (u64, Hash) {
+        self.final_tip
+    }
+
+    /// Number of pending (executed, not yet final) blocks.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the block is known: pending here or final in the store. A store failure
+    /// answers `false`.
+    pub fn has_block(&self, hash: &Hash) -> bool {
+        self.pending.contains_key(hash)
+            || *hash == self.final_tip.1
+            || matches!(self.blocks.header_by_hash(hash), Ok(Some(_)))
+    }
+
+    /// The block with hash `hash`, pending or stored.
+    pub fn block(&self, hash: &Hash) -> Result<Option<Block>, AppError> {
+        match self.pending.get(hash) {
+            Some(p) => Ok(Some(p.block.clone())),
+            None => Ok(self.blocks.block_by_hash(hash)?),
+        }
+    }
+
+    /// The receipts of a pending block (`None` if it is not pending).
+    pub fn pending_receipts(&self, hash: &Hash) -> Option<&[Receipt]> {
+        self.pending.get(hash).map(|p| p.receipts.as_slice())
+    }
+
+    /// The account of `addr` in the state after block `at` (pending, or stored and not
+    /// pruned), as stored: see [`Account::release_matured`] for matured unbonding.
+    pub fn account(&self, at: &Hash, addr: &Address) -> Result<Option<Account>, AppError> {
+        if let Some((height, layers)) = self.branch(at)? {
+            return Ok(self.state_over(layers).account(addr, height)?);
+        }
+        match self.blocks.header_by_hash(at)? {
+            Some(header) => Ok(self.state.account(addr, header.height)?),
+            None => Err(AppError::UnknownBlock(*at)),
+        }
+    }
+
+    /// Hashes of the transactions of `parent` and of its pending ancestors (the blocks not
+    /// final yet on that branch), so a proposer does not select them again. Empty when
+    /// `parent` is final or unknown.
+    pub fn branch_tx_hashes(&self, parent: &Hash) -> HashSet<Hash> {
+        let mut out = HashSet::new();
+        let mut cur = *parent;
+        while let Some(p) = self.pending.get(&cur) {
+            out.extend(p.tx_hashes.iter().copied());
+            cur = p.parent();
+        }
+        out
+    }
+
+    /// Executes `txs` and `evidence` on `template.parent_hash` (the final tip or a pending
+    /// block) and assembles the block: `tx_root` ([`merkle_root`] of the transaction hashes),
+    /// `evidence_root` ([`Block::evidence_root`]) and `state_root` filled in, `chain_id` from
+    /// the parameters. The block is kept pending and returned.
+    pub fn build_block(
+        &mut self,
+        template: BlockTemplate,
+        txs: Vec<Transaction>,
+        evidence: Vec<Evidence>,
+    ) -> Result<Block, AppError> {
+        let (parent_height, layers) = self.parent_view(&template.parent_hash)?;
+        self.check_position(
+            template.height,
+            parent_height,
+            &template.parent_hash,
+            &template.parent_qc,
+        )?;
+        let env = BlockEnv {
+            height: template.height,
+            proposer: template.proposer,
+            evidence: evidence.clone(),
+        };
+        let (outcome, batch) = self.execute(layers, &env, &txs)?;
+        let tx_hashes: Vec<Hash> = txs.iter().map(|t| t.hash).collect();
+        let mut block = Block {
+            header: Header {
+                chain_id: self.params.chain_id.clone(),
+                height: template.height,
+                round: template.round,
+                epoch: template.epoch,
+                parent_hash: template.parent_hash,
+                timestamp_ms: template.timestamp_ms,
+                proposer: template.proposer,
+                tx_root: merkle_root(&tx_hashes),
+                state_root: outcome.state_root,
+                validators_hash: template.validators_hash,
+                parent_qc: template.parent_qc,
+                evidence_root: Hash::ZERO,
+            },
+            txs: txs.into_iter().map(|t| t.bytes).collect(),
+            evidence,
+        };
+        block.header.evidence_root = block.evidence_root();
+        tracing::debug!(
+            height = block.header.height,
+            txs = block.txs.len(),
+            root = %block.header.state_root,
+            "built block"
+        );
+        let hash = block.hash();
+        self.pending.insert(
+            hash,
+            Pending::new(block.clone(), tx_hashes, outcome, &batch),
+        );
+        Ok(block)
+    }
+
+    /// Re-executes a block proposed by someone else on its parent and keeps it pending if it
+    /// holds. Checks, in order: the parent is known ([`AppError::UnknownParent`]), the chain
+    /// id, height = parent height + 1 and at most [`MAX_PENDING_HEIGHTS`] above the final
+    /// tip, that `parent_qc` certifies the parent, that every transaction decodes, the
+    /// `tx_root`, the `evidence_root`, and the `state_root` against re-execution. A block
+    /// already known (pending or stored) is accepted at once.
+    ///
+    /// What consensus checks (proposer, round, timestamp, validator set, certificate and
+    /// evidence signatures) is not checked here.
+    pub fn validate_block(&mut self, block: &Block) -> Result<(), AppError> {
+        let hash = block.hash();
+        if self.has_block(&hash) {
+            return Ok(());
+        }
+        let header = &block.header;
+        let (parent_height, layers) = self.parent_view(&header.parent_hash)?;
+        if header.chain_id != self.params.chain_id {
+            return Err(AppError::Invalid(format!(
+                "chain id {:?}, expected {:?}",
+                header.chain_id, self.params.chain_id
+            )));
+        }
+        self.check_position(
+            header.height,
+            parent_height,
+            &header.parent_hash,
+            &header.parent_qc,
+        )?;
+        let txs = block
+            .txs
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                Transaction::decode(bytes)
+                    .map_err(|e| AppError::Invalid(format!("transaction {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let tx_hashes: Vec<Hash> = txs.iter().map(|t| t.hash).collect();
+        let tx_root = merkle_root(&tx_hashes);
+        if tx_root != header.tx_root {
+            return Err(AppError::Invalid(format!(
+                "tx root {}, transactions give {tx_root}",
+                header.tx_root
+            )));
+        }
+        let evidence_root = block.evidence_root();
+        if evidence_root != header.evidence_root {
+            return Err(AppError::Invalid(format!(
+                "evidence root {}, evidence gives {evidence_root}",
+                header.evidence_root
+            )));
+        }
+        let env = BlockEnv {
+            height: header.height,
+            proposer: header.proposer,
+            evidence: block.evidence.clone(),
+        };
+        let (outcome, batch) = self.execute(layers, &env, &txs)?;
+        if outcome.state_root != header.state_root {
+            return Err(AppError::Invalid(format!(
+                "state root {}, execution gives {}",
+                header.state_root, outcome.state_root
+            )));
+        }
+        tracing::debug!(height = header.height, %hash, txs = txs.len(), "validated block");
+        self.pending.insert(
+            hash,
+            Pending::new(block.clone(), tx_hashes, outcome, &batch),
+        );
+        Ok(())
+    }
+
+    /// Makes `hash` and every pending ancestor of it final, oldest first: each is written as
+    /// one atomic batch holding its state nodes, `BlockStore::stage_block` (block, indexes,
+    /// receipts, `latest`), `stage_finalized` and meta `latest_qc` = its certificate (`qc`
+    /// for `hash`, which must certify it; for an ancestor, the `parent_qc` in its child's
+    /// header). Then every pending block that does not descend from the new final tip is
+    /// dropped. Returns what was written, oldest first.
+    ///
+    /// Finalizing the final tip or a block already stored (an ancestor of it) does nothing
+    /// and returns an empty list; a hash neither pending nor stored is
+    /// [`AppError::UnknownBlock`]. If a write fails, the blocks written before it stay final
+    /// (the final tip says how far it got) and the error is returned.
+    pub fn finalize(
+        &mut self,
+        hash: &Hash,
+        qc: &QuorumCertificate,
+    ) -> Result<Vec<Finalized>, AppError> {
+        if *hash == self.final_tip.1 {
+            return Ok(Vec::new());
+        }
+        let Some(newest) = self.pending.get(hash) else {
+            return match self.blocks.header_by_hash(hash)? {
+                Some(_) => Ok(Vec::new()),
+                None => Err(AppError::UnknownBlock(*hash)),
+            };
+        };
+        if qc.block_hash != *hash || qc.height != newest.height() {
+            return Err(AppError::Invalid(format!(
+                "certificate of block {} at height {} cannot finalize block {hash} at height {}",
+                qc.block_hash,
+                qc.height,
+                newest.height()
+            )));
+        }
+        // The branch from the oldest pending ancestor to `hash`, each with its certificate.
+        let mut branch: Vec<(Hash, QuorumCertificate)> = vec![(*hash, qc.clone())];
+        let mut cur = newest;
+        while cur.parent() != self.final_tip.1 {
+            let parent = cur.parent();
+            let certificate = cur.block.header.parent_qc.clone();
+            cur = self
+                .pending
+                .get(&parent)
+                .ok_or(AppError::UnknownParent(parent))?;
+            branch.push((parent, certificate));
+        }
+        branch.reverse();
+
+        let mut written = Vec::with_capacity(branch.len());
+        let mut failure = None;
+        for (block_hash, certificate) in branch {
+            if let Err(e) = self.write_final(&block_hash, &certificate, &mut written) {
+                failure = Some(e);
+                break;
+            }
+        }
+        self.drop_abandoned();
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    }
+
+    /// Writes one pending block whose parent is the final tip; it becomes the final tip.
+    fn write_final(
+        &mut self,
+        hash: &Hash,
+        qc: &QuorumCertificate,
+        written: &mut Vec<Finalized>,
+    ) -> Result<(), AppError> {
+        let pending = self
+            .pending
+            .get(hash)
+            .ok_or(AppError::UnknownBlock(*hash))?;
+        let height = pending.height();
+        let mut batch = pending.layer.to_batch();
+        self.blocks
+            .stage_block(&mut batch, &pending.block, &pending.receipts);
+        self.blocks.stage_finalized(&mut batch, height, *hash);
+        self.blocks
+            .stage_meta(&mut batch, LATEST_QC_KEY, &qc.encode());
+        self.store.write(batch)?;
+        self.final_tip = (height, *hash);
+        if let Some(p) = self.pending.remove(hash) {
+            tracing::debug!(height, %hash, txs = p.block.txs.len(), "finalized block");
+            written.push(Finalized {
+                block: p.block,
+                receipts: p.receipts,
+                new_nonces: p.new_nonces,
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops every pending block that does not descend from the final tip.
+    fn drop_abandoned(&mut self) {
+        let (tip_height, tip_hash) = self.final_tip;
+        let mut by_height: Vec<(u64, Hash, Hash)> = self
+            .pending
+            .iter()
+            .map(|(h, p)| (p.height(), *h, p.parent()))
+            .collect();
+        // Parents before children, so one pass decides every block.
+        by_height.sort();
+        let mut keep = HashSet::from([tip_hash]);
+        for (height, hash, parent) in by_height {
+            if height > tip_height && keep.contains(&parent) {
+                keep.insert(hash);
+            }
+        }
+        let before = self.pending.len();
+        self.pending.retain(|h, _| keep.contains(h));
+        let dropped = before - self.pending.len();
+        if dropped > 0 {
+            tracing::debug!(dropped, "dropped pending blocks abandoned by finality");
+        }
+    }
+
+    /// The height of `hash` and the layers of its pending branch (oldest first) if it is the
+    /// final tip (no layers) or pending; `None` otherwise.
+    fn branch(&self, hash: &Hash) -> Result<Option<BranchView>, AppError> {
+        if *hash == self.final_tip.1 {
+            return Ok(Some((self.final_tip.0, Vec::new())));
+        }
+        let Some(block) = self.pending.get(hash) else {
+            return Ok(None);
+        };
+        let mut layers = vec![block.layer.clone()];
+        let mut cur = block.parent();
+        while cur != self.final_tip.1 {
+            // Every pending block descends from the final tip (`drop_abandoned`), so this
+            // walk ends; a gap would be a bug, reported rather than looped on.
+            let ancestor = self.pending.get(&cur).ok_or(AppError::UnknownParent(cur))?;
+            layers.push(ancestor.layer.clone());
+            cur = ancestor.parent();
+        }
+        layers.reverse();
+        Ok(Some((block.height(), layers)))
+    }
+
+    /// [`App::branch`] of a block's parent: a parent that is stored but not the final tip is
+    /// a fork off a final block and is refused.
+    fn parent_view(&self, parent: &Hash) -> Result<BranchView, AppError> {
+        if let Some(view) = self.branch(parent)? {
+            return Ok(view);
+        }
+        match self.blocks.header_by_hash(parent)? {
+            Some(header) => Err(AppError::Invalid(format!(
+                "parent {parent} at height {} is final but not the final tip {}",
+                header.height, self.final_tip.1
+            ))),
+            None => Err(AppError::UnknownParent(*parent)),
+        }
+    }
+
+    /// Height and certificate checks of a block on a parent at `parent_height`.
+    fn check_position(
+        &self,
+        height: u64,
+        parent_height: u64,
+        parent_hash: &Hash,
+        parent_qc: &QuorumCertificate,
+    ) -> Result<(), AppError> {
+        if Some(height) != parent_height.checked_add(1) {
+            return Err(AppError::Invalid(format!(
+                "height {height} does not follow its parent's height {parent_height}"
+            )));
+        }
+        if height.saturating_sub(self.final_tip.0) > MAX_PENDING_HEIGHTS {
+            return Err(AppError::Invalid(format!(
+                "height {height} is more than {MAX_PENDING_HEIGHTS} above the final height {}",
+                self.final_tip.0
+            )));
+        }
+        if parent_qc.block_hash != *parent_hash || parent_qc.height != parent_height {
+            return Err(AppError::Invalid(format!(
+                "parent certificate is for block {} at height {}, not the parent {parent_hash}",
+                parent_qc.block_hash, parent_qc.height
+            )));
+        }
+        Ok(())
+    }
+
+    /// A `State` reading the store through `layers`; the main one when there are none.
+    fn state_over(&self, layers: Vec<Arc<Layer>>) -> StateRef<'_> {
+        if layers.is_empty() {
+            return StateRef::Main(&self.state);
+        }
+        let view = OverlayStore::new(self.store.clone(), layers);
+        StateRef::Branch(Box::new(State::new(Arc::new(view), self.params.clone())))
+    }
+
+    /// Executes a block on the state the layers describe; returns the outcome and the
+    /// staged state batch.
+    fn execute(
+        &self,
+        layers: Vec<Arc<Layer>>,
+        env: &BlockEnv,
+        txs: &[Transaction],
+    ) -> Result<(BlockOutcome, WriteBatch), AppError> {
+        let mut batch = WriteBatch::new();
+        let outcome = self
+            .state_over(layers)
+            .execute_block(env, txs, &mut batch)?;
+        Ok((outcome, batch))
+    }
+}
+
+/// The long-lived state (final-tip executions, cached) or a throw-away one over an overlay.
+enum StateRef<'a> {
+    Main(&'a State),
+    Branch(Box<State>),
+}
+
+impl std::ops::Deref for StateRef<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        match self {
+            StateRef::Main(s) => s,
+            StateRef::Branch(s) => s,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Mutex;
+
+    use keel_storage::{Column, Direction, KvIter, MemStore};
+    use keel_types::{Keypair, TxKind};
+
+    use super::*;
+
+    const CHAIN: &str = "app-test";
+    const FEE: u64 = 10;
+    const FUNDS: u64 = 1_000_000;
+
+    fn params() -> ExecParams {
+        ExecParams {
+            chain_id: CHAIN.into(),
+            min_fee: FEE,
+            unbonding_period: 5,
+            slash_fraction_ppm: 100_000,
+        }
+    }
+
+    /// Senders 1..=3 funded; 9 proposes.
+    fn key(seed: u64) -> Keypair {
+        Keypair::from_seed(seed)
+    }
+
+    fn addr(seed: u64) -> Address {
+        key(seed).address()
+    }
+
+    /// A store holding only genesis, as `Node` writes it; returns the genesis hash.
+    fn genesis(store: &Arc<dyn KvStore>) -> Hash {
+        let accounts: Vec<(Address, Account)> = (1..=3)
+            .map(|s| {
+                (
+                    addr(s),
+                    Account {
+                        balance: FUNDS,
+                        ..Account::default()
+                    },
+                )
+            })
+            .collect();
+        let state = State::new(store.clone(), params());
+        let blocks = BlockStore::new(store.clone());
+        let mut batch = WriteBatch::new();
+        let root = state.init_genesis(&accounts, &[], &mut batch).unwrap();
+        let block = Block {
+            header: Header {
+                chain_id: CHAIN.into(),
+                state_root: root,
+                ..Header::default()
+            },
+            txs: Vec::new(),
+            evidence: Vec::new(),
+        };
+        let hash = block.hash();
+        blocks.stage_block(&mut batch, &block, &[]);
+        blocks.stage_finalized(&mut batch, 0, hash);
+        store.write(batch).unwrap();
+        hash
+    }
+
+    fn new_app() -> (App, Arc<dyn KvStore>, Hash) {
+        let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
+        let g = genesis(&store);
+        (App::new(store.clone(), params()).unwrap(), store, g)
+    }
+
+    fn qc(hash: Hash, height: u64, round: u64) -> QuorumCertificate {
+        QuorumCertificate {
+            block_hash: hash,
+            height,
+            round,
+            signatures: Vec::new(),
+        }
+    }
+
+    fn template(parent: Hash, parent_height: u64, round: u64) -> BlockTemplate {
+        BlockTemplate {
+            height: parent_height + 1,
+            round,
+            epoch: 0,
+            parent_hash: parent,
+            parent_qc: qc(parent, parent_height, round.saturating_sub(1)),
+            timestamp_ms: 1_000 * round,
+            proposer: addr(9),
+            validators_hash: Hash::digest(b"validators"),
+        }
+    }
+
+    fn transfer(from: u64, nonce: u64, to: u64, amount: u64) -> Transaction {
+        Transaction::sign(
+            &key(from),
+            CHAIN,
+            nonce,
+            FEE,
+            TxKind::Transfer {
+                to: addr(to),
+                amount,
+            },
+        )
+    }
+
+    /// Builds a block of `txs` on `parent` (a block of this app) in `round`.
+    fn build(app: &mut App, parent: &Block, round: u64, txs: Vec<Transaction>) -> Block {
+        let t = template(parent.hash(), parent.header.height, round);
+        app.build_block(t, txs, Vec::new()).unwrap()
+    }
+
+    fn balance(app: &App, at: &Block, seed: u64) -> u64 {
+        app.account(&at.hash(), &addr(seed))
+            .unwrap()
+            .map_or(0, |a| a.balance)
+    }
+
+    /// Genesis and a chain of three pending blocks:
+    /// b1: 1 -> 2 100; b2: 1 -> 3 200, 2 -> 3 50; b3: 3 -> 1 1000.
+    fn three_blocks(app: &mut App, g: Hash) -> (Block, [Block; 3]) {
+        let genesis = app.block(&g).unwrap().unwrap();
+        let b1 = build(app, &genesis, 1, vec![transfer(1, 0, 2, 100)]);
+        let b2 = build(
+            app,
+            &b1,
+            2,
+            vec![transfer(1, 1, 3, 200), transfer(2, 0, 3, 50)],
+        );
+        let b3 = build(app, &b2, 3, vec![transfer(3, 0, 1, 1_000)]);
+        (genesis, [b1, b2, b3])
+    }
+
+    #[test]
+    fn pending_blocks_execute_on_their_pending_ancestors() {
+        let (mut app, store, g) = new_app();
+        let (genesis, [b1, b2, b3]) = three_blocks(&mut app, g);
+        assert_eq!(app.pending_len(), 3);
+        assert_eq!(app.final_tip(), (0, g));
+
+        assert_eq!(balance(&app, &genesis, 1), FUNDS);
+        assert_eq!(balance(&app, &b1, 1), FUNDS - 110);
+        assert_eq!(balance(&app, &b1, 2), FUNDS + 100);
+        assert_eq!(balance(&app, &b2, 1), FUNDS - 320);
+        assert_eq!(balance(&app, &b2, 2), FUNDS + 40);
+        assert_eq!(balance(&app, &b2, 3), FUNDS + 250);
+        assert_eq!(balance(&app, &b3, 3), FUNDS + 250 - 1_010);
+        assert_eq!(balance(&app, &b3, 1), FUNDS - 320 + 1_000);
+        assert_eq!(balance(&app, &b3, 9), 4 * FEE);
+        let nonce = |b: &Block, s| app.account(&b.hash(), &addr(s)).unwrap().unwrap().nonce;
+        assert_eq!((nonce(&b3, 1), nonce(&b3, 2), nonce(&b3, 3)), (2, 1, 1));
+        for b in [&b1, &b2, &b3] {
+            let receipts = app.pending_receipts(&b.hash()).unwrap();
+            assert_eq!(receipts.len(), b.txs.len());
+            assert!(receipts
+                .iter()
+                .all(|r| r.success && r.height == b.header.height));
+            assert_eq!(b.header.tx_root, merkle_root(&b.tx_hashes()));
+            assert_eq!(b.header.evidence_root, b.evidence_root());
+            assert_eq!(b.header.chain_id, CHAIN);
+            assert!(app.has_block(&b.hash()));
+            assert_eq!(app.block(&b.hash()).unwrap().as_ref(), Some(b));
+        }
+        // Nothing reached the store.
+        let fresh = State::new(store.clone(), params());
+        assert!(fresh.root(1).is_err());
+        assert_eq!(BlockStore::new(store).latest().unwrap(), Some((0, g)));
+    }
+
+    #[test]
+    fn another_node_validates_the_blocks_and_reaches_the_same_roots() {
+        let (mut app, _, g) = new_app();
+        let (_, blocks) = three_blocks(&mut app, g);
+        let (mut other, _, g2) = new_app();
+        assert_eq!(g, g2);
+        for b in &blocks {
+            other.validate_block(b).unwrap();
+            // Idempotent.
+            other.validate_block(b).unwrap();
+        }
+        assert_eq!(other.pending_len(), 3);
+        for b in &blocks {
+            assert_eq!(
+                other.pending_receipts(&b.hash()),
+                app.pending_receipts(&b.hash())
+            );
+            for s in [1, 2, 3, 9] {
+                assert_eq!(balance(&other, b, s), balance(&app, b, s));
+            }
+        }
+        // Both finalize to identical stores' state.
+        let last = &blocks[2];
+        let cert = qc(last.hash(), 3, 3);
+        app.finalize(&last.hash(), &cert).unwrap();
+        other.finalize(&last.hash(), &cert).unwrap();
+        for s in [1, 2, 3, 9] {
+            assert_eq!(balance(&other, last, s), balance(&app, last, s));
+        }
+    }
+
+    #[test]
+    fn tampered_blocks_are_refused_and_not_kept() {
+        let (mut app, _, g) = new_app();
+        let (_, [b1, ..]) = three_blocks(&mut app, g);
+        let (mut other, _, _) = new_app();
+        let refused = |other: &mut App, b: Block| {
+            let err = other.validate_block(&b).unwrap_err();
+            assert!(!other.has_block(&b.hash()), "{err} kept");
+            err
+        };
+
+        let mut bad = b1.clone();
+        bad.header.state_root = Hash::digest(b"wrong");
+        assert!(
+            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("state root"))
+        );
+
+        let mut bad = b1.clone();
+        bad.header.tx_root = Hash::digest(b"wrong");
+        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("tx root")));
+
+        // Transactions changed under an unchanged header.
+        let mut bad = b1.clone();
+        bad.txs = vec![transfer(1, 0, 3, 100).bytes];
+        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("tx root")));
+
+        let mut bad = b1.clone();
+        bad.txs.push(vec![0xde, 0xad]);
+        assert!(
+            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("transaction 1"))
+        );
+
+        let mut bad = b1.clone();
+        bad.header.evidence_root = Hash::digest(b"wrong");
+        assert!(
+            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("evidence root"))
+        );
+
+        let mut bad = b1.clone();
+        bad.header.chain_id = "other-chain".into();
+        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("chain id")));
+
+        let mut bad = b1.clone();
+        bad.header.height = 2;
+        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("height")));
+
+        let mut bad = b1.clone();
+        bad.header.parent_qc.block_hash = Hash::digest(b"elsewhere");
+        assert!(
+            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("certificate"))
+        );
+
+        let mut bad = b1.clone();
+        bad.header.parent_hash = Hash::digest(b"unknown parent");
+        assert!(matches!(
+            refused(&mut other, bad),
+            AppError::UnknownParent(_)
+        ));
+
+        // A child of a block the node has not seen.
+        let (_, [_, c2, _]) = three_blocks(&mut new_app().0, g);
+        assert!(matches!(refused(&mut other, c2), AppError::UnknownParent(p) if p == b1.hash()));
+
+        assert_eq!(other.pending_len(), 0);
+        other.validate_block(&b1).unwrap();
+        assert_eq!(other.pending_len(), 1);
+    }
+
+    #[test]
+    fn finalizing_one_fork_writes_only_that_branch_and_drops_the_other() {
+        let (mut app, store, g) = new_app();
+        let genesis = app.block(&g).unwrap().unwrap();
+        // Two proposals at height 1 (rounds 1 and 2), the first with a child.
+        let fork_a = build(&mut app, &genesis, 1, vec![transfer(1, 0, 2, 100)]);
+        let fork_a2 = build(&mut app, &fork_a, 2, vec![transfer(2, 0, 3, 7)]);
+        let fork_b = build(&mut app, &genesis, 2, vec![transfer(1, 0, 3, 300)]);
+        assert_ne!(fork_a.header.state_root, fork_b.header.state_root);
+        assert_eq!(balance(&app, &fork_a, 2), FUNDS + 100);
+        assert_eq!(balance(&app, &fork_b, 2), FUNDS);
+        assert_eq!(balance(&app, &fork_b, 3), FUNDS + 300);
+
+        let (mut other, other_store, _) = new_app();
+        for b in [&fork_a, &fork_a2, &fork_b] {
+            other.validate_block(b).unwrap();
+        }
+        assert_eq!(other.pending_len(), 3);
+
+        for (app, store) in [(&mut app, &store), (&mut other, &other_store)] {
+            let done = app
+                .finalize(&fork_b.hash(), &qc(fork_b.hash(), 1, 2))
+                .unwrap();
+            assert_eq!(done.len(), 1);
+            assert_eq!(done[0].block, fork_b);
+            assert_eq!(app.final_tip(), (1, fork_b.hash()));
+            assert_eq!(app.pending_len(), 0);
+            assert!(!app.has_block(&fork_a.hash()));
+            assert!(!app.has_block(&fork_a2.hash()));
+            assert!(app.has_block(&fork_b.hash()));
+            let fresh = State::new(store.clone(), params());
+            assert_eq!(fresh.root(1).unwrap(), fork_b.header.state_root);
+            assert!(fresh.root(2).is_err());
+            let blocks = BlockStore::new(store.clone());
+            assert_eq!(blocks.hash_at(1).unwrap(), Some(fork_b.hash()));
+            assert_eq!(blocks.header_by_hash(&fork_a.hash()).unwrap(), None);
+            // The losing fork cannot come back: its parent is final but no longer the tip.
+            assert!(matches!(
+                app.validate_block(&fork_a),
+                Err(AppError::Invalid(m)) if m.contains("final but not the final tip")
+            ));
+            assert!(!app.has_block(&fork_a.hash()));
+        }
+
+        // Both nodes build on the final block and agree.
+        let c = build(&mut app, &fork_b, 3, vec![transfer(3, 0, 2, 1)]);
+        other.validate_block(&c).unwrap();
+        assert_eq!(balance(&app, &c, 3), FUNDS + 300 - 1 - FEE);
+        assert_eq!(balance(&app, &c, 2), FUNDS + 1);
+        assert_eq!(balance(&other, &c, 1), FUNDS - 300 - FEE);
+        app.finalize(&c.hash(), &qc(c.hash(), 2, 3)).unwrap();
+        assert_eq!(
+            State::new(store, params()).root(2).unwrap(),
+            c.header.state_root
+        );
+    }
+
+    /// Records every batch written, to check what one finalization writes.
+    struct Recording {
+        inner: MemStore,
+        writes: Mutex<Vec<WriteBatch>>,
+    }
+
+    impl KvStore for Recording {
+        fn get(&self, col: Column, key: &[u8]) -> keel_storage::Result<Option<Vec<u8>>> {
+            self.inner.get(col, key)
+        }
+        fn write(&self, batch: WriteBatch) -> keel_storage::Result<()> {
+            self.writes.lock().unwrap().push(batch.clone());
+            self.inner.write(batch)
+        }
+        fn iter_range<'a>(
+            &'a self,
+            col: Column,
+            from: &[u8],
+            to: Option<&[u8]>,
+            dir: Direction,
+        ) -> KvIter<'a> {
+            self.inner.iter_range(col, from, to, dir)
+        }
+        fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> keel_storage::Result<()> {
+            self.inner.compact_range(col, from, to)
+        }
+        fn disk_size_bytes(&self) -> keel_storage::Result<u64> {
+            Ok(0)
+        }
+        fn memory_bytes(&self) -> u64 {
+            0
+        }
+    }
+
+    #[test]
+    fn finalize_writes_each_block_in_one_batch_readable_through_the_block_store() {
+        let recording = Arc::new(Recording {
+            inner: MemStore::new(),
+            writes: Mutex::new(Vec::new()),
+        });
+        let store: Arc<dyn KvStore> = recording.clone();
+        let g = genesis(&store);
+        let mut app = App::new(store.clone(), params()).unwrap();
+        let (_, [b1, b2, b3]) = three_blocks(&mut app, g);
+        let receipts: Vec<Vec<Receipt>> = [&b1, &b2]
+            .iter()
+            .map(|b| app.pending_receipts(&b.hash()).unwrap().to_vec())
+            .collect();
+        recording.writes.lock().unwrap().clear();
+
+        let cert = qc(b2.hash(), 2, 2);
+        let done = app.finalize(&b2.hash(), &cert).unwrap();
+        assert_eq!(done.len(), 2);
+        assert_eq!((&done[0].block, &done[1].block), (&b1, &b2));
+        assert_eq!(done[0].receipts, receipts[0]);
+        assert_eq!(done[1].receipts, receipts[1]);
+        assert_eq!(done[0].new_nonces.len(), 3);
+        assert!(done[0].new_nonces.contains(&(addr(1), 1)));
+        assert!(done[0].new_nonces.contains(&(addr(2), 0)));
+        assert!(done[1].new_nonces.contains(&(addr(1), 2)));
+        assert!(done[1].new_nonces.contains(&(addr(2), 1)));
+        assert_eq!(app.final_tip(), (2, b2.hash()));
+        assert_eq!(app.pending_len(), 1);
+
+        // One atomic batch per block, oldest first, each with its own certificate.
+        let writes = recording.writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), 2);
+        for (batch, (block, certificate)) in writes
+            .iter()
+            .zip([(&b1, &b2.header.parent_qc), (&b2, &cert)])
+        {
+            let replay = MemStore::new();
+            replay.write(batch.clone()).unwrap();
+            let bs = BlockStore::new(Arc::new(replay.clone()));
+            let h = block.header.height;
+            assert_eq!(bs.latest().unwrap(), Some((h, block.hash())));
+            assert_eq!(bs.finalized().unwrap(), Some((h, block.hash())));
+            assert_eq!(bs.block_at(h).unwrap().as_ref(), Some(block));
+            assert_eq!(bs.meta(LATEST_QC_KEY).unwrap(), Some(certificate.encode()));
+            let pointer = replay
+                .iter_range(
+                    Column::StateNodes,
+                    &h.to_be_bytes(),
+                    None,
+                    Direction::Forward,
+                )
+                .count();
+            assert!(pointer > 0, "state nodes of height {h} in its batch");
+        }
+
+        let bs = BlockStore::new(store.clone());
+        assert_eq!(bs.latest().unwrap(), Some((2, b2.hash())));
+        assert_eq!(bs.finalized().unwrap(), Some((2, b2.hash())));
+        assert_eq!(bs.meta(LATEST_QC_KEY).unwrap(), Some(cert.encode()));
+        for (b, rs) in [(&b1, &receipts[0]), (&b2, &receipts[1])] {
+            let h = b.header.height;
+            assert_eq!(bs.block_at(h).unwrap().as_ref(), Some(b));
+            assert_eq!(&bs.receipts_at(h).unwrap(), rs);
+            for (i, tx_hash) in b.tx_hashes().iter().enumerate() {
+                let (bytes, receipt) = bs.transaction(tx_hash).unwrap().unwrap();
+                assert_eq!(bytes, b.txs[i]);
+                assert_eq!(receipt, rs[i]);
+            }
+            assert_eq!(app.block(&b.hash()).unwrap().as_ref(), Some(b));
+            assert!(app.has_block(&b.hash()));
+        }
+        let fresh = State::new(store.clone(), params());
+        assert_eq!(fresh.root(2).unwrap(), b2.header.state_root);
+        assert!(fresh.root(3).is_err());
+        // Final blocks' state stays readable through the app.
+        assert_eq!(balance(&app, &b1, 2), FUNDS + 100);
+        assert_eq!(balance(&app, &b3, 1), FUNDS - 320 + 1_000);
+
+        // A reopened app resumes from the stored tip and keeps going.
+        let mut reopened = App::new(store, params()).unwrap();
+        assert_eq!(reopened.final_tip(), (2, b2.hash()));
+        reopened.validate_block(&b3).unwrap();
+        assert_eq!(
+            reopened
+                .finalize(&b3.hash(), &qc(b3.hash(), 3, 3))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn evidence_is_committed_to_by_the_evidence_root() {
+        let (mut app, _, g) = new_app();
+        let vote = |block: &[u8]| keel_types::Vote::sign(&key(9), CHAIN, Hash::digest(block), 1, 1);
+        let evidence = Evidence {
+            first: vote(b"a"),
+            second: vote(b"b"),
+        };
+        let block = app
+            .build_block(
+                template(g, 0, 1),
+                vec![transfer(1, 0, 2, 1)],
+                vec![evidence],
+            )
+            .unwrap();
+        assert_eq!(block.evidence.len(), 1);
+        assert_ne!(block.header.evidence_root, Hash::ZERO);
+        assert_eq!(block.header.evidence_root, block.evidence_root());
+
+        let (mut other, _, _) = new_app();
+        let mut stripped = block.clone();
+        stripped.evidence.clear();
+        assert!(matches!(
+            other.validate_block(&stripped),
+            Err(AppError::Invalid(m)) if m.contains("evidence root")
+        ));
+        other.validate_block(&block).unwrap();
+        assert_eq!(balance(&other, &block, 2), balance(&app, &block, 2));
+    }
+
+    #[test]
+    fn branch_tx_hashes_covers_exactly_the_pending_branch() {
+        let (mut app, _, g) = new_app();
+        let (genesis, [b1, b2, b3]) = three_blocks(&mut app, g);
+        let fork = build(&mut app, &genesis, 4, vec![transfer(2, 0, 1, 5)]);
+        let set =
+            |b: &[&Block]| -> HashSet<Hash> { b.iter().flat_map(|b| b.tx_hashes()).collect() };
+        assert_eq!(app.branch_tx_hashes(&b3.hash()), set(&[&b1, &b2, &b3]));
+        assert_eq!(app.branch_tx_hashes(&b2.hash()), set(&[&b1, &b2]));
+        assert_eq!(app.branch_tx_hashes(&b1.hash()), set(&[&b1]));
+        assert_eq!(app.branch_tx_hashes(&fork.hash()), set(&[&fork]));
+        assert!(app.branch_tx_hashes(&g).is_empty());
+        assert!(app.branch_tx_hashes(&Hash::digest(b"unknown")).is_empty());
+
+        app.finalize(&b1.hash(), &qc(b1.hash(), 1, 1)).unwrap();
+        assert!(!app.has_block(&fork.hash()));
+        assert_eq!(app.branch_tx_hashes(&b3.hash()), set(&[&b2, &b3]));
+        assert!(app.branch_tx_hashes(&b1.hash()).is_empty());
+    }
+
+    #[test]
+    fn finalizing_a_final_or_unknown_block_is_refused_or_a_no_op() {
+        let (mut app, _, g) = new_app();
+        let (_, [b1, b2, b3]) = three_blocks(&mut app, g);
+        assert!(app.finalize(&g, &qc(g, 0, 0)).unwrap().is_empty());
+        let unknown = Hash::digest(b"unknown");
+        assert!(matches!(
+            app.finalize(&unknown, &qc(unknown, 1, 1)),
+            Err(AppError::UnknownBlock(h)) if h == unknown
+        ));
+        // A certificate for another block.
+        assert!(matches!(
+            app.finalize(&b2.hash(), &qc(b1.hash(), 1, 1)),
+            Err(AppError::Invalid(_))
+        ));
+        assert_eq!(app.pending_len(), 3);
+
+        assert_eq!(
+            app.finalize(&b2.hash(), &qc(b2.hash(), 2, 2))
+                .unwrap()
+                .len(),
+            2
+        );
+        // The tip, an ancestor of it, and genesis: nothing to do.
+        for h in [b2.hash(), b1.hash(), g] {
+            assert!(app.finalize(&h, &qc(h, 0, 0)).unwrap().is_empty());
+        }
+        assert_eq!(app.final_tip(), (2, b2.hash()));
+        assert_eq!(app.pending_len(), 1);
+        assert_eq!(
+            app.finalize(&b3.hash(), &qc(b3.hash(), 3, 3))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(app.pending_len(), 0);
+    }
+
+    #[test]
+    fn blocks_too_far_above_the_final_tip_are_refused() {
+        let (mut app, _, g) = new_app();
+        let mut tip = app.block(&g).unwrap().unwrap();
+        for round in 1..=MAX_PENDING_HEIGHTS {
+            tip = build(&mut app, &tip, round, Vec::new());
+        }
+        assert_eq!(app.pending_len(), MAX_PENDING_HEIGHTS as usize);
+        let t = template(tip.hash(), tip.header.height, MAX_PENDING_HEIGHTS + 1);
+        assert!(matches!(
+            app.build_block(t, Vec::new(), Vec::new()),
+            Err(AppError::Invalid(m)) if m.contains("above the final height")
+        ));
+        assert_eq!(app.pending_len(), MAX_PENDING_HEIGHTS as usize);
+    }
+
+    #[test]
+    fn building_on_an_unknown_parent_or_at_a_wrong_height_is_refused() {
+        let (mut app, _, g) = new_app();
+        let unknown = Hash::digest(b"unknown");
+        assert!(matches!(
+            app.build_block(template(unknown, 0, 1), Vec::new(), Vec::new()),
+            Err(AppError::UnknownParent(h)) if h == unknown
+        ));
+        let mut t = template(g, 0, 1);
+        t.height = 2;
+        assert!(matches!(
+            app.build_block(t, Vec::new(), Vec::new()),
+            Err(AppError::Invalid(_))
+        ));
+        assert_eq!(app.pending_len(), 0);
+        assert!(matches!(
+            App::new(Arc::new(MemStore::new()), params()),
+            Err(AppError::NoGenesis)
+        ));
+    }
+}
