@@ -217,6 +217,8 @@ struct BlockMeta {
     parent: Hash,
     timestamp_ms: u64,
     parent_qc: QuorumCertificate,
+    /// Ids of the evidence the block carries.
+    evidence: Vec<Hash>,
 }
 
 /// Votes for one block in one round, collected by that round's next leader.
@@ -279,6 +281,7 @@ impl Engine {
                 parent: Hash::ZERO,
                 timestamp_ms: tip.timestamp_ms,
                 parent_qc: QuorumCertificate::default(),
+                evidence: Vec::new(),
             },
         );
         // The highest certificate we can build on is the tip's until the blocks above it are
@@ -487,7 +490,10 @@ impl Engine {
             timestamp_ms: now_ms.max(parent.timestamp_ms.saturating_add(1)),
             proposer: self.key.address(),
             validators_hash: self.validators.hash(),
-            evidence: self.evidence.values().cloned().collect(),
+            evidence: {
+                let included = self.branch_evidence(&self.high_qc.block_hash);
+                self.evidence.iter().filter(|(id, _)| !included.contains(*id)).map(|(_, e)| e.clone()).collect()
+            },
         }));
     }
 
@@ -973,6 +979,10 @@ impl Engine {
         let hash = child.parent;
         let final_qc = child.parent_qc.clone();
         let (height, round, timestamp_ms) = (parent.height, parent.round, parent.timestamp_ms);
+        // Evidence now in a final block has done its work: stop proposing it.
+        for id in self.branch_evidence(&hash) {
+            self.evidence.remove(&id);
+        }
         self.final_tip = Tip {
             height,
             hash,
@@ -990,6 +1000,20 @@ impl Engine {
         });
     }
 
+    /// Ids of the evidence in `hash` and its ancestors above the final tip.
+    fn branch_evidence(&self, hash: &Hash) -> HashSet<Hash> {
+        let mut ids = HashSet::new();
+        let mut cursor = *hash;
+        while let Some(meta) = self.blocks.get(&cursor) {
+            if meta.height <= self.final_tip.height {
+                break;
+            }
+            ids.extend(meta.evidence.iter().copied());
+            cursor = meta.parent;
+        }
+        ids
+    }
+
     fn insert_block(&mut self, block: &Block) {
         let h = &block.header;
         if h.height <= self.final_tip.height {
@@ -1003,6 +1027,7 @@ impl Engine {
                 parent: h.parent_hash,
                 timestamp_ms: h.timestamp_ms,
                 parent_qc: h.parent_qc.clone(),
+                evidence: block.evidence.iter().map(Evidence::id).collect(),
             });
     }
 }
