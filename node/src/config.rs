@@ -279,32 +279,8 @@ impl Default for RocksDbConfig {
     }
 }
 
-/// Compression of RocksDB files.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    /// No compression.
-    None,
-    /// LZ4: fast, the default.
-    #[default]
-    Lz4,
-    /// Zstandard: smaller, slower.
-    Zstd,
-    /// Snappy.
-    Snappy,
-}
-
-impl Compression {
-    /// The name used in `config.toml`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::None => "none",
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-            Compression::Snappy => "snappy",
-        }
-    }
-}
+/// Compression of RocksDB files: the storage engine's own setting, named as in `config.toml`.
+pub use keel_storage::Compression;
 
 /// `[storage.pruning]`: how much history is kept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

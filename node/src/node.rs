@@ -16,7 +16,7 @@ use tracing::{error, info};
 
 use crate::app::App;
 use crate::chain::{Chain, ChainParts, TipInfo};
-use crate::config::{Compression, Config, StorageEngine};
+use crate::config::{Config, StorageEngine};
 use crate::driver::{Command, Driver, LATEST_QC_KEY, SAFETY_KEY};
 use crate::home::{read_key_file, Home};
 use crate::mempool::{Mempool, MempoolLimits};
@@ -197,12 +197,7 @@ fn rocks_config(config: &Config) -> RocksConfig {
         block_cache_size: r.block_cache_size.0,
         write_buffer_size: r.write_buffer_size.0,
         max_open_files: r.max_open_files,
-        compression: match r.compression {
-            Compression::None => keel_storage::Compression::None,
-            Compression::Lz4 => keel_storage::Compression::Lz4,
-            Compression::Zstd => keel_storage::Compression::Zstd,
-            Compression::Snappy => keel_storage::Compression::Snappy,
-        },
+        compression: r.compression,
     }
 }
 
