@@ -221,10 +221,11 @@ struct BlockMeta {
     evidence: Vec<Hash>,
 }
 
-/// Votes for one block in one round, collected by that round's next leader.
+/// Votes for one block in one round, collected by that round's next leader. Signatures are
+/// checked in one batch when the votes could form a quorum.
 #[derive(Default)]
 struct VoteSet {
-    votes: BTreeMap<Address, Signature>,
+    votes: BTreeMap<Address, Vote>,
     verified: HashSet<Address>,
 }
 
@@ -492,7 +493,11 @@ impl Engine {
             validators_hash: self.validators.hash(),
             evidence: {
                 let included = self.branch_evidence(&self.high_qc.block_hash);
-                self.evidence.iter().filter(|(id, _)| !included.contains(*id)).map(|(_, e)| e.clone()).collect()
+                self.evidence
+                    .iter()
+                    .filter(|(id, _)| !included.contains(*id))
+                    .map(|(_, e)| e.clone())
+                    .collect()
             },
         }));
     }
@@ -645,29 +650,108 @@ impl Engine {
         let Some(validator) = self.validators.get(&vote.voter).cloned() else {
             return;
         };
-        // Equivocation: a second, different vote from the same validator in the same round.
+        let msg = Vote::signing_hash(&self.config.chain_id, &vote.block_hash, vote.height, round);
+        // `voters` holds only votes whose signatures were checked, so a forged vote can neither
+        // make an honest validator look like an equivocator nor shadow its real vote.
         if let Some(earlier) = self.voters.get(&(round, vote.voter)) {
-            if earlier.block_hash != vote.block_hash {
-                let msg =
-                    Vote::signing_hash(&self.config.chain_id, &vote.block_hash, vote.height, round);
-                if validator.public_key.verify(&msg, &vote.signature).is_ok() {
-                    let evidence = Evidence {
-                        first: earlier.clone(),
-                        second: vote,
-                    };
-                    self.add_evidence(evidence, out);
-                }
+            if earlier.block_hash != vote.block_hash
+                && validator.public_key.verify(&msg, &vote.signature).is_ok()
+            {
+                let evidence = Evidence {
+                    first: earlier.clone(),
+                    second: vote,
+                };
+                self.add_evidence(evidence, out);
             }
             return;
         }
-        self.voters.insert((round, vote.voter), vote.clone());
-        let key = (round, vote.block_hash);
-        let set = self.votes.entry(key).or_default();
-        set.votes.insert(vote.voter, vote.signature);
-        if vote.voter == self.key.address() {
+        let own = vote.voter == self.key.address();
+        let (hash, height) = (vote.block_hash, vote.height);
+        // A vote for a block we do not hold cannot help form a QC soon; check it now, so that
+        // votes for made-up blocks cost no memory unless a validator really signed them.
+        let mut verified = own;
+        if !own && !self.blocks.contains_key(&hash) {
+            if validator.public_key.verify(&msg, &vote.signature).is_err() {
+                return;
+            }
+            verified = true;
+        }
+        let set = self.votes.entry((round, hash)).or_default();
+        match set.votes.get(&vote.voter) {
+            Some(held) if held.signature == vote.signature => return,
+            // Two different signatures for one block: keep whichever verifies.
+            Some(_) => {
+                if !verified && validator.public_key.verify(&msg, &vote.signature).is_err() {
+                    return;
+                }
+                verified = true;
+            }
+            None => {}
+        }
+        if verified {
             set.verified.insert(vote.voter);
         }
-        self.try_form_qc(now_ms, round, vote.block_hash, vote.height, out);
+        set.votes.insert(vote.voter, vote.clone());
+        if verified {
+            self.record_verified(vote, out);
+        }
+        self.try_form_qc(now_ms, round, hash, height, out);
+    }
+
+    /// Records a vote whose signature is checked. A checked vote of the same validator for
+    /// another block in the same round is equivocation; an unchecked one is checked now.
+    fn record_verified(&mut self, vote: Vote, out: &mut Vec<Effect>) {
+        let key = (vote.round, vote.voter);
+        match self.voters.get(&key) {
+            Some(earlier) if earlier.block_hash != vote.block_hash => {
+                let evidence = Evidence {
+                    first: earlier.clone(),
+                    second: vote,
+                };
+                self.add_evidence(evidence, out);
+                return;
+            }
+            Some(_) => return,
+            None => {
+                self.voters.insert(key, vote.clone());
+            }
+        }
+        let Some(public_key) = self.validators.get(&vote.voter).map(|v| v.public_key) else {
+            return;
+        };
+        let others: Vec<Vote> = self
+            .votes
+            .iter()
+            .filter(|((r, h), set)| {
+                *r == vote.round && *h != vote.block_hash && !set.verified.contains(&vote.voter)
+            })
+            .filter_map(|(_, set)| set.votes.get(&vote.voter).cloned())
+            .collect();
+        for other in others {
+            let msg = Vote::signing_hash(
+                &self.config.chain_id,
+                &other.block_hash,
+                other.height,
+                other.round,
+            );
+            let ok = public_key.verify(&msg, &other.signature).is_ok();
+            if let Some(set) = self.votes.get_mut(&(other.round, other.block_hash)) {
+                if ok {
+                    set.verified.insert(other.voter);
+                } else {
+                    set.votes.remove(&other.voter);
+                }
+            }
+            if ok {
+                self.add_evidence(
+                    Evidence {
+                        first: vote.clone(),
+                        second: other,
+                    },
+                    out,
+                );
+            }
+        }
     }
 
     fn try_form_qc(
@@ -696,8 +780,13 @@ impl Engine {
             .votes
             .iter()
             .filter(|(a, _)| !set.verified.contains(*a))
-            .filter_map(|(a, s)| self.validators.get(a).map(|v| (*a, *s, v.public_key)))
+            .filter_map(|(a, v)| {
+                self.validators
+                    .get(a)
+                    .map(|val| (*a, v.signature, val.public_key))
+            })
             .collect();
+        let mut dropped = false;
         if !unverified.is_empty() {
             let msgs = vec![msg; unverified.len()];
             let sigs: Vec<Signature> = unverified.iter().map(|u| u.1).collect();
@@ -710,25 +799,39 @@ impl Engine {
                         set.verified.insert(*addr);
                     } else {
                         set.votes.remove(addr);
+                        dropped = true;
                     }
                 }
-                return self.try_form_qc(now_ms, round, hash, height, out);
             }
         }
+        // Record the newly verified votes (this also catches equivocation).
+        let newly: Vec<Vote> = unverified
+            .iter()
+            .filter_map(|u| set.votes.get(&u.0))
+            .cloned()
+            .collect();
+        for v in newly {
+            self.record_verified(v, out);
+        }
+        if dropped {
+            return self.try_form_qc(now_ms, round, hash, height, out);
+        }
+        let Some(set) = self.votes.remove(&(round, hash)) else {
+            return;
+        };
         let qc = QuorumCertificate {
             block_hash: hash,
             height,
             round,
             signatures: set
                 .votes
-                .iter()
-                .map(|(validator, signature)| VoteSignature {
-                    validator: *validator,
-                    signature: *signature,
+                .values()
+                .map(|v| VoteSignature {
+                    validator: v.voter,
+                    signature: v.signature,
                 })
                 .collect(),
         };
-        self.votes.remove(&(round, hash));
         self.verified_qcs.insert((hash, round));
         self.on_qc(now_ms, qc, out);
         self.try_propose(now_ms, out);

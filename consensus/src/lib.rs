@@ -12,12 +12,12 @@
 //!   effect carrying a vote or certificate built from it. The node must make it durable
 //!   before carrying out the next effect.
 //! - A block is final once it and its direct child (next round) are certified.
+//! - Only votes whose signatures were checked count as a validator's vote in a round, so a
+//!   forged vote can neither shadow a real one nor make an honest validator an equivocator.
 //!
-//! Today the engine runs a one-validator chain: with a single validator holding all stake its
-//! own vote is a quorum, so each block it builds is certified at once, and the parent becomes
-//! final. The multi-validator 2-chain HotStuff protocol (proposals, votes to the next leader,
-//! timeout certificates) replaces the body of [`Engine`] behind these same `Input`/`Effect`
-//! types; [`Engine::new`] refuses validator sets it cannot drive yet.
+//! The protocol is 2-chain HotStuff (Jolteon / DiemBFT v4 family); `docs/consensus.md`
+//! describes it, its safety argument and its message flow. The validator set is fixed for
+//! the life of the chain until epoch reconfiguration lands.
 
 mod engine;
 mod error;

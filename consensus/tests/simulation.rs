@@ -723,8 +723,17 @@ fn equivocation_is_detected_and_reported() {
     let mut seen = std::collections::HashSet::new();
     let mut included = 0;
     for (hash, _) in node.disk.final_blocks.values() {
-        for e in node.blocks.get(hash).map(|b| b.evidence.clone()).unwrap_or_default() {
-            assert_eq!(e.offender(), sim.nodes[0].key.address(), "evidence names an honest validator");
+        for e in node
+            .blocks
+            .get(hash)
+            .map(|b| b.evidence.clone())
+            .unwrap_or_default()
+        {
+            assert_eq!(
+                e.offender(),
+                sim.nodes[0].key.address(),
+                "evidence names an honest validator"
+            );
             assert!(seen.insert(e.id()), "evidence {} included twice", e.id());
             included += 1;
         }
@@ -739,12 +748,21 @@ fn the_same_seed_gives_the_same_run() {
         sim.run();
         sim.nodes
             .iter()
-            .map(|n| n.disk.final_blocks.values().map(|(h, _)| *h).collect::<Vec<_>>())
+            .map(|n| {
+                n.disk
+                    .final_blocks
+                    .values()
+                    .map(|(h, _)| *h)
+                    .collect::<Vec<_>>()
+            })
             .collect::<Vec<_>>()
     };
     for seed in [3, 17, 42] {
         let first = run(seed);
-        assert!(first.iter().any(|chain| chain.len() > 5), "seed {seed} made no progress");
+        assert!(
+            first.iter().any(|chain| chain.len() > 5),
+            "seed {seed} made no progress"
+        );
         assert_eq!(first, run(seed), "seed {seed} is not deterministic");
     }
 }

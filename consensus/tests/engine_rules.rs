@@ -1,0 +1,1418 @@
+//! Rule-by-rule tests of the consensus engine over its public API: each test feeds
+//! [`Input`]s to one [`Engine`] of a four-validator, equal-stake set and checks the
+//! [`Effect`]s it returns, in Malachite's table style (description, input, expected effects).
+//!
+//! The rules pinned down: safety data is persisted before any vote leaves the engine; a
+//! validator never votes twice in a round, across restarts too; the 2-chain voting rule; the
+//! quorum threshold of certificates; round timeouts, timeout certificates and back-off; round
+//! synchronisation from certificates; equivocation evidence; and rejection of bad input.
+//! The whole-cluster behaviour is tested in `simulation.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use keel_consensus::{
+    BuildRequest, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip, Validator,
+    ValidatorSet,
+};
+use keel_types::{
+    Block, ConsensusMessage, Evidence, Hash, Header, Keypair, Proposal, QuorumCertificate,
+    Signature, Timeout, TimeoutCertificate, TimeoutSignature, Vote, VoteSignature,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const CHAIN: &str = "keel-rules";
+const VALIDATORS: usize = 4;
+const BLOCK_TIME_MS: u64 = 1_000;
+const TIMEOUT_MS: u64 = 2_000;
+const MAX_TIMEOUT_MS: u64 = 6_000;
+/// The engine's allowed lead of a proposal's timestamp over its clock.
+const MAX_CLOCK_DRIFT_MS: u64 = 10_000;
+
+/// Four validators of equal stake and the genesis block they start from.
+struct Net {
+    keys: Vec<Keypair>,
+    validators: ValidatorSet,
+    genesis: Block,
+}
+
+impl Net {
+    fn new() -> Net {
+        let keys: Vec<Keypair> = (0..VALIDATORS as u64).map(Keypair::from_seed).collect();
+        let validators = ValidatorSet::new(
+            keys.iter()
+                .map(|k| Validator {
+                    address: k.address(),
+                    public_key: k.public(),
+                    stake: 100,
+                })
+                .collect(),
+        )
+        .unwrap();
+        let genesis = Block {
+            header: Header {
+                chain_id: CHAIN.into(),
+                validators_hash: validators.hash(),
+                ..Header::default()
+            },
+            txs: vec![],
+            evidence: vec![],
+        };
+        Net {
+            keys,
+            validators,
+            genesis,
+        }
+    }
+
+    fn config() -> Config {
+        Config {
+            chain_id: CHAIN.into(),
+            block_time_ms: BLOCK_TIME_MS,
+            timeout_ms: TIMEOUT_MS,
+            max_timeout_ms: MAX_TIMEOUT_MS,
+        }
+    }
+
+    fn genesis_qc(&self) -> QuorumCertificate {
+        QuorumCertificate::genesis(self.genesis.hash())
+    }
+
+    fn tip(&self) -> Tip {
+        Tip {
+            height: 0,
+            hash: self.genesis.hash(),
+            round: 0,
+            timestamp_ms: 0,
+            qc: self.genesis_qc(),
+        }
+    }
+
+    /// The engine of validator `node`, at genesis, not yet started.
+    fn engine(&self, node: usize, safety: Option<SafetyData>) -> Engine {
+        Engine::new(
+            Net::config(),
+            self.keys[node].clone(),
+            self.validators.clone(),
+            self.genesis.hash(),
+            self.tip(),
+            safety,
+        )
+        .unwrap()
+    }
+
+    /// The engine of validator `node`, started at time 0 (in round 1).
+    fn started(&self, node: usize) -> Engine {
+        let mut engine = self.engine(node, None);
+        engine.handle(0, Input::Start);
+        assert_eq!(engine.round(), 1);
+        engine
+    }
+
+    /// Index of the leader of `round`.
+    fn leader(&self, round: u64) -> usize {
+        let address = self.validators.leader(round).address;
+        self.keys
+            .iter()
+            .position(|k| k.address() == address)
+            .unwrap()
+    }
+
+    /// A validator that leads none of `rounds` (one exists for up to three rounds).
+    fn bystander(&self, rounds: &[u64]) -> usize {
+        (0..VALIDATORS)
+            .find(|i| rounds.iter().all(|r| self.leader(*r) != *i))
+            .unwrap()
+    }
+
+    /// The validators other than `node`.
+    fn others(&self, node: usize) -> Vec<usize> {
+        (0..VALIDATORS).filter(|i| *i != node).collect()
+    }
+
+    /// A well-formed block of `round` extending `parent`, whose certificate is `parent_qc`;
+    /// `salt` tells apart blocks of one round.
+    fn block(&self, round: u64, parent: &Block, parent_qc: QuorumCertificate, salt: u8) -> Block {
+        Block {
+            header: Header {
+                chain_id: CHAIN.into(),
+                height: parent.header.height + 1,
+                round,
+                parent_hash: parent.hash(),
+                timestamp_ms: round * BLOCK_TIME_MS,
+                proposer: self.validators.leader(round).address,
+                validators_hash: self.validators.hash(),
+                parent_qc,
+                // The block hash covers the header only: the salt goes there.
+                state_root: Hash([salt; 32]),
+                ..Header::default()
+            },
+            txs: vec![],
+            evidence: vec![],
+        }
+    }
+
+    /// `block` proposed and signed by the leader of its round.
+    fn propose(&self, block: Block, tc: Option<TimeoutCertificate>) -> Proposal {
+        Proposal::sign(&self.keys[self.leader(block.header.round)], block, tc)
+    }
+
+    fn vote(&self, signer: usize, block: &Block) -> Vote {
+        Vote::sign(
+            &self.keys[signer],
+            CHAIN,
+            block.hash(),
+            block.header.height,
+            block.header.round,
+        )
+    }
+
+    /// A vote from `signer` for `block` whose signature does not verify.
+    fn forged_vote(&self, signer: usize, block: &Block) -> Vote {
+        Vote {
+            signature: forged(&self.keys[signer]),
+            ..self.vote(signer, block)
+        }
+    }
+
+    /// A certificate of `block` in its round, with the votes of `signers`.
+    fn qc(&self, block: &Block, signers: &[usize]) -> QuorumCertificate {
+        QuorumCertificate {
+            block_hash: block.hash(),
+            height: block.header.height,
+            round: block.header.round,
+            signatures: signers
+                .iter()
+                .map(|i| {
+                    let v = self.vote(*i, block);
+                    VoteSignature {
+                        validator: v.voter,
+                        signature: v.signature,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn timeout(&self, signer: usize, round: u64, high_qc: QuorumCertificate) -> Timeout {
+        Timeout::sign(&self.keys[signer], CHAIN, round, high_qc)
+    }
+
+    /// A timeout certificate of `round` from the timeouts of `parts` (signer, its high QC).
+    fn tc(&self, round: u64, parts: &[(usize, QuorumCertificate)]) -> TimeoutCertificate {
+        TimeoutCertificate {
+            round,
+            high_qc: parts
+                .iter()
+                .map(|(_, qc)| qc)
+                .max_by_key(|qc| qc.round)
+                .cloned()
+                .unwrap(),
+            signatures: parts
+                .iter()
+                .map(|(i, qc)| TimeoutSignature {
+                    validator: self.keys[*i].address(),
+                    high_qc_round: qc.round,
+                    signature: self.timeout(*i, round, qc.clone()).signature,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A signature by `key` over another message: well-formed, but valid for nothing it is
+/// attached to.
+fn forged(key: &Keypair) -> Signature {
+    key.sign(&Hash::digest(b"not what it claims to sign"))
+}
+
+/// A time inside `round` (blocks of round r carry the timestamp r seconds).
+fn at(round: u64) -> u64 {
+    round * BLOCK_TIME_MS + 100
+}
+
+fn message(engine: &mut Engine, now: u64, msg: ConsensusMessage) -> Vec<Effect> {
+    engine.handle(now, Input::Message(msg))
+}
+
+/// Delivers a proposal and, if the engine asks for the block to be validated, reports it
+/// valid. Returns the effects of both inputs, in order.
+fn deliver(engine: &mut Engine, now: u64, p: &Proposal) -> Vec<Effect> {
+    let hash = p.block.hash();
+    let mut out = message(engine, now, ConsensusMessage::Proposal(p.clone()));
+    if validates(&out, &hash) {
+        out.extend(engine.handle(now, Input::BlockValidated { hash, valid: true }));
+    }
+    out
+}
+
+/// The block a node builds for `req`.
+fn built(req: &BuildRequest) -> Block {
+    Block {
+        header: Header {
+            chain_id: CHAIN.into(),
+            height: req.height,
+            round: req.round,
+            epoch: req.epoch,
+            parent_hash: req.parent_hash,
+            timestamp_ms: req.timestamp_ms,
+            proposer: req.proposer,
+            validators_hash: req.validators_hash,
+            parent_qc: req.parent_qc.clone(),
+            ..Header::default()
+        },
+        txs: vec![],
+        evidence: req.evidence.clone(),
+    }
+}
+
+fn validates(effects: &[Effect], hash: &Hash) -> bool {
+    effects
+        .iter()
+        .any(|e| matches!(e, Effect::ValidateBlock(b) if b.hash() == *hash))
+}
+
+/// The votes the engine sends out.
+fn votes(effects: &[Effect]) -> Vec<&Vote> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SendTo {
+                message: ConsensusMessage::Vote(v),
+                ..
+            } => Some(v),
+            _ => None,
+        })
+        .collect()
+}
+
+fn certified(effects: &[Effect], hash: &Hash) -> bool {
+    effects
+        .iter()
+        .any(|e| matches!(e, Effect::Certified { hash: h, .. } if h == hash))
+}
+
+fn reported(effects: &[Effect]) -> Vec<&Evidence> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::ReportEvidence(ev) => Some(ev),
+            _ => None,
+        })
+        .collect()
+}
+
+fn build_request(effects: &[Effect]) -> Option<&BuildRequest> {
+    effects.iter().find_map(|e| match e {
+        Effect::BuildBlock(req) => Some(req),
+        _ => None,
+    })
+}
+
+fn broadcast_timeout(effects: &[Effect]) -> Option<&Timeout> {
+    effects.iter().find_map(|e| match e {
+        Effect::Broadcast(ConsensusMessage::Timeout(t)) => Some(t),
+        _ => None,
+    })
+}
+
+/// The delay of the last round timer set, measured from `now`.
+fn round_timer_delay(effects: &[Effect], now: u64) -> Option<u64> {
+    effects.iter().rev().find_map(|e| match e {
+        Effect::SetTimer {
+            kind: TimerKind::RoundTimeout,
+            at_ms,
+        } => Some(at_ms - now),
+        _ => None,
+    })
+}
+
+fn last_persisted(effects: &[Effect]) -> Option<&SafetyData> {
+    effects.iter().rev().find_map(|e| match e {
+        Effect::PersistSafety(s) => Some(s),
+        _ => None,
+    })
+}
+
+// ----- 1. persistence before votes -----
+
+/// Which validator takes the vote in `persist_safety_precedes_every_vote`.
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    /// Neither this round's leader nor the next: it sends its vote away.
+    Voter,
+    /// The next leader, holding two votes already: its own completes a certificate.
+    NextLeader,
+    /// The round's leader, voting for the block it built.
+    Proposer,
+}
+
+#[test]
+fn persist_safety_precedes_every_vote() {
+    let net = Net::new();
+    let round = 1;
+    let b1 = net.block(round, &net.genesis, net.genesis_qc(), 1);
+    let cases = [
+        ("a voter persists before sending its vote", Role::Voter),
+        (
+            "the next leader persists before its vote completes a certificate",
+            Role::NextLeader,
+        ),
+        (
+            "the leader persists before voting for its own block",
+            Role::Proposer,
+        ),
+    ];
+    for (desc, role) in cases {
+        let effects = match role {
+            Role::Voter => {
+                let mut engine = net.started(net.bystander(&[1, 2]));
+                deliver(&mut engine, at(1), &net.propose(b1.clone(), None))
+            }
+            Role::NextLeader => {
+                let node = net.leader(2);
+                let mut engine = net.started(node);
+                for other in net.others(node).into_iter().take(2) {
+                    let out = message(
+                        &mut engine,
+                        at(1),
+                        ConsensusMessage::Vote(net.vote(other, &b1)),
+                    );
+                    assert!(!certified(&out, &b1.hash()), "{desc}: two votes certified");
+                }
+                let out = deliver(&mut engine, at(1), &net.propose(b1.clone(), None));
+                assert!(
+                    certified(&out, &b1.hash()),
+                    "{desc}: no certificate: {out:?}"
+                );
+                out
+            }
+            Role::Proposer => {
+                // With keys 0..4 the leader of round 1 does not lead round 2, so its vote
+                // leaves the engine as a message.
+                assert_ne!(net.leader(1), net.leader(2), "fixture assumption");
+                let mut engine = net.started(net.leader(1));
+                let out = engine.handle(at(1), Input::Timer(TimerKind::Propose));
+                let req = build_request(&out).expect("the leader builds");
+                engine.handle(at(1), Input::BlockBuilt(built(req)))
+            }
+        };
+        let persist = effects
+            .iter()
+            .position(|e| matches!(e, Effect::PersistSafety(s) if s.last_voted_round == round))
+            .unwrap_or_else(|| panic!("{desc}: nothing persisted: {effects:?}"));
+        // Effects that carry the vote or anything derived from it.
+        let first_use = effects
+            .iter()
+            .position(|e| {
+                matches!(
+                    e,
+                    Effect::SendTo {
+                        message: ConsensusMessage::Vote(_),
+                        ..
+                    } | Effect::Certified { .. }
+                        | Effect::Finalize { .. }
+                        | Effect::BuildBlock(_)
+                )
+            })
+            .unwrap_or_else(|| panic!("{desc}: the vote was not used: {effects:?}"));
+        assert!(
+            persist < first_use,
+            "{desc}: persisted at {persist}, used at {first_use}: {effects:?}"
+        );
+    }
+}
+
+// ----- 2. one vote per round -----
+
+#[test]
+fn never_votes_twice_in_a_round() {
+    let net = Net::new();
+    let node = net.bystander(&[1, 2]);
+    let first = net.propose(net.block(1, &net.genesis, net.genesis_qc(), 1), None);
+    let second = net.propose(net.block(1, &net.genesis, net.genesis_qc(), 2), None);
+    assert_ne!(first.block.hash(), second.block.hash());
+
+    let mut engine = net.started(node);
+    let effects = deliver(&mut engine, at(1), &first);
+    assert_eq!(votes(&effects).len(), 1, "votes for the first proposal");
+    let persisted = last_persisted(&effects).unwrap().clone();
+    assert_eq!(persisted.last_voted_round, 1);
+
+    let effects = deliver(&mut engine, at(1), &second);
+    assert!(
+        validates(&effects, &second.block.hash()),
+        "the second block is still validated"
+    );
+    assert!(votes(&effects).is_empty(), "voted twice in round 1");
+
+    // Restart: what was made durable, through its byte encoding.
+    let disk = SafetyData::decode(&persisted.encode()).unwrap();
+    let cases = [
+        (
+            "restarted with the persisted safety data: no second vote",
+            Some(disk),
+            0,
+        ),
+        (
+            "fresh engine without safety data: votes (the persisted data is what prevents it)",
+            None,
+            1,
+        ),
+    ];
+    for (desc, safety, expected_votes) in cases {
+        let mut engine = net.engine(node, safety);
+        engine.handle(at(1), Input::Start);
+        assert_eq!(engine.round(), 1, "{desc}");
+        let effects = deliver(&mut engine, at(1), &second);
+        assert!(validates(&effects, &second.block.hash()), "{desc}");
+        assert_eq!(votes(&effects).len(), expected_votes, "{desc}: {effects:?}");
+    }
+}
+
+// ----- 3. the voting rule -----
+
+/// Blocks and certificates for the voting-rule cases: B1 certified in round 1, round 2 timed
+/// out (though some saw B2 of round 2 certified), and a proposal for round 3 on B1.
+struct AfterTimeout {
+    b1: Block,
+    qc1: QuorumCertificate,
+    qc2: QuorumCertificate,
+}
+
+impl AfterTimeout {
+    fn new(net: &Net) -> AfterTimeout {
+        let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+        let qc1 = net.qc(&b1, &[0, 1, 2]);
+        let b2 = net.block(2, &b1, qc1.clone(), 2);
+        let qc2 = net.qc(&b2, &[0, 1, 2]);
+        AfterTimeout { b1, qc1, qc2 }
+    }
+
+    /// An engine of `node` that holds B1 and has moved to round 3 on a TC of round 2.
+    fn engine(&self, net: &Net, node: usize) -> Engine {
+        let mut engine = net.started(node);
+        engine.handle(at(1), Input::Synced(vec![self.b1.clone()]));
+        for other in net.others(node) {
+            let t = net.timeout(other, 2, self.qc1.clone());
+            message(&mut engine, at(2), ConsensusMessage::Timeout(t));
+        }
+        assert_eq!(engine.round(), 3);
+        assert!(engine.safety().last_voted_round < 3);
+        engine
+    }
+}
+
+#[test]
+fn voting_rule() {
+    let net = Net::new();
+    let fx = AfterTimeout::new(&net);
+    let node = net.bystander(&[3, 4]);
+    let [a, b, c] = <[usize; 3]>::try_from(net.others(node)).unwrap();
+    let g = net.genesis_qc();
+    let cases: [(&str, Option<TimeoutCertificate>, bool); 5] = [
+        (
+            "QC of round 1 and no TC: not justified in round 3",
+            None,
+            false,
+        ),
+        (
+            "TC of round 2 whose high QCs are all of round 1 (= the proposal's)",
+            Some(net.tc(
+                2,
+                &[
+                    (a, fx.qc1.clone()),
+                    (b, fx.qc1.clone()),
+                    (c, fx.qc1.clone()),
+                ],
+            )),
+            true,
+        ),
+        (
+            "TC of round 2 whose high QCs are of rounds 1 and 0 (<= the proposal's)",
+            Some(net.tc(2, &[(a, fx.qc1.clone()), (b, g.clone()), (c, g.clone())])),
+            true,
+        ),
+        (
+            "TC of round 2 reporting a QC of round 2, above the proposal's",
+            Some(net.tc(
+                2,
+                &[
+                    (a, fx.qc2.clone()),
+                    (b, fx.qc1.clone()),
+                    (c, fx.qc1.clone()),
+                ],
+            )),
+            false,
+        ),
+        (
+            "TC of round 1, not of the round before the proposal",
+            Some(net.tc(1, &[(a, g.clone()), (b, g.clone()), (c, g.clone())])),
+            false,
+        ),
+    ];
+    for (desc, tc, votes_for_it) in cases {
+        let mut engine = fx.engine(&net, node);
+        let p = net.propose(net.block(3, &fx.b1, fx.qc1.clone(), 3), tc);
+        let effects = deliver(&mut engine, at(3), &p);
+        assert!(
+            validates(&effects, &p.block.hash()),
+            "{desc}: not validated, so the voting rule was not what decided: {effects:?}"
+        );
+        let sent = votes(&effects);
+        assert_eq!(sent.len(), usize::from(votes_for_it), "{desc}: {effects:?}");
+        if let Some(v) = sent.first() {
+            assert_eq!((v.round, v.block_hash), (3, p.block.hash()), "{desc}");
+        }
+    }
+}
+
+// ----- 4. quorum thresholds -----
+
+/// One input to the next leader of round 1 in `qc_threshold`.
+#[derive(Clone, Copy, Debug)]
+enum VoteStep {
+    /// A genuine vote for B1 from the i-th other validator.
+    Genuine(usize),
+    /// A vote for B1 in the i-th other validator's name that does not verify.
+    Forged(usize),
+    /// A genuine vote from the i-th other validator for another block of round 1.
+    Elsewhere(usize),
+    /// The leader validates B1 and votes itself.
+    Own,
+}
+
+#[test]
+fn qc_threshold() {
+    use VoteStep::{Elsewhere, Forged, Genuine, Own};
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let other_b1 = net.block(1, &net.genesis, net.genesis_qc(), 9);
+    let node = net.leader(2);
+    let others = net.others(node);
+    let cases: [(&str, &[VoteStep], bool); 7] = [
+        ("2 of 4: no certificate", &[Genuine(0), Genuine(1)], false),
+        (
+            "3 of 4: certificate",
+            &[Genuine(0), Genuine(1), Genuine(2)],
+            true,
+        ),
+        (
+            "2 of 4 and the leader's own: certificate",
+            &[Genuine(0), Genuine(1), Own],
+            true,
+        ),
+        (
+            "2 good and 1 forged: no certificate",
+            &[Genuine(0), Genuine(1), Forged(2)],
+            false,
+        ),
+        (
+            "2 good, 1 forged, then a third good one: certificate",
+            &[Genuine(0), Genuine(1), Forged(2), Own],
+            true,
+        ),
+        (
+            "a repeated vote counts once",
+            &[Genuine(0), Genuine(0), Genuine(1)],
+            false,
+        ),
+        (
+            "votes for different blocks do not add up",
+            &[Genuine(0), Genuine(1), Elsewhere(2)],
+            false,
+        ),
+    ];
+    for (desc, steps, certifies) in cases {
+        let mut engine = net.started(node);
+        // The leader holds B1 without having voted for it.
+        engine.handle(at(1), Input::Synced(vec![b1.clone()]));
+        let mut effects = Vec::new();
+        for step in steps {
+            effects.extend(match *step {
+                Genuine(i) => message(
+                    &mut engine,
+                    at(1),
+                    ConsensusMessage::Vote(net.vote(others[i], &b1)),
+                ),
+                Forged(i) => message(
+                    &mut engine,
+                    at(1),
+                    ConsensusMessage::Vote(net.forged_vote(others[i], &b1)),
+                ),
+                Elsewhere(i) => message(
+                    &mut engine,
+                    at(1),
+                    ConsensusMessage::Vote(net.vote(others[i], &other_b1)),
+                ),
+                Own => deliver(&mut engine, at(1), &net.propose(b1.clone(), None)),
+            });
+        }
+        assert_eq!(
+            certified(&effects, &b1.hash()),
+            certifies,
+            "{desc}: {effects:?}"
+        );
+        assert_eq!(engine.round(), if certifies { 2 } else { 1 }, "{desc}");
+        if certifies {
+            assert_eq!(engine.high_qc().block_hash, b1.hash(), "{desc}");
+        }
+    }
+}
+
+#[test]
+fn proposal_qc_needs_a_quorum_of_valid_signatures() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let node = net.bystander(&[2]);
+    let forged_third = {
+        let mut qc = net.qc(&b1, &[0, 1, 2]);
+        qc.signatures[2].signature = forged(&net.keys[2]);
+        qc
+    };
+    let wrong_round = QuorumCertificate {
+        round: 2,
+        ..net.qc(&b1, &[0, 1, 2])
+    };
+    let cases = [
+        ("signed by 2 of 4", net.qc(&b1, &[0, 1]), false),
+        ("signed by 3 of 4", net.qc(&b1, &[0, 1, 2]), true),
+        ("signed by 4 of 4", net.qc(&b1, &[0, 1, 2, 3]), true),
+        (
+            "3 entries, one validator twice",
+            net.qc(&b1, &[0, 0, 1]),
+            false,
+        ),
+        ("3 of 4, one signature forged", forged_third, false),
+        (
+            "3 of 4 signatures, but claiming another round",
+            wrong_round,
+            false,
+        ),
+    ];
+    for (desc, qc, accepted) in cases {
+        let mut engine = net.started(node);
+        engine.handle(at(1), Input::Synced(vec![b1.clone()]));
+        let p = net.propose(net.block(2, &b1, qc, 2), None);
+        let effects = message(&mut engine, at(2), ConsensusMessage::Proposal(p.clone()));
+        assert_eq!(
+            validates(&effects, &p.block.hash()),
+            accepted,
+            "{desc}: {effects:?}"
+        );
+        assert_eq!(engine.round(), if accepted { 2 } else { 1 }, "{desc}");
+    }
+}
+
+// ----- 5. timeouts -----
+
+#[test]
+fn round_timeout_persists_before_broadcasting() {
+    let net = Net::new();
+    let mut engine = net.started(net.bystander(&[1, 2]));
+    let effects = engine.handle(TIMEOUT_MS, Input::Timer(TimerKind::RoundTimeout));
+    let persist = effects
+        .iter()
+        .position(|e| matches!(e, Effect::PersistSafety(s) if s.last_voted_round == 1))
+        .unwrap_or_else(|| panic!("nothing persisted: {effects:?}"));
+    let broadcast = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Broadcast(ConsensusMessage::Timeout(_))))
+        .unwrap_or_else(|| panic!("no timeout broadcast: {effects:?}"));
+    assert!(persist < broadcast, "{effects:?}");
+    let t = broadcast_timeout(&effects).unwrap();
+    assert_eq!((t.round, &t.high_qc), (1, &net.genesis_qc()));
+    assert!(
+        round_timer_delay(&effects, TIMEOUT_MS).is_some(),
+        "no rebroadcast timer"
+    );
+    assert_eq!(engine.safety().last_voted_round, 1);
+}
+
+/// One input to a validator in round 1 in `timeouts_from_a_quorum_form_a_tc`.
+#[derive(Clone, Copy, Debug)]
+enum TimeoutStep {
+    /// Its own round timer fires.
+    OwnTimer,
+    /// A genuine timeout of round 1 from the i-th other validator.
+    Genuine(usize),
+    /// A timeout of round 1 in the i-th other validator's name that does not verify.
+    Forged(usize),
+}
+
+#[test]
+fn timeouts_from_a_quorum_form_a_tc() {
+    use TimeoutStep::{Forged, Genuine, OwnTimer};
+    let net = Net::new();
+    let node = net.bystander(&[1, 2]);
+    let others = net.others(node);
+    let cases: [(&str, &[TimeoutStep], u64); 6] = [
+        ("own and 1 other: no TC", &[OwnTimer, Genuine(0)], 1),
+        (
+            "own and 2 others: TC, round 2",
+            &[OwnTimer, Genuine(0), Genuine(1)],
+            2,
+        ),
+        (
+            "own, 1 other and 1 forged: no TC",
+            &[OwnTimer, Genuine(0), Forged(1)],
+            1,
+        ),
+        (
+            "own and the same other twice: no TC",
+            &[OwnTimer, Genuine(0), Genuine(0)],
+            1,
+        ),
+        ("1 other alone: the node waits", &[Genuine(0)], 1),
+        (
+            "2 others (over 1/3 of the stake): the node joins, and its timeout makes the TC",
+            &[Genuine(0), Genuine(1)],
+            2,
+        ),
+    ];
+    for (desc, steps, round) in cases {
+        let mut engine = net.started(node);
+        let mut effects = Vec::new();
+        for step in steps {
+            effects.extend(match *step {
+                OwnTimer => engine.handle(TIMEOUT_MS, Input::Timer(TimerKind::RoundTimeout)),
+                Genuine(i) => message(
+                    &mut engine,
+                    TIMEOUT_MS,
+                    ConsensusMessage::Timeout(net.timeout(others[i], 1, net.genesis_qc())),
+                ),
+                Forged(i) => {
+                    let mut t = net.timeout(others[i], 1, net.genesis_qc());
+                    t.signature = forged(&net.keys[others[i]]);
+                    message(&mut engine, TIMEOUT_MS, ConsensusMessage::Timeout(t))
+                }
+            });
+        }
+        assert_eq!(engine.round(), round, "{desc}: {effects:?}");
+        if round == 2 {
+            let own = broadcast_timeout(&effects).expect("own timeout broadcast");
+            assert_eq!(
+                (own.round, own.voter),
+                (1, net.keys[node].address()),
+                "{desc}"
+            );
+        }
+    }
+}
+
+#[test]
+fn next_leader_proposes_once_a_tc_forms() {
+    let net = Net::new();
+    let node = net.leader(2);
+    let mut engine = net.started(node);
+    engine.handle(TIMEOUT_MS, Input::Timer(TimerKind::RoundTimeout));
+    let mut effects = Vec::new();
+    for other in net.others(node).into_iter().take(2) {
+        let t = net.timeout(other, 1, net.genesis_qc());
+        effects.extend(message(
+            &mut engine,
+            TIMEOUT_MS + 10,
+            ConsensusMessage::Timeout(t),
+        ));
+    }
+    assert_eq!(engine.round(), 2);
+    let req = build_request(&effects).unwrap_or_else(|| panic!("no BuildBlock: {effects:?}"));
+    assert_eq!(
+        (req.round, req.height, req.parent_hash, &req.parent_qc),
+        (2, 1, net.genesis.hash(), &net.genesis_qc())
+    );
+
+    // The proposal carries the TC, and another validator votes for it on that TC.
+    let block = built(req);
+    let effects = engine.handle(TIMEOUT_MS + 10, Input::BlockBuilt(block.clone()));
+    let proposal = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Broadcast(ConsensusMessage::Proposal(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no proposal: {effects:?}"));
+    let tc = proposal
+        .tc
+        .as_ref()
+        .expect("proposal after a timeout carries the TC");
+    assert_eq!(tc.round, 1);
+    assert!(tc.signatures.len() >= 3);
+
+    let voter = net.bystander(&[2, 3]);
+    let mut other = net.started(voter);
+    let effects = deliver(&mut other, TIMEOUT_MS + 20, &proposal);
+    assert_eq!(other.round(), 2);
+    let sent = votes(&effects);
+    assert_eq!(sent.len(), 1, "{effects:?}");
+    assert_eq!(sent[0].block_hash, block.hash());
+}
+
+/// One input in `consecutive_timeouts_back_off_up_to_the_cap`.
+enum BackoffStep {
+    Start,
+    /// The round timer fires.
+    Timer,
+    /// Two other validators time out round 1, completing a TC with ours.
+    TimeoutsOfRound1,
+    /// Another validator's timeout of round 2 brings a certificate of round 2.
+    CertificateOfRound2,
+}
+
+#[test]
+fn consecutive_timeouts_back_off_up_to_the_cap() {
+    let net = Net::new();
+    let node = net.bystander(&[1, 2, 3]);
+    let others = net.others(node);
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let b2 = net.block(2, &b1, net.qc(&b1, &[0, 1, 2]), 2);
+    let qc2 = net.qc(&b2, &[0, 1, 2]);
+    let cases = [
+        (
+            "round 1 starts with the base timeout",
+            0,
+            BackoffStep::Start,
+            2_000,
+            1,
+        ),
+        (
+            "a first timeout doubles it",
+            2_000,
+            BackoffStep::Timer,
+            4_000,
+            1,
+        ),
+        (
+            "a second doubles it again, up to the cap",
+            6_000,
+            BackoffStep::Timer,
+            6_000,
+            1,
+        ),
+        (
+            "a third stays at the cap",
+            12_000,
+            BackoffStep::Timer,
+            6_000,
+            1,
+        ),
+        (
+            "a TC moves on without resetting the back-off",
+            18_000,
+            BackoffStep::TimeoutsOfRound1,
+            6_000,
+            2,
+        ),
+        (
+            "a certificate resets it to the base",
+            19_000,
+            BackoffStep::CertificateOfRound2,
+            2_000,
+            3,
+        ),
+    ];
+    let mut engine = net.engine(node, None);
+    for (desc, now, step, delay, round) in cases {
+        let effects = match step {
+            BackoffStep::Start => engine.handle(now, Input::Start),
+            BackoffStep::Timer => engine.handle(now, Input::Timer(TimerKind::RoundTimeout)),
+            BackoffStep::TimeoutsOfRound1 => others[..2]
+                .iter()
+                .flat_map(|i| {
+                    let t = net.timeout(*i, 1, net.genesis_qc());
+                    message(&mut engine, now, ConsensusMessage::Timeout(t))
+                })
+                .collect(),
+            BackoffStep::CertificateOfRound2 => {
+                let t = net.timeout(others[0], 2, qc2.clone());
+                message(&mut engine, now, ConsensusMessage::Timeout(t))
+            }
+        };
+        assert_eq!(
+            round_timer_delay(&effects, now),
+            Some(delay),
+            "{desc}: {effects:?}"
+        );
+        assert_eq!(engine.round(), round, "{desc}");
+    }
+}
+
+// ----- 6. round synchronisation -----
+
+#[test]
+fn round_sync() {
+    let net = Net::new();
+    let mut chain = vec![net.genesis.clone()];
+    let mut qcs = vec![net.genesis_qc()];
+    for round in 1..=4 {
+        let block = net.block(round, chain.last().unwrap(), qcs.last().unwrap().clone(), 0);
+        qcs.push(net.qc(&block, &[0, 1, 2]));
+        chain.push(block);
+    }
+    let qc4 = qcs[4].clone();
+    let p5 = net.propose(net.block(5, &chain[4], qc4.clone(), 5), None);
+    let node = net.bystander(&[5, 6]);
+    let mut engine = net.started(node);
+
+    let effects = message(&mut engine, at(5), ConsensusMessage::Proposal(p5.clone()));
+    assert_eq!(
+        engine.round(),
+        5,
+        "the certificate of round 4 moves the engine to round 5"
+    );
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::RequestSync { qc } if *qc == qc4)),
+        "no sync of the missing parent: {effects:?}"
+    );
+    assert!(
+        !validates(&effects, &p5.block.hash()),
+        "validated without its parent"
+    );
+
+    // Once the ancestors arrive, the same proposal is validated and voted for.
+    engine.handle(at(5), Input::Synced(chain[1..].to_vec()));
+    let effects = deliver(&mut engine, at(5), &p5);
+    assert!(validates(&effects, &p5.block.hash()), "{effects:?}");
+    assert_eq!(votes(&effects).len(), 1, "{effects:?}");
+}
+
+// ----- 7. equivocation -----
+
+#[test]
+fn equivocation() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let x1 = net.block(1, &net.genesis, net.genesis_qc(), 2);
+    let node = net.leader(2);
+    let offender = net.others(node)[0];
+    let first = net.vote(offender, &b1);
+    let cases = [
+        (
+            "a signed vote for another block in the same round",
+            net.vote(offender, &x1),
+            true,
+        ),
+        (
+            "a forged vote for another block (bad signature)",
+            net.forged_vote(offender, &x1),
+            false,
+        ),
+        ("the same vote again", first.clone(), false),
+    ];
+    for (desc, second, is_evidence) in cases {
+        let mut engine = net.started(node);
+        let mut effects = message(&mut engine, at(1), ConsensusMessage::Vote(first.clone()));
+        effects.extend(message(
+            &mut engine,
+            at(1),
+            ConsensusMessage::Vote(second.clone()),
+        ));
+        let expected = Evidence {
+            first: first.clone(),
+            second,
+        };
+        if is_evidence {
+            let report = effects
+                .iter()
+                .position(|e| *e == Effect::ReportEvidence(expected.clone()));
+            let gossip = effects.iter().position(|e| {
+                *e == Effect::Broadcast(ConsensusMessage::Evidence(expected.clone()))
+            });
+            assert!(report.is_some() && gossip.is_some(), "{desc}: {effects:?}");
+            assert_eq!(expected.offender(), net.keys[offender].address());
+            assert_eq!(engine.evidence_pool().count(), 1, "{desc}");
+        } else {
+            assert!(reported(&effects).is_empty(), "{desc}: {effects:?}");
+            assert!(
+                !effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::Broadcast(ConsensusMessage::Evidence(_)))),
+                "{desc}: {effects:?}"
+            );
+            assert_eq!(engine.evidence_pool().count(), 0, "{desc}");
+        }
+    }
+}
+
+#[test]
+fn gossiped_evidence_is_checked_before_it_is_kept() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let x1 = net.block(1, &net.genesis, net.genesis_qc(), 2);
+    let node = net.bystander(&[1, 2]);
+    let offender = net.others(node)[0];
+    let another = net.others(node)[1];
+    let cases = [
+        (
+            "two signed votes for different blocks",
+            Evidence {
+                first: net.vote(offender, &b1),
+                second: net.vote(offender, &x1),
+            },
+            true,
+        ),
+        (
+            "one of the votes forged",
+            Evidence {
+                first: net.forged_vote(offender, &b1),
+                second: net.vote(offender, &x1),
+            },
+            false,
+        ),
+        (
+            "two votes for the same block",
+            Evidence {
+                first: net.vote(offender, &b1),
+                second: net.vote(offender, &b1),
+            },
+            false,
+        ),
+        (
+            "votes of two different validators",
+            Evidence {
+                first: net.vote(offender, &b1),
+                second: net.vote(another, &x1),
+            },
+            false,
+        ),
+    ];
+    for (desc, evidence, kept) in cases {
+        let mut engine = net.started(node);
+        let effects = message(
+            &mut engine,
+            at(1),
+            ConsensusMessage::Evidence(evidence.clone()),
+        );
+        assert_eq!(
+            reported(&effects).len(),
+            usize::from(kept),
+            "{desc}: {effects:?}"
+        );
+        // Learnt evidence is reported once, however often it is heard.
+        let again = message(&mut engine, at(1), ConsensusMessage::Evidence(evidence));
+        assert!(reported(&again).is_empty(), "{desc}: reported twice");
+        assert_eq!(engine.evidence_pool().count(), usize::from(kept), "{desc}");
+    }
+}
+
+#[test]
+fn forged_vote_does_not_silence_the_real_one() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let node = net.leader(2);
+    let [a, b, c] = <[usize; 3]>::try_from(net.others(node)).unwrap();
+    let mut engine = net.started(node);
+    engine.handle(at(1), Input::Synced(vec![b1.clone()]));
+    for v in [net.vote(a, &b1), net.vote(b, &b1), net.forged_vote(c, &b1)] {
+        message(&mut engine, at(1), ConsensusMessage::Vote(v));
+    }
+    assert_eq!(engine.round(), 1, "the forged vote must not count");
+    let effects = message(&mut engine, at(1), ConsensusMessage::Vote(net.vote(c, &b1)));
+    assert!(
+        certified(&effects, &b1.hash()),
+        "3 genuine votes of 4 form no certificate: {effects:?}"
+    );
+    assert_eq!(engine.round(), 2);
+}
+
+#[test]
+fn forged_first_vote_never_becomes_evidence() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let x1 = net.block(1, &net.genesis, net.genesis_qc(), 2);
+    let node = net.leader(2);
+    let honest = net.others(node)[0];
+    let mut engine = net.started(node);
+    let mut effects = message(
+        &mut engine,
+        at(1),
+        ConsensusMessage::Vote(net.forged_vote(honest, &x1)),
+    );
+    effects.extend(message(
+        &mut engine,
+        at(1),
+        ConsensusMessage::Vote(net.vote(honest, &b1)),
+    ));
+    assert!(
+        reported(&effects).is_empty(),
+        "an honest validator framed by a forged vote: {effects:?}"
+    );
+    assert_eq!(engine.evidence_pool().count(), 0);
+}
+
+// ----- 8. bad input -----
+
+#[test]
+fn bad_proposals_are_not_validated() {
+    let net = Net::new();
+    let node = net.bystander(&[1]);
+    let now = at(1);
+    let leader = net.leader(1);
+    let not_leader = net.others(leader)[0];
+    let b1 = || net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let with_header = |edit: &dyn Fn(&mut Header)| {
+        let mut block = b1();
+        edit(&mut block.header);
+        block
+    };
+    // The leader's signature over a (chain, block, round) of the test's choosing.
+    let signed_for = |block: &Block, chain: &str, round: u64| Proposal {
+        signature: net.keys[leader].sign(&Proposal::signing_hash(chain, &block.hash(), round)),
+        block: block.clone(),
+        tc: None,
+    };
+    let g = net.genesis_qc();
+    let cases = [
+        (
+            "a well-formed proposal from the leader",
+            net.propose(b1(), None),
+            true,
+        ),
+        (
+            "names and is signed by a validator that is not the round's leader",
+            Proposal::sign(
+                &net.keys[not_leader],
+                with_header(&|h| h.proposer = net.keys[not_leader].address()),
+                None,
+            ),
+            false,
+        ),
+        (
+            "signed by the leader but naming another proposer",
+            Proposal::sign(
+                &net.keys[leader],
+                with_header(&|h| h.proposer = net.keys[not_leader].address()),
+                None,
+            ),
+            false,
+        ),
+        (
+            "names the leader but is signed by another key",
+            Proposal::sign(&net.keys[not_leader], b1(), None),
+            false,
+        ),
+        (
+            "the leader's signature over another round",
+            signed_for(&b1(), CHAIN, 2),
+            false,
+        ),
+        (
+            "wrong chain id",
+            net.propose(with_header(&|h| h.chain_id = "another-chain".into()), None),
+            false,
+        ),
+        (
+            "wrong chain id in the header, signed in this chain's domain",
+            signed_for(
+                &with_header(&|h| h.chain_id = "another-chain".into()),
+                CHAIN,
+                1,
+            ),
+            false,
+        ),
+        (
+            "timestamp at the clock-drift limit",
+            net.propose(
+                with_header(&|h| h.timestamp_ms = now + MAX_CLOCK_DRIFT_MS),
+                None,
+            ),
+            true,
+        ),
+        (
+            "timestamp far in the future",
+            net.propose(
+                with_header(&|h| h.timestamp_ms = now + MAX_CLOCK_DRIFT_MS + 1),
+                None,
+            ),
+            false,
+        ),
+        (
+            "parent certificate without a quorum",
+            net.propose(
+                with_header(&|h| {
+                    h.parent_qc = QuorumCertificate {
+                        signatures: net.qc(&net.genesis, &[0, 1]).signatures,
+                        ..g.clone()
+                    }
+                }),
+                None,
+            ),
+            false,
+        ),
+        (
+            "an attached TC without a quorum",
+            net.propose(b1(), Some(net.tc(0, &[(0, g.clone()), (1, g.clone())]))),
+            false,
+        ),
+        (
+            "a round already over",
+            net.propose(net.block(0, &net.genesis, g.clone(), 1), None),
+            false,
+        ),
+    ];
+    for (desc, p, accepted) in cases {
+        let mut engine = net.started(node);
+        let effects = message(&mut engine, now, ConsensusMessage::Proposal(p.clone()));
+        assert_eq!(
+            validates(&effects, &p.block.hash()),
+            accepted,
+            "{desc}: {effects:?}"
+        );
+    }
+}
+
+/// Decodable messages that are wrong in every way a peer can make them wrong.
+fn garbage(net: &Net) -> Vec<ConsensusMessage> {
+    let stranger = Keypair::from_seed(99);
+    let g = net.genesis_qc();
+    let junk_qc = QuorumCertificate {
+        block_hash: Hash([7; 32]),
+        height: u64::MAX,
+        round: u64::MAX,
+        signatures: vec![
+            VoteSignature {
+                validator: net.keys[0].address(),
+                signature: Signature([0; 64]),
+            },
+            VoteSignature {
+                validator: net.keys[0].address(),
+                signature: Signature([0xff; 64]),
+            },
+            VoteSignature {
+                validator: stranger.address(),
+                signature: Signature([1; 64]),
+            },
+        ],
+    };
+    let junk_tc = TimeoutCertificate {
+        round: u64::MAX,
+        high_qc: junk_qc.clone(),
+        signatures: vec![],
+    };
+    let top = u64::MAX;
+    let huge_block = |round: u64, parent_qc: QuorumCertificate, ts: u64| {
+        let mut block = net.block(round.min(1_000), &net.genesis, parent_qc, 0xee);
+        block.header.round = round;
+        block.header.height = u64::MAX;
+        block.header.timestamp_ms = ts;
+        block.header.proposer = net.validators.leader(round).address;
+        block
+    };
+    let mut msgs = vec![
+        ConsensusMessage::Vote(Vote::sign(&stranger, CHAIN, Hash([3; 32]), top, top)),
+        ConsensusMessage::Vote(Vote {
+            signature: Signature([0; 64]),
+            ..net.vote(0, &net.genesis)
+        }),
+        ConsensusMessage::Vote(Vote::sign(&net.keys[1], "", Hash::ZERO, 0, 0)),
+        ConsensusMessage::Timeout(Timeout::sign(&net.keys[1], CHAIN, top, junk_qc.clone())),
+        ConsensusMessage::Timeout(Timeout::sign(&net.keys[1], CHAIN, 1, junk_qc.clone())),
+        ConsensusMessage::Timeout(Timeout::sign(&stranger, CHAIN, 1, g.clone())),
+        ConsensusMessage::Proposal(net.propose(huge_block(top, g.clone(), top), None)),
+        ConsensusMessage::Proposal(net.propose(huge_block(1, junk_qc.clone(), 0), None)),
+        ConsensusMessage::Proposal(net.propose(huge_block(1, g.clone(), 0), Some(junk_tc))),
+        ConsensusMessage::Evidence(Evidence {
+            first: Vote::sign(&stranger, CHAIN, Hash([1; 32]), top, top),
+            second: Vote::sign(&stranger, CHAIN, Hash([2; 32]), top, top),
+        }),
+        ConsensusMessage::Evidence(Evidence {
+            first: Vote::sign(&net.keys[2], CHAIN, Hash([1; 32]), 1, 1),
+            second: Vote::sign(&net.keys[2], "other", Hash([2; 32]), 1, 1),
+        }),
+    ];
+    // Votes for the last round (their next leader is asked to aggregate them).
+    for key in &net.keys {
+        msgs.push(ConsensusMessage::Vote(Vote::sign(
+            key,
+            CHAIN,
+            Hash([5; 32]),
+            top,
+            top - 1,
+        )));
+    }
+    msgs
+}
+
+#[test]
+fn garbage_messages_never_panic() {
+    let net = Net::new();
+    for msg in garbage(&net) {
+        let decoded = ConsensusMessage::decode(&msg.encode()).expect("decodable");
+        assert_eq!(decoded, msg);
+        for node in 0..VALIDATORS {
+            for now in [0, at(1), u64::MAX] {
+                let mut engine = net.started(node);
+                let effects = message(&mut engine, now, decoded.clone());
+                assert_eq!(engine.round(), 1, "{msg:?} moved the round");
+                assert!(
+                    !effects.iter().any(|e| matches!(
+                        e,
+                        Effect::ValidateBlock(_)
+                            | Effect::SendTo { .. }
+                            | Effect::ReportEvidence(_)
+                            | Effect::Certified { .. }
+                            | Effect::Finalize { .. }
+                    )),
+                    "{msg:?} at {now} on node {node}: {effects:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mutated_messages_never_panic() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let qc1 = net.qc(&b1, &[0, 1, 2]);
+    let tc = net.tc(
+        1,
+        &[
+            (0, net.genesis_qc()),
+            (1, net.genesis_qc()),
+            (2, net.genesis_qc()),
+        ],
+    );
+    let valid = [
+        ConsensusMessage::Proposal(net.propose(b1.clone(), None)),
+        ConsensusMessage::Proposal(net.propose(net.block(2, &b1, qc1.clone(), 2), Some(tc))),
+        ConsensusMessage::Vote(net.vote(0, &b1)),
+        ConsensusMessage::Timeout(net.timeout(1, 1, qc1)),
+        ConsensusMessage::Evidence(Evidence {
+            first: net.vote(2, &b1),
+            second: net.vote(2, &net.block(1, &net.genesis, net.genesis_qc(), 2)),
+        }),
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut engines: Vec<Engine> = (0..VALIDATORS).map(|i| net.started(i)).collect();
+    let mut decoded = 0;
+    for _ in 0..400 {
+        for msg in &valid {
+            let mut bytes = msg.encode();
+            for _ in 0..rng.gen_range(1..=3) {
+                let i = rng.gen_range(0..bytes.len());
+                bytes[i] ^= 1 << rng.gen_range(0..8);
+            }
+            let Ok(m) = ConsensusMessage::decode(&bytes) else {
+                continue;
+            };
+            decoded += 1;
+            let engine = &mut engines[rng.gen_range(0..VALIDATORS)];
+            let effects = message(engine, at(1), m);
+            for e in effects {
+                if let Effect::ValidateBlock(block) = e {
+                    engine.handle(
+                        at(1),
+                        Input::BlockValidated {
+                            hash: block.hash(),
+                            valid: rng.gen_bool(0.5),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    assert!(decoded > 100, "only {decoded} mutations decoded");
+}
