@@ -213,7 +213,19 @@ impl Driver {
                 }
                 Effect::ValidateBlock(block) => {
                     let hash = block.hash();
-                    let valid = match self.app.validate_block(&block) {
+                    let params = &self.chain.params;
+                    let bytes: usize = block.txs.iter().map(Vec::len).sum();
+                    let too_big = block.txs.len() > params.max_block_txs as usize
+                        || bytes > params.max_block_bytes as usize;
+                    let checked = if too_big {
+                        Err(crate::app::AppError::Invalid(format!(
+                            "{} transactions of {bytes} bytes exceed the block limits",
+                            block.txs.len()
+                        )))
+                    } else {
+                        self.app.validate_block(&block)
+                    };
+                    let valid = match checked {
                         Ok(()) => {
                             self.persist_block(&block)?;
                             true

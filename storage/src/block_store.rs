@@ -133,6 +133,19 @@ impl BlockStore {
             hash.0.to_vec(),
         );
         for (index, tx_hash) in (0u32..).zip(block.tx_hashes()) {
+            // A transaction already indexed and now included again by a misbehaving proposer is
+            // rejected without effect (fee 0): keep the index on its real inclusion.
+            let rejected = receipts
+                .get(index as usize)
+                .is_some_and(|r| !r.success && r.fee == 0);
+            if rejected
+                && matches!(
+                    self.store.get(Column::TxIndex, tx_hash.as_bytes()),
+                    Ok(Some(_))
+                )
+            {
+                continue;
+            }
             batch.put(
                 Column::TxIndex,
                 tx_hash.0.to_vec(),
@@ -342,6 +355,48 @@ mod tests {
         let mut batch = WriteBatch::new();
         bs.stage_block(&mut batch, block, &receipts(block));
         bs.kv().write(batch).unwrap();
+    }
+
+    #[test]
+    fn a_rejected_reinclusion_keeps_the_tx_index_on_the_real_inclusion() {
+        let (mem, bs) = store();
+        let first = block(1, 1);
+        let tx = first.txs[0].clone();
+        let ok = Receipt {
+            tx_hash: Hash::digest(&tx),
+            height: 1,
+            index: 0,
+            success: true,
+            error: None,
+            fee: 3,
+        };
+        let mut batch = WriteBatch::new();
+        bs.stage_block(&mut batch, &first, &[ok]);
+        mem.write(batch).unwrap();
+
+        let mut again = block(2, 0);
+        again.txs = vec![b"other".to_vec(), tx.clone()];
+        let rejected = |index| Receipt {
+            tx_hash: Hash::digest(&again.txs[index as usize]),
+            height: 2,
+            index,
+            success: false,
+            error: Some("bad nonce".into()),
+            fee: 0,
+        };
+        let mut batch = WriteBatch::new();
+        bs.stage_block(&mut batch, &again, &[rejected(0), rejected(1)]);
+        mem.write(batch).unwrap();
+
+        let loc = bs.tx_location(&Hash::digest(&tx)).unwrap().unwrap();
+        assert_eq!(
+            (loc.height, loc.index),
+            (1, 0),
+            "re-inclusion must not repoint the index"
+        );
+        // A transaction rejected the first time it is seen is still indexed, with its reason.
+        let other = bs.tx_location(&Hash::digest(b"other")).unwrap().unwrap();
+        assert_eq!((other.height, other.index), (2, 0));
     }
 
     fn store() -> (MemStore, BlockStore) {
