@@ -455,6 +455,9 @@ impl Engine {
         let round = self.round;
         if self.validators.leader(round).address != self.key.address()
             || self.proposed_round >= round
+            // After a restart `proposed_round` is forgotten; the vote record is not: never
+            // propose twice in a round, or in one already timed out.
+            || round <= self.safety.last_voted_round
             || self.building.is_some()
         {
             return;
@@ -838,6 +841,16 @@ impl Engine {
     }
 
     fn on_timeout(&mut self, now_ms: u64, t: Timeout, out: &mut Vec<Effect>) {
+        // A TC carried along moves a lagging validator forward first, so that this timeout
+        // (for a round it had not reached) then counts. Verified like any certificate.
+        if let Some(tc) = t.last_tc.clone() {
+            if tc.round >= self.round
+                && tc.round < self.round.saturating_add(MAX_FUTURE_ROUNDS)
+                && self.verify_tc(&tc)
+            {
+                self.on_tc(now_ms, tc, out);
+            }
+        }
         let round = t.round;
         if t.chain_id != self.config.chain_id
             || round < self.round
@@ -913,12 +926,14 @@ impl Engine {
         }
         // Report the highest certificate ever persisted, even if its block was lost in a crash:
         // a TC must never hide a certificate that may have made a block final.
-        let timeout = Timeout::sign(
+        let mut timeout = Timeout::sign(
             &self.key,
             &self.config.chain_id,
             round,
             self.safety.highest_qc.clone(),
         );
+        // Carry our latest TC so validators still in an earlier round can catch up.
+        timeout.last_tc = self.high_tc.clone();
         out.push(Effect::PersistSafety(self.safety.clone()));
         out.push(Effect::Broadcast(ConsensusMessage::Timeout(
             timeout.clone(),

@@ -1,16 +1,33 @@
 //! Crate boundaries of DESIGN.md: the pure crates' normal dependency trees stay free of the
 //! runtime, storage engine and network stack.
 
+#![allow(clippy::expect_used)]
+
 use std::process::Command;
 
 fn normal_deps(package: &str) -> Vec<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["tree", "--offline", "-p", package, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            package,
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .expect("run cargo tree");
-    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
@@ -19,10 +36,15 @@ fn normal_deps(package: &str) -> Vec<String> {
 
 fn assert_free_of(package: &str, forbidden: &[&str]) {
     let deps = normal_deps(package);
-    assert!(deps.iter().any(|d| d == package), "cargo tree listed nothing for {package}: {deps:?}");
+    assert!(
+        deps.iter().any(|d| d == package),
+        "cargo tree listed nothing for {package}: {deps:?}"
+    );
     for f in forbidden {
         assert!(
-            !deps.iter().any(|d| d == f || d.starts_with(&format!("{f}-"))),
+            !deps
+                .iter()
+                .any(|d| d == f || d.starts_with(&format!("{f}-"))),
             "{package} depends on {f}: {deps:?}"
         );
     }
@@ -30,12 +52,28 @@ fn assert_free_of(package: &str, forbidden: &[&str]) {
 
 #[test]
 fn consensus_depends_on_no_runtime_storage_or_network() {
-    assert_free_of("keel-consensus", &["tokio", "rocksdb", "librocksdb-sys", "libp2p", "keel-storage", "keel-p2p"]);
+    assert_free_of(
+        "keel-consensus",
+        &[
+            "tokio",
+            "rocksdb",
+            "librocksdb-sys",
+            "libp2p",
+            "keel-storage",
+            "keel-p2p",
+        ],
+    );
 }
 
 #[test]
 fn types_and_p2p_boundaries_hold() {
-    assert_free_of("keel-types", &["tokio", "rocksdb", "librocksdb-sys", "libp2p"]);
-    assert_free_of("keel-p2p", &["tokio", "rocksdb", "librocksdb-sys", "keel-storage"]);
+    assert_free_of(
+        "keel-types",
+        &["tokio", "rocksdb", "librocksdb-sys", "libp2p"],
+    );
+    assert_free_of(
+        "keel-p2p",
+        &["tokio", "rocksdb", "librocksdb-sys", "keel-storage"],
+    );
     assert_free_of("keel-storage", &["tokio", "libp2p"]);
 }

@@ -73,6 +73,9 @@ pub struct Timeout {
     pub voter: Address,
     /// Signature over [`Timeout::signing_hash`].
     pub signature: Signature,
+    /// The sender's latest timeout certificate, so validators a round behind catch up. Not
+    /// covered by the signature: a certificate stands on its own signatures.
+    pub last_tc: Option<TimeoutCertificate>,
 }
 
 impl Timeout {
@@ -95,6 +98,7 @@ impl Timeout {
             high_qc,
             voter: key.address(),
             signature,
+            last_tc: None,
         }
     }
 
@@ -105,6 +109,7 @@ impl Timeout {
             high_qc: Some(self.high_qc.to_proto()),
             voter: self.voter.0.to_vec(),
             signature: self.signature.0.to_vec(),
+            last_tc: self.last_tc.as_ref().map(TimeoutCertificate::to_proto),
         }
     }
 
@@ -117,6 +122,7 @@ impl Timeout {
             )?,
             voter: Address::from_slice("timeout.voter", &p.voter)?,
             signature: Signature::from_slice(&p.signature)?,
+            last_tc: p.last_tc.map(TimeoutCertificate::from_proto).transpose()?,
         })
     }
 }
@@ -331,6 +337,14 @@ mod tests {
             ConsensusMessage::Proposal(Proposal::sign(&key, block, None)),
             ConsensusMessage::Vote(v1.clone()),
             ConsensusMessage::Timeout(Timeout::sign(&key, "c", 9, qc(8))),
+            ConsensusMessage::Timeout(Timeout {
+                last_tc: Some(TimeoutCertificate {
+                    round: 8,
+                    high_qc: qc(7),
+                    signatures: vec![],
+                }),
+                ..Timeout::sign(&key, "c", 9, qc(8))
+            }),
             ConsensusMessage::Evidence(Evidence {
                 first: v1,
                 second: v2,

@@ -176,6 +176,8 @@ pub struct Timeout {
     pub voter: Vec<u8>,
     #[prost(bytes = "vec", tag = "5")]
     pub signature: Vec<u8>,
+    #[prost(message, optional, tag = "6")]
+    pub last_tc: Option<TimeoutCertificate>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
