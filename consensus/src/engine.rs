@@ -548,7 +548,12 @@ impl Engine {
             return;
         }
         let leader = self.validators.leader(round);
-        if header.proposer != leader.address {
+        // The certificate in the header must be the parent's, or the voting rule would judge
+        // the block by another block's certificate.
+        if header.proposer != leader.address
+            || header.parent_qc.block_hash != header.parent_hash
+            || header.parent_qc.height.saturating_add(1) != header.height
+        {
             return;
         }
         let msg = Proposal::signing_hash(&self.config.chain_id, &hash, round);
@@ -594,7 +599,6 @@ impl Engine {
         if !valid {
             return;
         }
-        self.insert_block(&p.block);
         let header = &p.block.header;
         let parent_ok = self.blocks.get(&header.parent_hash).is_some_and(|parent| {
             parent.height.saturating_add(1) == header.height
@@ -603,6 +607,8 @@ impl Engine {
         if !parent_ok || header.validators_hash != self.validators.hash() {
             return;
         }
+        self.insert_block(&p.block);
+        let header = &p.block.header;
         let round = header.round;
         if round != self.round || round <= self.safety.last_voted_round || !self.voting_rule(&p) {
             return;

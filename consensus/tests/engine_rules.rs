@@ -1171,6 +1171,19 @@ fn bad_proposals_are_not_validated() {
             true,
         ),
         (
+            "its parent certificate is for another block than its parent",
+            net.propose(
+                with_header(&|h| h.parent_hash = Hash::digest(b"not the genesis")),
+                None,
+            ),
+            false,
+        ),
+        (
+            "its parent certificate is for another height",
+            net.propose(with_header(&|h| h.height = 2), None),
+            false,
+        ),
+        (
             "names and is signed by a validator that is not the round's leader",
             Proposal::sign(
                 &net.keys[not_leader],
