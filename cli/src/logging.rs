@@ -11,8 +11,11 @@ pub fn init(log: &LogConfig) -> Result<()> {
         _ => EnvFilter::try_new(&log.level),
     }
     .map_err(|e| anyhow!("log level: {e}"))?;
+    // Colours only on a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let result = match log.format {
         LogFormat::Text => builder.try_init(),

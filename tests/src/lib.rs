@@ -797,7 +797,9 @@ impl TestNode {
             .arg("start")
             .arg("--home")
             .arg(&self.home)
-            .env("NO_COLOR", "1")
+            // No NO_COLOR here: the node must write plain text to a non-terminal on its own
+            // (`logs_written_to_a_file_have_no_colour_codes` checks it).
+            .env_remove("NO_COLOR")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

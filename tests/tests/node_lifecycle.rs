@@ -158,3 +158,11 @@ fn restart_after_sigkill_keeps_height_and_state_root() {
     assert_eq!(rpc.balance(&recipient).unwrap(), amount + 1);
     node.assert_running().unwrap();
 }
+
+#[test]
+fn logs_written_to_a_file_have_no_colour_codes() {
+    let node = TestNode::start_new().unwrap();
+    let log = std::fs::read_to_string(node.log_path()).unwrap();
+    assert!(log.contains("JSON-RPC listening"), "log: {log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in a log file: {log}");
+}
