@@ -41,6 +41,9 @@ use crate::driver::LATEST_QC_KEY;
 /// gets near it, and it caps the memory a stalled or lying network can make a node spend.
 pub const MAX_PENDING_HEIGHTS: u64 = 256;
 
+/// Node cache of the short-lived state view used to execute on a non-final parent.
+const OVERLAY_NODE_CACHE: usize = 1024;
+
 /// What consensus decides about a block before it is built: everything in the header except
 /// the roots, which execution fills in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -537,7 +540,11 @@ impl App {
             return StateRef::Main(&self.state);
         }
         let view = OverlayStore::new(self.store.clone(), layers);
-        StateRef::Branch(Box::new(State::new(Arc::new(view), self.params.clone())))
+        StateRef::Branch(Box::new(State::with_node_cache(
+            Arc::new(view),
+            self.params.clone(),
+            OVERLAY_NODE_CACHE,
+        )))
     }
 
     /// Executes a block on the state the layers describe; returns the outcome and the

@@ -98,6 +98,16 @@ impl State {
         }
     }
 
+    /// State with a node cache of `nodes` entries: for short-lived views (one execution over
+    /// an overlay of non-final blocks), where the default cache would cost megabytes of
+    /// allocation and never warm up.
+    pub fn with_node_cache(store: Arc<dyn KvStore>, params: ExecParams, nodes: usize) -> State {
+        State {
+            tree: StateTree::with_cache_capacity(store, nodes),
+            params,
+        }
+    }
+
     /// The chain parameters.
     pub fn params(&self) -> &ExecParams {
         &self.params
