@@ -87,6 +87,14 @@ pub struct ChainParts {
     pub tip: TipInfo,
 }
 
+/// A certified, not yet final block with what RPC reads of it computed once: its hash and
+/// the hashes of its transactions (`tx_status` is polled by wallets and load generators).
+struct CertifiedBlock {
+    block: Block,
+    hash: Hash,
+    tx_hashes: std::collections::HashSet<Hash>,
+}
+
 /// The shared chain.
 pub struct Chain {
     /// Chain id.
@@ -104,7 +112,7 @@ pub struct Chain {
     mempool: Mutex<Mempool>,
     tip: RwLock<TipInfo>,
     /// Certified blocks above the final height, by height (the branch consensus extends).
-    certified: RwLock<std::collections::BTreeMap<u64, Block>>,
+    certified: RwLock<std::collections::BTreeMap<u64, CertifiedBlock>>,
     new_heads: broadcast::Sender<Header>,
     finalized_heads: broadcast::Sender<Header>,
 }
@@ -157,6 +165,8 @@ impl Chain {
     /// Records a newly certified block as the chain's latest head.
     pub(crate) fn set_certified(&self, block: Block) {
         let (height, hash) = (block.header.height, block.hash());
+        // Hash outside the lock: readers never wait on it.
+        let tx_hashes = block.tx_hashes().into_iter().collect();
         {
             let mut certified = match self.certified.write() {
                 Ok(c) => c,
@@ -164,7 +174,14 @@ impl Chain {
             };
             // A certified block replaces any other at its height and everything above it.
             certified.retain(|h, _| *h < height);
-            certified.insert(height, block);
+            certified.insert(
+                height,
+                CertifiedBlock {
+                    block,
+                    hash,
+                    tx_hashes,
+                },
+            );
         }
         self.set_latest(height, hash);
     }
@@ -174,15 +191,16 @@ impl Chain {
         self.certified
             .read()
             .ok()
-            .and_then(|c| c.get(&height).cloned())
+            .and_then(|c| c.get(&height).map(|b| b.block.clone()))
     }
 
     /// A certified, not yet final block by hash.
     pub fn certified_by_hash(&self, hash: &Hash) -> Option<Block> {
-        self.certified
-            .read()
-            .ok()
-            .and_then(|c| c.values().find(|b| b.hash() == *hash).cloned())
+        self.certified.read().ok().and_then(|c| {
+            c.values()
+                .find(|b| b.hash == *hash)
+                .map(|b| b.block.clone())
+        })
     }
 
     /// The mempool. Held while a block commits, so admission always sees committed nonces.
@@ -245,7 +263,7 @@ impl Chain {
         let in_certified = self
             .certified
             .read()
-            .map(|c| c.values().any(|b| b.tx_hashes().contains(hash)))
+            .map(|c| c.values().any(|b| b.tx_hashes.contains(hash)))
             .unwrap_or(false);
         Ok(if in_certified {
             TxStatus::Included
