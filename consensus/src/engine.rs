@@ -14,13 +14,24 @@
 //! voted or timed out in, and either its QC is for round `r - 1`, or it carries a TC for round
 //! `r - 1` and its QC is at least as high as every `high_qc` in that TC. Commit (2-chain
 //! rule): a block is final when it has a certified child in the very next round.
+//!
+//! Epochs. Epoch `e` ends with its block at height `(e + 1) * epoch_length`. Blocks proposed
+//! above it before it is final are empty "suffix" blocks that only exist to certify it; a
+//! 2-chain commit of a suffix block makes the epoch-ending block final, and nothing above it.
+//! The engine then asks the node for the next epoch's validator set
+//! ([`Effect::NeedValidatorSet`]), drops the suffix, and restarts rounds in the new epoch
+//! ([`Input::NewEpoch`]) from the epoch-ending block and its certificate, which stand in for
+//! a certificate of round `epoch_base_round(e + 1)`. Rounds are packed `(epoch, round)` pairs
+//! (`keel_types::round_epoch`), so everything signed names its epoch. Validators still in the
+//! old epoch learn of the switch from an [`EpochProof`] (broadcast by those who saw the commit,
+//! and sent in reply to old-epoch messages) or by syncing a block of the new epoch.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use keel_types::{
-    verify_batch, Address, Block, ConsensusMessage, Evidence, Hash, Keypair, Proposal, PublicKey,
-    QuorumCertificate, Signature, Timeout, TimeoutCertificate, TimeoutSignature, Vote,
-    VoteSignature,
+    epoch_base_round, round_epoch, verify_batch, Address, Block, ConsensusMessage, EpochProof,
+    Evidence, Hash, Header, Keypair, Proposal, PublicKey, QuorumCertificate, Signature, Timeout,
+    TimeoutCertificate, TimeoutSignature, Vote, VoteSignature,
 };
 
 use crate::{Error, Result, ValidatorSet};
@@ -34,6 +45,20 @@ const MAX_EVIDENCE_POOL: usize = 256;
 const MAX_PENDING_PROPOSALS: usize = 16;
 /// Largest allowed lead of a proposal's timestamp over our clock.
 const MAX_CLOCK_DRIFT_MS: u64 = 10_000;
+/// Most validators sent an [`EpochProof`] per round (each at most once a round).
+const MAX_PROOF_REPLIES: usize = 1024;
+
+/// Height of the block that ends `epoch`: `(epoch + 1) * epoch_length`.
+pub fn epoch_end_height(epoch: u64, epoch_length: u64) -> u64 {
+    epoch.saturating_add(1).saturating_mul(epoch_length.max(1))
+}
+
+/// The epoch of the block after the final block at `final_height`: a final epoch-ending block
+/// starts the next epoch. The ledger block at height `h >= 1` is in epoch
+/// `epoch_of_next_block(h - 1, epoch_length)`.
+pub fn epoch_of_next_block(final_height: u64, epoch_length: u64) -> u64 {
+    final_height / epoch_length.max(1)
+}
 
 /// Consensus timing and identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +71,8 @@ pub struct Config {
     pub timeout_ms: u64,
     /// Cap of the round timeout after back-off.
     pub max_timeout_ms: u64,
+    /// Blocks per epoch (genesis `params.epoch_length`, at least 1).
+    pub epoch_length: u64,
 }
 
 /// The final block the node has stored: where consensus continues from.
@@ -124,6 +151,9 @@ pub struct BuildRequest {
     pub validators_hash: Hash,
     /// Evidence to include.
     pub evidence: Vec<Evidence>,
+    /// A suffix block (above the block ending the epoch): build it with no transactions and
+    /// no evidence.
+    pub empty: bool,
 }
 
 /// Everything that can happen to consensus.
@@ -150,8 +180,16 @@ pub enum Input {
         valid: bool,
     },
     /// Blocks the node fetched and validated after [`Effect::RequestSync`] (or reloaded at
-    /// restart), ancestors first.
+    /// restart), ancestors first. The node vouches that each is certified: a block of the
+    /// next epoch whose parent ends the current one proves that parent final.
     Synced(Vec<Block>),
+    /// The validator set asked for by [`Effect::NeedValidatorSet`].
+    NewEpoch {
+        /// The epoch now starting.
+        epoch: u64,
+        /// Its validators.
+        validators: ValidatorSet,
+    },
 }
 
 /// What the node must do, in order.
@@ -207,6 +245,15 @@ pub enum Effect {
     },
     /// Equivocation was detected or learnt: keep it for inclusion and gossip it.
     ReportEvidence(Evidence),
+    /// The block ending the epoch is final (the [`Effect::Finalize`] before this one): compute
+    /// the validator set of `epoch` from the final state at `height` and answer with
+    /// [`Input::NewEpoch`]. Until then the engine ignores every other input.
+    NeedValidatorSet {
+        /// The epoch starting.
+        epoch: u64,
+        /// Height of the epoch-ending block, whose state decides the set.
+        height: u64,
+    },
 }
 
 /// What consensus knows of a validated block.
@@ -219,6 +266,8 @@ struct BlockMeta {
     parent_qc: QuorumCertificate,
     /// Ids of the evidence the block carries.
     evidence: Vec<Hash>,
+    /// The header, for the [`EpochProof`] a certified suffix block becomes (None for the tip).
+    header: Option<Header>,
 }
 
 /// Votes for one block in one round, collected by that round's next leader. Signatures are
@@ -234,7 +283,23 @@ pub struct Engine {
     config: Config,
     key: Keypair,
     validators: ValidatorSet,
-    genesis_hash: Hash,
+    epoch: u64,
+    /// Height and hash of the block the epoch started from (genesis for epoch 0); its
+    /// certificate counts as one of round `epoch_base_round(epoch)`. Zero when the engine
+    /// started above it (it is then below the final tip and nothing can extend it).
+    epoch_genesis: (u64, Hash, u64),
+    /// The certificate this node holds for the epoch's starting block.
+    epoch_genesis_qc: QuorumCertificate,
+    /// The previous epoch's set, to check other certificates of the starting block.
+    previous_validators: Option<ValidatorSet>,
+    /// Waiting for [`Input::NewEpoch`].
+    awaiting_set: bool,
+    /// Proof that the previous epoch ended, served to validators still in it.
+    epoch_proof: Option<EpochProof>,
+    /// A proof waiting for the blocks below it to be synced.
+    stashed_proof: Option<EpochProof>,
+    /// Validators sent the epoch proof in the current round.
+    proof_replies: HashSet<Address>,
     safety: SafetyData,
     round: u64,
     high_qc: QuorumCertificate,
@@ -257,22 +322,34 @@ pub struct Engine {
 
 impl Engine {
     /// An engine continuing from the final `tip` with persisted `safety` data (None on first
-    /// start). `genesis_hash` identifies the chain's first block, certified by definition.
+    /// start). `validators` is the set of the tip's next epoch
+    /// ([`epoch_of_next_block`]`(tip.height)`). A key outside the set follows the chain
+    /// without voting, proposing or timing out.
     pub fn new(
         config: Config,
         key: Keypair,
         validators: ValidatorSet,
-        genesis_hash: Hash,
         tip: Tip,
         safety: Option<SafetyData>,
     ) -> Result<Engine> {
-        if validators.get(&key.address()).is_none() {
-            return Err(Error::NotAValidator(key.address()));
+        if config.epoch_length == 0 {
+            return Err(Error::InvalidValidatorSet("epoch_length must be at least 1".into()));
         }
-        let safety = safety.unwrap_or_else(|| SafetyData {
+        let epoch = epoch_of_next_block(tip.height, config.epoch_length);
+        let mut safety = safety.unwrap_or_else(|| SafetyData {
             last_voted_round: tip.round,
             highest_qc: tip.qc.clone(),
         });
+        // A certificate of an earlier epoch cannot be checked against this epoch's set: start
+        // from the tip's, which every validator of the epoch holds.
+        if round_epoch(safety.highest_qc.round) < epoch || safety.highest_qc.height < tip.height {
+            safety.highest_qc = tip.qc.clone();
+        }
+        let epoch_genesis = if tip.height % config.epoch_length == 0 {
+            (tip.height, tip.hash, tip.round)
+        } else {
+            (0, Hash::ZERO, 0)
+        };
         let mut blocks = HashMap::new();
         blocks.insert(
             tip.hash,
@@ -283,6 +360,7 @@ impl Engine {
                 timestamp_ms: tip.timestamp_ms,
                 parent_qc: QuorumCertificate::default(),
                 evidence: Vec::new(),
+                header: None,
             },
         );
         // The highest certificate we can build on is the tip's until the blocks above it are
@@ -291,13 +369,25 @@ impl Engine {
         // The current round follows from certificates, never from the vote record: a validator
         // that restarts after voting in round r must still be able to time out round r with
         // the others, or no TC forms. `last_voted_round` only stops it voting again.
-        let round = safety.highest_qc.round.max(tip.round).saturating_add(1);
+        let round = safety
+            .highest_qc
+            .round
+            .max(tip.round)
+            .max(epoch_base_round(epoch))
+            .saturating_add(1);
         Ok(Engine {
             certified_head: (tip.height, tip.hash),
             config,
             key,
             validators,
-            genesis_hash,
+            epoch,
+            epoch_genesis,
+            epoch_genesis_qc: tip.qc.clone(),
+            previous_validators: None,
+            awaiting_set: false,
+            epoch_proof: None,
+            stashed_proof: None,
+            proof_replies: HashSet::new(),
             safety,
             round,
             high_qc,
@@ -343,6 +433,29 @@ impl Engine {
         &self.validators
     }
 
+    /// This validator's address.
+    pub fn address(&self) -> Address {
+        self.key.address()
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether the engine waits for the next epoch's validator set.
+    pub fn awaiting_validator_set(&self) -> bool {
+        self.awaiting_set
+    }
+
+    fn is_member(&self) -> bool {
+        self.validators.get(&self.key.address()).is_some()
+    }
+
+    fn epoch_end(&self) -> u64 {
+        epoch_end_height(self.epoch, self.config.epoch_length)
+    }
+
     /// The highest certificate known.
     pub fn high_qc(&self) -> &QuorumCertificate {
         &self.high_qc
@@ -356,7 +469,17 @@ impl Engine {
     /// Handles one input at time `now_ms`.
     pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
         let mut out = Vec::new();
+        if self.awaiting_set && !matches!(input, Input::NewEpoch { .. }) {
+            // The epoch is over and the next set is not known: nothing can be checked.
+            if let Input::BuildFailed { .. } | Input::BlockBuilt(_) = input {
+                self.building = None;
+            }
+            return out;
+        }
         match input {
+            Input::NewEpoch { epoch, validators } => {
+                self.start_epoch(now_ms, epoch, validators, &mut out)
+            }
             Input::Start => {
                 if !self.started {
                     self.started = true;
@@ -383,8 +506,36 @@ impl Engine {
             }
             Input::Synced(blocks) => {
                 for block in blocks {
+                    let h = &block.header;
+                    if h.epoch == self.epoch.saturating_add(1) && round_epoch(h.round) == h.epoch {
+                        // A certified block of the next epoch: its parent ended ours and is final.
+                        let end = self.epoch_end();
+                        if self
+                            .blocks
+                            .get(&h.parent_hash)
+                            .is_some_and(|p| p.height == end && end > self.final_tip.height)
+                        {
+                            self.finalize_block(h.parent_hash, h.parent_qc.clone(), None, &mut out);
+                        }
+                        break;
+                    }
+                    if h.epoch != self.epoch {
+                        continue;
+                    }
                     self.insert_block(&block);
                     self.on_qc(now_ms, block.header.parent_qc.clone(), &mut out);
+                    if self.awaiting_set {
+                        break;
+                    }
+                }
+                if self.awaiting_set {
+                    return out;
+                }
+                if let Some(proof) = self.stashed_proof.take() {
+                    self.on_epoch_proof(proof, false, &mut out);
+                    if self.awaiting_set {
+                        return out;
+                    }
                 }
                 // The persisted highest certificate may be for a block just restored.
                 let persisted = self.safety.highest_qc.clone();
@@ -413,6 +564,7 @@ impl Engine {
 
     fn enter_round(&mut self, now_ms: u64, round: u64, out: &mut Vec<Effect>) {
         self.round = round;
+        self.proof_replies.clear();
         self.prune_rounds();
         out.push(Effect::SetTimer {
             kind: TimerKind::RoundTimeout,
@@ -469,7 +621,7 @@ impl Engine {
             return;
         };
         // A proposal needs the previous round's QC, or its TC.
-        let needs_tc = self.high_qc.round.saturating_add(1) != round;
+        let needs_tc = self.qc_round(&self.high_qc).saturating_add(1) != round;
         if needs_tc && self.high_tc.as_ref().map(|tc| tc.round) != Some(round.saturating_sub(1)) {
             return;
         }
@@ -485,16 +637,21 @@ impl Engine {
         }
         self.proposed_round = round;
         self.building = Some(round);
+        let height = parent.height.saturating_add(1);
+        let empty = height > self.epoch_end();
         out.push(Effect::BuildBlock(BuildRequest {
-            height: parent.height.saturating_add(1),
+            height,
             round,
-            epoch: 0,
+            epoch: self.epoch,
+            empty,
             parent_hash: self.high_qc.block_hash,
             parent_qc: self.high_qc.clone(),
             timestamp_ms: now_ms.max(parent.timestamp_ms.saturating_add(1)),
             proposer: self.key.address(),
             validators_hash: self.validators.hash(),
-            evidence: {
+            evidence: if empty {
+                Vec::new()
+            } else {
                 let included = self.branch_evidence(&self.high_qc.block_hash);
                 self.evidence
                     .iter()
@@ -511,7 +668,7 @@ impl Engine {
             return;
         }
         self.building = None;
-        let tc = if block.header.parent_qc.round.saturating_add(1) == round {
+        let tc = if self.qc_round(&block.header.parent_qc).saturating_add(1) == round {
             None
         } else {
             self.high_tc.clone()
@@ -534,6 +691,7 @@ impl Engine {
             ConsensusMessage::Vote(v) => self.on_vote(now_ms, v, out),
             ConsensusMessage::Timeout(t) => self.on_timeout(now_ms, t, out),
             ConsensusMessage::Evidence(e) => self.on_evidence(e, out),
+            ConsensusMessage::EpochProof(p) => self.on_epoch_proof(p, true, out),
         }
     }
 
@@ -541,9 +699,27 @@ impl Engine {
         let header = &p.block.header;
         let round = header.round;
         let hash = p.block.hash();
-        if header.chain_id != self.config.chain_id
-            || round < self.round
-            || self.pending.contains_key(&hash)
+        if header.chain_id != self.config.chain_id || self.pending.contains_key(&hash) {
+            return;
+        }
+        let epoch = round_epoch(round);
+        if epoch != self.epoch || header.epoch != epoch {
+            if epoch < self.epoch {
+                self.send_epoch_proof(header.proposer, out);
+            } else if header.epoch == epoch {
+                // A later epoch: we missed the end of ours. Fetch the branch; a block of the
+                // next epoch proves the end of this one (see `Input::Synced`).
+                out.push(Effect::RequestSync {
+                    qc: header.parent_qc.clone(),
+                });
+            }
+            return;
+        }
+        if round < self.round {
+            return;
+        }
+        // Suffix blocks only certify the epoch-ending block below them: nothing to execute.
+        if header.height > self.epoch_end() && (!p.block.txs.is_empty() || !p.block.evidence.is_empty())
         {
             return;
         }
@@ -610,7 +786,11 @@ impl Engine {
         self.insert_block(&p.block);
         let header = &p.block.header;
         let round = header.round;
-        if round != self.round || round <= self.safety.last_voted_round || !self.voting_rule(&p) {
+        if round != self.round
+            || round <= self.safety.last_voted_round
+            || !self.is_member()
+            || !self.voting_rule(&p)
+        {
             return;
         }
         self.safety.last_voted_round = round;
@@ -633,7 +813,7 @@ impl Engine {
     /// The 2-chain voting rule.
     fn voting_rule(&self, p: &Proposal) -> bool {
         let round = p.block.header.round;
-        let qc_round = p.block.header.parent_qc.round;
+        let qc_round = self.qc_round(&p.block.header.parent_qc);
         if qc_round.saturating_add(1) == round {
             return true;
         }
@@ -649,6 +829,10 @@ impl Engine {
 
     fn on_vote(&mut self, now_ms: u64, vote: Vote, out: &mut Vec<Effect>) {
         let round = vote.round;
+        if round_epoch(round) < self.epoch {
+            self.send_epoch_proof(vote.voter, out);
+            return;
+        }
         if vote.chain_id != self.config.chain_id
             || round.saturating_add(1) < self.round
             || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
@@ -858,6 +1042,10 @@ impl Engine {
             }
         }
         let round = t.round;
+        if round_epoch(round) < self.epoch {
+            self.send_epoch_proof(t.voter, out);
+            return;
+        }
         if t.chain_id != self.config.chain_id
             || round < self.round
             || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
@@ -923,6 +1111,9 @@ impl Engine {
     }
 
     fn on_round_timeout(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
+        if !self.is_member() {
+            return;
+        }
         let round = self.round;
         self.last_timeout_round = round;
         self.consecutive_timeouts = self.consecutive_timeouts.saturating_add(1);
@@ -953,7 +1144,11 @@ impl Engine {
     }
 
     fn on_evidence(&mut self, e: Evidence, out: &mut Vec<Effect>) {
-        if e.check_form().is_err() || e.first.chain_id != self.config.chain_id {
+        // Votes are checked against this epoch's keys: evidence of an earlier epoch is dropped.
+        if e.check_form().is_err()
+            || e.first.chain_id != self.config.chain_id
+            || round_epoch(e.first.round) != self.epoch
+        {
             return;
         }
         let Some(v) = self.validators.get(&e.offender()) else {
@@ -985,42 +1180,52 @@ impl Engine {
 
     // ----- certificates -----
 
-    fn is_genesis_qc(&self, qc: &QuorumCertificate) -> bool {
-        qc.round == 0
-            && qc.height == 0
-            && qc.block_hash == self.genesis_hash
-            && qc.signatures.is_empty()
+    /// A certificate of the block the epoch started from: final, so taken as it is (it was
+    /// signed by the previous epoch's set).
+    fn is_epoch_genesis_qc(&self, qc: &QuorumCertificate) -> bool {
+        qc.block_hash == self.epoch_genesis.1
+            && qc.height == self.epoch_genesis.0
+            && qc.round == self.epoch_genesis.2
+            && qc.block_hash != Hash::ZERO
+    }
+
+    /// The round a certificate counts as for the voting and proposing rules: the epoch's
+    /// starting certificate counts as `epoch_base_round(epoch)`, whatever round it was
+    /// signed in.
+    fn qc_round(&self, qc: &QuorumCertificate) -> u64 {
+        if self.is_epoch_genesis_qc(qc) {
+            epoch_base_round(self.epoch)
+        } else {
+            qc.round
+        }
     }
 
     /// Checks a QC: known validators, no duplicates, more than 2/3 of the stake, and every
     /// signature valid (one batch verification).
     fn verify_qc(&mut self, qc: &QuorumCertificate) -> bool {
-        if self.is_genesis_qc(qc) || self.verified_qcs.contains(&(qc.block_hash, qc.round)) {
+        if self.verified_qcs.contains(&(qc.block_hash, qc.round)) {
             return true;
         }
-        let msg = Vote::signing_hash(&self.config.chain_id, &qc.block_hash, qc.height, qc.round);
-        let mut seen = HashSet::new();
-        let mut stake: u64 = 0;
-        let mut keys = Vec::with_capacity(qc.signatures.len());
-        for s in &qc.signatures {
-            let Some(v) = self.validators.get(&s.validator) else {
-                return false;
-            };
-            if !seen.insert(s.validator) {
-                return false;
-            }
-            stake = stake.saturating_add(v.stake);
-            keys.push(v.public_key);
+        let ok = if self.is_epoch_genesis_qc(qc) {
+            // Signed by the previous epoch's set (none for genesis): ours, or one that set signed.
+            *qc == self.epoch_genesis_qc
+                || self
+                    .previous_validators
+                    .as_ref()
+                    .is_some_and(|set| check_qc(&self.config.chain_id, set, qc))
+        } else {
+            check_qc(&self.config.chain_id, &self.validators, qc)
+        };
+        if ok {
+            self.verified_qcs.insert((qc.block_hash, qc.round));
         }
-        if !self.validators.is_quorum(stake) {
-            return false;
-        }
-        let sigs: Vec<Signature> = qc.signatures.iter().map(|s| s.signature).collect();
-        if verify_batch(&vec![msg; sigs.len()], &sigs, &keys).is_err() {
-            return false;
-        }
-        self.verified_qcs.insert((qc.block_hash, qc.round));
-        true
+        ok
+    }
+
+    /// Gives the previous epoch's set, when the engine starts at the block that ended that
+    /// epoch (after a restart), so other certificates of that block can be checked.
+    pub fn set_previous_validators(&mut self, validators: ValidatorSet) {
+        self.previous_validators = Some(validators);
     }
 
     fn verify_tc(&mut self, tc: &TimeoutCertificate) -> bool {
@@ -1089,7 +1294,7 @@ impl Engine {
     }
 
     /// 2-chain commit: a certified block whose parent is from the previous round makes the
-    /// parent final.
+    /// parent final. A suffix parent makes the epoch-ending block below it final, and only it.
     fn commit_rule(&mut self, qc: &QuorumCertificate, out: &mut Vec<Effect>) {
         let Some(child) = self.blocks.get(&qc.block_hash) else {
             return;
@@ -1097,12 +1302,47 @@ impl Engine {
         let Some(parent) = self.blocks.get(&child.parent) else {
             return;
         };
-        if parent.round.saturating_add(1) != child.round || parent.height <= self.final_tip.height {
+        if parent.round.saturating_add(1) != child.round {
             return;
         }
-        let hash = child.parent;
-        let final_qc = child.parent_qc.clone();
-        let (height, round, timestamp_ms) = (parent.height, parent.round, parent.timestamp_ms);
+        let end = self.epoch_end();
+        let (hash, final_qc) = if parent.height > end {
+            // Walk down to the suffix block just above the end; its certificate of its parent
+            // is the end's.
+            let mut cursor = child;
+            while cursor.height > end.saturating_add(1) {
+                match self.blocks.get(&cursor.parent) {
+                    Some(b) => cursor = b,
+                    None => return,
+                }
+            }
+            (cursor.parent, cursor.parent_qc.clone())
+        } else {
+            (child.parent, child.parent_qc.clone())
+        };
+        let proof = child.header.clone().map(|header| EpochProof {
+            header,
+            qc: qc.clone(),
+        });
+        self.finalize_block(hash, final_qc, proof, out);
+    }
+
+    /// Makes `hash` (a block held, certified by `qc`) and its ancestors final. When it ends
+    /// the epoch, broadcasts `proof` (if any) and asks for the next validator set.
+    fn finalize_block(
+        &mut self,
+        hash: Hash,
+        final_qc: QuorumCertificate,
+        proof: Option<EpochProof>,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(meta) = self.blocks.get(&hash) else {
+            return;
+        };
+        if meta.height <= self.final_tip.height {
+            return;
+        }
+        let (height, round, timestamp_ms) = (meta.height, meta.round, meta.timestamp_ms);
         // Evidence now in a final block has done its work: stop proposing it.
         for id in self.branch_evidence(&hash) {
             self.evidence.remove(&id);
@@ -1122,6 +1362,125 @@ impl Engine {
             height,
             qc: final_qc,
         });
+        if height == self.epoch_end() {
+            if let Some(proof) = proof {
+                out.push(Effect::Broadcast(ConsensusMessage::EpochProof(
+                    proof.clone(),
+                )));
+                self.epoch_proof = Some(proof);
+            } else {
+                self.epoch_proof = None;
+            }
+            self.awaiting_set = true;
+            out.push(Effect::NeedValidatorSet {
+                epoch: self.epoch.saturating_add(1),
+                height,
+            });
+        }
+    }
+
+    /// Switches to `epoch` with its validator set, from the final epoch-ending block.
+    fn start_epoch(
+        &mut self,
+        now_ms: u64,
+        epoch: u64,
+        validators: ValidatorSet,
+        out: &mut Vec<Effect>,
+    ) {
+        if !self.awaiting_set || epoch != self.epoch.saturating_add(1) {
+            return;
+        }
+        self.awaiting_set = false;
+        self.epoch = epoch;
+        let tip = self.final_tip.clone();
+        self.epoch_genesis = (tip.height, tip.hash, tip.round);
+        self.epoch_genesis_qc = tip.qc.clone();
+        self.previous_validators = Some(std::mem::replace(&mut self.validators, validators));
+        // The suffix is dropped: the epoch restarts from the final block and its certificate.
+        self.blocks.retain(|h, _| *h == tip.hash);
+        self.certified_head = (tip.height, tip.hash);
+        self.high_qc = tip.qc.clone();
+        self.high_tc = None;
+        self.safety.highest_qc = tip.qc.clone();
+        self.votes.clear();
+        self.voters.clear();
+        self.timeouts.clear();
+        self.pending.clear();
+        self.verified_qcs.clear();
+        self.stashed_proof = None;
+        self.building = None;
+        self.consecutive_timeouts = 0;
+        // Votes and timeouts carry the epoch in their round: the new epoch's rounds are above
+        // every round of the old one, so `last_voted_round` needs no reset.
+        self.enter_round(now_ms, epoch_base_round(epoch).saturating_add(1), out);
+    }
+
+    /// A proof that this epoch ended (see [`EpochProof`]). `may_sync`: fetch the blocks below
+    /// it when missing and retry once they arrive.
+    fn on_epoch_proof(&mut self, p: EpochProof, may_sync: bool, out: &mut Vec<Effect>) {
+        let h = &p.header;
+        let end = self.epoch_end();
+        if h.epoch != self.epoch
+            || round_epoch(h.round) != h.epoch
+            || h.chain_id != self.config.chain_id
+            || h.height <= end
+            || end <= self.final_tip.height
+        {
+            return;
+        }
+        let hash = h.hash();
+        if p.qc.block_hash != hash
+            || p.qc.height != h.height
+            || p.qc.round != h.round
+            || h.parent_qc.block_hash != h.parent_hash
+            || h.parent_qc.round.saturating_add(1) != h.round
+            || h.parent_qc.height.saturating_add(1) != h.height
+        {
+            return;
+        }
+        if !self.verify_qc(&p.qc) {
+            return;
+        }
+        if !self.blocks.contains_key(&h.parent_hash) {
+            if may_sync {
+                out.push(Effect::RequestSync {
+                    qc: h.parent_qc.clone(),
+                });
+                self.stashed_proof = Some(p);
+            }
+            return;
+        }
+        // Certified by a quorum of this epoch, so validated by its honest members: its place
+        // in the chain is all the commit rule needs.
+        let header = h.clone();
+        self.blocks.entry(hash).or_insert_with(|| BlockMeta {
+            height: header.height,
+            round: header.round,
+            parent: header.parent_hash,
+            timestamp_ms: header.timestamp_ms,
+            parent_qc: header.parent_qc.clone(),
+            evidence: Vec::new(),
+            header: Some(header),
+        });
+        self.commit_rule(&p.qc, out);
+    }
+
+    /// Tells a validator still in the previous epoch that it ended (once a round each).
+    fn send_epoch_proof(&mut self, to: Address, out: &mut Vec<Effect>) {
+        let Some(proof) = &self.epoch_proof else {
+            return;
+        };
+        if to == self.key.address()
+            || proof.header.epoch.saturating_add(1) != self.epoch
+            || self.proof_replies.len() >= MAX_PROOF_REPLIES
+            || !self.proof_replies.insert(to)
+        {
+            return;
+        }
+        out.push(Effect::SendTo {
+            to,
+            message: ConsensusMessage::EpochProof(proof.clone()),
+        });
     }
 
     /// Ids of the evidence in `hash` and its ancestors above the final tip.
@@ -1140,7 +1499,10 @@ impl Engine {
 
     fn insert_block(&mut self, block: &Block) {
         let h = &block.header;
-        if h.height <= self.final_tip.height {
+        if h.height <= self.final_tip.height
+            || h.epoch != self.epoch
+            || round_epoch(h.round) != self.epoch
+        {
             return;
         }
         self.blocks
@@ -1152,6 +1514,31 @@ impl Engine {
                 timestamp_ms: h.timestamp_ms,
                 parent_qc: h.parent_qc.clone(),
                 evidence: block.evidence.iter().map(Evidence::id).collect(),
+                header: Some(h.clone()),
             });
     }
+}
+
+/// Checks a QC against `set`: known validators, no duplicates, more than 2/3 of the stake,
+/// and every signature valid (one batch verification).
+fn check_qc(chain_id: &str, set: &ValidatorSet, qc: &QuorumCertificate) -> bool {
+    let msg = Vote::signing_hash(chain_id, &qc.block_hash, qc.height, qc.round);
+    let mut seen = HashSet::new();
+    let mut stake: u64 = 0;
+    let mut keys = Vec::with_capacity(qc.signatures.len());
+    for s in &qc.signatures {
+        let Some(v) = set.get(&s.validator) else {
+            return false;
+        };
+        if !seen.insert(s.validator) {
+            return false;
+        }
+        stake = stake.saturating_add(v.stake);
+        keys.push(v.public_key);
+    }
+    if !set.is_quorum(stake) {
+        return false;
+    }
+    let sigs: Vec<Signature> = qc.signatures.iter().map(|s| s.signature).collect();
+    verify_batch(&vec![msg; sigs.len()], &sigs, &keys).is_ok()
 }

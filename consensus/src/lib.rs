@@ -16,13 +16,20 @@
 //!   forged vote can neither shadow a real one nor make an honest validator an equivocator.
 //!
 //! The protocol is 2-chain HotStuff (Jolteon / DiemBFT v4 family); `docs/consensus.md`
-//! describes it, its safety argument and its message flow. The validator set is fixed for
-//! the life of the chain until epoch reconfiguration lands.
+//! describes it, its safety argument and its message flow. The validator set is fixed within
+//! each epoch; the node computes the next epoch's set from final state and hands it in
+//! ([`Effect::NeedValidatorSet`], [`Input::NewEpoch`]), keeping recent sets in a
+//! [`ValidatorSetCache`].
 
+mod cache;
 mod engine;
 mod error;
 mod validators;
 
-pub use engine::{BuildRequest, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip};
+pub use cache::{CacheStats, ValidatorSetCache};
+pub use engine::{
+    epoch_end_height, epoch_of_next_block, BuildRequest, Config, Effect, Engine, Input, SafetyData,
+    TimerKind, Tip,
+};
 pub use error::{Error, Result};
 pub use validators::{Validator, ValidatorSet};

@@ -445,6 +445,14 @@ impl App {
         Ok(())
     }
 
+    /// Drops every pending block: at the start of an epoch, the suffix blocks of the last
+    /// one (never final, see `docs/consensus.md`). Returns how many were dropped.
+    pub fn discard_pending(&mut self) -> usize {
+        let dropped = self.pending.len();
+        self.pending.clear();
+        dropped
+    }
+
     /// Drops every pending block that does not descend from the final tip.
     fn drop_abandoned(&mut self) {
         let (tip_height, tip_hash) = self.final_tip;

@@ -1,9 +1,10 @@
 //! The chain as the RPC server and the driver share it: storage, state, mempool, the current
 //! tip, and the head notifications.
 
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use keel_consensus::ValidatorSet;
+use keel_consensus::{epoch_of_next_block, CacheStats, Validator, ValidatorSet, ValidatorSetCache};
 use keel_genesis::Params;
 use keel_state::State;
 use keel_storage::BlockStore;
@@ -15,6 +16,10 @@ use crate::mempool::{Mempool, Rejection};
 /// Capacity of the head notification channels: a subscriber further behind than this misses
 /// heads (and is told so) instead of growing memory.
 pub const HEAD_CHANNEL_CAPACITY: usize = 256;
+
+/// Epochs of validator sets kept: the current one, its predecessor (certificates at the
+/// boundary) and a few for `state_getValidators` at recent heights.
+pub const VALIDATOR_SET_CACHE_EPOCHS: usize = 8;
 
 /// Heights and hashes of the latest and the finalized block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +84,10 @@ pub struct ChainParts {
     pub blocks: BlockStore,
     /// Account state.
     pub state: State,
-    /// The validator set in force.
+    /// The validator set of genesis (epoch 0).
     pub validators: ValidatorSet,
+    /// The epoch consensus starts in.
+    pub epoch: u64,
     /// The mempool.
     pub mempool: Mempool,
     /// The tip at start.
@@ -107,8 +114,12 @@ pub struct Chain {
     pub blocks: BlockStore,
     /// Account state.
     pub state: State,
-    /// The validator set in force.
-    pub validators: ValidatorSet,
+    /// The validator set of genesis (epoch 0).
+    genesis_validators: ValidatorSet,
+    /// Validator sets by epoch.
+    validator_sets: ValidatorSetCache,
+    /// The epoch consensus is in.
+    epoch: AtomicU64,
     mempool: Mutex<Mempool>,
     tip: RwLock<TipInfo>,
     /// Certified blocks above the final height, by height (the branch consensus extends).
@@ -126,13 +137,78 @@ impl Chain {
             params: parts.params,
             blocks: parts.blocks,
             state: parts.state,
-            validators: parts.validators,
+            genesis_validators: parts.validators,
+            validator_sets: ValidatorSetCache::new(VALIDATOR_SET_CACHE_EPOCHS),
+            epoch: AtomicU64::new(parts.epoch),
             mempool: Mutex::new(parts.mempool),
             tip: RwLock::new(parts.tip),
             certified: RwLock::new(std::collections::BTreeMap::new()),
             new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
             finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
         }
+    }
+
+    /// The epoch consensus is in (the epoch of the next block to be final).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    /// The epoch of the block at `height` (genesis is in epoch 0).
+    pub fn epoch_of_height(&self, height: u64) -> u64 {
+        match height {
+            0 => 0,
+            h => epoch_of_next_block(h - 1, self.params.epoch_length),
+        }
+    }
+
+    /// The validator set of `epoch`, from the cache or computed once from the final state at
+    /// the epoch's first height (`epoch * epoch_length`, the block that ended the previous
+    /// epoch): every registered, unjailed account with stake. Epoch 0 is genesis's set. An
+    /// epoch whose state leaves nobody with stake keeps the previous epoch's set, so the
+    /// chain cannot end itself.
+    pub fn validator_set(&self, epoch: u64) -> crate::Result<Arc<ValidatorSet>> {
+        self.validator_sets.get_or_load(epoch, || {
+            if epoch == 0 {
+                return Ok(self.genesis_validators.clone());
+            }
+            let height = epoch.saturating_mul(self.params.epoch_length);
+            let stakes = self.state.stakes(height)?;
+            if stakes.is_empty() {
+                return Ok((*self.validator_set(epoch - 1)?).clone());
+            }
+            let validators = stakes
+                .into_iter()
+                .map(|s| Validator {
+                    address: s.address,
+                    public_key: s.public_key,
+                    stake: s.stake,
+                })
+                .collect();
+            Ok(ValidatorSet::new(validators)?)
+        })
+    }
+
+    /// Hits and misses of the validator set cache.
+    pub fn validator_set_cache_stats(&self) -> CacheStats {
+        self.validator_sets.stats()
+    }
+
+    /// Forgets the certified blocks above the final height (the suffix of an ended epoch)
+    /// and makes the final tip the latest head again.
+    pub(crate) fn reset_to_final(&self) {
+        let finalized = self.tip().finalized;
+        {
+            let mut certified = match self.certified.write() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            certified.clear();
+        }
+        self.set_latest(finalized.0, finalized.1);
     }
 
     /// The current tip.

@@ -171,17 +171,21 @@ impl Driver {
                     let round = req.round;
                     let exclude = self.app.branch_tx_hashes(&req.parent_hash);
                     let params = &self.chain.params;
-                    let txs: Vec<_> = self
-                        .chain
-                        .mempool()
-                        .select(
-                            params.max_block_txs as usize + exclude.len(),
-                            params.max_block_bytes as usize,
-                        )
-                        .into_iter()
-                        .filter(|t| !exclude.contains(&t.hash))
-                        .take(params.max_block_txs as usize)
-                        .collect();
+                    // A suffix block (above the epoch's end) carries nothing.
+                    let txs: Vec<_> = if req.empty {
+                        Vec::new()
+                    } else {
+                        self.chain
+                            .mempool()
+                            .select(
+                                params.max_block_txs as usize + exclude.len(),
+                                params.max_block_bytes as usize,
+                            )
+                            .into_iter()
+                            .filter(|t| !exclude.contains(&t.hash))
+                            .take(params.max_block_txs as usize)
+                            .collect()
+                    };
                     let template = BlockTemplate {
                         height: req.height,
                         round,
@@ -273,12 +277,52 @@ impl Driver {
                     self.finalize(hash, height, &qc)?;
                     None
                 }
+                Effect::NeedValidatorSet { epoch, height } => {
+                    Some(self.start_epoch(epoch, height)?)
+                }
             };
             if let Some(input) = follow_up {
                 queue.extend(self.engine.handle(now_ms(), input));
             }
         }
         Ok(())
+    }
+
+    /// The epoch-ending block at `height` is final: load the next epoch's validator set, and
+    /// drop the suffix blocks built on top of it (never final, never stored in the ledger).
+    fn start_epoch(&mut self, epoch: u64, height: u64) -> Result<Input> {
+        let validators = self.chain.validator_set(epoch)?;
+        let dropped = self.app.discard_pending();
+        if !self.persisted.is_empty() {
+            let mut batch = WriteBatch::new();
+            for (hash, _) in self.persisted.drain() {
+                batch.delete(Column::Consensus, pending_key(&hash));
+            }
+            self.chain.blocks.kv().write(batch)?;
+        }
+        self.chain.reset_to_final();
+        self.chain.set_epoch(epoch);
+        let stats = self.chain.validator_set_cache_stats();
+        info!(
+            epoch,
+            from_height = height,
+            validators = validators.len(),
+            total_stake = validators.total_stake(),
+            dropped_suffix_blocks = dropped,
+            set_cache_hits = stats.hits,
+            set_cache_misses = stats.misses,
+            "epoch started"
+        );
+        if validators.get(&self.engine.address()).is_none() {
+            warn!(
+                epoch,
+                "this node is not a validator of the new epoch: following only"
+            );
+        }
+        Ok(Input::NewEpoch {
+            epoch,
+            validators: (*validators).clone(),
+        })
     }
 
     fn finalize(&mut self, hash: Hash, height: u64, qc: &QuorumCertificate) -> Result<()> {

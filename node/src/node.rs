@@ -6,7 +6,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use keel_consensus::{Engine, SafetyData, Tip, Validator, ValidatorSet};
+use keel_consensus::{epoch_of_next_block, Engine, SafetyData, Tip, Validator, ValidatorSet};
 use keel_genesis::Genesis;
 use keel_state::State;
 use keel_storage::{BlockStore, Column, KvStore, MemStore, RocksConfig, RocksStore, WriteBatch};
@@ -89,29 +89,7 @@ impl Node {
         };
         let finalized = blocks.finalized()?.unwrap_or((0, genesis_header.hash()));
 
-        let me = validators.get(&key.address()).map(|v| v.stake).unwrap_or(0);
-        if !validators.is_quorum(me) {
-            return Err(Error::Mismatch(format!(
-                "genesis has {} validators and this node holds {me} of {} stake; this build has no \
-                 peer-to-peer networking, so only a validator holding more than 2/3 of the stake can \
-                 make progress",
-                validators.len(),
-                validators.total_stake()
-            )));
-        }
-        let engine = Engine::new(
-            keel_consensus::Config {
-                chain_id: genesis.chain_id.clone(),
-                block_time_ms: config.consensus.block_time_ms,
-                timeout_ms: config.consensus.timeout_ms,
-                max_timeout_ms: config.consensus.timeout_ms.saturating_mul(8),
-            },
-            key,
-            validators.clone(),
-            genesis_header.hash(),
-            tip.clone(),
-            safety,
-        )?;
+        let epoch = epoch_of_next_block(tip.height, genesis.params.epoch_length);
         let app = App::new(store.clone(), genesis.exec_params())?;
         let mempool = Mempool::new(
             MempoolLimits::from(&config.mempool),
@@ -125,12 +103,42 @@ impl Node {
             blocks,
             state,
             validators,
+            epoch,
             mempool,
             tip: TipInfo {
                 latest: (tip.height, tip.hash),
                 finalized,
             },
         }));
+        let validators = chain.validator_set(epoch)?;
+        let me = validators.get(&key.address()).map(|v| v.stake).unwrap_or(0);
+        if !validators.is_quorum(me) {
+            return Err(Error::Mismatch(format!(
+                "epoch {epoch} has {} validators and this node holds {me} of {} stake; this build \
+                 has no peer-to-peer networking, so only a validator holding more than 2/3 of the \
+                 stake can make progress",
+                validators.len(),
+                validators.total_stake()
+            )));
+        }
+        let mut engine = Engine::new(
+            keel_consensus::Config {
+                chain_id: genesis.chain_id.clone(),
+                block_time_ms: config.consensus.block_time_ms,
+                timeout_ms: config.consensus.timeout_ms,
+                max_timeout_ms: config.consensus.timeout_ms.saturating_mul(8),
+                epoch_length: genesis.params.epoch_length,
+            },
+            key,
+            (*validators).clone(),
+            tip.clone(),
+            safety,
+        )?;
+        if epoch > 0 && tip.height == epoch.saturating_mul(genesis.params.epoch_length) {
+            // Resuming at the block that ended the last epoch: its certificates are checked
+            // with that epoch's set.
+            engine.set_previous_validators((*chain.validator_set(epoch - 1)?).clone());
+        }
 
         let (commands, receiver) = sync_channel(16);
         let (done_tx, done_rx) = oneshot::channel();

@@ -319,7 +319,7 @@ pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
             "latest_hash": tip.latest.1,
             "finalized_height": tip.finalized.0,
             "finalized_hash": tip.finalized.1,
-            "epoch": tip.latest.0 / c.params.epoch_length.max(1),
+            "epoch": c.epoch(),
             "syncing": false,
             "peers": 0,
             "mempool_txs": c.mempool().len(),
@@ -430,11 +430,20 @@ pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
     });
     reg("state_getValidators", |c, p| {
         let a = Args::parse(p, &["height"])?;
-        c.state_height(a.u64_opt(0)?)?;
-        let total = c.validators.total_stake().max(1);
+        // The set that signs the block at `height`; without a height, the current epoch's.
+        let epoch = match a.u64_opt(0)? {
+            Some(h) => c.epoch_of_height(c.state_height(Some(h))?),
+            None => c.epoch(),
+        };
+        let set = c.validator_set(epoch).map_err(|e| {
+            err(
+                codes::INTERNAL,
+                format!("validator set of epoch {epoch}: {e}"),
+            )
+        })?;
+        let total = set.total_stake().max(1);
         Ok(Value::Array(
-            c.validators
-                .validators()
+            set.validators()
                 .iter()
                 .map(|v| {
                     json!({

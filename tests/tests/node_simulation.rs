@@ -17,6 +17,11 @@
 //! 3. progress: every honest validator's final height grows after the network healed, and
 //!    every transfer submitted before that is final by the end;
 //! 4. conservation: balances plus stakes at the common final height equal genesis supply;
+//! 5. epochs: every final block names its epoch (`(height - 1) / epoch_length`) and that
+//!    epoch's validator set, which is the stake of the replayed chain at the epoch's first
+//!    height (`Bond`/`Unbond` take effect at the next boundary, not before); its proposer and
+//!    the signers of its certificate are members; no suffix block is ever final; all honest
+//!    nodes compute the same set for an epoch;
 //!
 //! and along the way: every final transaction succeeded and is final once, no byzantine block
 //! is final, finalization never fails, and an honest block is never refused for its roots.
@@ -31,7 +36,8 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use keel_consensus::{
-    Config, Effect, Engine, Input, SafetyData, TimerKind, Tip, Validator, ValidatorSet,
+    epoch_of_next_block, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip, Validator,
+    ValidatorSet,
 };
 use keel_genesis::Genesis;
 use keel_node::app::{App, BlockTemplate};
@@ -74,6 +80,11 @@ struct Scenario {
     reload_pending: bool,
     /// Time between two submitted transfers.
     tx_gap_ms: (u64, u64),
+    /// Blocks per epoch.
+    epoch_length: u64,
+    /// Stake transactions: (time, validator, kind), e.g. a bond, or an unbond of all stake
+    /// that takes the validator out of the next epoch's set.
+    stake_txs: Vec<(u64, usize, TxKind)>,
 }
 
 impl Scenario {
@@ -135,6 +146,7 @@ impl Node {
 
 enum Event {
     Deliver { to: usize, msg: ConsensusMessage },
+    Stake(usize),
     Synced { to: usize, blocks: Vec<Block> },
     Tx { to: usize, tx: Transaction },
     Submit,
@@ -153,7 +165,6 @@ struct Sim {
     nodes: Vec<Node>,
     validators: ValidatorSet,
     genesis: Genesis,
-    genesis_hash: Hash,
     params: ExecParams,
     users: Vec<Keypair>,
     receivers: Vec<Address>,
@@ -161,6 +172,12 @@ struct Sim {
     submitted: Vec<Vec<u64>>,
     /// Final heights of all nodes when the network healed.
     heights_at_heal: Option<Vec<u64>>,
+    /// The hash of each epoch's validator set, as the first honest node computed it.
+    epoch_sets: BTreeMap<u64, Hash>,
+    /// Epoch switches seen, over all nodes.
+    epoch_switches: usize,
+    /// Stake transactions submitted: (time, transaction).
+    stake_sent: Vec<(u64, Transaction)>,
     scenario: Scenario,
     trace: bool,
 }
@@ -202,12 +219,15 @@ impl Sim {
         let receivers: Vec<Address> = (0..RECEIVERS)
             .map(|r| Keypair::from_seed(base + 200 + r).address())
             .collect();
-        let genesis = Genesis::generate(
+        let mut genesis = Genesis::generate(
             CHAIN,
             0,
             &keys.iter().map(Keypair::public).collect::<Vec<_>>(),
             &users.iter().map(Keypair::address).collect::<Vec<_>>(),
         );
+        genesis.params.epoch_length = scenario.epoch_length;
+        // Unbonded stake never returns within a run, so the replay below stays exact.
+        genesis.params.unbonding_period = 1_000_000;
         genesis.validate().unwrap();
         let validators = ValidatorSet::new(
             genesis
@@ -259,11 +279,13 @@ impl Sim {
             validators,
             params: genesis.exec_params(),
             genesis,
-            genesis_hash: genesis_hash.expect("validators"),
             submitted: vec![Vec::new(); USERS as usize],
             users,
             receivers,
             heights_at_heal: None,
+            epoch_sets: BTreeMap::new(),
+            epoch_switches: 0,
+            stake_sent: Vec::new(),
             trace: std::env::var("SIM_TRACE").is_ok(),
             scenario,
         };
@@ -277,7 +299,39 @@ impl Sim {
         // After a restart at the same instant (events at one time run in schedule order).
         sim.schedule(sim.scenario.healed_at(), Event::Healed);
         sim.schedule(0, Event::Submit);
+        for k in 0..sim.scenario.stake_txs.len() {
+            sim.schedule(sim.scenario.stake_txs[k].0, Event::Stake(k));
+        }
         sim
+    }
+
+    /// The validator set of `epoch` from node `i`'s final state, as `Chain::validator_set`
+    /// computes it: genesis's for epoch 0, else the stakes at `epoch * epoch_length` (the
+    /// previous epoch's set if nobody has stake).
+    fn validator_set_at(&self, i: usize, epoch: u64) -> ValidatorSet {
+        if epoch == 0 {
+            return self.validators.clone();
+        }
+        let state = State::new(self.nodes[i].kv(), self.params.clone());
+        let stakes = state
+            .stakes(epoch * self.scenario.epoch_length)
+            .unwrap_or_else(|e| {
+                panic!("seed {}: node {i}: stakes of epoch {epoch}: {e}", self.seed)
+            });
+        if stakes.is_empty() {
+            return self.validator_set_at(i, epoch - 1);
+        }
+        ValidatorSet::new(
+            stakes
+                .into_iter()
+                .map(|s| Validator {
+                    address: s.address,
+                    public_key: s.public_key,
+                    stake: s.stake,
+                })
+                .collect(),
+        )
+        .unwrap()
     }
 
     fn schedule(&mut self, at: u64, e: Event) {
@@ -311,16 +365,22 @@ impl Sim {
             .get(Column::Consensus, SAFETY_KEY)
             .unwrap()
             .map(|b| SafetyData::decode(&b).unwrap());
-        let engine = Engine::new(
+        let length = self.scenario.epoch_length;
+        let epoch = epoch_of_next_block(height, length);
+        let set = self.validator_set_at(i, epoch);
+        let previous =
+            (epoch > 0 && height == epoch * length).then(|| self.validator_set_at(i, epoch - 1));
+        let node = &mut self.nodes[i];
+        let mut engine = Engine::new(
             Config {
                 chain_id: CHAIN.into(),
                 block_time_ms: 1000,
                 timeout_ms: 2000,
                 max_timeout_ms: 16000,
+                epoch_length: length,
             },
             node.key.clone(),
-            self.validators.clone(),
-            self.genesis_hash,
+            set,
             Tip {
                 height,
                 hash,
@@ -331,6 +391,9 @@ impl Sim {
             safety,
         )
         .unwrap();
+        if let Some(previous) = previous {
+            engine.set_previous_validators(previous);
+        }
         let app = App::new(kv.clone(), self.params.clone()).unwrap();
         assert_eq!(app.final_tip(), (height, hash));
         node.timers.clear();
@@ -494,6 +557,38 @@ impl Sim {
                 self.request_sync(i, &qc);
                 None
             }
+            Effect::NeedValidatorSet { epoch, height } => {
+                // As the driver's `start_epoch`.
+                let set = self.validator_set_at(i, epoch);
+                let seed = self.seed;
+                if !self.nodes[i].byzantine {
+                    let first = *self.epoch_sets.entry(epoch).or_insert(set.hash());
+                    assert_eq!(
+                        first,
+                        set.hash(),
+                        "seed {seed}: node {i} computed another validator set for epoch {epoch}"
+                    );
+                }
+                self.epoch_switches += 1;
+                let node = &mut self.nodes[i];
+                node.app.as_mut().expect("running").discard_pending();
+                let mut batch = WriteBatch::new();
+                for (hash, _) in node.persisted.drain() {
+                    batch.delete(
+                        Column::Consensus,
+                        [PENDING_BLOCK_PREFIX, hash.as_bytes()].concat(),
+                    );
+                }
+                node.store.write(batch).unwrap();
+                let n = set.len();
+                self.log(i, || {
+                    format!("EPOCH {epoch} from h{height}: {n} validators")
+                });
+                Some(Input::NewEpoch {
+                    epoch,
+                    validators: set,
+                })
+            }
             Effect::Certified { .. } | Effect::ReportEvidence(_) => None,
         }
     }
@@ -504,7 +599,11 @@ impl Sim {
         let seed = self.seed;
         let node = &mut self.nodes[i];
         let app = node.app.as_mut().expect("running");
-        let txs = select_txs(seed, app, &node.mempool, &req.parent_hash, req.round);
+        let txs = if req.empty {
+            Vec::new()
+        } else {
+            select_txs(seed, app, &node.mempool, &req.parent_hash, req.round)
+        };
         let template = BlockTemplate {
             height: req.height,
             round: req.round,
@@ -712,6 +811,22 @@ impl Sim {
                     }
                 }
                 Event::Submit => self.submit(),
+                Event::Stake(k) => {
+                    let (_, v, kind) = self.scenario.stake_txs[k].clone();
+                    let key = self.nodes[v].key.clone();
+                    let nonce = self
+                        .stake_sent
+                        .iter()
+                        .filter(|(_, t)| t.sender == key.address())
+                        .count() as u64;
+                    let tx = Transaction::sign(&key, CHAIN, nonce, self.params.min_fee, kind);
+                    self.log(v, || format!("submits {:?}", tx.kind));
+                    self.stake_sent.push((self.now, tx.clone()));
+                    for to in 0..self.nodes.len() {
+                        let at = self.now + self.latency();
+                        self.schedule(at, Event::Tx { to, tx: tx.clone() });
+                    }
+                }
                 Event::Crash(i) => {
                     self.log(i, || "CRASH".into());
                     let node = &mut self.nodes[i];
@@ -779,18 +894,71 @@ impl Sim {
 
         // The final chain: linked, no byzantine block, every transfer succeeded, each once;
         // replayed by hand into the expected accounts at the common height.
-        let mut expected: BTreeMap<Address, (u64, u64)> = self
+        let mut expected: BTreeMap<Address, (u64, u64, u64)> = self
             .genesis
             .initial_accounts()
             .unwrap()
             .into_iter()
-            .map(|(a, acc)| (a, (acc.balance, acc.nonce)))
+            .map(|(a, acc)| (a, (acc.balance, acc.nonce, acc.stake)))
             .collect();
+        // Stakes by validator at each epoch start, from the replay (5).
+        let length = self.scenario.epoch_length;
+        let keys: HashMap<Address, keel_types::PublicKey> = self
+            .nodes
+            .iter()
+            .map(|n| (n.key.address(), n.key.public()))
+            .collect();
+        let stakes_of = |expected: &BTreeMap<Address, (u64, u64, u64)>| -> Vec<Validator> {
+            expected
+                .iter()
+                .filter(|(a, acc)| acc.2 > 0 && keys.contains_key(*a))
+                .map(|(a, acc)| Validator {
+                    address: *a,
+                    public_key: keys[a],
+                    stake: acc.2,
+                })
+                .collect()
+        };
+        let mut sets: BTreeMap<u64, ValidatorSet> = BTreeMap::from([(0, self.validators.clone())]);
+        let mut at_common = expected.clone();
         let byzantine = self.scenario.byzantine.map(|b| self.nodes[b].key.address());
         let mut seen = HashSet::new();
         let mut final_txs = 0;
         for h in 1..=self.nodes[reference].final_height() {
             let block = ref_blocks.block_at(h).unwrap().expect("final block");
+            // 5: the block's epoch and set; the set of the next epoch follows from the
+            // replayed stakes once the epoch's last block is replayed (below).
+            let epoch = epoch_of_next_block(h - 1, length);
+            let set = sets.get(&epoch).cloned().unwrap_or_else(|| {
+                panic!("seed {seed}: no replayed set for epoch {epoch} at h{h}")
+            });
+            assert_eq!(
+                (
+                    block.header.epoch,
+                    keel_types::round_epoch(block.header.round)
+                ),
+                (epoch, epoch),
+                "seed {seed}: final h{h} is not in epoch {epoch} (a suffix block went final?)"
+            );
+            assert_eq!(
+                block.header.validators_hash,
+                set.hash(),
+                "seed {seed}: final h{h} does not name the replayed set of epoch {epoch}"
+            );
+            assert!(
+                set.get(&block.header.proposer).is_some(),
+                "seed {seed}: final h{h} was proposed by a non-member of epoch {epoch}"
+            );
+            if h >= 2 {
+                let parent_set = &sets[&epoch_of_next_block(h - 2, length)];
+                for s in &block.header.parent_qc.signatures {
+                    assert!(
+                        parent_set.get(&s.validator).is_some(),
+                        "seed {seed}: the certificate of h{} has a signer outside its epoch",
+                        h - 1
+                    );
+                }
+            }
             assert_eq!(
                 Some(block.header.parent_hash),
                 ref_blocks.hash_at(h - 1).unwrap(),
@@ -828,18 +996,34 @@ impl Sim {
                 );
                 assert_eq!(receipt.fee, tx.fee, "seed {seed}: fee of {}", tx.hash);
                 final_txs += 1;
-                if h > common {
-                    continue;
-                }
-                let TxKind::Transfer { to, amount } = tx.kind else {
-                    panic!("seed {seed}: the workload sends only transfers");
-                };
                 let sender = expected.entry(tx.sender).or_default();
                 assert_eq!(sender.1, tx.nonce, "seed {seed}: nonce of {}", tx.hash);
-                sender.0 -= amount + tx.fee;
+                sender.0 -= tx.fee;
                 sender.1 += 1;
-                expected.entry(to).or_default().0 += amount;
+                match tx.kind {
+                    TxKind::Transfer { to, amount } => {
+                        sender.0 -= amount;
+                        expected.entry(to).or_default().0 += amount;
+                    }
+                    TxKind::Bond { amount } => {
+                        sender.0 -= amount;
+                        sender.2 += amount;
+                    }
+                    TxKind::Unbond { amount } => sender.2 -= amount,
+                }
                 expected.entry(block.header.proposer).or_default().0 += tx.fee;
+            }
+            if h == common {
+                at_common = expected.clone();
+            }
+            if h % length == 0 {
+                let next = stakes_of(&expected);
+                let set = if next.is_empty() {
+                    set
+                } else {
+                    ValidatorSet::new(next).unwrap()
+                };
+                sets.insert(h / length, set);
             }
         }
         assert!(final_txs > 0, "seed {seed}: no transfer became final");
@@ -870,11 +1054,11 @@ impl Sim {
             let mut total: u128 = 0;
             for addr in &addresses {
                 let account = state.account(addr, common).unwrap().unwrap_or_default();
-                let (balance, nonce) = expected.get(addr).copied().unwrap_or_default();
+                let (balance, nonce, stake) = at_common.get(addr).copied().unwrap_or_default();
                 assert_eq!(
-                    (account.balance, account.nonce),
-                    (balance, nonce),
-                    "seed {seed}: node {i}: account {addr} at h{common} (balance, nonce)"
+                    (account.balance, account.nonce, account.stake),
+                    (balance, nonce, stake),
+                    "seed {seed}: node {i}: account {addr} at h{common} (balance, nonce, stake)"
                 );
                 total += u128::from(account.balance)
                     + u128::from(account.stake)
@@ -915,6 +1099,16 @@ impl Sim {
                 nonce >= before,
                 "seed {seed}: user {u} submitted {before} transfers before the heal, {nonce} final"
             );
+        }
+
+        for (at, tx) in &self.stake_sent {
+            if *at < healed {
+                assert!(
+                    ref_blocks.tx_location(&tx.hash).unwrap().is_some(),
+                    "seed {seed}: stake transaction {:?} sent at {at} ms is not final",
+                    tx.kind
+                );
+            }
         }
 
         // An honest block is never refused for what its execution gives.
@@ -1007,6 +1201,44 @@ fn scenario_for(seed: u64) -> Scenario {
         crash,
         reload_pending: rng.gen_bool(0.7),
         tx_gap_ms: (20, rng.gen_range(100..600)),
+        epoch_length: rng.gen_range(3..=12),
+        stake_txs: if rng.gen_bool(0.6) {
+            // An honest validator bonds more (it then holds half the stake of four); another
+            // (perhaps the byzantine one) unbonds everything, leaves the set, and may bond
+            // again and come back.
+            let honest: Vec<usize> = (0..validators).filter(|v| Some(*v) != byzantine).collect();
+            let a = honest[rng.gen_range(0..honest.len())];
+            let b = (a + rng.gen_range(1..validators)) % validators;
+            let unbond_at = rng.gen_range(10_000..50_000);
+            let mut txs = vec![
+                (
+                    rng.gen_range(2_000..30_000),
+                    a,
+                    TxKind::Bond {
+                        amount: 2 * keel_genesis::DEFAULT_VALIDATOR_STAKE,
+                    },
+                ),
+                (
+                    unbond_at,
+                    b,
+                    TxKind::Unbond {
+                        amount: keel_genesis::DEFAULT_VALIDATOR_STAKE,
+                    },
+                ),
+            ];
+            if rng.gen_bool(0.5) {
+                txs.push((
+                    unbond_at + rng.gen_range(15_000..40_000),
+                    b,
+                    TxKind::Bond {
+                        amount: keel_genesis::DEFAULT_VALIDATOR_STAKE / 2,
+                    },
+                ));
+            }
+            txs
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -1024,7 +1256,7 @@ fn run_seed(seed: u64) {
         .sum::<usize>();
     eprintln!(
         "seed {seed}: {} validators{}, final heights {:?}, {txs} final transfers, {} refused, \
-         {} synced, {} reloaded, re-proposed {:?}",
+         {} synced, {} reloaded, re-proposed {:?}, epoch length {}, epochs {:?}, {} distinct sets",
         sim.scenario.validators,
         if sim.scenario.byzantine.is_some() {
             " (1 byzantine)"
@@ -1041,6 +1273,12 @@ fn run_seed(seed: u64) {
             .filter(|(_, n)| !n.reproposed.is_empty())
             .map(|(i, n)| (i, n.byzantine, n.reproposed.clone()))
             .collect::<Vec<_>>(),
+        sim.scenario.epoch_length,
+        sim.nodes
+            .iter()
+            .map(|n| n.engine.as_ref().map_or(0, Engine::epoch))
+            .collect::<Vec<_>>(),
+        sim.epoch_sets.values().collect::<HashSet<_>>().len(),
     );
 }
 
@@ -1119,6 +1357,8 @@ fn honest_validators_refuse_blocks_with_a_corrupted_state_root() {
         crash: None,
         reload_pending: true,
         tx_gap_ms: (20, 200),
+        epoch_length: 5,
+        stake_txs: Vec::new(),
     };
     let mut sim = Sim::new(5, scenario);
     sim.run();

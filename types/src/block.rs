@@ -34,7 +34,7 @@ pub struct Header {
 }
 
 impl Header {
-    fn to_proto(&self) -> proto::Header {
+    pub(crate) fn to_proto(&self) -> proto::Header {
         proto::Header {
             chain_id: self.chain_id.clone(),
             height: self.height,
@@ -51,7 +51,7 @@ impl Header {
         }
     }
 
-    fn from_proto(p: proto::Header) -> Result<Header> {
+    pub(crate) fn from_proto(p: proto::Header) -> Result<Header> {
         Ok(Header {
             chain_id: p.chain_id,
             height: p.height,

@@ -23,7 +23,9 @@ pub use crypto::{verify_batch, Keypair, PublicKey, Signature};
 pub use error::{Error, Result};
 pub use hash::{Address, Hash};
 pub use message::{
-    ConsensusMessage, Evidence, Proposal, Timeout, TimeoutCertificate, TimeoutSignature,
+    ConsensusMessage, EpochProof, Evidence, Proposal, Timeout, TimeoutCertificate, TimeoutSignature,
 };
 pub use tx::{signing_hash, Transaction, TxKind};
-pub use vote::{QuorumCertificate, Vote, VoteSignature};
+pub use vote::{
+    epoch_base_round, round_epoch, QuorumCertificate, Vote, VoteSignature, EPOCH_ROUND_BITS,
+};

@@ -3,7 +3,8 @@
 use prost::Message;
 
 use crate::{
-    codec, proto, Address, Block, Error, Hash, Keypair, QuorumCertificate, Result, Signature, Vote,
+    codec, proto, Address, Block, Error, Hash, Header, Keypair, QuorumCertificate, Result,
+    Signature, Vote,
 };
 
 const PROPOSAL_DOMAIN: &str = "keel 2026-11 proposal signing v1";
@@ -246,6 +247,34 @@ impl Evidence {
     }
 }
 
+/// Proof that the block ending an epoch is final, sent to validators still in that epoch: a
+/// certified block (`header`, certified by `qc`) whose parent is from the round before it,
+/// which by the 2-chain rule makes that parent, and so the epoch-ending block at or below it,
+/// final. Verified with the validator set of `header.epoch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochProof {
+    /// The certified block's header.
+    pub header: Header,
+    /// Its certificate.
+    pub qc: QuorumCertificate,
+}
+
+impl EpochProof {
+    fn to_proto(&self) -> proto::EpochProof {
+        proto::EpochProof {
+            header: Some(self.header.to_proto()),
+            qc: Some(self.qc.to_proto()),
+        }
+    }
+
+    fn from_proto(p: proto::EpochProof) -> Result<EpochProof> {
+        Ok(EpochProof {
+            header: Header::from_proto(p.header.ok_or(Error::Missing("epoch_proof.header"))?)?,
+            qc: QuorumCertificate::from_proto(p.qc.ok_or(Error::Missing("epoch_proof.qc"))?)?,
+        })
+    }
+}
+
 /// Any consensus message.
 // A proposal carries a whole block, so the variants differ in size; messages are short-lived
 // and moved rarely, so boxing would only add an allocation per message.
@@ -260,6 +289,8 @@ pub enum ConsensusMessage {
     Timeout(Timeout),
     /// Equivocation evidence, gossiped.
     Evidence(Evidence),
+    /// Proof that an epoch ended, for validators still in it.
+    EpochProof(EpochProof),
 }
 
 impl ConsensusMessage {
@@ -271,6 +302,7 @@ impl ConsensusMessage {
             ConsensusMessage::Vote(v) => Kind::Vote(v.to_proto()),
             ConsensusMessage::Timeout(t) => Kind::Timeout(t.to_proto()),
             ConsensusMessage::Evidence(e) => Kind::Evidence(e.to_proto()),
+            ConsensusMessage::EpochProof(p) => Kind::EpochProof(p.to_proto()),
         };
         proto::ConsensusMessage { kind: Some(kind) }.encode_to_vec()
     }
@@ -285,6 +317,7 @@ impl ConsensusMessage {
                 Kind::Vote(v) => ConsensusMessage::Vote(Vote::from_proto(v)?),
                 Kind::Timeout(t) => ConsensusMessage::Timeout(Timeout::from_proto(t)?),
                 Kind::Evidence(e) => ConsensusMessage::Evidence(Evidence::from_proto(e)?),
+                Kind::EpochProof(p) => ConsensusMessage::EpochProof(EpochProof::from_proto(p)?),
             },
         )
     }
@@ -293,7 +326,7 @@ impl ConsensusMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Header, VoteSignature};
+    use crate::VoteSignature;
 
     fn qc(round: u64) -> QuorumCertificate {
         QuorumCertificate {
@@ -348,6 +381,17 @@ mod tests {
             ConsensusMessage::Evidence(Evidence {
                 first: v1,
                 second: v2,
+            }),
+            ConsensusMessage::EpochProof(EpochProof {
+                header: Header {
+                    chain_id: "c".into(),
+                    height: 12,
+                    round: crate::epoch_base_round(1) + 3,
+                    epoch: 1,
+                    parent_qc: qc(11),
+                    ..Header::default()
+                },
+                qc: qc(12),
             }),
         ];
         for m in msgs {

@@ -208,10 +208,18 @@ pub struct Evidence {
     pub second: Option<Vote>,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EpochProof {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    #[prost(message, optional, tag = "2")]
+    pub qc: Option<QuorumCertificate>,
+}
+
 /// Every consensus message, as sent on the consensus channel.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ConsensusMessage {
-    #[prost(oneof = "consensus_message::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "consensus_message::Kind", tags = "1, 2, 3, 4, 5")]
     pub kind: Option<consensus_message::Kind>,
 }
 
@@ -227,5 +235,7 @@ pub mod consensus_message {
         Timeout(super::Timeout),
         #[prost(message, tag = "4")]
         Evidence(super::Evidence),
+        #[prost(message, tag = "5")]
+        EpochProof(super::EpochProof),
     }
 }

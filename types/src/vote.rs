@@ -6,6 +6,24 @@ use crate::{codec, proto, Address, Hash, Keypair, Result, Signature};
 
 const VOTE_DOMAIN: &str = "keel 2026-11 vote signing v1";
 
+/// Bits of a round number that count rounds within an epoch. Rounds are `(epoch, round)`
+/// pairs packed into one `u64` (`epoch << 32 | round`): they restart in every epoch yet stay
+/// totally ordered, and the epoch is inside everything that signs a round (votes, timeouts,
+/// proposals), so two votes of different epochs never look like equivocation and a vote of
+/// one epoch can never be replayed in another. 2^32 rounds is over a century at one per second.
+pub const EPOCH_ROUND_BITS: u32 = 32;
+
+/// The epoch a packed round belongs to.
+pub fn round_epoch(round: u64) -> u64 {
+    round >> EPOCH_ROUND_BITS
+}
+
+/// The round that opens `epoch`: the round of its starting certificate, never proposed in.
+/// The first proposal of the epoch is in `epoch_base_round(epoch) + 1`.
+pub fn epoch_base_round(epoch: u64) -> u64 {
+    epoch << EPOCH_ROUND_BITS
+}
+
 /// A validator's signed vote for a block in a round.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vote {
