@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use keel_tests::{
     amount_field, transfer, u64_field, TestNode, BLOCK_TIME_MS, TEST_CHAIN_ID, VALIDATOR_FUNDS,
 };
-use keel_types::{Hash, Keypair};
+use keel_types::{Hash, Keypair, Transaction, TxKind};
 use serde_json::json;
 
 #[test]
@@ -165,4 +165,128 @@ fn logs_written_to_a_file_have_no_colour_codes() {
     let log = std::fs::read_to_string(node.log_path()).unwrap();
     assert!(log.contains("JSON-RPC listening"), "log: {log}");
     assert!(!log.contains('\u{1b}'), "escape codes in a log file: {log}");
+}
+
+/// Epochs on a real node: a bond takes effect at the next epoch boundary (not before), the
+/// header names the new set, `state_getValidators` answers per height, and a restart keeps
+/// the epoch and its set.
+#[test]
+fn a_bond_joins_the_validator_set_at_the_next_epoch_and_survives_a_restart() {
+    const EPOCH_LENGTH: u64 = 4;
+    let mut node = TestNode::init().unwrap();
+    let genesis_path = node.home().join("genesis.json");
+    let mut genesis: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&genesis_path).unwrap()).unwrap();
+    genesis["params"]["epoch_length"] = json!(EPOCH_LENGTH.to_string());
+    std::fs::write(&genesis_path, genesis.to_string()).unwrap();
+    node.start().unwrap();
+    let rpc = node.rpc();
+
+    let validator = node.validator_key().unwrap();
+    let bonder = Keypair::generate();
+    let fund = transfer(&validator, TEST_CHAIN_ID, 0, 1, bonder.address(), 50_000);
+    rpc.submit(&fund).unwrap();
+    rpc.wait_finalized(&fund.hash, Duration::from_secs(30))
+        .unwrap();
+    let stake = 1_000;
+    let bond = Transaction::sign(&bonder, TEST_CHAIN_ID, 0, 1, TxKind::Bond { amount: stake });
+    rpc.submit(&bond).unwrap();
+    rpc.wait_finalized(&bond.hash, Duration::from_secs(30))
+        .unwrap();
+    let bonded_at = u64_field(
+        &rpc.call("chain_getTransaction", json!([bond.hash.to_string()]))
+            .unwrap()["receipt"],
+        "height",
+    )
+    .unwrap();
+    // The block at `bonded_at` is in epoch (bonded_at - 1) / L; the next epoch starts at the
+    // block after the epoch's last, `boundary`.
+    let epoch = (bonded_at - 1) / EPOCH_LENGTH + 1;
+    let boundary = epoch * EPOCH_LENGTH;
+    wait_finalized_height(&rpc, boundary + 2);
+
+    let members = |height: u64| -> Vec<String> {
+        let set = rpc.call("state_getValidators", json!([height])).unwrap();
+        set.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["address"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let me = validator.address().to_string();
+    let them = bonder.address().to_string();
+    assert_eq!(
+        members(bonded_at),
+        vec![me.clone()],
+        "the bond applied in its own epoch"
+    );
+    assert_eq!(
+        members(boundary),
+        vec![me.clone()],
+        "the bond applied before the boundary"
+    );
+    let mut next = members(boundary + 1);
+    next.sort();
+    let mut want = vec![me.clone(), them.clone()];
+    want.sort();
+    assert_eq!(next, want, "the bond did not apply at the next epoch");
+    let set = rpc
+        .call("state_getValidators", json!([boundary + 1]))
+        .unwrap();
+    let entry = set
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["address"] == json!(them))
+        .unwrap();
+    assert_eq!(amount_field(entry, "stake").unwrap(), stake);
+
+    let last = rpc.header(boundary).unwrap();
+    let first = rpc.header(boundary + 1).unwrap();
+    assert_eq!(last["epoch"], json!(epoch - 1));
+    assert_eq!(first["epoch"], json!(epoch));
+    assert_eq!(
+        first["parent_hash"], last["hash"],
+        "the new epoch extends the end block"
+    );
+    assert_ne!(
+        first["validators_hash"], last["validators_hash"],
+        "the header does not name the new set"
+    );
+    let status = rpc.status().unwrap();
+    assert!(u64_field(&status, "epoch").unwrap() >= epoch, "{status}");
+
+    // A restart resumes in the right epoch with the right set (from the state, not genesis).
+    node.kill();
+    node.start().unwrap();
+    let rpc = node.rpc();
+    let height = rpc.latest_height().unwrap();
+    rpc.wait_for_height(height + 3, Duration::from_secs(30))
+        .unwrap();
+    let mut now = rpc
+        .call("state_getValidators", json!([]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["address"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    now.sort();
+    assert_eq!(now, want);
+    node.assert_running().unwrap();
+}
+
+fn wait_finalized_height(rpc: &keel_tests::RpcClient, height: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = rpc.status().unwrap();
+        if u64_field(&status, "finalized_height").unwrap() >= height {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "finalized height did not reach {height}: {status}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
