@@ -42,6 +42,8 @@ pub enum Command {
     },
     /// Run a throwaway local network with funded accounts (RPC on 127.0.0.1:26657).
     Devnet(DevnetArgs),
+    /// Write the homes of an N-validator network wired to each other.
+    Testnet(TestnetArgs),
     /// Show a node's chain status.
     Status {
         /// RPC endpoint.
@@ -71,6 +73,29 @@ pub enum KeysCommand {
         #[arg(long)]
         home: PathBuf,
     },
+}
+
+/// `keel testnet` options.
+#[derive(Args, Debug)]
+pub struct TestnetArgs {
+    /// Number of validators.
+    #[arg(long, default_value_t = 4)]
+    pub validators: u32,
+    /// Folder for the homes (node0, node1, ...).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Node i listens for p2p on P+3i, RPC on 127.0.0.1:P+3i+1, metrics on 127.0.0.1:P+3i+2.
+    #[arg(long, default_value_t = 26656)]
+    pub base_port: u16,
+    /// Block time in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub block_time_ms: u64,
+    /// Chain id.
+    #[arg(long, default_value = "keel-testnet")]
+    pub chain_id: String,
+    /// Blocks per epoch (default: the genesis default).
+    #[arg(long)]
+    pub epoch_length: Option<u64>,
 }
 
 /// `keel devnet` options.

@@ -12,7 +12,9 @@ use keel_state::{verify_proof, Proof};
 use keel_types::{Address, Hash, Transaction, TxKind};
 use serde_json::{json, Value};
 
-use crate::args::{Cli, Command, DevnetArgs, KeysCommand, QueryCommand, TxCommand, TxOptions};
+use crate::args::{
+    Cli, Command, DevnetArgs, KeysCommand, QueryCommand, TestnetArgs, TxCommand, TxOptions,
+};
 use crate::client::Rpc;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -72,6 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(run_node(&home, config))
         }
         Command::Devnet(args) => devnet(args),
+        Command::Testnet(args) => testnet(args),
         Command::Status { rpc } => runtime()?.block_on(async {
             print_json(&Rpc::new(&rpc)?.call("chain_status", vec![]).await?);
             Ok(())
@@ -110,6 +113,36 @@ async fn shutdown_signal() -> Result<()> {
     {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
     }
+}
+
+fn testnet(args: TestnetArgs) -> Result<()> {
+    let nodes = keel_node::testnet::generate(&keel_node::testnet::TestnetSpec {
+        validators: args.validators,
+        out: args.out.clone(),
+        base_port: args.base_port,
+        block_time_ms: args.block_time_ms,
+        chain_id: args.chain_id.clone(),
+        genesis_time_ms: now_ms(),
+        funded: Vec::new(),
+        epoch_length: args.epoch_length,
+    })?;
+    println!(
+        "keel testnet: {} validators of chain {} in {}",
+        nodes.len(),
+        args.chain_id,
+        args.out.display()
+    );
+    for n in &nodes {
+        println!(
+            "  {}  validator {}  rpc http://{}  p2p {}",
+            n.home.display(),
+            n.address,
+            n.rpc,
+            n.p2p
+        );
+    }
+    println!("start each with: keel start --home <home>");
+    Ok(())
 }
 
 fn devnet(args: DevnetArgs) -> Result<()> {

@@ -443,6 +443,12 @@ impl Engine {
         self.epoch
     }
 
+    /// The proof that the previous epoch ended, if this engine saw one (to store and serve
+    /// to peers syncing across the boundary).
+    pub fn epoch_proof(&self) -> Option<&EpochProof> {
+        self.epoch_proof.as_ref()
+    }
+
     /// Whether the engine waits for the next epoch's validator set.
     pub fn awaiting_validator_set(&self) -> bool {
         self.awaiting_set

@@ -120,6 +120,10 @@ pub struct Chain {
     validator_sets: ValidatorSetCache,
     /// The epoch consensus is in.
     epoch: AtomicU64,
+    /// Where transactions submitted over RPC are gossiped (none without networking).
+    gossip: std::sync::OnceLock<keel_p2p::NetworkHandle>,
+    peers: std::sync::atomic::AtomicUsize,
+    syncing: std::sync::atomic::AtomicBool,
     mempool: Mutex<Mempool>,
     tip: RwLock<TipInfo>,
     /// Certified blocks above the final height, by height (the branch consensus extends).
@@ -140,6 +144,9 @@ impl Chain {
             genesis_validators: parts.validators,
             validator_sets: ValidatorSetCache::new(VALIDATOR_SET_CACHE_EPOCHS),
             epoch: AtomicU64::new(parts.epoch),
+            gossip: std::sync::OnceLock::new(),
+            peers: std::sync::atomic::AtomicUsize::new(0),
+            syncing: std::sync::atomic::AtomicBool::new(false),
             mempool: Mutex::new(parts.mempool),
             tip: RwLock::new(parts.tip),
             certified: RwLock::new(std::collections::BTreeMap::new()),
@@ -155,6 +162,28 @@ impl Chain {
 
     pub(crate) fn set_epoch(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_gossip(&self, net: keel_p2p::NetworkHandle) {
+        let _ = self.gossip.set(net);
+    }
+
+    /// Connected peers.
+    pub fn peers(&self) -> usize {
+        self.peers.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_peers(&self, n: usize) {
+        self.peers.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether the node is fetching blocks it is missing from peers.
+    pub fn syncing(&self) -> bool {
+        self.syncing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_syncing(&self, on: bool) {
+        self.syncing.store(on, Ordering::Relaxed);
     }
 
     /// The epoch of the block at `height` (genesis is in epoch 0).
@@ -309,6 +338,18 @@ impl Chain {
     /// Checks and admits a transaction: decode, signature, then the mempool's rules against
     /// the sender's committed account.
     pub fn submit(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
+        let hash = self.admit_from_peer(bytes)?;
+        if let Some(net) = self.gossip.get() {
+            if let Err(e) = net.publish(keel_p2p::Channel::Transactions, bytes.to_vec()) {
+                tracing::debug!(%hash, error = %e, "transaction not gossiped");
+            }
+        }
+        Ok(hash)
+    }
+
+    /// Admits a transaction to the mempool without gossiping it (it came from gossip, which
+    /// forwards it itself).
+    pub fn admit_from_peer(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
         let tx = Transaction::decode(bytes).map_err(SubmitError::Malformed)?;
         tx.verify_signature()
             .map_err(|_| SubmitError::BadSignature)?;

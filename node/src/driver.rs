@@ -16,12 +16,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_consensus::{Effect, Engine, Input, TimerKind};
+use keel_p2p::{Channel, PeerId, Report};
 use keel_storage::{Column, WriteBatch};
-use keel_types::{Block, Hash, QuorumCertificate};
+use keel_types::{
+    Block, ConsensusMessage, EpochProof, Hash, PeerRequest, PeerResponse, QuorumCertificate,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::app::{App, BlockTemplate};
 use crate::chain::Chain;
+use crate::network::{store_epoch_proof, Net};
 use crate::Result;
 
 /// Key of the safety data in [`Column::Consensus`].
@@ -35,7 +39,27 @@ pub(crate) const PENDING_BLOCK_PREFIX: &[u8] = b"block/";
 pub(crate) enum Command {
     /// Stop after the current effect.
     Shutdown,
+    /// A consensus message from a peer (decoded, signatures not checked).
+    Message(ConsensusMessage),
+    /// A peer's answer to a block request.
+    Synced {
+        /// Who answered.
+        peer: PeerId,
+        /// The block asked for.
+        target: Hash,
+        /// Its blocks, oldest first.
+        blocks: Vec<Block>,
+        /// The proof that our epoch ended, if the peer had it.
+        proof: Option<EpochProof>,
+    },
+    /// A block request failed.
+    SyncFailed,
 }
+
+/// Blocks asked for in one request.
+const SYNC_BATCH: u32 = 32;
+/// A request unanswered for this long no longer blocks the next one.
+const SYNC_TIMEOUT_MS: u64 = 5_000;
 
 /// Wall-clock milliseconds since the Unix epoch: the only clock the driver reads.
 pub(crate) fn now_ms() -> u64 {
@@ -57,6 +81,14 @@ pub(crate) struct Driver {
     timers: HashMap<TimerKind, u64>,
     /// Non-final blocks written to the consensus column, with their heights.
     persisted: HashMap<Hash, u64>,
+    /// The network (none for a node run alone, or in tests).
+    net: Option<Net>,
+    /// The block request in flight: its target and when it was sent.
+    sync: Option<(Hash, u64)>,
+    /// Spreads block requests over peers.
+    sync_salt: u64,
+    /// Where network tasks send their results back.
+    commands_tx: Option<std::sync::mpsc::SyncSender<Command>>,
 }
 
 impl Driver {
@@ -73,7 +105,18 @@ impl Driver {
             commands,
             timers: HashMap::new(),
             persisted: HashMap::new(),
+            net: None,
+            sync: None,
+            sync_salt: 0,
+            commands_tx: None,
         }
+    }
+
+    /// Connects the driver to the network; `commands` is the sender of its own command queue,
+    /// for answers to its requests.
+    pub(crate) fn set_network(&mut self, net: Net, commands: std::sync::mpsc::SyncSender<Command>) {
+        self.net = Some(net);
+        self.commands_tx = Some(commands);
     }
 
     /// Starts consensus and reloads the non-final blocks of a previous run. Called before the
@@ -101,6 +144,19 @@ impl Driver {
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     info!("consensus driver stopped");
                     return Ok(());
+                }
+                Ok(Command::Message(message)) => {
+                    let effects = self.engine.handle(now_ms(), Input::Message(message));
+                    self.carry_out(effects)?;
+                }
+                Ok(Command::Synced {
+                    peer,
+                    target,
+                    blocks,
+                    proof,
+                }) => self.on_synced(peer, target, blocks, proof)?,
+                Ok(Command::SyncFailed) => {
+                    self.sync = None;
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if let Some((kind, at)) = next {
@@ -249,12 +305,16 @@ impl Driver {
                     self.chain.blocks.kv().write(batch)?;
                     None
                 }
-                Effect::Broadcast(_) | Effect::SendTo { .. } => {
-                    // Single-process build: there are no peers to reach (see docs/architecture.md).
+                Effect::Broadcast(message) => {
+                    self.broadcast(message);
+                    None
+                }
+                Effect::SendTo { to, message } => {
+                    self.send_to(to, message);
                     None
                 }
                 Effect::RequestSync { qc } => {
-                    debug!(round = qc.round, block = %qc.block_hash, "missing blocks, and no peers to sync from");
+                    self.request_sync(qc.block_hash);
                     None
                 }
                 Effect::ReportEvidence(e) => {
@@ -292,6 +352,9 @@ impl Driver {
     /// drop the suffix blocks built on top of it (never final, never stored in the ledger).
     fn start_epoch(&mut self, epoch: u64, height: u64) -> Result<Input> {
         let validators = self.chain.validator_set(epoch)?;
+        if let Some(proof) = self.engine.epoch_proof() {
+            store_epoch_proof(self.chain.blocks.kv(), epoch - 1, proof)?;
+        }
         let dropped = self.app.discard_pending();
         if !self.persisted.is_empty() {
             let mut batch = WriteBatch::new();
@@ -323,6 +386,150 @@ impl Driver {
             epoch,
             validators: (*validators).clone(),
         })
+    }
+
+    /// Proposals, evidence and epoch proofs go to everyone by gossip; timeouts straight to
+    /// every connected peer.
+    fn broadcast(&self, message: ConsensusMessage) {
+        let Some(net) = &self.net else {
+            return;
+        };
+        let channel = match message {
+            ConsensusMessage::Evidence(_) => Channel::Evidence,
+            _ => Channel::Consensus,
+        };
+        let bytes = message.encode();
+        if let ConsensusMessage::Timeout(_) = message {
+            for peer in net.handle.peers() {
+                if let Err(e) = net.handle.send_direct(peer, bytes.clone()) {
+                    debug!(%peer, error = %e, "timeout not sent");
+                }
+            }
+            return;
+        }
+        if let Err(e) = net.handle.publish(channel, bytes) {
+            debug!(error = %e, "broadcast not sent");
+        }
+    }
+
+    /// Votes go straight to the validator's peer when its binding is known, else by gossip.
+    fn send_to(&self, to: keel_types::Address, message: ConsensusMessage) {
+        let Some(net) = &self.net else {
+            return;
+        };
+        let bytes = message.encode();
+        let sent = match net.peer_of(&to) {
+            Some(peer) => net.handle.send_direct(peer, bytes),
+            None => net.handle.publish(Channel::Consensus, bytes),
+        };
+        if let Err(e) = sent {
+            debug!(%to, error = %e, "message not sent");
+        }
+    }
+
+    /// Asks a peer for the blocks up to `target` above our final height; one request at a
+    /// time, answered by [`Command::Synced`].
+    fn request_sync(&mut self, target: Hash) {
+        let (Some(net), Some(commands)) = (&self.net, &self.commands_tx) else {
+            debug!(block = %target, "missing blocks, and no peers to sync from");
+            return;
+        };
+        let now = now_ms();
+        if self
+            .sync
+            .is_some_and(|(_, at)| now.saturating_sub(at) < SYNC_TIMEOUT_MS)
+        {
+            return;
+        }
+        self.sync_salt = self.sync_salt.wrapping_add(1);
+        let Some(peer) = net.sync_peer(self.sync_salt) else {
+            return;
+        };
+        self.sync = Some((target, now));
+        self.chain.set_syncing(true);
+        let have_height = self.app.final_tip().0;
+        let request = PeerRequest::Blocks {
+            target,
+            have_height,
+            max: SYNC_BATCH,
+        };
+        debug!(%peer, block = %target, have_height, "requesting blocks");
+        let (handle, commands) = (net.handle.clone(), commands.clone());
+        net.runtime.spawn(async move {
+            let command = match handle.request(peer, request.encode()).await {
+                Ok(bytes) => match PeerResponse::decode(&bytes) {
+                    Ok(PeerResponse::Blocks { blocks, proof }) => Command::Synced {
+                        peer,
+                        target,
+                        blocks,
+                        proof,
+                    },
+                    _ => {
+                        handle.report(peer, Report::Invalid);
+                        Command::SyncFailed
+                    }
+                },
+                Err(e) => {
+                    debug!(%peer, error = %e, "block request failed");
+                    Command::SyncFailed
+                }
+            };
+            let _ = commands.try_send(command);
+        });
+    }
+
+    /// Validates synced blocks (oldest first, stopping at the first that does not hold),
+    /// hands them to consensus, then the epoch proof; asks for more if the answer was full.
+    fn on_synced(
+        &mut self,
+        peer: PeerId,
+        target: Hash,
+        blocks: Vec<Block>,
+        proof: Option<EpochProof>,
+    ) -> Result<()> {
+        self.sync = None;
+        let full = blocks.len() >= SYNC_BATCH as usize;
+        let mut valid = Vec::new();
+        for block in blocks {
+            if self.app.has_block(&block.hash()) {
+                continue;
+            }
+            match self.app.validate_block(&block) {
+                Ok(()) => {
+                    self.persist_block(&block)?;
+                    valid.push(block);
+                }
+                Err(e) => {
+                    debug!(%peer, height = block.header.height, error = %e, "synced block refused");
+                    if let Some(net) = &self.net {
+                        net.handle.report(peer, Report::Invalid);
+                    }
+                    break;
+                }
+            }
+        }
+        let got = valid.len();
+        if got > 0 {
+            if let Some(net) = &self.net {
+                net.handle.report(peer, Report::Useful);
+            }
+            info!(%peer, blocks = got, from = valid[0].header.height, "synced blocks");
+            let effects = self.engine.handle(now_ms(), Input::Synced(valid));
+            self.carry_out(effects)?;
+        }
+        if let Some(proof) = proof {
+            let effects = self.engine.handle(
+                now_ms(),
+                Input::Message(ConsensusMessage::EpochProof(proof)),
+            );
+            self.carry_out(effects)?;
+        }
+        if full && got > 0 {
+            self.request_sync(target);
+        } else if self.sync.is_none() {
+            self.chain.set_syncing(false);
+        }
+        Ok(())
     }
 
     fn finalize(&mut self, hash: Hash, height: u64, qc: &QuorumCertificate) -> Result<()> {

@@ -20,8 +20,10 @@ mod driver;
 mod error;
 pub mod home;
 pub mod mempool;
+pub mod network;
 mod node;
 pub mod rpc;
+pub mod testnet;
 pub mod units;
 
 pub use chain::{Chain, TxStatus};

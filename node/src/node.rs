@@ -12,7 +12,7 @@ use keel_state::State;
 use keel_storage::{BlockStore, Column, KvStore, MemStore, RocksConfig, RocksStore, WriteBatch};
 use keel_types::{Block, Hash, Header, QuorumCertificate};
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::app::App;
 use crate::chain::{Chain, ChainParts, TipInfo};
@@ -23,6 +23,9 @@ use crate::mempool::{Mempool, MempoolLimits};
 use crate::{Error, Result};
 
 const GENESIS_HASH_KEY: &str = "genesis_hash";
+/// Commands (network messages, sync answers) queued for the driver; beyond it, messages are
+/// dropped (consensus recovers from loss) rather than growing memory.
+const COMMAND_QUEUE: usize = 4096;
 
 /// A running node.
 pub struct Node {
@@ -112,14 +115,17 @@ impl Node {
         }));
         let validators = chain.validator_set(epoch)?;
         let me = validators.get(&key.address()).map(|v| v.stake).unwrap_or(0);
-        if !validators.is_quorum(me) {
-            return Err(Error::Mismatch(format!(
-                "epoch {epoch} has {} validators and this node holds {me} of {} stake; this build \
-                 has no peer-to-peer networking, so only a validator holding more than 2/3 of the \
-                 stake can make progress",
-                validators.len(),
-                validators.total_stake()
-            )));
+        if !validators.is_quorum(me)
+            && config.p2p.persistent_peers.is_empty()
+            && config.p2p.seeds.is_empty()
+        {
+            warn!(
+                epoch,
+                stake = me,
+                total_stake = validators.total_stake(),
+                "this node alone holds no quorum and has no persistent peers or seeds configured: \
+                 it will wait for peers to dial it"
+            );
         }
         let mut engine = Engine::new(
             keel_consensus::Config {
@@ -129,7 +135,7 @@ impl Node {
                 max_timeout_ms: config.consensus.timeout_ms.saturating_mul(8),
                 epoch_length: genesis.params.epoch_length,
             },
-            key,
+            key.clone(),
             (*validators).clone(),
             tip.clone(),
             safety,
@@ -140,9 +146,20 @@ impl Node {
             engine.set_previous_validators((*chain.validator_set(epoch - 1)?).clone());
         }
 
-        let (commands, receiver) = sync_channel(16);
+        let (commands, receiver) = sync_channel(COMMAND_QUEUE);
         let (done_tx, done_rx) = oneshot::channel();
         let mut driver = Driver::new(chain.clone(), engine, app, receiver);
+        let net = crate::network::start(
+            chain.clone(),
+            &config,
+            &node_key,
+            &key,
+            genesis_header.hash(),
+            commands.clone(),
+        )
+        .await?;
+        chain.set_gossip(net.handle.clone());
+        driver.set_network(net, commands.clone());
         driver.start()?;
         let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");

@@ -305,9 +305,9 @@ pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
     let mut reg = |name: &'static str, f: fn(&Chain, &Params<'_>) -> RpcResult<Value>| {
         let _ = m.register_method(name, move |params, chain: &Arc<Chain>, _| f(chain, &params));
     };
-    reg("system_health", |_, p| {
+    reg("system_health", |c, p| {
         Args::parse(p, &[])?;
-        Ok(json!({"peers": 0, "is_syncing": false}))
+        Ok(json!({"peers": c.peers(), "is_syncing": c.syncing()}))
     });
     reg("chain_status", |c, p| {
         Args::parse(p, &[])?;
@@ -320,8 +320,8 @@ pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
             "finalized_height": tip.finalized.0,
             "finalized_hash": tip.finalized.1,
             "epoch": c.epoch(),
-            "syncing": false,
-            "peers": 0,
+            "syncing": c.syncing(),
+            "peers": c.peers(),
             "mempool_txs": c.mempool().len(),
             "min_fee": c.params.min_fee.to_string(),
         }))

@@ -1,19 +1,21 @@
-//! keel peer-to-peer networking: the boundary between the node and the network.
+//! keel peer-to-peer networking over libp2p: TCP + noise + yamux, gossipsub for broadcast,
+//! a direct protocol for messages to one peer, request/response for status and block sync,
+//! identify and ping; per-peer scores and bans, connection limits, compression of payloads
+//! above a threshold (`docs/networking.md`).
 //!
-//! Status: this crate holds the [`Network`] trait and its message types. The libp2p
-//! implementation (TCP + noise + yamux, gossip, request/response sync, peer manager,
-//! compression) arrives with the networking issue; until then a node runs alone as a single
-//! validator and never constructs a network. The in-process simulated network used by the
-//! consensus simulation implements the same trait.
-//!
-//! Invariants: messages cross this boundary as prost bytes with a [`Channel`] tag; each
-//! implementation caps message sizes and decodes nothing itself beyond its own framing.
+//! Invariants: messages cross this boundary as bytes tagged with a [`Channel`]; every frame
+//! is size-capped per channel before it is read or decompressed; the crate decodes nothing
+//! beyond its own framing (the node decodes at the edge and reports bad senders).
+
+pub mod codec;
+pub mod frame;
+pub mod peers;
+mod service;
 
 use keel_types::MAX_MESSAGE_BYTES;
 
-/// A peer's identity (a libp2p peer id's bytes, or an index in a simulation).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerId(pub Vec<u8>);
+pub use libp2p::{Multiaddr, PeerId};
+pub use service::{peer_id_of, start, Config, Event, NetworkHandle, PeerStore};
 
 /// Logical channels, in priority order: a congested link sends consensus traffic first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,7 +52,7 @@ pub enum Report {
     Malicious,
 }
 
-/// Errors of a network implementation.
+/// Errors of the network.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A message larger than its channel allows.
@@ -63,29 +65,25 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// The peer is not connected.
-    #[error("peer not connected")]
-    NotConnected,
+    /// The outgoing queue is full: the message was dropped.
+    #[error("network queue full")]
+    Busy,
     /// The network has shut down.
     #[error("network closed")]
     Closed,
+    /// Setting the service up failed.
+    #[error("p2p setup: {0}")]
+    Setup(String),
+    /// A request failed (timeout, refused, disconnected).
+    #[error("request failed: {0}")]
+    Request(String),
+    /// A response that did not unframe.
+    #[error("bad response")]
+    BadResponse,
 }
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// What the node needs from a network: send to one peer, broadcast to all, report behaviour.
-/// Incoming messages reach the node through a bounded channel the implementation owns.
-pub trait Network: Send + Sync + 'static {
-    /// Sends `bytes` to one peer on `channel`.
-    fn send(&self, peer: &PeerId, channel: Channel, bytes: Vec<u8>) -> Result<()>;
-    /// Sends `bytes` to every connected peer on `channel`.
-    fn broadcast(&self, channel: Channel, bytes: Vec<u8>) -> Result<()>;
-    /// Records a peer's behaviour for scoring.
-    fn report(&self, peer: &PeerId, report: Report);
-    /// Number of connected peers.
-    fn peer_count(&self) -> usize;
-}
 
 /// Checks a message against its channel's size cap.
 pub fn check_size(channel: Channel, len: usize) -> Result<()> {

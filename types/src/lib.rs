@@ -13,6 +13,7 @@ mod crypto;
 mod error;
 mod hash;
 mod message;
+mod peer;
 pub mod proto;
 mod tx;
 mod vote;
@@ -25,6 +26,7 @@ pub use hash::{Address, Hash};
 pub use message::{
     ConsensusMessage, EpochProof, Evidence, Proposal, Timeout, TimeoutCertificate, TimeoutSignature,
 };
+pub use peer::{PeerRequest, PeerResponse, Status, MAX_SYNC_BLOCKS};
 pub use tx::{signing_hash, Transaction, TxKind};
 pub use vote::{
     epoch_base_round, round_epoch, QuorumCertificate, Vote, VoteSignature, EPOCH_ROUND_BITS,

@@ -260,14 +260,14 @@ pub struct EpochProof {
 }
 
 impl EpochProof {
-    fn to_proto(&self) -> proto::EpochProof {
+    pub(crate) fn to_proto(&self) -> proto::EpochProof {
         proto::EpochProof {
             header: Some(self.header.to_proto()),
             qc: Some(self.qc.to_proto()),
         }
     }
 
-    fn from_proto(p: proto::EpochProof) -> Result<EpochProof> {
+    pub(crate) fn from_proto(p: proto::EpochProof) -> Result<EpochProof> {
         Ok(EpochProof {
             header: Header::from_proto(p.header.ok_or(Error::Missing("epoch_proof.header"))?)?,
             qc: QuorumCertificate::from_proto(p.qc.ok_or(Error::Missing("epoch_proof.qc"))?)?,

@@ -239,3 +239,75 @@ pub mod consensus_message {
         EpochProof(super::EpochProof),
     }
 }
+
+/// A request between peers: their status, or blocks for sync.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerRequest {
+    #[prost(oneof = "peer_request::Kind", tags = "1, 2")]
+    pub kind: Option<peer_request::Kind>,
+}
+
+pub mod peer_request {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Status(super::StatusRequest),
+        #[prost(message, tag = "2")]
+        Blocks(super::BlocksRequest),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlocksRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub target: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub have_height: u64,
+    #[prost(uint32, tag = "3")]
+    pub max: u32,
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerResponse {
+    #[prost(oneof = "peer_response::Kind", tags = "1, 2")]
+    pub kind: Option<peer_response::Kind>,
+}
+
+pub mod peer_response {
+    #[allow(clippy::large_enum_variant)]
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Status(super::Status),
+        #[prost(message, tag = "2")]
+        Blocks(super::Blocks),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Status {
+    #[prost(string, tag = "1")]
+    pub chain_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub genesis_hash: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub final_height: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub final_hash: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub validator_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "6")]
+    pub binding: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Blocks {
+    #[prost(message, repeated, tag = "1")]
+    pub blocks: Vec<Block>,
+    #[prost(message, optional, tag = "2")]
+    pub proof: Option<EpochProof>,
+}
