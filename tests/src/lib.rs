@@ -299,6 +299,24 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String
 // Ports
 // ---------------------------------------------------------------------------------------------
 
+/// The first of `n` consecutive loopback TCP ports that were all free a moment ago (for a
+/// `keel testnet --base-port`); falls back to [`free_port`] after many tries.
+pub fn free_port_range(n: u16) -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(7919);
+    for k in 0..200u32 {
+        let base = 20_000 + (seed.wrapping_add(k.wrapping_mul(104_729)) % 40_000) as u16;
+        let all_free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    free_port()
+}
+
 /// A loopback TCP port that was free a moment ago and that no other caller in this process
 /// has been given. (Another process may still take it: [`TestNode::start`] retries then.)
 pub fn free_port() -> u16 {
@@ -654,9 +672,26 @@ pub struct TestNode {
     rpc_addr: SocketAddr,
     child: Option<ChildGuard>,
     starts: u32,
+    /// Ports come from an existing config (a testnet): never re-picked.
+    fixed_ports: bool,
 }
 
 impl TestNode {
+    /// A node over an existing home (say one written by `keel testnet`), with the ports of
+    /// its config; its log goes to `HOME/node.log`.
+    pub fn existing(home: PathBuf) -> Result<TestNode> {
+        let config = keel_node::config::Config::load(&home.join("config.toml"))
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(TestNode {
+            dir: None,
+            home,
+            rpc_addr: config.rpc.listen_addr,
+            child: None,
+            starts: 0,
+            fixed_ports: true,
+        })
+    }
+
     /// Runs `keel init` in a new temporary folder and points the config at free ports.
     pub fn init() -> Result<TestNode> {
         let dir = tempfile::Builder::new()
@@ -680,6 +715,7 @@ impl TestNode {
             rpc_addr: closed_addr(),
             child: None,
             starts: 0,
+            fixed_ports: false,
         };
         node.assign_ports()?;
         Ok(node)
@@ -775,7 +811,9 @@ impl TestNode {
             attempt += 1;
             match self.try_start() {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt < 4 && self.log_tail(20).contains("in use") => {
+                Err(e)
+                    if attempt < 4 && !self.fixed_ports && self.log_tail(20).contains("in use") =>
+                {
                     eprintln!("keel-tests: port clash, re-picking ports: {e:#}");
                     self.assign_ports()?;
                 }

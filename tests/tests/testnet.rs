@@ -1,0 +1,170 @@
+//! Real multi-process networks: `keel testnet` homes run as separate `keel start` processes
+//! on loopback, talking libp2p.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use keel_node::config::Config;
+use keel_tests::{free_port_range, run_keel, transfer, u64_field, TestNode};
+use keel_types::Keypair;
+use serde_json::{json, Value};
+
+const BLOCK_TIME_MS: u64 = 300;
+const VALIDATORS: usize = 4;
+
+fn finalized(node: &TestNode) -> u64 {
+    node.rpc()
+        .status()
+        .ok()
+        .and_then(|s| u64_field(&s, "finalized_height").ok())
+        .unwrap_or(0)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every node has the same block hash and state root at every height up to `height`.
+fn assert_agree(nodes: &[&TestNode], height: u64) {
+    for h in 1..=height {
+        let headers: Vec<Value> = nodes.iter().map(|n| n.rpc().header(h).unwrap()).collect();
+        for (i, hd) in headers.iter().enumerate().skip(1) {
+            assert_eq!(
+                hd["hash"], headers[0]["hash"],
+                "node {i} differs at height {h}"
+            );
+            assert_eq!(
+                hd["state_root"], headers[0]["state_root"],
+                "node {i} state root at {h}"
+            );
+        }
+    }
+}
+
+fn testnet(dir: &std::path::Path) -> Vec<TestNode> {
+    let base = free_port_range(3 * VALIDATORS as u16);
+    let out = run_keel([
+        "testnet",
+        "--validators",
+        &VALIDATORS.to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--base-port",
+        &base.to_string(),
+        "--block-time-ms",
+        &BLOCK_TIME_MS.to_string(),
+        "--chain-id",
+        "keel-net-test",
+    ])
+    .unwrap();
+    assert!(out.success(), "keel testnet failed:\n{out}");
+    (0..VALIDATORS)
+        .map(|i| {
+            let home = dir.join(format!("node{i}"));
+            let path = home.join("config.toml");
+            let mut config = Config::load(&path).unwrap();
+            // A dead leader costs one short timeout; RocksDB kept small for 4 processes.
+            config.consensus.timeout_ms = 1_200;
+            config.storage.rocksdb.block_cache_size = keel_node::config::ByteSize::mib(16);
+            config.storage.rocksdb.write_buffer_size = keel_node::config::ByteSize::mib(4);
+            std::fs::write(&path, config.to_toml_string()).unwrap();
+            TestNode::existing(home).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn four_validator_processes_agree_survive_a_crash_and_resync() {
+    let dir = tempfile::Builder::new()
+        .prefix("keel-net-")
+        .tempdir()
+        .unwrap();
+    let mut nodes = testnet(dir.path());
+    for n in nodes.iter_mut() {
+        n.start().unwrap();
+    }
+    wait_until(
+        "all four finalize 5 blocks",
+        Duration::from_secs(90),
+        || nodes.iter().all(|n| finalized(n) >= 5),
+    );
+    for n in &nodes {
+        let peers = u64_field(&n.rpc().status().unwrap(), "peers").unwrap();
+        assert_eq!(
+            peers,
+            (VALIDATORS - 1) as u64,
+            "each node is connected to the others"
+        );
+    }
+    let common = nodes.iter().map(finalized).min().unwrap();
+    assert_agree(&nodes.iter().collect::<Vec<_>>(), common);
+
+    // A transaction submitted to node1 is final on all four.
+    let sender = nodes[0].validator_key().unwrap();
+    let to = Keypair::generate().address();
+    let tx = transfer(&sender, "keel-net-test", 0, 1, to, 777);
+    nodes[1].rpc().submit(&tx).unwrap();
+    nodes[1]
+        .rpc()
+        .wait_finalized(&tx.hash, Duration::from_secs(60))
+        .unwrap();
+    for (i, n) in nodes.iter().enumerate() {
+        wait_until(
+            &format!("node {i} sees the transfer"),
+            Duration::from_secs(30),
+            || n.rpc().balance(&to).unwrap_or(0) == 777,
+        );
+    }
+
+    // Garbage on a p2p port: nothing breaks.
+    let p2p = Config::load(&nodes[0].config_path())
+        .unwrap()
+        .p2p
+        .listen_addr;
+    let port: u16 = p2p.rsplit('/').next().unwrap().parse().unwrap();
+    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0xff; 2048][..]] {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(junk);
+        }
+    }
+
+    // One validator dies: the other three keep finalizing.
+    nodes[3].kill();
+    let at_kill = nodes[..3].iter().map(finalized).max().unwrap();
+    wait_until(
+        "three validators keep finalizing",
+        Duration::from_secs(90),
+        || nodes[..3].iter().all(|n| finalized(n) >= at_kill + 5),
+    );
+    for n in nodes[..3].iter_mut() {
+        n.assert_running().unwrap();
+    }
+
+    // It comes back, syncs what it missed and rejoins.
+    nodes[3].start().unwrap();
+    let target = nodes[..3].iter().map(finalized).max().unwrap() + 3;
+    wait_until(
+        "the restarted validator catches up",
+        Duration::from_secs(90),
+        || finalized(&nodes[3]) >= target,
+    );
+    let common = nodes.iter().map(finalized).min().unwrap();
+    assert_agree(&nodes.iter().collect::<Vec<_>>(), common);
+    let log = std::fs::read_to_string(nodes[3].log_path()).unwrap();
+    assert!(
+        log.contains("synced blocks"),
+        "the restarted validator did not fetch the blocks it missed from its peers"
+    );
+    let status = nodes[3].rpc().status().unwrap();
+    assert_eq!(status["syncing"], json!(false), "{status}");
+    for n in nodes.iter_mut() {
+        n.assert_running().unwrap();
+    }
+}
