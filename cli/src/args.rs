@@ -40,7 +40,8 @@ pub enum Command {
         #[arg(long)]
         home: PathBuf,
     },
-    /// Run a throwaway local network with funded accounts (RPC on 127.0.0.1:26657).
+    /// Run a throwaway local network of N validators (default 4) in this process, with funded
+    /// accounts (node0's RPC on 127.0.0.1:26657).
     Devnet(DevnetArgs),
     /// Write the homes of an N-validator network wired to each other.
     Testnet(TestnetArgs),
@@ -101,18 +102,24 @@ pub struct TestnetArgs {
 /// `keel devnet` options.
 #[derive(Args, Debug)]
 pub struct DevnetArgs {
-    /// Number of validators. Only 1 is available until networking lands.
-    #[arg(long, default_value_t = 1)]
+    /// Number of validators, all run in this one process (ignored when `--dir` already
+    /// holds a devnet: that one is restarted as it is).
+    #[arg(long, default_value_t = 4)]
     pub validators: u32,
     /// Block time in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub block_time_ms: u64,
     /// Folder for the network's homes (default: a new temporary folder, removed on exit).
+    /// A folder that already holds a devnet (`node0/config.toml`) is restarted.
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// RPC listen address of node0.
     #[arg(long, default_value = "127.0.0.1:26657")]
     pub rpc_addr: String,
+    /// Ports of a new devnet: node i listens for p2p on P+3i, RPC on 127.0.0.1:P+3i+1
+    /// (node0: `--rpc-addr`) and metrics on 127.0.0.1:P+3i+2.
+    #[arg(long, default_value_t = 26656)]
+    pub base_port: u16,
     /// Number of extra funded accounts (keys written under DIR/accounts/).
     #[arg(long, default_value_t = 4)]
     pub accounts: u32,

@@ -1,11 +1,14 @@
 //! Subcommand implementations.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use keel_genesis::Genesis;
-use keel_node::config::Config;
+use keel_node::config::{ByteSize, Config};
 use keel_node::home::{self, Home};
 use keel_node::Node;
 use keel_state::{verify_proof, Proof};
@@ -14,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::args::{
     Cli, Command, DevnetArgs, KeysCommand, QueryCommand, TestnetArgs, TxCommand, TxOptions,
+    DEFAULT_RPC,
 };
 use crate::client::Rpc;
 
@@ -145,11 +149,29 @@ fn testnet(args: TestnetArgs) -> Result<()> {
     Ok(())
 }
 
-fn devnet(args: DevnetArgs) -> Result<()> {
-    if args.validators != 1 {
-        bail!("--validators {}: this build runs one validator; multi-validator devnets need networking", args.validators);
+/// Chain id of a new devnet.
+const DEVNET_CHAIN_ID: &str = "keel-devnet";
+
+/// One node of a devnet, configured and ready to start.
+struct DevnetNode {
+    name: String,
+    home: PathBuf,
+    config: Config,
+    validator: Address,
+}
+
+impl DevnetNode {
+    fn rpc_url(&self) -> String {
+        format!("http://{}", self.config.rpc.listen_addr)
     }
-    let (root, _temp): (PathBuf, Option<tempfile::TempDir>) = match &args.dir {
+}
+
+fn devnet(args: DevnetArgs) -> Result<()> {
+    let rpc_addr: SocketAddr = args
+        .rpc_addr
+        .parse()
+        .with_context(|| format!("--rpc-addr {}", args.rpc_addr))?;
+    let (root, temp): (PathBuf, Option<tempfile::TempDir>) = match &args.dir {
         Some(d) => (d.clone(), None),
         None => {
             let t = tempfile::Builder::new()
@@ -159,84 +181,298 @@ fn devnet(args: DevnetArgs) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let node_home = root.join("node0");
-    let home = Home::new(&node_home);
-    let mut accounts = Vec::new();
-    for i in 0..args.accounts {
-        let path = root.join("accounts").join(format!("account{i}.key"));
-        let key = if path.exists() {
-            home::read_key_file(&path)?
-        } else {
-            let k = keel_types::Keypair::generate();
-            home::write_key_file(&path, &k)?;
-            k
-        };
-        accounts.push((path, key.address()));
+    let fresh = !Home::new(root.join("node0")).config().exists();
+    if fresh && args.validators == 0 {
+        bail!("--validators must be at least 1");
     }
-    let fresh = !home.genesis().exists();
+    let accounts = devnet_accounts(&root, args.accounts, fresh)?;
     if fresh {
-        std::fs::create_dir_all(&node_home)
-            .with_context(|| format!("creating {}", node_home.display()))?;
-        let validator = keel_types::Keypair::generate();
-        home::write_key_file(&home.validator_key(), &validator)?;
-        let extra: Vec<Address> = accounts.iter().map(|(_, a)| *a).collect();
-        let genesis = Genesis::generate("keel-devnet", now_ms(), &[validator.public()], &extra);
-        std::fs::write(home.genesis(), genesis.to_json_pretty()).context("writing genesis.json")?;
+        keel_node::testnet::generate(&keel_node::testnet::TestnetSpec {
+            validators: args.validators,
+            out: root.clone(),
+            base_port: args.base_port,
+            block_time_ms: args.block_time_ms,
+            chain_id: DEVNET_CHAIN_ID.to_string(),
+            genesis_time_ms: now_ms(),
+            funded: accounts.iter().map(|(_, a)| *a).collect(),
+            epoch_length: None,
+        })?;
     }
-    home::init(&node_home, "node0", "keel-devnet", now_ms())?;
-    let mut config = Config::load(&home.config())?;
-    config.rpc.listen_addr = args
-        .rpc_addr
-        .parse()
-        .with_context(|| format!("--rpc-addr {}", args.rpc_addr))?;
-    config.consensus.block_time_ms = args.block_time_ms;
-    config.consensus.timeout_ms = config
-        .consensus
-        .timeout_ms
-        .max(args.block_time_ms.saturating_mul(2));
-    config.validate()?;
-    std::fs::write(home.config(), config.to_toml_string()).context("writing config.toml")?;
+    let nodes = devnet_nodes(&root, &args, rpc_addr, fresh)?;
+    let Some(node0) = nodes.first() else {
+        bail!("{} holds no devnet node", root.display());
+    };
+    let genesis = Home::new(&node0.home).load_genesis()?;
 
-    let validator = home::read_key_file(&home.validator_key())?;
-    let rpc_url = format!("http://{}", config.rpc.listen_addr);
     println!(
-        "keel devnet: 1 validator, block time {} ms",
-        args.block_time_ms
+        "keel devnet: {} {} of chain {}, block time {} ms, all in this process{}",
+        nodes.len(),
+        if nodes.len() == 1 {
+            "validator"
+        } else {
+            "validators"
+        },
+        genesis.chain_id,
+        args.block_time_ms,
+        if fresh { "" } else { " (restarted)" }
     );
+    if !fresh && args.validators as usize != nodes.len() {
+        println!(
+            "  note: {} already holds a {}-validator devnet; --validators {} applies to new folders only",
+            root.display(),
+            nodes.len(),
+            args.validators
+        );
+    }
     println!(
-        "  folder:         {}{}",
+        "  folder:  {}{}",
         root.display(),
-        if _temp.is_some() {
+        if temp.is_some() {
             " (removed on exit)"
         } else {
-            ""
+            " (kept; run again with the same --dir to restart it)"
         }
     );
-    println!("  node0 home:     {}", node_home.display());
-    println!("  JSON-RPC:       {rpc_url} (HTTP and WebSocket), GET {rpc_url}/health");
-    println!(
-        "  validator:      {} (key {})",
-        validator.address(),
-        home.validator_key().display()
-    );
+    for n in &nodes {
+        println!(
+            "  {}:   RPC {}  validator {}  home {}",
+            n.name,
+            n.rpc_url(),
+            n.validator,
+            n.home.display()
+        );
+    }
+    let rpc_url = node0.rpc_url();
+    println!("  JSON-RPC: HTTP and WebSocket on each RPC address, GET {rpc_url}/health");
+    println!("  validator keys: <home>/keys/validator.key (each validator's address is funded)");
     for (path, address) in &accounts {
         println!("  funded account: {address} (key {})", path.display());
     }
-    if let Some((path, _)) = accounts.first() {
-        println!("try:");
-        println!("  keel status");
+    let rpc_flag = if rpc_url == DEFAULT_RPC {
+        String::new()
+    } else {
+        format!(" --rpc {rpc_url}")
+    };
+    println!("try:");
+    println!("  keel status{rpc_flag}");
+    println!("  keel query validators{rpc_flag}");
+    if let Some((path, from)) = accounts.first() {
+        let to = accounts.get(1).map(|(_, a)| *a).unwrap_or(node0.validator);
         println!(
-            "  keel tx transfer --key {} --to {} --amount 1000 --wait",
-            path.display(),
-            accounts
-                .get(1)
-                .map(|(_, a)| *a)
-                .unwrap_or(validator.address())
+            "  keel tx transfer --key {} --to {to} --amount 1000 --wait{rpc_flag}",
+            path.display()
         );
+        println!("  keel query account {from} --prove{rpc_flag}");
     }
-    println!("press Ctrl-C to stop");
-    crate::logging::init(&config.log)?;
-    runtime()?.block_on(run_node(&node_home, config))
+    crate::logging::init(&node0.config.log)?;
+    let result = runtime()?.block_on(run_devnet(&nodes));
+    if let Some(t) = temp {
+        let path = t.path().to_path_buf();
+        if let Err(e) = t.close() {
+            eprintln!("warning: could not remove {}: {e}", path.display());
+        }
+    }
+    result
+}
+
+/// The funded extra accounts of a devnet, `(key file, address)`: on a new devnet `count` of
+/// them (keys already in `ROOT/accounts/` are kept), on a restart the keys already there.
+fn devnet_accounts(root: &Path, count: u32, fresh: bool) -> Result<Vec<(PathBuf, Address)>> {
+    let path = |i: u32| root.join("accounts").join(format!("account{i}.key"));
+    let mut accounts = Vec::new();
+    if fresh {
+        for i in 0..count {
+            let p = path(i);
+            let key = if p.exists() {
+                home::read_key_file(&p)?
+            } else {
+                let k = keel_types::Keypair::generate();
+                home::write_key_file(&p, &k)?;
+                k
+            };
+            accounts.push((p, key.address()));
+        }
+    } else {
+        for i in 0.. {
+            let p = path(i);
+            if !p.exists() {
+                break;
+            }
+            let key = home::read_key_file(&p)?;
+            accounts.push((p, key.address()));
+        }
+    }
+    Ok(accounts)
+}
+
+/// Loads the configs of the devnet in `root`, applies the command line (block time, node0's
+/// RPC address) and, on a new devnet, small RocksDB caches (all nodes share one process),
+/// checks that no two nodes want one port, and writes back what changed.
+fn devnet_nodes(
+    root: &Path,
+    args: &DevnetArgs,
+    rpc_addr: SocketAddr,
+    fresh: bool,
+) -> Result<Vec<DevnetNode>> {
+    let default_timeout = Config::default().consensus.timeout_ms;
+    let mut nodes = Vec::new();
+    let mut changed = Vec::new();
+    for (i, dir) in keel_node::testnet::homes(root).into_iter().enumerate() {
+        let home = Home::new(&dir);
+        let mut config = Config::load(&home.config())?;
+        let mut dirty = false;
+        if fresh {
+            config.storage.rocksdb.block_cache_size = ByteSize::mib(64);
+            config.storage.rocksdb.write_buffer_size = ByteSize::mib(16);
+            dirty = true;
+        }
+        if config.consensus.block_time_ms != args.block_time_ms {
+            config.consensus.block_time_ms = args.block_time_ms;
+            config.consensus.timeout_ms = default_timeout.max(args.block_time_ms.saturating_mul(2));
+            dirty = true;
+        }
+        if i == 0 && config.rpc.listen_addr != rpc_addr {
+            config.rpc.listen_addr = rpc_addr;
+            dirty = true;
+        }
+        config.validate()?;
+        let validator = home::read_key_file(&home.validator_key())?.address();
+        changed.push(dirty);
+        nodes.push(DevnetNode {
+            name: format!("node{i}"),
+            home: dir,
+            config,
+            validator,
+        });
+    }
+    check_devnet_ports(&nodes)?;
+    for (n, dirty) in nodes.iter().zip(changed) {
+        if dirty {
+            let path = Home::new(&n.home).config();
+            std::fs::write(&path, n.config.to_toml_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(nodes)
+}
+
+/// Refuses a devnet in which two listeners share a port (say `--rpc-addr` on another node's
+/// p2p port), before anything binds.
+fn check_devnet_ports(nodes: &[DevnetNode]) -> Result<()> {
+    let mut seen: Vec<(u16, String)> = Vec::new();
+    for n in nodes {
+        let p2p = n
+            .config
+            .p2p
+            .listen_addr
+            .rsplit_once("/tcp/")
+            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|p| p.parse::<u16>().ok());
+        let ports = [
+            (Some(n.config.rpc.listen_addr.port()), "RPC"),
+            (p2p, "p2p"),
+            (Some(n.config.metrics.listen_addr.port()), "metrics"),
+        ];
+        for (port, what) in ports {
+            let Some(port) = port.filter(|p| *p != 0) else {
+                continue;
+            };
+            let label = format!("{}'s {what} port", n.name);
+            if let Some((_, other)) = seen.iter().find(|(p, _)| *p == port) {
+                bail!(
+                    "port {port} is both {other} and {label}; choose another --rpc-addr or --base-port"
+                );
+            }
+            seen.push((port, label));
+        }
+    }
+    Ok(())
+}
+
+/// Starts every node of a devnet on this runtime and runs them until SIGINT/SIGTERM or until
+/// one's consensus driver stops; then shuts them all down. An error if a node failed.
+async fn run_devnet(nodes: &[DevnetNode]) -> Result<()> {
+    let mut running: Vec<Node> = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        match Node::start(&n.home, n.config.clone()).await {
+            Ok(node) => running.push(node),
+            Err(e) => {
+                stop_nodes(running).await;
+                return Err(anyhow::Error::new(e).context(format!("starting {}", n.name)));
+            }
+        }
+    }
+    println!(
+        "devnet running: {} nodes, RPC {}; press Ctrl-C to stop",
+        running.len(),
+        nodes.first().map(DevnetNode::rpc_url).unwrap_or_default()
+    );
+
+    enum Outcome {
+        Signal(Result<()>),
+        Failed(usize, keel_node::Result<()>),
+    }
+    let outcome = {
+        let mut watches: Vec<Pin<Box<dyn Future<Output = keel_node::Result<()>> + Send + '_>>> =
+            running
+                .iter_mut()
+                .map(|n| Box::pin(n.failed()) as Pin<Box<dyn Future<Output = _> + Send + '_>>)
+                .collect();
+        let any_failed = std::future::poll_fn(|cx| {
+            for (i, w) in watches.iter_mut().enumerate() {
+                if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                    return Poll::Ready((i, r));
+                }
+            }
+            Poll::Pending
+        });
+        tokio::select! {
+            r = shutdown_signal() => Outcome::Signal(r),
+            (i, r) = any_failed => Outcome::Failed(i, r),
+        }
+    };
+    tracing::info!("shutting down the devnet");
+    let stopped_cleanly = stop_nodes(running).await;
+    match outcome {
+        Outcome::Signal(r) => {
+            r?;
+            if !stopped_cleanly {
+                bail!("a node did not shut down cleanly (see the log)");
+            }
+            println!("devnet stopped");
+            Ok(())
+        }
+        Outcome::Failed(i, r) => {
+            let name = nodes.get(i).map_or("a node", |n| n.name.as_str());
+            match r {
+                Err(e) => bail!("{name}: consensus driver failed: {e}"),
+                Ok(()) => bail!("{name}: consensus driver stopped unexpectedly"),
+            }
+        }
+    }
+}
+
+/// Shuts the nodes down, all at once; whether every one stopped cleanly.
+async fn stop_nodes(nodes: Vec<Node>) -> bool {
+    let tasks: Vec<_> = nodes
+        .into_iter()
+        .map(|n| tokio::spawn(n.shutdown()))
+        .collect();
+    let mut clean = true;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(node = i, error = %e, "node shutdown failed");
+                clean = false;
+            }
+            Err(e) => {
+                tracing::warn!(node = i, error = %e, "node shutdown task failed");
+                clean = false;
+            }
+        }
+    }
+    clean
 }
 
 async fn query(q: QueryCommand) -> Result<()> {

@@ -333,7 +333,9 @@ impl Engine {
         safety: Option<SafetyData>,
     ) -> Result<Engine> {
         if config.epoch_length == 0 {
-            return Err(Error::InvalidValidatorSet("epoch_length must be at least 1".into()));
+            return Err(Error::InvalidValidatorSet(
+                "epoch_length must be at least 1".into(),
+            ));
         }
         let epoch = epoch_of_next_block(tip.height, config.epoch_length);
         let mut safety = safety.unwrap_or_else(|| SafetyData {
@@ -725,7 +727,8 @@ impl Engine {
             return;
         }
         // Suffix blocks only certify the epoch-ending block below them: nothing to execute.
-        if header.height > self.epoch_end() && (!p.block.txs.is_empty() || !p.block.evidence.is_empty())
+        if header.height > self.epoch_end()
+            && (!p.block.txs.is_empty() || !p.block.evidence.is_empty())
         {
             return;
         }

@@ -90,6 +90,8 @@ pub struct ChainParts {
     pub epoch: u64,
     /// The mempool.
     pub mempool: Mempool,
+    /// `memory.limit` in bytes (0: none), for the metrics.
+    pub memory_limit: u64,
     /// The tip at start.
     pub tip: TipInfo,
 }
@@ -120,6 +122,8 @@ pub struct Chain {
     validator_sets: ValidatorSetCache,
     /// The epoch consensus is in.
     epoch: AtomicU64,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     /// Where transactions submitted over RPC are gossiped (none without networking).
     gossip: std::sync::OnceLock<keel_p2p::NetworkHandle>,
     peers: std::sync::atomic::AtomicUsize,
@@ -144,6 +148,7 @@ impl Chain {
             genesis_validators: parts.validators,
             validator_sets: ValidatorSetCache::new(VALIDATOR_SET_CACHE_EPOCHS),
             epoch: AtomicU64::new(parts.epoch),
+            metrics: crate::metrics::Metrics::new(parts.memory_limit),
             gossip: std::sync::OnceLock::new(),
             peers: std::sync::atomic::AtomicUsize::new(0),
             syncing: std::sync::atomic::AtomicBool::new(false),
@@ -166,6 +171,14 @@ impl Chain {
 
     pub(crate) fn set_gossip(&self, net: keel_p2p::NetworkHandle) {
         let _ = self.gossip.set(net);
+    }
+
+    /// Peer-to-peer bytes so far (zero without networking).
+    pub fn p2p_bytes(&self) -> keel_p2p::frame::ByteCounts {
+        self.gossip
+            .get()
+            .map(|n| n.byte_stats())
+            .unwrap_or_default()
     }
 
     /// Connected peers.

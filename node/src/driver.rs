@@ -253,7 +253,12 @@ impl Driver {
                         validators_hash: req.validators_hash,
                     };
                     let started = std::time::Instant::now();
-                    match self.app.build_block(template, txs, req.evidence) {
+                    let built = self.app.build_block(template, txs, req.evidence);
+                    self.chain
+                        .metrics
+                        .block_execution_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    match built {
                         Ok(block) => {
                             debug!(
                                 height = block.header.height,
@@ -283,7 +288,13 @@ impl Driver {
                             block.txs.len()
                         )))
                     } else {
-                        self.app.validate_block(&block)
+                        let started = std::time::Instant::now();
+                        let checked = self.app.validate_block(&block);
+                        self.chain
+                            .metrics
+                            .block_execution_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        checked
                     };
                     let valid = match checked {
                         Ok(()) => {
@@ -554,6 +565,10 @@ impl Driver {
             written
         };
         for f in written {
+            self.chain
+                .metrics
+                .txs_committed
+                .inc_by(f.block.txs.len() as u64);
             let failed = f.receipts.iter().filter(|r| !r.success).count();
             info!(height = f.block.header.height, round = f.block.header.round, hash = %f.block.hash(),
                   txs = f.block.txs.len(), failed, "finalized block");

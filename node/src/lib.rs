@@ -20,6 +20,7 @@ mod driver;
 mod error;
 pub mod home;
 pub mod mempool;
+pub mod metrics;
 pub mod network;
 mod node;
 pub mod rpc;

@@ -108,6 +108,7 @@ impl Node {
             validators,
             epoch,
             mempool,
+            memory_limit: config.memory.limit.0,
             tip: TipInfo {
                 latest: (tip.height, tip.hash),
                 finalized,
@@ -161,6 +162,7 @@ impl Node {
         chain.set_gossip(net.handle.clone());
         driver.set_network(net, commands.clone());
         driver.start()?;
+        crate::metrics::serve(chain.clone(), config.metrics.listen_addr).await?;
         let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
 

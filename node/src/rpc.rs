@@ -303,7 +303,22 @@ pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
     let mut m = RpcModule::new(chain);
     // Registration only fails on a duplicate name, which the names below never are.
     let mut reg = |name: &'static str, f: fn(&Chain, &Params<'_>) -> RpcResult<Value>| {
-        let _ = m.register_method(name, move |params, chain: &Arc<Chain>, _| f(chain, &params));
+        let _ = m.register_method(name, move |params, chain: &Arc<Chain>, _| {
+            let result = f(chain, &params);
+            let code = match &result {
+                Ok(_) => 0,
+                Err(e) => e.code(),
+            };
+            chain
+                .metrics
+                .rpc_requests
+                .get_or_create(&crate::metrics::RpcLabels {
+                    method: name.to_string(),
+                    code: code.to_string(),
+                })
+                .inc();
+            result
+        });
     };
     reg("system_health", |c, p| {
         Args::parse(p, &[])?;

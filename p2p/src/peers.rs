@@ -122,7 +122,7 @@ impl PeerManager {
             })
             .filter(|r| r.score != 0 || r.banned_until_ms != 0)
             .collect();
-        out.sort_by(|a, b| a.peer.to_bytes().cmp(&b.peer.to_bytes()));
+        out.sort_by_key(|r| r.peer.to_bytes());
         out
     }
 

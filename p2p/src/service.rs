@@ -468,11 +468,17 @@ impl Service {
     fn command(&mut self, command: Command) {
         match command {
             Command::Publish { channel, data } => {
-                let framed = self.frame(&data);
+                let framed = frame::encode(&data, self.threshold);
                 let topic = self.topics.of(channel).clone();
-                if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, framed) {
-                    // Alone, or a duplicate: nothing to do.
-                    debug!(?channel, error = %e, "gossip not published");
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .publish(topic, framed.clone())
+                {
+                    Ok(_) => self.handle.stats.record_sent(&framed, data.len()),
+                    // Alone, or a duplicate: nothing sent.
+                    Err(e) => debug!(?channel, error = %e, "gossip not published"),
                 }
             }
             Command::Direct { peer, data } => {
@@ -577,15 +583,13 @@ impl Service {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.manager.disconnected(&peer_id, now_ms());
-                    if self.connected.remove(&peer_id) {
-                        self.set_peer_count();
-                        self.emit(Event::Disconnected(peer_id));
-                    }
+                self.manager.disconnected(&peer_id, now_ms());
+                if self.connected.remove(&peer_id) {
+                    self.set_peer_count();
+                    self.emit(Event::Disconnected(peer_id));
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -614,21 +618,19 @@ impl Service {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Direct(request_response::Event::Message {
                 peer,
-                message,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             })) => {
-                if let request_response::Message::Request {
-                    request, channel, ..
-                } = message
-                {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .direct
-                        .send_response(channel, Vec::new());
-                    if let Some(data) = self.unframe(peer, &request, Channel::Consensus) {
-                        self.emit(Event::Direct { peer, data });
-                    }
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .direct
+                    .send_response(channel, Vec::new());
+                if let Some(data) = self.unframe(peer, &request, Channel::Consensus) {
+                    self.emit(Event::Direct { peer, data });
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Requests(request_response::Event::Message {

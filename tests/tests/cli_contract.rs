@@ -1,12 +1,25 @@
-//! The `keel` binary's failure contract (DESIGN.md section 4): errors are one `error:` line
-//! and a non-zero exit, never a panic; bad configuration is refused at start, naming the key.
+//! The `keel` binary's contract (DESIGN.md section 4): errors are one `error:` line and a
+//! non-zero exit, never a panic; bad configuration is refused at start, naming the key;
+//! `keel testnet` writes wired homes and never overwrites them; `keel devnet` runs a
+//! 4-validator network in one process and stops cleanly on SIGTERM.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::time::Duration;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
 
-use keel_tests::{check_one_line_error, closed_addr, run_keel, run_keel_with};
+use keel_tests::{
+    check_one_line_error, closed_addr, free_port, keel_bin, run_keel, run_keel_with, u64_field,
+    ChildGuard, RpcClient,
+};
+use rand::Rng;
+use serde_json::{json, Value};
 
 #[test]
 fn cli_errors_are_one_line_and_nonzero() {
@@ -233,4 +246,312 @@ fn cli_errors_do_not_repeat_their_cause() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A base port `P` such that `P..P+n` were all free a moment ago. The block lies below Linux's
+/// ephemeral range (32768..), so outgoing connections and `free_port` do not take its ports,
+/// and never overlaps a block this process already gave out (tests run in parallel).
+fn free_port_block(n: u16) -> u16 {
+    static GIVEN: Mutex<Vec<(u16, u16)>> = Mutex::new(Vec::new());
+    let mut rng = rand::thread_rng();
+    for _ in 0..10_000 {
+        let base: u16 = rng.gen_range(20_000..32_000 - n);
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.iter().any(|&(b, len)| base < b + len && b < base + n) {
+            continue;
+        }
+        if (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            given.push((base, n));
+            return base;
+        }
+    }
+    panic!("no block of {n} free ports found");
+}
+
+#[test]
+fn testnet_writes_wired_homes_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("tn");
+    let base = free_port_block(9);
+    let args = [
+        "testnet".to_string(),
+        "--validators".into(),
+        "3".into(),
+        "--out".into(),
+        out_dir.to_str().unwrap().into(),
+        "--base-port".into(),
+        base.to_string(),
+    ];
+    let out = run_keel(&args).unwrap();
+    assert!(out.success(), "{out}");
+
+    let genesis0 = fs::read(out_dir.join("node0/genesis.json")).unwrap();
+    let genesis: Value = serde_json::from_slice(&genesis0).unwrap();
+    let validators = genesis["validators"].as_array().unwrap();
+    assert_eq!(validators.len(), 3, "{genesis}");
+
+    // Every node's p2p address, with its peer id: what the others must name.
+    let p2p: Vec<String> = (0..3u16)
+        .map(|i| {
+            let node_key =
+                keel_node::home::read_key_file(&out_dir.join(format!("node{i}/keys/node.key")))
+                    .unwrap();
+            format!(
+                "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+                base + 3 * i,
+                keel_node::network::peer_id(&node_key).unwrap()
+            )
+        })
+        .collect();
+    for i in 0..3u16 {
+        let home = out_dir.join(format!("node{i}"));
+        for file in [
+            "config.toml",
+            "genesis.json",
+            "keys/validator.key",
+            "keys/node.key",
+        ] {
+            assert!(home.join(file).is_file(), "node{i}: {file} missing");
+        }
+        assert_eq!(
+            fs::read(home.join("genesis.json")).unwrap(),
+            genesis0,
+            "node{i}: genesis.json differs from node0's"
+        );
+        let validator = keel_node::home::read_key_file(&home.join("keys/validator.key")).unwrap();
+        let public = validator.public().to_string();
+        assert!(
+            validators.iter().any(|v| v["public_key"] == json!(public)),
+            "node{i}'s validator {public} is not in genesis"
+        );
+        assert!(
+            out.stdout.contains(&validator.address().to_string()),
+            "the output does not name node{i}'s validator:\n{out}"
+        );
+
+        let config = keel_node::config::Config::load(&home.join("config.toml")).unwrap();
+        assert_eq!(
+            config.p2p.listen_addr,
+            format!("/ip4/127.0.0.1/tcp/{}", base + 3 * i)
+        );
+        assert_eq!(
+            config.rpc.listen_addr,
+            SocketAddr::from(([127, 0, 0, 1], base + 3 * i + 1))
+        );
+        let mut peers = config.p2p.persistent_peers.clone();
+        peers.sort();
+        let mut others: Vec<String> = (0..3u16)
+            .filter(|j| *j != i)
+            .map(|j| p2p[usize::from(j)].clone())
+            .collect();
+        others.sort();
+        assert_eq!(peers, others, "node{i}'s persistent peers");
+    }
+
+    let again = run_keel(&args).unwrap();
+    check_one_line_error(&again).unwrap();
+    assert!(
+        again.stderr.contains("already"),
+        "the refusal does not say the folder already holds a testnet:\n{again}"
+    );
+    assert_eq!(
+        fs::read(out_dir.join("node0/genesis.json")).unwrap(),
+        genesis0,
+        "a refused second run changed node0's genesis.json"
+    );
+    assert!(!out_dir.join("node3").exists());
+}
+
+/// A `keel devnet` child process whose stdout and stderr go to a log file.
+struct Devnet {
+    child: ChildGuard,
+    log: std::path::PathBuf,
+    rpc: RpcClient,
+}
+
+impl Devnet {
+    /// Spawns `keel devnet` over `dir` with 4 validators, 300 ms blocks, ports of a free
+    /// block and node0's RPC on `rpc`, and waits until node0's RPC answers.
+    fn spawn(dir: &Path, rpc: SocketAddr, log: &Path) -> Result<Devnet, String> {
+        let base = free_port_block(12);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(keel_bin())
+            .args(["devnet", "--validators", "4", "--block-time-ms", "300"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--rpc-addr")
+            .arg(rpc.to_string())
+            .arg("--base-port")
+            .arg(base.to_string())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut devnet = Devnet {
+            child: ChildGuard::new(child),
+            log: log.to_path_buf(),
+            rpc: RpcClient::new(rpc),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = devnet.child.try_wait().unwrap() {
+                return Err(format!(
+                    "keel devnet exited with {status} before answering RPC:\n{}",
+                    devnet.log_text()
+                ));
+            }
+            if devnet.rpc.status().is_ok() {
+                return Ok(devnet);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keel devnet did not answer RPC on {rpc} within 30 s:\n{}",
+                devnet.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything the devnet printed (stdout and stderr, all runs over this log).
+    fn full_log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// The last lines of the log: what matters when something fails (it grows every block).
+    fn log_text(&self) -> String {
+        let text = self.full_log();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// Polls node0 until `finalized_height >= height`; the status reached.
+    fn wait_finalized(&mut self, height: u64, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("keel devnet exited with {status}:\n{}", self.log_text());
+            }
+            if let Ok(s) = self.rpc.status() {
+                if u64_field(&s, "finalized_height").unwrap() >= height {
+                    return s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "finalized height did not reach {height} within {timeout:?} (status {s}):\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERMs the devnet and checks that it exits with status 0 within 20 s.
+    fn terminate(mut self) {
+        let pid = self.child.id().unwrap();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let started = Instant::now();
+        let status = self.child.wait_timeout(Duration::from_secs(20)).unwrap();
+        match status {
+            Some(s) => assert!(
+                s.success(),
+                "keel devnet exited with {s} on SIGTERM:\n{}",
+                self.log_text()
+            ),
+            None => panic!(
+                "keel devnet still running 20 s after SIGTERM:\n{}",
+                self.log_text()
+            ),
+        }
+        eprintln!("keel devnet stopped {:?} after SIGTERM", started.elapsed());
+    }
+}
+
+#[test]
+fn devnet_runs_four_validators_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("devnet.log");
+    let started = Instant::now();
+    // A port of the block may be taken by another process between probe and bind: then the
+    // devnet refuses to start, and it is tried again in a new folder with new ports.
+    let mut attempt = 0;
+    let (mut devnet, net, rpc) = loop {
+        attempt += 1;
+        let net = dir.path().join(format!("net{attempt}"));
+        let rpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        match Devnet::spawn(&net, rpc, &log) {
+            Ok(d) => break (d, net, rpc),
+            Err(e) if attempt < 3 && e.contains("in use") => {
+                eprintln!("port clash, trying again: {e}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+
+    let status = devnet.wait_finalized(5, Duration::from_secs(60));
+    eprintln!(
+        "devnet finalized height {} after {:?}",
+        status["finalized_height"],
+        started.elapsed()
+    );
+    // Node0 knows all three others once they have all voted; give stragglers a moment.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let peers = u64_field(&devnet.rpc.status().unwrap(), "peers").unwrap();
+        if peers == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node0 has {peers} peers, expected 3:\n{}",
+            devnet.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let validators = devnet.rpc.call("state_getValidators", json!([])).unwrap();
+    assert_eq!(
+        validators.as_array().map(Vec::len),
+        Some(4),
+        "state_getValidators: {validators}"
+    );
+    let text = devnet.full_log();
+    for needle in ["node3", "account0.key", &format!("http://{rpc}")] {
+        assert!(
+            text.contains(needle),
+            "the output does not mention {needle:?}:\n{}",
+            text.lines().take(40).collect::<Vec<_>>().join("\n")
+        );
+    }
+    devnet.terminate();
+    assert!(
+        net.join("node0/config.toml").is_file(),
+        "--dir must be kept on exit"
+    );
+
+    // The same --dir again: the same network restarts where it stopped.
+    let before = u64_field(&status, "finalized_height").unwrap();
+    let mut devnet = Devnet::spawn(&net, rpc, &log).unwrap();
+    let text = devnet.full_log();
+    assert!(
+        text.contains("(restarted)"),
+        "no restart notice:\n{}",
+        devnet.log_text()
+    );
+    let after = devnet.wait_finalized(before + 3, Duration::from_secs(60));
+    assert_eq!(after["chain_id"], status["chain_id"]);
+    devnet.terminate();
+    eprintln!("devnet test took {:?}", started.elapsed());
 }

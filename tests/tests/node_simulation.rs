@@ -812,7 +812,7 @@ impl Sim {
                 }
                 Event::Submit => self.submit(),
                 Event::Stake(k) => {
-                    let (_, v, kind) = self.scenario.stake_txs[k].clone();
+                    let (_, v, kind) = self.scenario.stake_txs[k];
                     let key = self.nodes[v].key.clone();
                     let nonce = self
                         .stake_sent

@@ -48,6 +48,23 @@ fn assert_agree(nodes: &[&TestNode], height: u64) {
     }
 }
 
+fn metrics(node: &TestNode) -> String {
+    let addr = Config::load(&node.config_path())
+        .unwrap()
+        .metrics
+        .listen_addr;
+    let r = keel_tests::http_request(addr, "GET", "/metrics", b"", Duration::from_secs(5)).unwrap();
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body).unwrap()
+}
+
+/// The value of the sample whose name and labels are exactly `series` (0 if absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
 fn testnet(dir: &std::path::Path) -> Vec<TestNode> {
     let base = free_port_range(3 * VALIDATORS as u16);
     let out = run_keel([
@@ -164,6 +181,39 @@ fn four_validator_processes_agree_survive_a_crash_and_resync() {
     );
     let status = nodes[3].rpc().status().unwrap();
     assert_eq!(status["syncing"], json!(false), "{status}");
+
+    // Metrics: p2p bytes by direction and compression. Sync answers (many blocks) are above
+    // the 1 KiB threshold and go compressed; votes and timeouts stay raw.
+    let mut compressed_received = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        let text = metrics(n);
+        assert!(
+            metric(
+                &text,
+                "keel_p2p_bytes_total{direction=\"sent\",compressed=\"false\"}"
+            ) > 0.0,
+            "{text}"
+        );
+        compressed_received += metric(
+            &text,
+            "keel_p2p_bytes_total{direction=\"received\",compressed=\"true\"}",
+        ) as u64;
+        assert!(metric(&text, "keel_finalized_height") >= 1.0);
+        assert_eq!(
+            metric(&text, "keel_peers"),
+            (VALIDATORS - 1) as f64,
+            "{text}"
+        );
+        // Counters start at zero with the process: node 3 restarted after the transfer.
+        if i < 3 {
+            assert!(metric(&text, "keel_txs_committed_total") >= 1.0, "{text}");
+        }
+        assert!(text.contains("keel_rpc_requests_total{method=\"chain_status\",code=\"0\"}"));
+    }
+    assert!(
+        compressed_received > 0,
+        "no compressed frame was ever received"
+    );
     for n in nodes.iter_mut() {
         n.assert_running().unwrap();
     }
