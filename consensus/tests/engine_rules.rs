@@ -5,18 +5,21 @@
 //! The rules pinned down: safety data is persisted before any vote leaves the engine; a
 //! validator never votes twice in a round, across restarts too; the 2-chain voting rule; the
 //! quorum threshold of certificates; round timeouts, timeout certificates and back-off; round
-//! synchronisation from certificates; equivocation evidence; and rejection of bad input.
-//! The whole-cluster behaviour is tested in `simulation.rs`.
+//! synchronisation from certificates; equivocation evidence; rejection of bad input; and the
+//! epoch rules (empty suffix blocks, the commit of the epoch-ending block, the switch to the
+//! next set, and catching up with an epoch proof or a sync). The whole-cluster behaviour is
+//! tested in `simulation.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keel_consensus::{
-    BuildRequest, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip, Validator,
-    ValidatorSet,
+    epoch_end_height, BuildRequest, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip,
+    Validator, ValidatorSet,
 };
 use keel_types::{
-    Block, ConsensusMessage, Evidence, Hash, Header, Keypair, Proposal, QuorumCertificate,
-    Signature, Timeout, TimeoutCertificate, TimeoutSignature, Vote, VoteSignature,
+    epoch_base_round, Address, Block, ConsensusMessage, EpochProof, Evidence, Hash, Header,
+    Keypair, Proposal, QuorumCertificate, Signature, Timeout, TimeoutCertificate, TimeoutSignature,
+    Vote, VoteSignature,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -66,11 +69,16 @@ impl Net {
     }
 
     fn config() -> Config {
+        Net::config_with(1_000_000)
+    }
+
+    fn config_with(epoch_length: u64) -> Config {
         Config {
             chain_id: CHAIN.into(),
             block_time_ms: BLOCK_TIME_MS,
             timeout_ms: TIMEOUT_MS,
             max_timeout_ms: MAX_TIMEOUT_MS,
+            epoch_length,
         }
     }
 
@@ -94,7 +102,6 @@ impl Net {
             Net::config(),
             self.keys[node].clone(),
             self.validators.clone(),
-            self.genesis.hash(),
             self.tip(),
             safety,
         )
@@ -1428,4 +1435,689 @@ fn mutated_messages_never_panic() {
         }
     }
     assert!(decoded > 100, "only {decoded} mutations decoded");
+}
+
+// ----- epochs -----
+
+/// Blocks per epoch in the epoch tests: epoch 0 ends with the block at height 2.
+const EPOCH_LENGTH: u64 = 2;
+
+/// The first round of epoch 1 (the switch restarts rounds there).
+fn epoch_1_round() -> u64 {
+    epoch_base_round(1) + 1
+}
+
+impl Net {
+    /// The engine of validator `node` with two-block epochs, started at time 0 (in round 1).
+    fn started_in_short_epochs(&self, node: usize) -> Engine {
+        let mut engine = Engine::new(
+            Net::config_with(EPOCH_LENGTH),
+            self.keys[node].clone(),
+            self.validators.clone(),
+            self.tip(),
+            None,
+        )
+        .unwrap();
+        engine.handle(0, Input::Start);
+        assert_eq!((engine.round(), engine.epoch()), (1, 0));
+        engine
+    }
+
+    /// The set of epoch 1: the same four keys, with stakes 1, 2, 3 and 4 (so its hash and
+    /// leader schedule differ from epoch 0's; validators 1, 2 and 3 form a quorum).
+    fn next_set(&self) -> ValidatorSet {
+        ValidatorSet::new(
+            self.keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| Validator {
+                    address: k.address(),
+                    public_key: k.public(),
+                    stake: i as u64 + 1,
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    fn index_of(&self, address: &Address) -> usize {
+        self.keys
+            .iter()
+            .position(|k| k.address() == *address)
+            .unwrap()
+    }
+
+    /// A block of `epoch` proposed by `set`'s leader of `round`, a block time after `parent`
+    /// (packed rounds are too large for `block`'s round-based timestamps).
+    fn block_in(
+        &self,
+        set: &ValidatorSet,
+        epoch: u64,
+        round: u64,
+        parent: &Block,
+        parent_qc: QuorumCertificate,
+        salt: u8,
+    ) -> Block {
+        let mut block = self.block(round, parent, parent_qc, salt);
+        block.header.epoch = epoch;
+        block.header.timestamp_ms = parent.header.timestamp_ms + BLOCK_TIME_MS;
+        block.header.proposer = set.leader(round).address;
+        block.header.validators_hash = set.hash();
+        block
+    }
+
+    /// `block` proposed and signed by its header's proposer.
+    fn propose_as_proposer(&self, block: Block) -> Proposal {
+        let signer = self.index_of(&block.header.proposer);
+        Proposal::sign(&self.keys[signer], block, None)
+    }
+}
+
+/// The end of epoch 0 with two-block epochs: B1 and B2 (the epoch-ending block) in rounds 1
+/// and 2, then the empty suffix blocks S3 (round 3, on B2) and S4 (round 4, on S3). Every
+/// certificate is signed by validators 0, 1 and 2.
+struct EpochEnd {
+    b1: Block,
+    b2: Block,
+    s3: Block,
+    s4: Block,
+    qc_b2: QuorumCertificate,
+    qc_s3: QuorumCertificate,
+}
+
+impl EpochEnd {
+    fn new(net: &Net) -> EpochEnd {
+        assert_eq!(epoch_end_height(0, EPOCH_LENGTH), 2, "fixture assumption");
+        let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+        let qc_b1 = net.qc(&b1, &[0, 1, 2]);
+        let b2 = net.block(2, &b1, qc_b1, 2);
+        let qc_b2 = net.qc(&b2, &[0, 1, 2]);
+        let s3 = net.block(3, &b2, qc_b2.clone(), 3);
+        let qc_s3 = net.qc(&s3, &[0, 1, 2]);
+        let s4 = net.block(4, &s3, qc_s3.clone(), 4);
+        EpochEnd {
+            b1,
+            b2,
+            s3,
+            s4,
+            qc_b2,
+            qc_s3,
+        }
+    }
+
+    /// Delivers each block's proposal in its round (reporting it valid when asked); returns
+    /// the effects of the last one.
+    fn feed(net: &Net, engine: &mut Engine, blocks: &[&Block]) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for b in blocks {
+            out = deliver(engine, at(b.header.round), &net.propose((*b).clone(), None));
+        }
+        out
+    }
+
+    /// What proves epoch 0 over: S3 with its certificate (S3's parent B2 is from the round
+    /// before it, so the QC of S3 makes B2 final).
+    fn proof(&self) -> EpochProof {
+        EpochProof {
+            header: self.s3.header.clone(),
+            qc: self.qc_s3.clone(),
+        }
+    }
+
+    /// The engine of `node` after S4 (carrying the QC of S3) made B2 final: it waits for the
+    /// set of epoch 1.
+    fn awaiting(&self, net: &Net, node: usize) -> Engine {
+        let mut engine = net.started_in_short_epochs(node);
+        EpochEnd::feed(net, &mut engine, &[&self.b1, &self.b2, &self.s3, &self.s4]);
+        assert!(engine.awaiting_validator_set());
+        engine
+    }
+
+    /// The engine of `node` in epoch 1 (with [`Net::next_set`]), and the effects of the switch.
+    fn switched(&self, net: &Net, node: usize) -> (Engine, Vec<Effect>) {
+        let mut engine = self.awaiting(net, node);
+        let out = engine.handle(
+            at(4),
+            Input::NewEpoch {
+                epoch: 1,
+                validators: net.next_set(),
+            },
+        );
+        assert_eq!((engine.epoch(), engine.round()), (1, epoch_1_round()));
+        (engine, out)
+    }
+}
+
+fn finalized(effects: &[Effect]) -> Vec<(Hash, u64)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Finalize { hash, height, .. } => Some((*hash, *height)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn position(effects: &[Effect], pred: impl Fn(&Effect) -> bool) -> Option<usize> {
+    effects.iter().position(pred)
+}
+
+fn need_set_position(effects: &[Effect], epoch: u64, height: u64) -> Option<usize> {
+    position(effects, |e| {
+        *e == Effect::NeedValidatorSet { epoch, height }
+    })
+}
+
+/// What happens to the block at height 3 in `suffix_blocks_carry_nothing`.
+#[derive(Clone, Copy, Debug)]
+enum SuffixContent {
+    Empty,
+    Transaction,
+    Evidence,
+}
+
+#[test]
+fn suffix_blocks_carry_nothing() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let alt = net.block(1, &net.genesis, net.genesis_qc(), 9);
+    let evidence = Evidence {
+        first: net.vote(3, &end.b1),
+        second: net.vote(3, &alt),
+    };
+    // (description, epoch length, what the height-3 block carries, validated?)
+    let cases = [
+        (
+            "an empty suffix block is validated",
+            EPOCH_LENGTH,
+            SuffixContent::Empty,
+            true,
+        ),
+        (
+            "a suffix block with a transaction is refused",
+            EPOCH_LENGTH,
+            SuffixContent::Transaction,
+            false,
+        ),
+        (
+            "a suffix block with evidence is refused",
+            EPOCH_LENGTH,
+            SuffixContent::Evidence,
+            false,
+        ),
+        (
+            "below an epoch's end a block carries transactions",
+            1_000_000,
+            SuffixContent::Transaction,
+            true,
+        ),
+        (
+            "below an epoch's end a block carries evidence",
+            1_000_000,
+            SuffixContent::Evidence,
+            true,
+        ),
+    ];
+    let node = net.bystander(&[1, 2, 3]);
+    for (desc, epoch_length, content, expected) in cases {
+        let mut engine = Engine::new(
+            Net::config_with(epoch_length),
+            net.keys[node].clone(),
+            net.validators.clone(),
+            net.tip(),
+            None,
+        )
+        .unwrap();
+        engine.handle(0, Input::Start);
+        EpochEnd::feed(&net, &mut engine, &[&end.b1, &end.b2]);
+        let mut block = end.s3.clone();
+        match content {
+            SuffixContent::Empty => {}
+            SuffixContent::Transaction => block.txs = vec![b"transfer".to_vec()],
+            SuffixContent::Evidence => block.evidence = vec![evidence.clone()],
+        }
+        let out = message(
+            &mut engine,
+            at(3),
+            ConsensusMessage::Proposal(net.propose(block.clone(), None)),
+        );
+        assert_eq!(validates(&out, &block.hash()), expected, "{desc}: {out:?}");
+    }
+}
+
+#[test]
+fn suffix_blocks_are_built_empty() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let alt = net.block(1, &net.genesis, net.genesis_qc(), 9);
+    let evidence = Evidence {
+        first: net.vote(3, &end.b1),
+        second: net.vote(3, &alt),
+    };
+    // The leader of round 3 builds the block at height 3 once B2 (round 2) is certified.
+    let node = net.leader(3);
+    let cases = [
+        ("above the epoch's end: empty", EPOCH_LENGTH, true),
+        ("below the epoch's end: with evidence", 1_000_000, false),
+    ];
+    for (desc, epoch_length, empty) in cases {
+        let mut engine = Engine::new(
+            Net::config_with(epoch_length),
+            net.keys[node].clone(),
+            net.validators.clone(),
+            net.tip(),
+            None,
+        )
+        .unwrap();
+        engine.handle(0, Input::Start);
+        EpochEnd::feed(&net, &mut engine, &[&end.b1]);
+        let out = message(
+            &mut engine,
+            at(1),
+            ConsensusMessage::Evidence(evidence.clone()),
+        );
+        assert_eq!(reported(&out).len(), 1, "{desc}: evidence not taken");
+        let mut out = EpochEnd::feed(&net, &mut engine, &[&end.b2]);
+        for other in net.others(node) {
+            out.extend(message(
+                &mut engine,
+                at(3),
+                ConsensusMessage::Vote(net.vote(other, &end.b2)),
+            ));
+        }
+        let req = build_request(&out).unwrap_or_else(|| panic!("{desc}: no build: {out:?}"));
+        assert_eq!((req.height, req.round), (3, 3), "{desc}");
+        assert_eq!(req.empty, empty, "{desc}");
+        assert_eq!(req.evidence.is_empty(), empty, "{desc}: {:?}", req.evidence);
+    }
+}
+
+#[test]
+fn a_suffix_certificate_finalizes_the_epoch_end_and_asks_for_the_next_set() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    // Round 3 times out instead: S3' (round 4) extends B2 with the TC, S4' (round 5) extends
+    // S3', and the QC of S4' (carried by S5', round 6) is a 2-chain over two suffix blocks.
+    let tc3 = net.tc(
+        3,
+        &[
+            (0, end.qc_b2.clone()),
+            (1, end.qc_b2.clone()),
+            (2, end.qc_b2.clone()),
+        ],
+    );
+    let s3x = net.block(4, &end.b2, end.qc_b2.clone(), 13);
+    let s4x = net.block(5, &s3x, net.qc(&s3x, &[0, 1, 2]), 14);
+    let s5x = net.block(6, &s4x, net.qc(&s4x, &[0, 1, 2]), 15);
+    let cases: [(&str, Vec<Proposal>); 2] = [
+        (
+            "the QC of S3 (in S4) commits B2, S3's parent",
+            vec![
+                net.propose(end.b1.clone(), None),
+                net.propose(end.b2.clone(), None),
+                net.propose(end.s3.clone(), None),
+                net.propose(end.s4.clone(), None),
+            ],
+        ),
+        (
+            "the QC of S4' (in S5') commits B2 below S3', and not S3'",
+            vec![
+                net.propose(end.b1.clone(), None),
+                net.propose(end.b2.clone(), None),
+                net.propose(s3x.clone(), Some(tc3)),
+                net.propose(s4x.clone(), None),
+                net.propose(s5x.clone(), None),
+            ],
+        ),
+    ];
+    let node = net.bystander(&[1, 2]);
+    for (desc, proposals) in cases {
+        let mut engine = net.started_in_short_epochs(node);
+        let mut all = Vec::new();
+        let mut last = Vec::new();
+        for p in &proposals {
+            last = deliver(&mut engine, at(p.block.header.round), p);
+            all.extend(last.clone());
+        }
+        assert_eq!(
+            finalized(&all),
+            vec![(end.b1.hash(), 1), (end.b2.hash(), 2)],
+            "{desc}: only B1 and B2 are final, never a suffix block"
+        );
+        let fin = position(&last, |e| {
+            matches!(e, Effect::Finalize { hash, qc, .. } if *hash == end.b2.hash() && *qc == end.qc_b2)
+        })
+        .unwrap_or_else(|| panic!("{desc}: B2 not finalized by the last proposal: {last:?}"));
+        let need = need_set_position(&last, 1, 2)
+            .unwrap_or_else(|| panic!("{desc}: no request for the next set: {last:?}"));
+        assert!(
+            fin < need,
+            "{desc}: the set is asked for before B2 is final"
+        );
+        assert!(engine.awaiting_validator_set(), "{desc}");
+        assert_eq!(engine.final_tip().hash, end.b2.hash(), "{desc}");
+
+        // Until the set arrives, every other input is ignored.
+        let round = engine.round();
+        let waiting: Vec<(&str, Input)> = vec![
+            ("start", Input::Start),
+            ("round timer", Input::Timer(TimerKind::RoundTimeout)),
+            ("propose timer", Input::Timer(TimerKind::Propose)),
+            (
+                "a vote",
+                Input::Message(ConsensusMessage::Vote(net.vote(0, &end.s4))),
+            ),
+            (
+                "a timeout",
+                Input::Message(ConsensusMessage::Timeout(net.timeout(
+                    0,
+                    round,
+                    end.qc_s3.clone(),
+                ))),
+            ),
+            (
+                "a proposal",
+                Input::Message(ConsensusMessage::Proposal(net.propose(
+                    net.block(round, &end.s4, net.qc(&end.s4, &[0, 1, 2]), 20),
+                    None,
+                ))),
+            ),
+            ("synced blocks", Input::Synced(vec![end.s3.clone()])),
+            (
+                "a validation",
+                Input::BlockValidated {
+                    hash: end.s4.hash(),
+                    valid: true,
+                },
+            ),
+            (
+                "the set of a later epoch",
+                Input::NewEpoch {
+                    epoch: 2,
+                    validators: net.next_set(),
+                },
+            ),
+        ];
+        for (what, input) in waiting {
+            let out = engine.handle(at(round) + 10 * TIMEOUT_MS, input);
+            assert!(out.is_empty(), "{desc}: {what} while waiting: {out:?}");
+            assert!(engine.awaiting_validator_set(), "{desc}: {what}");
+            assert_eq!(
+                (engine.epoch(), engine.round()),
+                (0, round),
+                "{desc}: {what}"
+            );
+        }
+        let out = engine.handle(
+            at(round),
+            Input::NewEpoch {
+                epoch: 1,
+                validators: net.next_set(),
+            },
+        );
+        assert!(!engine.awaiting_validator_set(), "{desc}");
+        assert_eq!(
+            (engine.epoch(), engine.round()),
+            (1, epoch_1_round()),
+            "{desc}: {out:?}"
+        );
+        assert_eq!(engine.validators(), &net.next_set(), "{desc}");
+    }
+}
+
+#[test]
+fn the_next_epoch_starts_from_the_epoch_end_and_its_certificate() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let set = net.next_set();
+    let round = epoch_1_round();
+
+    // The leader of the epoch's first round proposes on B2 with B2's certificate.
+    let leader = net.index_of(&set.leader(round).address);
+    let (mut engine, mut out) = end.switched(&net, leader);
+    assert!(build_request(&out).is_none(), "built before the block time");
+    out.extend(engine.handle(at(5), Input::Timer(TimerKind::Propose)));
+    let req = build_request(&out)
+        .unwrap_or_else(|| panic!("the new leader does not build: {out:?}"))
+        .clone();
+    assert_eq!((req.round, req.epoch, req.height), (round, 1, 3));
+    assert_eq!(req.parent_hash, end.b2.hash());
+    assert_eq!(req.parent_qc, end.qc_b2);
+    assert_eq!(req.validators_hash, set.hash());
+    assert!(!req.empty, "the first block of an epoch is no suffix block");
+    let out = engine.handle(at(5), Input::BlockBuilt(built(&req)));
+    assert!(
+        out.iter().any(|e| matches!(e,
+            Effect::Broadcast(ConsensusMessage::Proposal(p)) if p.block.header.round == round)),
+        "no proposal: {out:?}"
+    );
+
+    // A validator votes in that round for a block on B2 carrying B2's certificate, and for
+    // nothing else.
+    let voter = (0..VALIDATORS)
+        .find(|i| *i != leader && net.index_of(&set.leader(round + 1).address) != *i)
+        .unwrap();
+    let on_end = net.block_in(&set, 1, round, &end.b2, end.qc_b2.clone(), 30);
+    let mut old_hash = on_end.clone();
+    old_hash.header.validators_hash = net.validators.hash();
+    let cases = [
+        (
+            "a block of the first round on B2 with B2's QC",
+            on_end.clone(),
+            true,
+        ),
+        (
+            "a block of the second round on B2 without a TC",
+            net.block_in(&set, 1, round + 1, &end.b2, end.qc_b2.clone(), 31),
+            false,
+        ),
+        (
+            "a block on the dropped suffix",
+            net.block_in(&set, 1, round, &end.s3, net.qc(&end.s3, &[1, 2, 3]), 32),
+            false,
+        ),
+        ("a block naming the old set", old_hash, false),
+        (
+            "a block with the old epoch in its header",
+            {
+                let mut b = on_end.clone();
+                b.header.epoch = 0;
+                b
+            },
+            false,
+        ),
+    ];
+    for (desc, block, expected) in cases {
+        let (mut engine, _) = end.switched(&net, voter);
+        let out = deliver(&mut engine, at(5), &net.propose_as_proposer(block.clone()));
+        let voted: Vec<&Vote> = votes(&out);
+        if expected {
+            assert_eq!(voted.len(), 1, "{desc}: {out:?}");
+            assert_eq!(
+                (voted[0].block_hash, voted[0].round),
+                (block.hash(), round),
+                "{desc}"
+            );
+            assert!(
+                out.iter().any(|e| matches!(e,
+                    Effect::SendTo { to, message: ConsensusMessage::Vote(_) }
+                        if *to == set.leader(round + 1).address)),
+                "{desc}: the vote goes to the next leader of the new set"
+            );
+        } else {
+            assert!(voted.is_empty(), "{desc}: {out:?}");
+        }
+    }
+}
+
+#[test]
+fn validators_left_in_the_old_epoch_are_sent_the_epoch_proof() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let s5 = net.block(5, &end.s4, net.qc(&end.s4, &[0, 1, 2]), 5);
+    let sender = net.bystander(&[5]);
+    // (description, message of epoch 0, who sent it)
+    let cases = [
+        (
+            "a vote",
+            ConsensusMessage::Vote(net.vote(sender, &end.s4)),
+            sender,
+        ),
+        (
+            "a timeout",
+            ConsensusMessage::Timeout(net.timeout(sender, 4, end.qc_s3.clone())),
+            sender,
+        ),
+        (
+            "a proposal",
+            ConsensusMessage::Proposal(net.propose(s5.clone(), None)),
+            net.leader(5),
+        ),
+    ];
+    for (desc, msg, from) in cases {
+        // Any validator but the sender: the engine never sends the proof to itself.
+        let node = (0..VALIDATORS).find(|i| *i != from).unwrap();
+        let (mut engine, switch) = end.switched(&net, node);
+        assert!(
+            !switch.iter().any(|e| matches!(e, Effect::SendTo { .. })),
+            "{desc}"
+        );
+        let out = message(&mut engine, at(5), msg.clone());
+        assert_eq!(
+            out,
+            vec![Effect::SendTo {
+                to: net.keys[from].address(),
+                message: ConsensusMessage::EpochProof(end.proof()),
+            }],
+            "{desc}"
+        );
+        // Once a round for each validator.
+        let again = message(&mut engine, at(5), msg);
+        assert!(again.is_empty(), "{desc}: sent twice: {again:?}");
+    }
+}
+
+/// What an engine of epoch 0 holds when the proof arrives, in
+/// `an_epoch_proof_finalizes_the_epoch_end`.
+#[derive(Clone, Copy, Debug)]
+enum Held {
+    /// B1, B2 and S3, the proof's block.
+    ThroughS3,
+    /// B1 and B2: the proof's header stands for S3.
+    ThroughEnd,
+    /// B1 only: B2 must be synced first.
+    BelowEnd,
+}
+
+#[test]
+fn an_epoch_proof_finalizes_the_epoch_end() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let mut weak = end.proof();
+    weak.qc = net.qc(&end.s3, &[0, 1]);
+    let mut forged = end.proof();
+    forged.qc.signatures[2].signature = forged_sig(&net, 2);
+    // (description, held blocks, proof, final after it)
+    let cases = [
+        ("holding S3", Held::ThroughS3, end.proof(), true),
+        ("holding B2", Held::ThroughEnd, end.proof(), true),
+        (
+            "missing B2: syncs it first",
+            Held::BelowEnd,
+            end.proof(),
+            true,
+        ),
+        ("a proof without a quorum", Held::ThroughS3, weak, false),
+        (
+            "a proof with a forged signature",
+            Held::ThroughS3,
+            forged,
+            false,
+        ),
+    ];
+    let node = net.bystander(&[1, 2, 3]);
+    for (desc, held, proof, expected) in cases {
+        let mut engine = net.started_in_short_epochs(node);
+        let blocks: &[&Block] = match held {
+            Held::ThroughS3 => &[&end.b1, &end.b2, &end.s3],
+            Held::ThroughEnd => &[&end.b1, &end.b2],
+            Held::BelowEnd => &[&end.b1],
+        };
+        EpochEnd::feed(&net, &mut engine, blocks);
+        let mut out = message(&mut engine, at(5), ConsensusMessage::EpochProof(proof));
+        if let Held::BelowEnd = held {
+            assert!(
+                out.iter().any(|e| *e
+                    == Effect::RequestSync {
+                        qc: end.qc_b2.clone()
+                    }),
+                "{desc}: no sync of B2: {out:?}"
+            );
+            assert!(finalized(&out).is_empty(), "{desc}");
+            out = engine.handle(at(5), Input::Synced(vec![end.b2.clone()]));
+        }
+        let ended = finalized(&out).contains(&(end.b2.hash(), 2));
+        assert_eq!(ended, expected, "{desc}: {out:?}");
+        assert_eq!(engine.awaiting_validator_set(), expected, "{desc}");
+        if expected {
+            assert!(need_set_position(&out, 1, 2).is_some(), "{desc}: {out:?}");
+            assert_eq!(engine.final_tip().hash, end.b2.hash(), "{desc}");
+        }
+    }
+}
+
+/// A signature of validator `i` over something else.
+fn forged_sig(net: &Net, i: usize) -> Signature {
+    forged(&net.keys[i])
+}
+
+#[test]
+fn a_proposal_of_the_next_epoch_is_followed_by_a_sync_that_ends_the_epoch() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let set = net.next_set();
+    let round = epoch_1_round();
+    // Epoch 1 went on without this validator: F (first round, on B2), G (second, on F).
+    let f = net.block_in(&set, 1, round, &end.b2, end.qc_b2.clone(), 40);
+    let qc_f = net.qc(&f, &[1, 2, 3]);
+    let g = net.block_in(&set, 1, round + 1, &f, qc_f.clone(), 41);
+    let node = net.bystander(&[1, 2]);
+    let cases = [
+        (
+            "a synced block of epoch 1 on B2 ends epoch 0",
+            f.clone(),
+            true,
+        ),
+        (
+            "a synced block of epoch 1 on a suffix block does not",
+            net.block_in(&set, 1, round, &end.s3, end.qc_s3.clone(), 42),
+            false,
+        ),
+    ];
+    for (desc, synced, expected) in cases {
+        let mut engine = net.started_in_short_epochs(node);
+        EpochEnd::feed(&net, &mut engine, &[&end.b1, &end.b2, &end.s3]);
+        let out = message(
+            &mut engine,
+            at(6),
+            ConsensusMessage::Proposal(net.propose_as_proposer(g.clone())),
+        );
+        assert_eq!(
+            out,
+            vec![Effect::RequestSync { qc: qc_f.clone() }],
+            "{desc}: a later epoch's proposal asks for its parent"
+        );
+        let out = engine.handle(at(6), Input::Synced(vec![synced]));
+        assert_eq!(
+            finalized(&out).contains(&(end.b2.hash(), 2)),
+            expected,
+            "{desc}: {out:?}"
+        );
+        assert_eq!(
+            need_set_position(&out, 1, 2).is_some(),
+            expected,
+            "{desc}: {out:?}"
+        );
+        assert_eq!(engine.awaiting_validator_set(), expected, "{desc}");
+    }
 }

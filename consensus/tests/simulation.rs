@@ -1,14 +1,23 @@
 //! Deterministic simulation of keel consensus: N engines over a simulated network with a
 //! seeded RNG and virtual time (latency, jitter, loss, partitions, crash and restart) and
-//! byzantine validators (silent, equivocating, proposing invalid blocks).
+//! byzantine validators (silent, equivocating, proposing invalid blocks), across epochs whose
+//! validator sets change.
 //!
 //! Each validator runs the real `Engine` and a small deterministic application: a block's
 //! "state root" is a hash chain over its ancestors, so a validator re-executing a block can
-//! tell a wrong root. The node-level simulation over the real executor lives in `tests/`.
+//! tell a wrong root. The toy application has no stake of its own: the harness draws each
+//! epoch's validator set from the seed ([`stakes_for_epoch`]) and hands it to every engine
+//! that asks for it ([`Effect::NeedValidatorSet`]). The node-level simulation over the real
+//! executor lives in `tests/`.
 //!
 //! Invariants checked after every run: no two different final blocks at one height on any two
-//! honest validators; honest validators agree on every final state root; and progress.
-//! A failing run prints its seed; `SIM_SEED=<n>` replays one seed, `SIM_SEEDS=<n>` runs more.
+//! honest validators; honest validators agree on every final state root; every final chain is
+//! linked by its certificates, each signed by a quorum of its epoch's set, each block proposed
+//! by its round's leader in that set and never above the end of its epoch (suffix blocks are
+//! never final); and progress. A failing run prints its seed; `SIM_SEED=<n>` replays one
+//! seed, `SIM_SEEDS=<n>` runs more, `SIM_TRACE=1` prints every node's actions,
+//! `SIM_KEEP_GOING=1` runs every seed and lists the failing ones, `SIM_STATS=1` prints where
+//! every node ended.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_enum_variant)]
 
@@ -16,9 +25,12 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use keel_consensus::{
-    Config, Effect, Engine, Input, SafetyData, TimerKind, Tip, Validator, ValidatorSet,
+    epoch_end_height, epoch_of_next_block, Config, Effect, Engine, Input, SafetyData, TimerKind,
+    Tip, Validator, ValidatorSet,
 };
-use keel_types::{Block, ConsensusMessage, Hash, Header, Keypair, QuorumCertificate, Vote};
+use keel_types::{
+    round_epoch, Address, Block, ConsensusMessage, Hash, Header, Keypair, QuorumCertificate, Vote,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -28,6 +40,18 @@ enum Behaviour {
     Silent,
     Equivocator,
     InvalidProposer,
+}
+
+/// How each epoch's validator set is chosen (epoch 0's is the genesis set).
+#[derive(Clone, Debug)]
+enum SetRule {
+    /// Every epoch keeps the genesis set: all validators, equal stakes.
+    Fixed,
+    /// Every later epoch draws each stake from 1..=10; with `rotate`, about half the epochs
+    /// also leave out one honest validator, which comes back in a later epoch.
+    Drawn { rotate: bool },
+    /// `stakes(epoch)[i]` is validator i's stake in `epoch`, 0 for "not in the set".
+    Scripted(fn(u64) -> Vec<u64>),
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +64,71 @@ struct Scenario {
     loss: f64,
     partition: Option<(u64, u64, Vec<usize>)>,
     crash: Option<(u64, u64, usize)>,
+    /// Blocks per epoch.
+    epoch_length: u64,
+    sets: SetRule,
+}
+
+impl Scenario {
+    fn behaviour(&self, i: usize) -> Behaviour {
+        self.byzantine.get(i).copied().unwrap_or(Behaviour::Honest)
+    }
+}
+
+/// Stake of every validator of the genesis set.
+const GENESIS_STAKE: u64 = 100;
+
+/// The stakes of `epoch`'s validator set, by validator index (0: not in the set); a pure
+/// function of the seed, the scenario and the epoch.
+///
+/// The fault model holds in every epoch: the byzantine validators (all of them are in every
+/// set) hold less than a third of the stake, so the honest ones, all connected once partitions
+/// heal, hold more than two thirds. In fact they hold at most 2/7 of it, the most they hold in
+/// the equal-stake runs (two of seven) that [`LIVENESS_BOUND_MS`] was set for: without leader
+/// reputation, a silent validator with nearly a third of the stake leads so often that
+/// progress can pause for longer than the bound with no engine fault. A draw above that is
+/// fixed deterministically by raising the smallest honest stakes.
+fn stakes_for_epoch(seed: u64, scenario: &Scenario, epoch: u64) -> Vec<u64> {
+    let n = scenario.validators;
+    let honest = |i: usize| scenario.behaviour(i) == Behaviour::Honest;
+    let mut stakes = match &scenario.sets {
+        SetRule::Scripted(stakes) => {
+            let stakes = stakes(epoch);
+            assert_eq!(stakes.len(), n, "a stake for every validator");
+            stakes
+        }
+        _ if epoch == 0 => vec![GENESIS_STAKE; n],
+        SetRule::Fixed => vec![GENESIS_STAKE; n],
+        SetRule::Drawn { rotate } => {
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                seed.wrapping_mul(0x0000_0100_0000_01b3)
+                    ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
+            let mut stakes: Vec<u64> = (0..n).map(|_| rng.gen_range(1..=10)).collect();
+            if *rotate && rng.gen_bool(0.5) {
+                let candidates: Vec<usize> = (0..n).filter(|i| honest(*i)).collect();
+                stakes[candidates[rng.gen_range(0..candidates.len())]] = 0;
+            }
+            stakes
+        }
+    };
+    for (i, stake) in stakes.iter_mut().enumerate() {
+        if !honest(i) {
+            *stake = (*stake).max(1);
+        }
+    }
+    loop {
+        let total: u64 = stakes.iter().sum();
+        let byzantine: u64 = (0..n).filter(|i| !honest(*i)).map(|i| stakes[i]).sum();
+        if 7 * byzantine <= 2 * total {
+            return stakes;
+        }
+        let weakest = (0..n)
+            .filter(|i| honest(*i) && stakes[*i] > 0)
+            .min_by_key(|i| (stakes[*i], *i))
+            .expect("an honest validator in the set");
+        stakes[weakest] += 1;
+    }
 }
 
 fn state_root(parent_root: &Hash, block: &Header, txs: &[Vec<u8>]) -> Hash {
@@ -71,6 +160,10 @@ struct Node {
     evidence_seen: usize,
     /// Virtual times at which this node finalized something.
     final_times: Vec<u64>,
+    /// (epoch, virtual time) of every epoch this node's engine switched to.
+    epoch_starts: Vec<(u64, u64)>,
+    /// Rounds of the proposals, votes and timeouts this node sent.
+    signed_rounds: Vec<u64>,
 }
 
 enum Event {
@@ -88,10 +181,11 @@ struct Sim {
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: HashMap<u64, Event>,
     nodes: Vec<Node>,
-    validators: ValidatorSet,
     genesis: Block,
     scenario: Scenario,
     trace: Vec<String>,
+    /// `SIM_TRACE` is set: print every node's actions.
+    tracing: bool,
 }
 
 const CHAIN: &str = "sim";
@@ -101,36 +195,12 @@ impl Sim {
         let keys: Vec<Keypair> = (0..scenario.validators as u64)
             .map(|i| Keypair::from_seed(seed.wrapping_mul(1000) + i))
             .collect();
-        let validators = ValidatorSet::new(
-            keys.iter()
-                .map(|k| Validator {
-                    address: k.address(),
-                    public_key: k.public(),
-                    stake: 100,
-                })
-                .collect(),
-        )
-        .expect("valid set");
-        let genesis = Block {
-            header: Header {
-                chain_id: CHAIN.into(),
-                validators_hash: validators.hash(),
-                timestamp_ms: 0,
-                ..Header::default()
-            },
-            txs: vec![],
-            evidence: vec![],
-        };
         let nodes = keys
             .into_iter()
             .enumerate()
             .map(|(i, key)| Node {
                 key,
-                behaviour: scenario
-                    .byzantine
-                    .get(i)
-                    .copied()
-                    .unwrap_or(Behaviour::Honest),
+                behaviour: scenario.behaviour(i),
                 engine: None,
                 blocks: HashMap::new(),
                 roots: HashMap::new(),
@@ -138,6 +208,8 @@ impl Sim {
                 disk: Disk::default(),
                 evidence_seen: 0,
                 final_times: Vec::new(),
+                epoch_starts: Vec::new(),
+                signed_rounds: Vec::new(),
             })
             .collect();
         let mut sim = Sim {
@@ -148,10 +220,20 @@ impl Sim {
             queue: BinaryHeap::new(),
             events: HashMap::new(),
             nodes,
-            validators,
-            genesis,
+            genesis: Block {
+                header: Header::default(),
+                txs: vec![],
+                evidence: vec![],
+            },
             scenario,
             trace: Vec::new(),
+            tracing: std::env::var("SIM_TRACE").is_ok(),
+        };
+        sim.genesis.header = Header {
+            chain_id: CHAIN.into(),
+            validators_hash: sim.set_for_epoch(0).hash(),
+            timestamp_ms: 0,
+            ..Header::default()
         };
         for i in 0..sim.nodes.len() {
             let g = sim.genesis.clone();
@@ -173,6 +255,28 @@ impl Sim {
         sim
     }
 
+    /// The validator set of `epoch` (see [`stakes_for_epoch`]).
+    fn set_for_epoch(&self, epoch: u64) -> ValidatorSet {
+        let stakes = stakes_for_epoch(self.seed, &self.scenario, epoch);
+        ValidatorSet::new(
+            self.nodes
+                .iter()
+                .zip(stakes)
+                .filter(|(_, stake)| *stake > 0)
+                .map(|(n, stake)| Validator {
+                    address: n.key.address(),
+                    public_key: n.key.public(),
+                    stake,
+                })
+                .collect(),
+        )
+        .expect("valid set")
+    }
+
+    fn epoch_length(&self) -> u64 {
+        self.scenario.epoch_length
+    }
+
     fn schedule(&mut self, at: u64, e: Event) {
         self.seq += 1;
         self.queue.push(Reverse((at, self.seq)));
@@ -181,8 +285,21 @@ impl Sim {
 
     fn boot(&mut self, i: usize) {
         let gh = self.genesis.hash();
+        let length = self.epoch_length();
+        let (&height, _) = self.nodes[i]
+            .disk
+            .final_blocks
+            .iter()
+            .next_back()
+            .expect("genesis");
+        // The engine runs the epoch of the block after its tip; at an epoch end it also needs
+        // the set that certified the tip.
+        let epoch = epoch_of_next_block(height, length);
+        let set = self.set_for_epoch(epoch);
+        let previous = (epoch > 0 && height == epoch_end_height(epoch - 1, length))
+            .then(|| self.set_for_epoch(epoch - 1));
         let node = &mut self.nodes[i];
-        let (&height, (hash, header)) = node.disk.final_blocks.iter().next_back().expect("genesis");
+        let (hash, header) = node.disk.final_blocks.get(&height).expect("tip");
         let tip = Tip {
             height,
             hash: *hash,
@@ -218,17 +335,23 @@ impl Sim {
             block_time_ms: self.scenario.block_time_ms,
             timeout_ms: self.scenario.block_time_ms * 2,
             max_timeout_ms: 60_000,
+            epoch_length: length,
         };
-        let engine = Engine::new(
-            config,
-            node.key.clone(),
-            self.validators.clone(),
-            gh,
-            tip,
-            node.disk.safety.clone(),
-        )
-        .expect("engine");
+        let set_hash = set.hash();
+        let mut engine = Engine::new(config, node.key.clone(), set, tip, node.disk.safety.clone())
+            .expect("engine");
+        if let Some(previous) = previous {
+            engine.set_previous_validators(previous);
+        }
+        assert_eq!(
+            engine.epoch(),
+            epoch,
+            "seed {}: engine epoch at boot",
+            self.seed
+        );
+        assert_eq!(engine.validators().hash(), set_hash);
         node.engine = Some(engine);
+        node.epoch_starts.push((epoch, self.now));
         self.input(i, Input::Start);
     }
 
@@ -237,9 +360,78 @@ impl Sim {
             return;
         };
         let effects = engine.handle(self.now, input);
+        // The next validator set is computed once the effects before and after the request
+        // are carried out (the Finalize before it stores the epoch-ending block).
+        let mut next_epoch = None;
         for e in effects {
-            self.effect(i, e);
+            if let Effect::NeedValidatorSet { epoch, height } = e {
+                if self.tracing {
+                    eprintln!(
+                        "{:>7} n{i}: need validator set of epoch {epoch} (end h{height})",
+                        self.now
+                    );
+                }
+                assert!(next_epoch.is_none(), "seed {}: two set requests", self.seed);
+                next_epoch = Some((epoch, height));
+            } else {
+                self.effect(i, e);
+            }
         }
+        if let Some((epoch, height)) = next_epoch {
+            self.new_epoch(i, epoch, height);
+        }
+    }
+
+    /// Answers a node's [`Effect::NeedValidatorSet`].
+    fn new_epoch(&mut self, i: usize, epoch: u64, height: u64) {
+        let seed = self.seed;
+        assert!(epoch > 0, "seed {seed}: node {i} asked for the genesis set");
+        assert_eq!(
+            height,
+            epoch_end_height(epoch - 1, self.epoch_length()),
+            "seed {seed}: node {i} asked for the set of epoch {epoch} at height {height}"
+        );
+        assert_eq!(
+            self.final_height(i),
+            height,
+            "seed {seed}: node {i} asked for the set of epoch {epoch} before its end was final"
+        );
+        // Blocks above the epoch end are the dropped suffix (or blocks of the new epoch synced
+        // early, which the engine dropped too): never final. Forget them for validation, like
+        // the engine does, so a later sync serves them again; keep serving them to peers, which
+        // may need the suffix to use an epoch proof.
+        let node = &mut self.nodes[i];
+        for (hash, block) in &node.blocks {
+            if block.header.height > height {
+                node.roots.remove(hash);
+            }
+        }
+        let set = self.set_for_epoch(epoch);
+        let set_hash = set.hash();
+        if self.tracing {
+            eprintln!("{:>7} n{i}: new epoch {epoch}", self.now);
+        }
+        self.input(
+            i,
+            Input::NewEpoch {
+                epoch,
+                validators: set,
+            },
+        );
+        let engine = self.nodes[i].engine.as_ref().expect("running");
+        assert_eq!(
+            engine.epoch(),
+            epoch,
+            "seed {seed}: node {i} did not switch epoch"
+        );
+        assert!(!engine.awaiting_validator_set());
+        assert_eq!(
+            engine.validators().hash(),
+            set_hash,
+            "seed {seed}: node {i} runs epoch {epoch} with another set"
+        );
+        assert_eq!(engine.final_tip().height, height);
+        self.nodes[i].epoch_starts.push((epoch, self.now));
     }
 
     fn send(&mut self, from: usize, to: usize, msg: ConsensusMessage) {
@@ -259,42 +451,68 @@ impl Sim {
         self.schedule(self.now + delay, Event::Deliver { to, msg });
     }
 
-    fn index_of(&self, addr: &keel_types::Address) -> Option<usize> {
+    fn index_of(&self, addr: &Address) -> Option<usize> {
         self.nodes.iter().position(|n| n.key.address() == *addr)
     }
 
-    fn effect(&mut self, i: usize, e: Effect) {
-        if std::env::var("SIM_TRACE").is_ok() {
-            let r = self.nodes[i]
-                .engine
-                .as_ref()
-                .map(|e| e.round())
-                .unwrap_or(0);
-            let what = match &e {
-                Effect::SetTimer { .. } | Effect::PersistSafety(_) => String::new(),
-                Effect::Broadcast(ConsensusMessage::Proposal(p)) => format!(
-                    "propose h{} r{}",
-                    p.block.header.height, p.block.header.round
-                ),
-                Effect::Broadcast(ConsensusMessage::Timeout(t)) => {
-                    format!("timeout r{} hqc{}", t.round, t.high_qc.round)
-                }
-                Effect::SendTo {
-                    message: ConsensusMessage::Vote(v),
-                    to,
-                } => format!("vote r{} -> {:?}", v.round, self.index_of(to)),
-                Effect::Certified { height, round, .. } => format!("certified h{height} r{round}"),
-                Effect::Finalize { height, .. } => format!("FINAL h{height}"),
-                Effect::RequestSync { qc } => format!("sync r{}", qc.round),
-                Effect::BuildBlock(b) => format!("build h{} r{}", b.height, b.round),
-                Effect::ValidateBlock(b) => {
-                    format!("validate h{} r{}", b.header.height, b.header.round)
-                }
-                other => format!("{:?}", std::mem::discriminant(other)),
-            };
-            if !what.is_empty() {
-                eprintln!("{:>7} n{i} (round {r}): {what}", self.now);
+    fn trace_effect(&self, i: usize, e: &Effect) {
+        let r = self.nodes[i]
+            .engine
+            .as_ref()
+            .map(|e| e.round())
+            .unwrap_or(0);
+        let rr = |round: u64| format!("e{}:{}", round_epoch(round), round & 0xffff_ffff);
+        let what = match e {
+            Effect::SetTimer { .. } | Effect::PersistSafety(_) => String::new(),
+            Effect::Broadcast(ConsensusMessage::Proposal(p)) => format!(
+                "propose h{} r{}",
+                p.block.header.height,
+                rr(p.block.header.round)
+            ),
+            Effect::Broadcast(ConsensusMessage::Timeout(t)) => {
+                format!("timeout r{} hqc{}", rr(t.round), rr(t.high_qc.round))
             }
+            Effect::Broadcast(ConsensusMessage::EpochProof(p)) => format!(
+                "broadcast epoch proof h{} r{}",
+                p.header.height,
+                rr(p.header.round)
+            ),
+            Effect::SendTo {
+                message: ConsensusMessage::EpochProof(p),
+                to,
+            } => format!(
+                "epoch proof h{} -> {:?}",
+                p.header.height,
+                self.index_of(to)
+            ),
+            Effect::SendTo {
+                message: ConsensusMessage::Vote(v),
+                to,
+            } => format!("vote r{} -> {:?}", rr(v.round), self.index_of(to)),
+            Effect::Certified { height, round, .. } => {
+                format!("certified h{height} r{}", rr(*round))
+            }
+            Effect::Finalize { height, .. } => format!("FINAL h{height}"),
+            Effect::RequestSync { qc } => format!("sync h{} r{}", qc.height, rr(qc.round)),
+            Effect::BuildBlock(b) => format!(
+                "build h{} r{}{}",
+                b.height,
+                rr(b.round),
+                if b.empty { " (empty)" } else { "" }
+            ),
+            Effect::ValidateBlock(b) => {
+                format!("validate h{} r{}", b.header.height, rr(b.header.round))
+            }
+            other => format!("{:?}", std::mem::discriminant(other)),
+        };
+        if !what.is_empty() {
+            eprintln!("{:>7} n{i} (round {}): {what}", self.now, rr(r));
+        }
+    }
+
+    fn effect(&mut self, i: usize, e: Effect) {
+        if self.tracing {
+            self.trace_effect(i, &e);
         }
         match e {
             Effect::SetTimer { kind, at_ms } => {
@@ -313,7 +531,16 @@ impl Sim {
                     parent_qc: req.parent_qc,
                     ..Header::default()
                 };
-                let txs = vec![format!("tx-{}-{}", req.height, req.round).into_bytes()];
+                // A suffix block (above the epoch end) only certifies the end: no txs, no
+                // evidence.
+                let (txs, evidence) = if req.empty {
+                    (vec![], vec![])
+                } else {
+                    (
+                        vec![format!("tx-{}-{}", req.height, req.round).into_bytes()],
+                        req.evidence,
+                    )
+                };
                 let Some(parent_root) = self.nodes[i].roots.get(&req.parent_hash).copied() else {
                     return self.input(i, Input::BuildFailed { round: req.round });
                 };
@@ -324,7 +551,7 @@ impl Sim {
                 let block = Block {
                     header,
                     txs,
-                    evidence: req.evidence,
+                    evidence,
                 };
                 self.nodes[i]
                     .roots
@@ -344,11 +571,21 @@ impl Sim {
             }
             Effect::PersistSafety(s) => self.nodes[i].disk.safety = Some(s),
             Effect::Broadcast(msg) => {
+                match &msg {
+                    ConsensusMessage::Proposal(p) => {
+                        self.nodes[i].signed_rounds.push(p.block.header.round)
+                    }
+                    ConsensusMessage::Timeout(t) => self.nodes[i].signed_rounds.push(t.round),
+                    _ => {}
+                }
                 for to in 0..self.nodes.len() {
                     self.send(i, to, msg.clone());
                 }
             }
             Effect::SendTo { to, message } => {
+                if let ConsensusMessage::Vote(v) = &message {
+                    self.nodes[i].signed_rounds.push(v.round);
+                }
                 if let Some(j) = self.index_of(&to) {
                     if self.nodes[i].behaviour == Behaviour::Equivocator {
                         if let ConsensusMessage::Vote(v) = &message {
@@ -368,8 +605,15 @@ impl Sim {
             Effect::Certified { .. } => {}
             Effect::Finalize { hash, height, qc } => self.finalize(i, hash, height, qc),
             Effect::RequestSync { qc } => {
-                // Ask a random other node for the chain ending at the certified block.
-                let peer = self.rng.gen_range(0..self.nodes.len());
+                // Ask a random other node that holds the certified block for the chain ending
+                // at it (a sync layer asks the peers that have it).
+                let holders: Vec<usize> = (0..self.nodes.len())
+                    .filter(|p| *p != i && self.nodes[*p].blocks.contains_key(&qc.block_hash))
+                    .collect();
+                if holders.is_empty() {
+                    return;
+                }
+                let peer = holders[self.rng.gen_range(0..holders.len())];
                 let mut chain = Vec::new();
                 let mut cursor = qc.block_hash;
                 while let Some(b) = self.nodes[peer].blocks.get(&cursor) {
@@ -396,6 +640,9 @@ impl Sim {
                 }
             }
             Effect::ReportEvidence(_) => self.nodes[i].evidence_seen += 1,
+            Effect::NeedValidatorSet { .. } => {
+                unreachable!("answered in `input` after the other effects")
+            }
         }
     }
 
@@ -410,6 +657,11 @@ impl Sim {
         if parent.header.height + 1 != block.header.height {
             return false;
         }
+        // Like the node's application: a block above its epoch's end carries nothing.
+        let end = epoch_end_height(block.header.epoch, self.scenario.epoch_length);
+        if block.header.height > end && (!block.txs.is_empty() || !block.evidence.is_empty()) {
+            return false;
+        }
         if state_root(&parent_root, &block.header, &block.txs) != block.header.state_root {
             return false;
         }
@@ -419,19 +671,12 @@ impl Sim {
     }
 
     fn finalize(&mut self, i: usize, hash: Hash, height: u64, qc: QuorumCertificate) {
+        let final_height = self.final_height(i);
         let node = &mut self.nodes[i];
         let mut cursor = hash;
         let mut newly = Vec::new();
         while let Some(b) = node.blocks.get(&cursor) {
-            if b.header.height
-                <= node
-                    .disk
-                    .final_blocks
-                    .keys()
-                    .next_back()
-                    .copied()
-                    .unwrap_or(0)
-            {
+            if b.header.height <= final_height {
                 break;
             }
             newly.push((b.header.height, cursor, b.header.clone()));
@@ -441,6 +686,11 @@ impl Sim {
             newly.first().map(|n| n.0),
             Some(height),
             "seed {}: finalized block not known locally",
+            self.seed
+        );
+        assert_eq!(
+            qc.block_hash, hash,
+            "seed {}: final certificate of another block",
             self.seed
         );
         for (h, hash, header) in newly.into_iter().rev() {
@@ -526,6 +776,43 @@ impl Sim {
             .unwrap_or(0)
     }
 
+    /// The epoch node `i`'s engine runs (None while it is down).
+    fn epoch(&self, i: usize) -> Option<u64> {
+        self.nodes[i].engine.as_ref().map(Engine::epoch)
+    }
+
+    /// Where every node ended: behaviour, epoch, final height, and whether its epoch's set
+    /// has it.
+    fn summary(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| match self.epoch(i) {
+                Some(epoch) => {
+                    let member = self
+                        .set_for_epoch(epoch)
+                        .get(&self.nodes[i].key.address())
+                        .is_some();
+                    format!(
+                        "n{i} {:?} epoch {epoch}{} final h{}",
+                        self.nodes[i].behaviour,
+                        if member { "" } else { " (left out)" },
+                        self.final_height(i)
+                    )
+                }
+                None => format!("n{i} down"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Safety and the shape of every honest final chain.
+    fn check_invariants(&self) {
+        self.check_safety();
+        let mut sets: HashMap<u64, ValidatorSet> = HashMap::new();
+        for i in self.honest() {
+            self.check_chain(i, &mut sets);
+        }
+    }
+
     /// No two different final blocks at one height; agreeing state roots.
     fn check_safety(&self) {
         let honest = self.honest();
@@ -547,6 +834,93 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Node `i`'s final chain: every height from genesis, each block linked to the one below
+    /// by hash and certificate; each block in the epoch its height belongs to, never above
+    /// that epoch's end (suffix blocks are never final), proposed by its round's leader in
+    /// that epoch's set; and each certificate signed by a quorum of its epoch's set.
+    fn check_chain(&self, i: usize, sets: &mut HashMap<u64, ValidatorSet>) {
+        let seed = self.seed;
+        let length = self.epoch_length();
+        let finals = &self.nodes[i].disk.final_blocks;
+        let top = self.final_height(i);
+        assert_eq!(
+            finals.len() as u64,
+            top + 1,
+            "seed {seed}: node {i} has holes in its final chain"
+        );
+        for (&height, (hash, header)) in finals.iter().skip(1) {
+            let what = format!("seed {seed}: node {i}, final block at height {height}");
+            assert_eq!(hash, &header.hash(), "{what}: hash");
+            assert_eq!(header.height, height, "{what}: height");
+            let (parent_hash, parent) = finals.get(&(height - 1)).expect("contiguous");
+            assert_eq!(&header.parent_hash, parent_hash, "{what}: parent");
+            let qc = &header.parent_qc;
+            assert_eq!(
+                (qc.block_hash, qc.height, qc.round),
+                (*parent_hash, parent.height, parent.round),
+                "{what}: certificate of the parent"
+            );
+            assert_eq!(
+                header.epoch,
+                round_epoch(header.round),
+                "{what}: epoch {} but round of epoch {}",
+                header.epoch,
+                round_epoch(header.round)
+            );
+            assert!(
+                height <= epoch_end_height(header.epoch, length),
+                "{what}: a suffix block of epoch {} (ends at {}) is final",
+                header.epoch,
+                epoch_end_height(header.epoch, length)
+            );
+            assert_eq!(
+                header.epoch,
+                epoch_of_next_block(height - 1, length),
+                "{what}: in epoch {}",
+                header.epoch
+            );
+            let set = sets
+                .entry(header.epoch)
+                .or_insert_with(|| self.set_for_epoch(header.epoch));
+            assert_eq!(
+                header.validators_hash,
+                set.hash(),
+                "{what}: validators hash of another set"
+            );
+            assert_eq!(
+                header.proposer,
+                set.leader(header.round).address,
+                "{what}: not proposed by its round's leader"
+            );
+            // The certificate of the parent (genesis has none).
+            if parent.height > 0 {
+                let set = sets
+                    .entry(parent.epoch)
+                    .or_insert_with(|| self.set_for_epoch(parent.epoch));
+                let stake: u64 = qc
+                    .signatures
+                    .iter()
+                    .map(|s| {
+                        set.get(&s.validator)
+                            .unwrap_or_else(|| panic!("{what}: certificate signed by a stranger"))
+                            .stake
+                    })
+                    .sum();
+                assert!(
+                    set.is_quorum(stake),
+                    "{what}: certificate of the parent without a quorum of epoch {}",
+                    parent.epoch
+                );
+            }
+        }
+        let (tip_hash, _) = finals.get(&top).expect("tip");
+        let tip_qc = self.nodes[i].disk.final_qc.get(tip_hash);
+        assert!(
+            tip_qc.is_some_and(|qc| qc.block_hash == *tip_hash && qc.height == top),
+            "seed {seed}: node {i} lacks the certificate of its final tip"
+        );
     }
 }
 
@@ -577,27 +951,44 @@ fn scenario_for(seed: u64) -> Scenario {
             rng.gen_range(0..validators),
         )
     });
+    let latency_ms = (5, rng.gen_range(20..300));
+    let loss = if rng.gen_bool(0.5) {
+        rng.gen_range(0.0..0.05)
+    } else {
+        0.0
+    };
+    // Drawn last, so the faults above are those of the runs before epochs.
+    let epoch_length = rng.gen_range(3..=6);
+    let sets = SetRule::Drawn {
+        rotate: rng.gen_bool(0.5),
+    };
     Scenario {
         validators,
         byzantine,
         block_time_ms: 1_000,
         duration_ms,
-        latency_ms: (5, rng.gen_range(20..300)),
-        loss: if rng.gen_bool(0.5) {
-            rng.gen_range(0.0..0.05)
-        } else {
-            0.0
-        },
+        latency_ms,
+        loss,
         partition,
         crash,
+        epoch_length,
+        sets,
     }
 }
 
 fn run_seed(seed: u64) {
-    let scenario = scenario_for(seed);
+    check_run(seed, scenario_for(seed), MIN_EPOCH);
+}
+
+/// Runs `scenario` and checks the invariants, liveness after healing, and that every honest
+/// validator reached `min_epoch`.
+fn check_run(seed: u64, scenario: Scenario, min_epoch: u64) -> Sim {
     let mut sim = Sim::new(seed, scenario.clone());
     sim.run();
-    sim.check_safety();
+    sim.check_invariants();
+    if std::env::var("SIM_STATS").is_ok() {
+        eprintln!("seed {seed}: {}", sim.summary());
+    }
     // Liveness: with more than 2/3 of the stake honest, once the network has healed and any
     // crashed validator is back, every honest validator finalizes a new block within bounded
     // virtual time. (Bounded generously: without leader reputation, a silent validator can be
@@ -619,16 +1010,40 @@ fn run_seed(seed: u64) {
             .find(|t| *t > healed_at);
         assert!(
             first_after.is_some_and(|t| t <= bound),
-            "seed {seed}: honest node {i} finalized nothing between {healed_at} ms (healed) and {bound} ms; \
-             final height {} ({scenario:?}) trace {:?}",
+            "seed {seed}: honest node {i} finalized nothing between {healed_at} ms (healed) and \
+             {bound} ms; final height {}; {} ({scenario:?}) trace {:?}",
             sim.final_height(i),
+            sim.summary(),
             sim.trace
         );
     }
+    // Epochs keep turning over: every honest validator (members and those left out alike)
+    // reached `min_epoch`, never going back.
+    for i in sim.honest() {
+        let epoch = sim.epoch(i).expect("every crashed node restarts");
+        assert!(
+            epoch >= min_epoch,
+            "seed {seed}: honest node {i} only reached epoch {epoch}; {} ({scenario:?}) trace {:?}",
+            sim.summary(),
+            sim.trace
+        );
+        for w in sim.nodes[i].epoch_starts.windows(2) {
+            assert!(
+                w[1].0 >= w[0].0,
+                "seed {seed}: node {i} went back from epoch {} to {}",
+                w[0].0,
+                w[1].0
+            );
+        }
+    }
+    sim
 }
 
 /// How long after healing progress must resume.
 const LIVENESS_BOUND_MS: u64 = 100_000;
+/// The epoch every honest validator reaches in a random-fault run (epochs of at most 6
+/// blocks, 200 s of virtual time, one-second blocks).
+const MIN_EPOCH: u64 = 2;
 
 fn seeds() -> Vec<u64> {
     if let Ok(s) = std::env::var("SIM_SEED") {
@@ -643,13 +1058,251 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn random_faults_never_break_safety_and_progress_resumes() {
+    // `SIM_KEEP_GOING=1` runs every seed and lists the failing ones at the end.
+    let keep_going = std::env::var("SIM_KEEP_GOING").is_ok();
+    let mut failed = Vec::new();
     for seed in seeds() {
         let result = std::panic::catch_unwind(|| run_seed(seed));
         if let Err(e) = result {
             eprintln!("simulation failed: rerun with SIM_SEED={seed}");
-            std::panic::resume_unwind(e);
+            if !keep_going {
+                std::panic::resume_unwind(e);
+            }
+            failed.push(seed);
         }
     }
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
+
+#[test]
+fn drawn_sets_keep_the_fault_model() {
+    for seed in 0..300 {
+        let scenario = scenario_for(seed);
+        let honest = |i: usize| scenario.behaviour(i) == Behaviour::Honest;
+        let mut left_out = 0;
+        for epoch in 0..40 {
+            let stakes = stakes_for_epoch(seed, &scenario, epoch);
+            assert_eq!(
+                stakes,
+                stakes_for_epoch(seed, &scenario, epoch),
+                "deterministic"
+            );
+            let total: u64 = stakes.iter().sum();
+            let byzantine: u64 = (0..stakes.len())
+                .filter(|i| !honest(*i))
+                .map(|i| stakes[i])
+                .sum();
+            assert!(
+                3 * byzantine < total,
+                "seed {seed} epoch {epoch}: {stakes:?}"
+            );
+            assert!(
+                7 * byzantine <= 2 * total,
+                "seed {seed} epoch {epoch}: {stakes:?}"
+            );
+            assert!(
+                (0..stakes.len()).all(|i| honest(i) || stakes[i] > 0),
+                "seed {seed} epoch {epoch}: a byzantine validator left out"
+            );
+            if epoch == 0 {
+                assert_eq!(stakes, vec![GENESIS_STAKE; scenario.validators]);
+            }
+            left_out += stakes.iter().filter(|s| **s == 0).count();
+        }
+        if matches!(scenario.sets, SetRule::Drawn { rotate: true }) {
+            assert!(left_out > 0, "seed {seed}: nobody ever left out");
+        } else {
+            assert_eq!(left_out, 0);
+        }
+    }
+}
+
+#[test]
+fn validator_set_changes_take_effect_at_epoch_boundaries() {
+    // Epoch 1 leaves validator 3 out; every other epoch has all four.
+    fn stakes(epoch: u64) -> Vec<u64> {
+        if epoch == 1 {
+            vec![100, 100, 100, 0]
+        } else {
+            vec![100; 4]
+        }
+    }
+    const L: u64 = 5;
+    let scenario = Scenario {
+        validators: 4,
+        byzantine: vec![],
+        block_time_ms: 1_000,
+        duration_ms: 60_000,
+        latency_ms: (5, 50),
+        loss: 0.0,
+        partition: None,
+        crash: None,
+        epoch_length: L,
+        sets: SetRule::Scripted(stakes),
+    };
+    let mut sim = Sim::new(5, scenario);
+    sim.run();
+    sim.check_invariants();
+    let out = sim.nodes[3].key.address();
+    let epoch_1 = sim.set_for_epoch(1);
+    assert_eq!(epoch_1.len(), 3);
+    assert!(epoch_1.get(&out).is_none());
+    assert_eq!(sim.set_for_epoch(2).len(), 4);
+
+    let chain: Vec<&Header> = sim.nodes[0]
+        .disk
+        .final_blocks
+        .values()
+        .map(|(_, h)| h)
+        .collect();
+    let top = sim.final_height(0);
+    assert!(top >= 5 * L, "only {top} final blocks in 60 s");
+    // The certificate of final block h is in final block h + 1.
+    let signed_by = |height: u64, who: &Address| {
+        chain[height as usize + 1]
+            .parent_qc
+            .signatures
+            .iter()
+            .any(|s| s.validator == *who)
+    };
+    let epoch_1_heights = epoch_end_height(0, L) + 1..=epoch_end_height(1, L);
+    for h in epoch_1_heights.clone() {
+        let header = chain[h as usize];
+        assert_eq!(header.epoch, 1);
+        assert_eq!(header.validators_hash, epoch_1.hash());
+        assert_ne!(
+            header.proposer, out,
+            "h{h}: proposed by a validator out of the set"
+        );
+        assert!(
+            !signed_by(h, &out),
+            "h{h}: certified with the vote of a validator out of the set"
+        );
+    }
+    // Left out, validator 3 signs nothing in epoch 1 but follows: it finalizes every block of
+    // the epoch and switches to epoch 2 together with the others.
+    let node3 = &sim.nodes[3];
+    assert!(
+        node3.signed_rounds.iter().all(|r| round_epoch(*r) != 1),
+        "validator 3 signed in epoch 1"
+    );
+    assert!(node3.signed_rounds.iter().any(|r| round_epoch(*r) == 0));
+    assert!(
+        node3.signed_rounds.iter().any(|r| round_epoch(*r) == 2),
+        "validator 3 signed nothing in epoch 2, back in the set"
+    );
+    for h in epoch_1_heights {
+        assert_eq!(
+            node3.disk.final_blocks.get(&h).map(|(hash, _)| hash),
+            sim.nodes[0].disk.final_blocks.get(&h).map(|(hash, _)| hash),
+            "validator 3 did not follow the chain at h{h}"
+        );
+    }
+    let started = |i: usize, epoch: u64| {
+        sim.nodes[i]
+            .epoch_starts
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, at)| *at)
+            .unwrap_or_else(|| panic!("node {i} never entered epoch {epoch}"))
+    };
+    for epoch in 1..=3 {
+        let first = (0..3).map(|i| started(i, epoch)).min().unwrap();
+        let lag = started(3, epoch).saturating_sub(first);
+        assert!(
+            lag <= 1_000,
+            "validator 3 entered epoch {epoch} {lag} ms late"
+        );
+    }
+    assert!(
+        sim.final_height(3) + 2 >= top,
+        "validator 3 is behind: {} vs {top}",
+        sim.final_height(3)
+    );
+    // Back from epoch 2 on: it proposes final blocks and its votes certify them again.
+    let later: Vec<u64> = (epoch_end_height(1, L) + 1..top).collect();
+    assert!(later.iter().all(|h| chain[*h as usize].epoch >= 2));
+    assert!(
+        later.iter().any(|h| chain[*h as usize].proposer == out),
+        "validator 3 proposed no final block after epoch 1"
+    );
+    assert!(
+        later.iter().any(|h| signed_by(*h, &out)),
+        "no certificate after epoch 1 has validator 3's vote"
+    );
+    for i in 0..4 {
+        assert!(
+            sim.epoch(i).unwrap() >= 5,
+            "node {i} in epoch {:?}",
+            sim.epoch(i)
+        );
+        assert_eq!(sim.nodes[i].engine.as_ref().unwrap().validators().len(), 4);
+    }
+}
+
+// Known engine liveness bugs, found by this simulation (engine.rs is not changed here). Each
+// test is a deterministic reproduction of a failure class seen under `SIM_SEEDS=1000`; run
+// them with `cargo test -p keel-consensus --test simulation -- --ignored`.
+
+/// A validator left out of epoch 1 follows silently. Partitioned while epoch 1 ends, it never
+/// learns that it ended: it sends nothing of epoch 1 that others would answer with the epoch
+/// proof, it ignores the timeouts of epoch 2 as future ones, and epoch 2, which needs its
+/// stake, makes no proposal it could sync from. The chain stops for good after the partition
+/// heals, with every validator honest. (Random seeds: 746, 994.)
+#[test]
+#[ignore = "engine bug: a validator left out of an epoch that misses its end never catches up"]
+fn a_left_out_validator_that_missed_the_epoch_end_catches_up() {
+    fn stakes(epoch: u64) -> Vec<u64> {
+        match epoch {
+            0 => vec![100; 4],
+            1 => vec![100, 100, 100, 0],
+            // Validator 3 holds 40%: no quorum without it.
+            _ => vec![100, 100, 100, 200],
+        }
+    }
+    let scenario = Scenario {
+        validators: 4,
+        byzantine: vec![],
+        block_time_ms: 1_000,
+        duration_ms: 90_000,
+        latency_ms: (5, 50),
+        loss: 0.0,
+        partition: Some((8_000, 20_000, vec![3])),
+        crash: None,
+        epoch_length: 5,
+        sets: SetRule::Scripted(stakes),
+    };
+    check_run(21, scenario, 4);
+}
+
+/// A validator down across two epoch ends restarts in epoch 0 while the others wait in epoch
+/// 2, which needs its stake. Its timeouts of epoch 0 are answered with the only proof the
+/// others keep, that epoch 1 ended, which it cannot use (it checks proofs of its own epoch
+/// only), and epoch 2 makes no proposal it could sync from. (Random seeds: 306, 489, 564,
+/// 596, 632.)
+#[test]
+#[ignore = "engine bug: a validator two epochs behind never catches up"]
+fn a_validator_two_epochs_behind_catches_up() {
+    fn stakes(epoch: u64) -> Vec<u64> {
+        if epoch < 2 {
+            vec![100; 4]
+        } else {
+            vec![100, 100, 100, 200]
+        }
+    }
+    let scenario = Scenario {
+        validators: 4,
+        byzantine: vec![],
+        block_time_ms: 1_000,
+        duration_ms: 90_000,
+        latency_ms: (5, 50),
+        loss: 0.0,
+        partition: None,
+        crash: Some((3_000, 20_000, 3)),
+        epoch_length: 4,
+        sets: SetRule::Scripted(stakes),
+    };
+    check_run(22, scenario, 4);
 }
 
 #[test]
@@ -663,10 +1316,12 @@ fn four_equal_validators_keep_block_time_and_two_block_finality() {
         loss: 0.0,
         partition: None,
         crash: None,
+        epoch_length: 25,
+        sets: SetRule::Fixed,
     };
     let mut sim = Sim::new(7, scenario);
     sim.run();
-    sim.check_safety();
+    sim.check_invariants();
     let node = &sim.nodes[0];
     let blocks: Vec<&Header> = node
         .disk
@@ -695,6 +1350,63 @@ fn four_equal_validators_keep_block_time_and_two_block_finality() {
 }
 
 #[test]
+fn epoch_changes_cost_at_most_one_round_each() {
+    let scenario = Scenario {
+        validators: 4,
+        byzantine: vec![],
+        block_time_ms: 3_000,
+        duration_ms: 300_000,
+        latency_ms: (10, 80),
+        loss: 0.0,
+        partition: None,
+        crash: None,
+        epoch_length: 10,
+        sets: SetRule::Drawn { rotate: true },
+    };
+    let mut sim = Sim::new(7, scenario);
+    sim.run();
+    sim.check_invariants();
+    let node = &sim.nodes[0];
+    let blocks: Vec<&Header> = node
+        .disk
+        .final_blocks
+        .values()
+        .map(|(_, h)| h)
+        .filter(|h| h.height > 0)
+        .collect();
+    let epochs = node.engine.as_ref().expect("running").epoch();
+    assert!(epochs >= 8, "only {epochs} epochs in 300 s");
+    // Within an epoch blocks keep the block time. The first block of an epoch waits for the
+    // end of the previous one to be final: it is proposed once a suffix block is certified,
+    // about a block time after the end. It may lose one round more: a proposal of the new
+    // epoch that reaches a validator before the proof that the old one ended is dropped
+    // (the validator asks for a sync instead), and then the round times out.
+    let timeout_ms = 2 * 3_000;
+    let mut slow_starts = 0;
+    for w in blocks.windows(2) {
+        let gap = w[1].timestamp_ms - w[0].timestamp_ms;
+        let (limit, what) = if w[1].epoch != w[0].epoch {
+            (3_000 + timeout_ms + 500, "the end of the previous epoch")
+        } else {
+            (3_300, "its parent")
+        };
+        assert!(
+            gap <= limit,
+            "h{} (epoch {}) came {gap} ms after {what}",
+            w[1].height,
+            w[1].epoch
+        );
+        if w[1].epoch != w[0].epoch && gap > 3_300 {
+            slow_starts += 1;
+        }
+    }
+    assert!(
+        slow_starts * 2 <= epochs,
+        "{slow_starts} of {epochs} epochs started a round late"
+    );
+}
+
+#[test]
 fn equivocation_is_detected_and_reported() {
     let scenario = Scenario {
         validators: 4,
@@ -705,10 +1417,12 @@ fn equivocation_is_detected_and_reported() {
         loss: 0.0,
         partition: None,
         crash: None,
+        epoch_length: 10,
+        sets: SetRule::Fixed,
     };
     let mut sim = Sim::new(11, scenario);
     sim.run();
-    sim.check_safety();
+    sim.check_invariants();
     let honest_reports: usize = sim
         .honest()
         .iter()

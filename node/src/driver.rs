@@ -41,20 +41,32 @@ pub(crate) enum Command {
     Shutdown,
     /// A consensus message from a peer (decoded, signatures not checked).
     Message(ConsensusMessage),
-    /// A peer's answer to a block request.
+    /// A peer's answer to a block request (`None`: the request failed).
     Synced {
-        /// Who answered.
+        /// The sync round it belongs to.
+        round: u64,
+        /// The final height the request started above.
+        start: u64,
+        /// Who was asked.
         peer: PeerId,
-        /// The block asked for.
-        target: Hash,
-        /// Its blocks, oldest first.
-        blocks: Vec<Block>,
-        /// The proof that our epoch ended, if the peer had it.
-        proof: Option<EpochProof>,
+        /// Its blocks (oldest first) and the proof that our epoch ended, if it had one.
+        answer: Option<SyncAnswer>,
     },
-    /// A block request failed.
-    SyncFailed,
 }
+
+/// Blocks and an epoch proof from a peer.
+pub(crate) type SyncAnswer = (Vec<Block>, Option<EpochProof>);
+
+/// Requests of one sync round, by the height each starts above; filled as answers arrive.
+struct SyncRound {
+    id: u64,
+    target: Hash,
+    sent_ms: u64,
+    parts: std::collections::BTreeMap<u64, Option<(PeerId, Option<SyncAnswer>)>>,
+}
+
+/// Most peers asked at once when far behind.
+const SYNC_PEERS: usize = 3;
 
 /// Blocks asked for in one request.
 const SYNC_BATCH: u32 = 32;
@@ -83,8 +95,10 @@ pub(crate) struct Driver {
     persisted: HashMap<Hash, u64>,
     /// The network (none for a node run alone, or in tests).
     net: Option<Net>,
-    /// The block request in flight: its target and when it was sent.
-    sync: Option<(Hash, u64)>,
+    /// The sync round in flight.
+    sync: Option<SyncRound>,
+    /// Id of the latest sync round.
+    sync_round: u64,
     /// Spreads block requests over peers.
     sync_salt: u64,
     /// Where network tasks send their results back.
@@ -107,6 +121,7 @@ impl Driver {
             persisted: HashMap::new(),
             net: None,
             sync: None,
+            sync_round: 0,
             sync_salt: 0,
             commands_tx: None,
         }
@@ -150,14 +165,11 @@ impl Driver {
                     self.carry_out(effects)?;
                 }
                 Ok(Command::Synced {
+                    round,
+                    start,
                     peer,
-                    target,
-                    blocks,
-                    proof,
-                }) => self.on_synced(peer, target, blocks, proof)?,
-                Ok(Command::SyncFailed) => {
-                    self.sync = None;
-                }
+                    answer,
+                }) => self.on_synced(round, start, peer, answer)?,
                 Err(RecvTimeoutError::Timeout) => {
                     if let Some((kind, at)) = next {
                         if at <= now_ms() {
@@ -438,8 +450,10 @@ impl Driver {
         }
     }
 
-    /// Asks a peer for the blocks up to `target` above our final height; one request at a
-    /// time, answered by [`Command::Synced`].
+    /// Asks peers for the blocks up to `target` above our final height, answered by
+    /// [`Command::Synced`]. Far behind (peers report final heights more than a batch above
+    /// ours), consecutive ranges go to up to [`SYNC_PEERS`] peers at once; the answers are
+    /// applied in height order. One such round at a time.
     fn request_sync(&mut self, target: Hash) {
         let (Some(net), Some(commands)) = (&self.net, &self.commands_tx) else {
             debug!(block = %target, "missing blocks, and no peers to sync from");
@@ -448,59 +462,133 @@ impl Driver {
         let now = now_ms();
         if self
             .sync
-            .is_some_and(|(_, at)| now.saturating_sub(at) < SYNC_TIMEOUT_MS)
+            .as_ref()
+            .is_some_and(|r| now.saturating_sub(r.sent_ms) < SYNC_TIMEOUT_MS)
         {
             return;
         }
-        self.sync_salt = self.sync_salt.wrapping_add(1);
-        let Some(peer) = net.sync_peer(self.sync_salt) else {
-            return;
-        };
-        self.sync = Some((target, now));
-        self.chain.set_syncing(true);
         let have_height = self.app.final_tip().0;
-        let request = PeerRequest::Blocks {
-            target,
-            have_height,
-            max: SYNC_BATCH,
-        };
-        debug!(%peer, block = %target, have_height, "requesting blocks");
-        let (handle, commands) = (net.handle.clone(), commands.clone());
-        net.runtime.spawn(async move {
-            let command = match handle.request(peer, request.encode()).await {
-                Ok(bytes) => match PeerResponse::decode(&bytes) {
-                    Ok(PeerResponse::Blocks { blocks, proof }) => Command::Synced {
-                        peer,
-                        target,
-                        blocks,
-                        proof,
-                    },
-                    _ => {
-                        handle.report(peer, Report::Invalid);
-                        Command::SyncFailed
-                    }
-                },
-                Err(e) => {
-                    debug!(%peer, error = %e, "block request failed");
-                    Command::SyncFailed
+        let best = net.best_height();
+        let wanted = best.saturating_sub(have_height).div_ceil(u64::from(SYNC_BATCH));
+        let mut peers = Vec::new();
+        for _ in 0..SYNC_PEERS * 2 {
+            self.sync_salt = self.sync_salt.wrapping_add(1);
+            if let Some(p) = net.sync_peer(self.sync_salt) {
+                if !peers.contains(&p) {
+                    peers.push(p);
                 }
+            }
+            if peers.len() as u64 >= wanted.clamp(1, SYNC_PEERS as u64) {
+                break;
+            }
+        }
+        if peers.is_empty() {
+            return;
+        }
+        self.sync_round = self.sync_round.wrapping_add(1);
+        let round = self.sync_round;
+        let mut parts = std::collections::BTreeMap::new();
+        for (i, peer) in peers.into_iter().enumerate() {
+            let start = have_height + i as u64 * u64::from(SYNC_BATCH);
+            parts.insert(start, None);
+            let request = PeerRequest::Blocks {
+                target,
+                have_height: start,
+                max: SYNC_BATCH,
             };
-            let _ = commands.try_send(command);
+            debug!(%peer, block = %target, have_height = start, "requesting blocks");
+            let (handle, commands) = (net.handle.clone(), commands.clone());
+            net.runtime.spawn(async move {
+                let answer = match handle.request(peer, request.encode()).await {
+                    Ok(bytes) => match PeerResponse::decode(&bytes) {
+                        Ok(PeerResponse::Blocks { blocks, proof }) => Some((blocks, proof)),
+                        _ => {
+                            handle.report(peer, Report::Invalid);
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        debug!(%peer, error = %e, "block request failed");
+                        None
+                    }
+                };
+                let _ = commands.try_send(Command::Synced {
+                    round,
+                    start,
+                    peer,
+                    answer,
+                });
+            });
+        }
+        self.sync = Some(SyncRound {
+            id: round,
+            target,
+            sent_ms: now,
+            parts,
         });
+        self.chain.set_syncing(true);
+    }
+
+    /// Files one answer of the current round and applies every answer that is next in height
+    /// order; when the round is done, asks again if the last answer was full.
+    fn on_synced(&mut self, round: u64, start: u64, peer: PeerId, answer: Option<SyncAnswer>) -> Result<()> {
+        let Some(r) = self.sync.as_mut() else {
+            return Ok(());
+        };
+        if r.id != round {
+            return Ok(());
+        }
+        r.parts.insert(start, Some((peer, answer)));
+        // Apply the answers at the front, in order.
+        let mut more = false;
+        loop {
+            let Some(r) = self.sync.as_mut() else {
+                break;
+            };
+            let Some(entry) = r.parts.first_entry() else {
+                break;
+            };
+            if entry.get().is_none() {
+                return Ok(());
+            }
+            let Some((peer, answer)) = entry.remove() else {
+                break;
+            };
+            let target = r.target;
+            let done = r.parts.is_empty();
+            let (applied, full) = match answer {
+                Some((blocks, proof)) => {
+                    let full = blocks.len() >= SYNC_BATCH as usize;
+                    (self.apply_synced(peer, blocks, proof)?, full)
+                }
+                None => (false, false),
+            };
+            if !applied {
+                // A gap: later answers no longer connect; start over later.
+                self.sync = None;
+                break;
+            }
+            if done {
+                self.sync = None;
+                more = full;
+                if more {
+                    self.request_sync(target);
+                }
+                break;
+            }
+        }
+        if !more && self.sync.is_none() {
+            self.chain.set_syncing(false);
+        }
+        Ok(())
     }
 
     /// Validates synced blocks (oldest first, stopping at the first that does not hold),
-    /// hands them to consensus, then the epoch proof; asks for more if the answer was full.
-    fn on_synced(
-        &mut self,
-        peer: PeerId,
-        target: Hash,
-        blocks: Vec<Block>,
-        proof: Option<EpochProof>,
-    ) -> Result<()> {
-        self.sync = None;
-        let full = blocks.len() >= SYNC_BATCH as usize;
+    /// hands them to consensus, then the epoch proof. Whether anything new was applied or
+    /// the answer was consistent (known blocks only).
+    fn apply_synced(&mut self, peer: PeerId, blocks: Vec<Block>, proof: Option<EpochProof>) -> Result<bool> {
         let mut valid = Vec::new();
+        let mut refused = false;
         for block in blocks {
             if self.app.has_block(&block.hash()) {
                 continue;
@@ -515,6 +603,7 @@ impl Driver {
                     if let Some(net) = &self.net {
                         net.handle.report(peer, Report::Invalid);
                     }
+                    refused = true;
                     break;
                 }
             }
@@ -535,12 +624,7 @@ impl Driver {
             );
             self.carry_out(effects)?;
         }
-        if full && got > 0 {
-            self.request_sync(target);
-        } else if self.sync.is_none() {
-            self.chain.set_syncing(false);
-        }
-        Ok(())
+        Ok(!refused)
     }
 
     fn finalize(&mut self, hash: Hash, height: u64, qc: &QuorumCertificate) -> Result<()> {

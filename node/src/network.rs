@@ -58,6 +58,15 @@ impl Net {
             .and_then(|m| m.get(validator).copied())
     }
 
+    /// The highest final height a connected peer reported.
+    pub fn best_height(&self) -> u64 {
+        self.heights
+            .read()
+            .ok()
+            .and_then(|h| h.values().max().copied())
+            .unwrap_or(0)
+    }
+
     /// A peer to sync from: the highest reported final height among connected peers, ties
     /// broken by `salt` so retries spread over peers.
     pub fn sync_peer(&self, salt: u64) -> Option<PeerId> {

@@ -101,7 +101,7 @@ impl Node {
         );
         let chain = Arc::new(Chain::new(ChainParts {
             chain_id: genesis.chain_id.clone(),
-            node_id: node_key.public().to_string(),
+            node_id: crate::network::peer_id(&node_key)?,
             params: genesis.params.clone(),
             blocks,
             state,

@@ -117,10 +117,8 @@ pub fn generate(spec: &TestnetSpec) -> Result<Vec<TestnetNode>> {
         config.metrics.listen_addr =
             SocketAddr::from(([127, 0, 0, 1], port(spec.base_port, i, 2)?));
         config.consensus.block_time_ms = spec.block_time_ms;
-        config.consensus.timeout_ms = config
-            .consensus
-            .timeout_ms
-            .max(spec.block_time_ms.saturating_mul(2));
+        // Two block times (at least a second): a dead leader costs one short round.
+        config.consensus.timeout_ms = spec.block_time_ms.saturating_mul(2).max(1000);
         config.validate()?;
         fs::write(home.config(), config.to_toml_string())
             .map_err(|e| Error::io(home.config(), e))?;
