@@ -45,8 +45,10 @@ const MAX_EVIDENCE_POOL: usize = 256;
 const MAX_PENDING_PROPOSALS: usize = 16;
 /// Largest allowed lead of a proposal's timestamp over our clock.
 const MAX_CLOCK_DRIFT_MS: u64 = 10_000;
-/// Most validators sent an [`EpochProof`] per round (each at most once a round).
+/// Most validators remembered as sent an [`EpochProof`] (the memory is cleared when full).
 const MAX_PROOF_REPLIES: usize = 1024;
+/// Epoch proofs kept for validators several epochs behind.
+const KEPT_EPOCH_PROOFS: usize = 16;
 
 /// Height of the block that ends `epoch`: `(epoch + 1) * epoch_length`.
 pub fn epoch_end_height(epoch: u64, epoch_length: u64) -> u64 {
@@ -294,12 +296,13 @@ pub struct Engine {
     previous_validators: Option<ValidatorSet>,
     /// Waiting for [`Input::NewEpoch`].
     awaiting_set: bool,
-    /// Proof that the previous epoch ended, served to validators still in it.
-    epoch_proof: Option<EpochProof>,
+    /// Proofs that recent epochs ended (by the epoch ended), served to validators still in
+    /// them; the last [`KEPT_EPOCH_PROOFS`].
+    epoch_proofs: BTreeMap<u64, EpochProof>,
     /// A proof waiting for the blocks below it to be synced.
     stashed_proof: Option<EpochProof>,
     /// Validators sent the epoch proof in the current round.
-    proof_replies: HashSet<Address>,
+    proof_replies: HashMap<Address, u64>,
     safety: SafetyData,
     round: u64,
     high_qc: QuorumCertificate,
@@ -387,9 +390,9 @@ impl Engine {
             epoch_genesis_qc: tip.qc.clone(),
             previous_validators: None,
             awaiting_set: false,
-            epoch_proof: None,
+            epoch_proofs: BTreeMap::new(),
             stashed_proof: None,
-            proof_replies: HashSet::new(),
+            proof_replies: HashMap::new(),
             safety,
             round,
             high_qc,
@@ -445,10 +448,10 @@ impl Engine {
         self.epoch
     }
 
-    /// The proof that the previous epoch ended, if this engine saw one (to store and serve
-    /// to peers syncing across the boundary).
-    pub fn epoch_proof(&self) -> Option<&EpochProof> {
-        self.epoch_proof.as_ref()
+    /// The proof that epoch `ended` ended, if this engine saw or built one (to store and
+    /// serve to peers syncing across the boundary).
+    pub fn epoch_proof(&self, ended: u64) -> Option<&EpochProof> {
+        self.epoch_proofs.get(&ended)
     }
 
     /// Whether the engine waits for the next epoch's validator set.
@@ -515,20 +518,15 @@ impl Engine {
             Input::Synced(blocks) => {
                 for block in blocks {
                     let h = &block.header;
-                    if h.epoch == self.epoch.saturating_add(1) && round_epoch(h.round) == h.epoch {
-                        // A certified block of the next epoch: its parent ended ours and is final.
-                        let end = self.epoch_end();
-                        if self
-                            .blocks
-                            .get(&h.parent_hash)
-                            .is_some_and(|p| p.height == end && end > self.final_tip.height)
-                        {
-                            self.finalize_block(h.parent_hash, h.parent_qc.clone(), None, &mut out);
-                        }
-                        break;
-                    }
-                    if h.epoch != self.epoch {
+                    // Blocks of another epoch cannot be checked here: a later epoch is entered
+                    // through an `EpochProof` (which sync answers carry).
+                    if h.epoch != self.epoch || round_epoch(h.round) != h.epoch {
                         continue;
+                    }
+                    // A peer's word is not enough: every certificate is checked before it can
+                    // move the round or make anything final.
+                    if h.parent_qc.block_hash != h.parent_hash || !self.verify_qc(&h.parent_qc) {
+                        break;
                     }
                     self.insert_block(&block);
                     self.on_qc(now_ms, block.header.parent_qc.clone(), &mut out);
@@ -540,7 +538,7 @@ impl Engine {
                     return out;
                 }
                 if let Some(proof) = self.stashed_proof.take() {
-                    self.on_epoch_proof(proof, false, &mut out);
+                    self.on_epoch_proof(now_ms, proof, None, false, &mut out);
                     if self.awaiting_set {
                         return out;
                     }
@@ -572,7 +570,6 @@ impl Engine {
 
     fn enter_round(&mut self, now_ms: u64, round: u64, out: &mut Vec<Effect>) {
         self.round = round;
-        self.proof_replies.clear();
         self.prune_rounds();
         out.push(Effect::SetTimer {
             kind: TimerKind::RoundTimeout,
@@ -699,7 +696,7 @@ impl Engine {
             ConsensusMessage::Vote(v) => self.on_vote(now_ms, v, out),
             ConsensusMessage::Timeout(t) => self.on_timeout(now_ms, t, out),
             ConsensusMessage::Evidence(e) => self.on_evidence(e, out),
-            ConsensusMessage::EpochProof(p) => self.on_epoch_proof(p, true, out),
+            ConsensusMessage::EpochProof(p) => self.on_epoch_proof(now_ms, p, None, true, out),
         }
     }
 
@@ -713,7 +710,7 @@ impl Engine {
         let epoch = round_epoch(round);
         if epoch != self.epoch || header.epoch != epoch {
             if epoch < self.epoch {
-                self.send_epoch_proof(header.proposer, out);
+                self.send_epoch_proof(now_ms, header.proposer, epoch, out);
             } else if header.epoch == epoch {
                 // A later epoch: we missed the end of ours. Fetch the branch; a block of the
                 // next epoch proves the end of this one (see `Input::Synced`).
@@ -839,7 +836,7 @@ impl Engine {
     fn on_vote(&mut self, now_ms: u64, vote: Vote, out: &mut Vec<Effect>) {
         let round = vote.round;
         if round_epoch(round) < self.epoch {
-            self.send_epoch_proof(vote.voter, out);
+            self.send_epoch_proof(now_ms, vote.voter, round_epoch(round), out);
             return;
         }
         if vote.chain_id != self.config.chain_id
@@ -1052,7 +1049,7 @@ impl Engine {
         }
         let round = t.round;
         if round_epoch(round) < self.epoch {
-            self.send_epoch_proof(t.voter, out);
+            self.send_epoch_proof(now_ms, t.voter, round_epoch(round), out);
             return;
         }
         if t.chain_id != self.config.chain_id
@@ -1121,6 +1118,19 @@ impl Engine {
 
     fn on_round_timeout(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
         if !self.is_member() {
+            // Outside the set: no vote of ours counts, but a signed timeout still reaches
+            // validators of later epochs, which answer with the proof this node may lack.
+            let timeout = Timeout::sign(
+                &self.key,
+                &self.config.chain_id,
+                self.round,
+                self.high_qc.clone(),
+            );
+            out.push(Effect::Broadcast(ConsensusMessage::Timeout(timeout)));
+            out.push(Effect::SetTimer {
+                kind: TimerKind::RoundTimeout,
+                at_ms: now_ms.saturating_add(self.round_timeout_ms()),
+            });
             return;
         }
         let round = self.round;
@@ -1329,20 +1339,38 @@ impl Engine {
         } else {
             (child.parent, child.parent_qc.clone())
         };
-        let proof = child.header.clone().map(|header| EpochProof {
-            header,
-            qc: qc.clone(),
-        });
-        self.finalize_block(hash, final_qc, proof, out);
+        // Ending the epoch: the suffix headers up to the certified child prove it to others.
+        let proof = if parent.height >= end {
+            let mut headers = Vec::new();
+            let mut cursor = Some(child);
+            while let Some(b) = cursor {
+                if b.height <= end {
+                    break;
+                }
+                match &b.header {
+                    Some(h) => headers.push(h.clone()),
+                    None => break,
+                }
+                cursor = self.blocks.get(&b.parent);
+            }
+            headers.reverse();
+            (headers.first().map(|h| h.height) == Some(end.saturating_add(1))).then(|| EpochProof {
+                headers,
+                qc: qc.clone(),
+            })
+        } else {
+            None
+        };
+        self.finalize_block(hash, final_qc, proof.map(|p| (p, true)), out);
     }
 
     /// Makes `hash` (a block held, certified by `qc`) and its ancestors final. When it ends
-    /// the epoch, broadcasts `proof` (if any) and asks for the next validator set.
+    /// the epoch, keeps `proof` (broadcast if asked) and asks for the next validator set.
     fn finalize_block(
         &mut self,
         hash: Hash,
         final_qc: QuorumCertificate,
-        proof: Option<EpochProof>,
+        proof: Option<(EpochProof, bool)>,
         out: &mut Vec<Effect>,
     ) {
         let Some(meta) = self.blocks.get(&hash) else {
@@ -1372,13 +1400,16 @@ impl Engine {
             qc: final_qc,
         });
         if height == self.epoch_end() {
-            if let Some(proof) = proof {
-                out.push(Effect::Broadcast(ConsensusMessage::EpochProof(
-                    proof.clone(),
-                )));
-                self.epoch_proof = Some(proof);
-            } else {
-                self.epoch_proof = None;
+            if let Some((proof, broadcast)) = proof {
+                if broadcast {
+                    out.push(Effect::Broadcast(ConsensusMessage::EpochProof(
+                        proof.clone(),
+                    )));
+                }
+                self.epoch_proofs.insert(self.epoch, proof);
+                while self.epoch_proofs.len() > KEPT_EPOCH_PROOFS {
+                    self.epoch_proofs.pop_first();
+                }
             }
             self.awaiting_set = true;
             out.push(Effect::NeedValidatorSet {
@@ -1424,68 +1455,93 @@ impl Engine {
         self.enter_round(now_ms, epoch_base_round(epoch).saturating_add(1), out);
     }
 
-    /// A proof that this epoch ended (see [`EpochProof`]). `may_sync`: fetch the blocks below
-    /// it when missing and retry once they arrive.
-    fn on_epoch_proof(&mut self, p: EpochProof, may_sync: bool, out: &mut Vec<Effect>) {
-        let h = &p.header;
+    /// A proof that this epoch ended (see [`EpochProof`]). `may_sync`: when the epoch-ending
+    /// block is missing, fetch it and retry once it arrives.
+    fn on_epoch_proof(
+        &mut self,
+        _now_ms: u64,
+        p: EpochProof,
+        _from: Option<Address>,
+        may_sync: bool,
+        out: &mut Vec<Effect>,
+    ) {
         let end = self.epoch_end();
-        if h.epoch != self.epoch
-            || round_epoch(h.round) != h.epoch
-            || h.chain_id != self.config.chain_id
-            || h.height <= end
-            || end <= self.final_tip.height
+        if end <= self.final_tip.height || p.headers.is_empty() {
+            return;
+        }
+        // The suffix chain: this epoch, consecutive heights from the end's child, hash-linked.
+        let mut expect_parent = None;
+        for (i, h) in p.headers.iter().enumerate() {
+            if h.epoch != self.epoch
+                || round_epoch(h.round) != h.epoch
+                || h.chain_id != self.config.chain_id
+                || h.height != end.saturating_add(1).saturating_add(i as u64)
+                || h.parent_qc.block_hash != h.parent_hash
+                || expect_parent.is_some_and(|hash| hash != h.parent_hash)
+            {
+                return;
+            }
+            expect_parent = Some(h.hash());
+        }
+        let (Some(first), Some(last)) = (p.headers.first(), p.headers.last()) else {
+            return;
+        };
+        // The last is certified and its parent is from the round before: a 2-chain.
+        if Some(p.qc.block_hash) != expect_parent
+            || p.qc.height != last.height
+            || p.qc.round != last.round
+            || last.parent_qc.round.saturating_add(1) != last.round
         {
             return;
         }
-        let hash = h.hash();
-        if p.qc.block_hash != hash
-            || p.qc.height != h.height
-            || p.qc.round != h.round
-            || h.parent_qc.block_hash != h.parent_hash
-            || h.parent_qc.round.saturating_add(1) != h.round
-            || h.parent_qc.height.saturating_add(1) != h.height
-        {
+        if !self.verify_qc(&p.qc) || !self.verify_qc(&first.parent_qc) {
             return;
         }
-        if !self.verify_qc(&p.qc) {
-            return;
-        }
-        if !self.blocks.contains_key(&h.parent_hash) {
+        let end_hash = first.parent_hash;
+        if !self.blocks.contains_key(&end_hash) {
             if may_sync {
                 out.push(Effect::RequestSync {
-                    qc: h.parent_qc.clone(),
+                    qc: first.parent_qc.clone(),
                 });
                 self.stashed_proof = Some(p);
             }
             return;
         }
-        // Certified by a quorum of this epoch, so validated by its honest members: its place
-        // in the chain is all the commit rule needs.
-        let header = h.clone();
-        self.blocks.entry(hash).or_insert_with(|| BlockMeta {
-            height: header.height,
-            round: header.round,
-            parent: header.parent_hash,
-            timestamp_ms: header.timestamp_ms,
-            parent_qc: header.parent_qc.clone(),
-            evidence: Vec::new(),
-            header: Some(header),
-        });
-        self.commit_rule(&p.qc, out);
+        if self.blocks.get(&end_hash).map(|b| b.height) != Some(end) {
+            return;
+        }
+        let qc = first.parent_qc.clone();
+        self.finalize_block(end_hash, qc, Some((p, false)), out);
     }
 
-    /// Tells a validator still in the previous epoch that it ended (once a round each).
-    fn send_epoch_proof(&mut self, to: Address, out: &mut Vec<Effect>) {
-        let Some(proof) = &self.epoch_proof else {
+    /// Tells a validator still in epoch `their_epoch` that it ended, with the proof kept for
+    /// it, at most once per base round timeout per validator: a stalled epoch does not move
+    /// its rounds, so replies follow the laggard's repeated timeouts, not ours.
+    fn send_epoch_proof(
+        &mut self,
+        now_ms: u64,
+        to: Address,
+        their_epoch: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(proof) = self.epoch_proofs.get(&their_epoch) else {
             return;
         };
-        if to == self.key.address()
-            || proof.header.epoch.saturating_add(1) != self.epoch
-            || self.proof_replies.len() >= MAX_PROOF_REPLIES
-            || !self.proof_replies.insert(to)
+        if to == self.key.address() {
+            return;
+        }
+        let every = self.config.timeout_ms.max(1);
+        if self
+            .proof_replies
+            .get(&to)
+            .is_some_and(|at| now_ms.saturating_sub(*at) < every)
         {
             return;
         }
+        if self.proof_replies.len() >= MAX_PROOF_REPLIES {
+            self.proof_replies.clear();
+        }
+        self.proof_replies.insert(to, now_ms);
         out.push(Effect::SendTo {
             to,
             message: ConsensusMessage::EpochProof(proof.clone()),

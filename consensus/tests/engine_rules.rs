@@ -1559,7 +1559,7 @@ impl EpochEnd {
     /// before it, so the QC of S3 makes B2 final).
     fn proof(&self) -> EpochProof {
         EpochProof {
-            header: self.s3.header.clone(),
+            headers: vec![self.s3.header.clone()],
             qc: self.qc_s3.clone(),
         }
     }
@@ -2072,7 +2072,7 @@ fn forged_sig(net: &Net, i: usize) -> Signature {
 }
 
 #[test]
-fn a_proposal_of_the_next_epoch_is_followed_by_a_sync_that_ends_the_epoch() {
+fn a_later_epoch_is_entered_only_through_a_verified_epoch_proof() {
     let net = Net::new();
     let end = EpochEnd::new(&net);
     let set = net.next_set();
@@ -2082,42 +2082,65 @@ fn a_proposal_of_the_next_epoch_is_followed_by_a_sync_that_ends_the_epoch() {
     let qc_f = net.qc(&f, &[1, 2, 3]);
     let g = net.block_in(&set, 1, round + 1, &f, qc_f.clone(), 41);
     let node = net.bystander(&[1, 2]);
-    let cases = [
-        (
-            "a synced block of epoch 1 on B2 ends epoch 0",
-            f.clone(),
-            true,
-        ),
-        (
-            "a synced block of epoch 1 on a suffix block does not",
-            net.block_in(&set, 1, round, &end.s3, end.qc_s3.clone(), 42),
-            false,
-        ),
-    ];
-    for (desc, synced, expected) in cases {
-        let mut engine = net.started_in_short_epochs(node);
-        EpochEnd::feed(&net, &mut engine, &[&end.b1, &end.b2, &end.s3]);
-        let out = message(
-            &mut engine,
-            at(6),
-            ConsensusMessage::Proposal(net.propose_as_proposer(g.clone())),
-        );
-        assert_eq!(
-            out,
-            vec![Effect::RequestSync { qc: qc_f.clone() }],
-            "{desc}: a later epoch's proposal asks for its parent"
-        );
-        let out = engine.handle(at(6), Input::Synced(vec![synced]));
-        assert_eq!(
-            finalized(&out).contains(&(end.b2.hash(), 2)),
-            expected,
-            "{desc}: {out:?}"
-        );
-        assert_eq!(
-            need_set_position(&out, 1, 2).is_some(),
-            expected,
-            "{desc}: {out:?}"
-        );
-        assert_eq!(engine.awaiting_validator_set(), expected, "{desc}");
-    }
+    let mut engine = net.started_in_short_epochs(node);
+    EpochEnd::feed(&net, &mut engine, &[&end.b1, &end.b2, &end.s3]);
+    let out = message(
+        &mut engine,
+        at(6),
+        ConsensusMessage::Proposal(net.propose_as_proposer(g.clone())),
+    );
+    assert_eq!(
+        out,
+        vec![Effect::RequestSync { qc: qc_f.clone() }],
+        "a later epoch's proposal asks for its parent"
+    );
+    // A peer's synced block of epoch 1 proves nothing by itself (its certificate is signed
+    // by a set this node cannot know yet).
+    let out = engine.handle(at(6), Input::Synced(vec![f.clone()]));
+    assert!(finalized(&out).is_empty(), "{out:?}");
+    assert!(!engine.awaiting_validator_set());
+    // A forged proof (certificate of S3 without a quorum) is refused.
+    let mut forged = end.proof();
+    forged.qc.signatures.truncate(1);
+    let out = message(&mut engine, at(7), ConsensusMessage::EpochProof(forged));
+    assert!(finalized(&out).is_empty(), "{out:?}");
+    // A proof whose headers do not link to the certified block is refused.
+    let mut unlinked = end.proof();
+    unlinked.headers[0].timestamp_ms += 1;
+    let out = message(&mut engine, at(7), ConsensusMessage::EpochProof(unlinked));
+    assert!(finalized(&out).is_empty(), "{out:?}");
+    // The real proof (which sync answers carry) ends the epoch.
+    let out = message(
+        &mut engine,
+        at(7),
+        ConsensusMessage::EpochProof(end.proof()),
+    );
+    assert!(finalized(&out).contains(&(end.b2.hash(), 2)), "{out:?}");
+    assert!(need_set_position(&out, 1, 2).is_some(), "{out:?}");
+    assert!(engine.awaiting_validator_set());
+}
+
+#[test]
+fn synced_blocks_with_forged_certificates_are_not_taken() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let node = net.bystander(&[1, 2]);
+    let mut engine = net.started_in_short_epochs(node);
+    // B2 arrives by sync carrying a certificate of B1 with one signature: no quorum.
+    let mut b2 = end.b2.clone();
+    b2.header.parent_qc.signatures.truncate(1);
+    let out = engine.handle(at(3), Input::Synced(vec![end.b1.clone(), b2]));
+    assert!(finalized(&out).is_empty(), "{out:?}");
+    assert!(
+        !out.iter()
+            .any(|e| matches!(e, Effect::Certified { height: 1, .. })),
+        "a forged certificate certified B1: {out:?}"
+    );
+    // With the real certificates, the same blocks are taken.
+    let out = engine.handle(at(3), Input::Synced(vec![end.b1.clone(), end.b2.clone()]));
+    assert!(
+        out.iter()
+            .any(|e| matches!(e, Effect::Certified { height: 1, .. })),
+        "{out:?}"
+    );
 }

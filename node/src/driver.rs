@@ -375,7 +375,7 @@ impl Driver {
     /// drop the suffix blocks built on top of it (never final, never stored in the ledger).
     fn start_epoch(&mut self, epoch: u64, height: u64) -> Result<Input> {
         let validators = self.chain.validator_set(epoch)?;
-        if let Some(proof) = self.engine.epoch_proof() {
+        if let Some(proof) = self.engine.epoch_proof(epoch - 1) {
             store_epoch_proof(self.chain.blocks.kv(), epoch - 1, proof)?;
         }
         let dropped = self.app.discard_pending();
@@ -469,7 +469,9 @@ impl Driver {
         }
         let have_height = self.app.final_tip().0;
         let best = net.best_height();
-        let wanted = best.saturating_sub(have_height).div_ceil(u64::from(SYNC_BATCH));
+        let wanted = best
+            .saturating_sub(have_height)
+            .div_ceil(u64::from(SYNC_BATCH));
         let mut peers = Vec::new();
         for _ in 0..SYNC_PEERS * 2 {
             self.sync_salt = self.sync_salt.wrapping_add(1);
@@ -531,7 +533,13 @@ impl Driver {
 
     /// Files one answer of the current round and applies every answer that is next in height
     /// order; when the round is done, asks again if the last answer was full.
-    fn on_synced(&mut self, round: u64, start: u64, peer: PeerId, answer: Option<SyncAnswer>) -> Result<()> {
+    fn on_synced(
+        &mut self,
+        round: u64,
+        start: u64,
+        peer: PeerId,
+        answer: Option<SyncAnswer>,
+    ) -> Result<()> {
         let Some(r) = self.sync.as_mut() else {
             return Ok(());
         };
@@ -586,7 +594,12 @@ impl Driver {
     /// Validates synced blocks (oldest first, stopping at the first that does not hold),
     /// hands them to consensus, then the epoch proof. Whether anything new was applied or
     /// the answer was consistent (known blocks only).
-    fn apply_synced(&mut self, peer: PeerId, blocks: Vec<Block>, proof: Option<EpochProof>) -> Result<bool> {
+    fn apply_synced(
+        &mut self,
+        peer: PeerId,
+        blocks: Vec<Block>,
+        proof: Option<EpochProof>,
+    ) -> Result<bool> {
         let mut valid = Vec::new();
         let mut refused = false;
         for block in blocks {

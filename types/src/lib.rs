@@ -24,7 +24,8 @@ pub use crypto::{verify_batch, Keypair, PublicKey, Signature};
 pub use error::{Error, Result};
 pub use hash::{Address, Hash};
 pub use message::{
-    ConsensusMessage, EpochProof, Evidence, Proposal, Timeout, TimeoutCertificate, TimeoutSignature,
+    ConsensusMessage, EpochProof, Evidence, Proposal, Timeout, TimeoutCertificate,
+    TimeoutSignature, MAX_EPOCH_PROOF_HEADERS,
 };
 pub use peer::{PeerRequest, PeerResponse, Status, MAX_SYNC_BLOCKS};
 pub use tx::{signing_hash, Transaction, TxKind};

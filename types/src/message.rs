@@ -247,29 +247,51 @@ impl Evidence {
     }
 }
 
-/// Proof that the block ending an epoch is final, sent to validators still in that epoch: a
-/// certified block (`header`, certified by `qc`) whose parent is from the round before it,
-/// which by the 2-chain rule makes that parent, and so the epoch-ending block at or below it,
-/// final. Verified with the validator set of `header.epoch`.
+/// Most suffix headers an [`EpochProof`] may carry.
+pub const MAX_EPOCH_PROOF_HEADERS: usize = 64;
+
+/// Proof that the block ending an epoch is final, for validators still in that epoch: the
+/// headers of the suffix blocks from the epoch-ending block's child up to a certified block
+/// `C` (the last header, certified by `qc`) whose parent is from the round before it. By the
+/// 2-chain rule that parent, and so the epoch-ending block below it, is final. Self-contained
+/// given the epoch-ending block; verified with the validator set of the epoch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EpochProof {
-    /// The certified block's header.
-    pub header: Header,
-    /// Its certificate.
+    /// Suffix headers, the epoch-ending block's child first; the last is certified by `qc`.
+    pub headers: Vec<Header>,
+    /// The certificate of the last header.
     pub qc: QuorumCertificate,
 }
 
 impl EpochProof {
+    /// The epoch it ends.
+    pub fn epoch(&self) -> Option<u64> {
+        self.headers.first().map(|h| h.epoch)
+    }
+
     pub(crate) fn to_proto(&self) -> proto::EpochProof {
         proto::EpochProof {
-            header: Some(self.header.to_proto()),
+            headers: self.headers.iter().map(Header::to_proto).collect(),
             qc: Some(self.qc.to_proto()),
         }
     }
 
     pub(crate) fn from_proto(p: proto::EpochProof) -> Result<EpochProof> {
+        if p.headers.is_empty() || p.headers.len() > MAX_EPOCH_PROOF_HEADERS {
+            return Err(Error::Decode {
+                what: "EpochProof",
+                reason: format!(
+                    "{} headers, expected 1 to {MAX_EPOCH_PROOF_HEADERS}",
+                    p.headers.len()
+                ),
+            });
+        }
         Ok(EpochProof {
-            header: Header::from_proto(p.header.ok_or(Error::Missing("epoch_proof.header"))?)?,
+            headers: p
+                .headers
+                .into_iter()
+                .map(Header::from_proto)
+                .collect::<Result<_>>()?,
             qc: QuorumCertificate::from_proto(p.qc.ok_or(Error::Missing("epoch_proof.qc"))?)?,
         })
     }
@@ -383,14 +405,14 @@ mod tests {
                 second: v2,
             }),
             ConsensusMessage::EpochProof(EpochProof {
-                header: Header {
+                headers: vec![Header {
                     chain_id: "c".into(),
                     height: 12,
                     round: crate::epoch_base_round(1) + 3,
                     epoch: 1,
                     parent_qc: qc(11),
                     ..Header::default()
-                },
+                }],
                 qc: qc(12),
             }),
         ];

@@ -210,8 +210,8 @@ pub struct Evidence {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct EpochProof {
-    #[prost(message, optional, tag = "1")]
-    pub header: Option<Header>,
+    #[prost(message, repeated, tag = "1")]
+    pub headers: Vec<Header>,
     #[prost(message, optional, tag = "2")]
     pub qc: Option<QuorumCertificate>,
 }
