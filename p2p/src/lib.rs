@@ -50,6 +50,8 @@ pub enum Report {
     Invalid,
     /// Sent something oversized or abusive.
     Malicious,
+    /// Answered a ping slowly (over [`peers::SLOW_PING_MS`]) or not at all.
+    Slow,
 }
 
 /// Errors of the network.

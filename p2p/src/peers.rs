@@ -14,6 +14,10 @@ pub const USEFUL: i32 = 1;
 pub const INVALID: i32 = -10;
 /// Score change of an oversized or abusive message.
 pub const MALICIOUS: i32 = -50;
+/// Score change of a slow or failed ping.
+pub const SLOW: i32 = -2;
+/// A ping answered slower than this lowers the peer's score.
+pub const SLOW_PING_MS: u64 = 1_000;
 /// Highest score.
 pub const MAX_SCORE: i32 = 100;
 /// A peer at or below this score is banned.
@@ -150,6 +154,7 @@ impl PeerManager {
             Report::Useful => USEFUL,
             Report::Invalid => INVALID,
             Report::Malicious => MALICIOUS,
+            Report::Slow => SLOW,
         };
         let score = self.scores.entry(*peer).or_insert(0);
         *score = score.saturating_add(delta).min(MAX_SCORE);
@@ -289,6 +294,9 @@ mod tests {
         assert!(!again.is_banned(&bad, 1000 + BAN_MS + 1));
         assert_eq!(again.score(&bad), AFTER_BAN);
 
+        let slow = PeerId::random();
+        pm.report(&slow, Report::Slow, 0);
+        assert_eq!(pm.score(&slow), SLOW, "latency lowers the score");
         let good = PeerId::random();
         for _ in 0..500 {
             pm.report(&good, Report::Useful, 0);

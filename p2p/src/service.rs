@@ -674,6 +674,20 @@ impl Service {
                     let _ = reply.send(Err(Error::Request(error.to_string())));
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result, .. })) => {
+                // Latency counts in the score: a peer that answers pings slowly, or not at
+                // all, sinks below responsive ones and goes first when over the target.
+                let slow = match result {
+                    Ok(rtt) => rtt.as_millis() as u64 > crate::peers::SLOW_PING_MS,
+                    Err(_) => true,
+                };
+                if slow {
+                    self.command(Command::Report {
+                        peer,
+                        report: Report::Slow,
+                    });
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Requests(
                 request_response::Event::InboundFailure { peer, error, .. },
             )) => {
