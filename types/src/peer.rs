@@ -71,6 +71,8 @@ pub enum PeerRequest {
 }
 
 /// The answer to a [`PeerRequest`].
+// Answers are built once and encoded at once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerResponse {
     /// The peer's status.
