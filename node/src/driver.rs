@@ -36,6 +36,9 @@ pub(crate) const LATEST_QC_KEY: &str = "latest_qc";
 pub(crate) const PENDING_BLOCK_PREFIX: &[u8] = b"block/";
 
 /// Commands from the node to the driver.
+// Commands are moved once, through a bounded queue: boxing the large ones would only add an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Command {
     /// Stop after the current effect.
     Shutdown,
@@ -549,10 +552,7 @@ impl Driver {
         r.parts.insert(start, Some((peer, answer)));
         // Apply the answers at the front, in order.
         let mut more = false;
-        loop {
-            let Some(r) = self.sync.as_mut() else {
-                break;
-            };
+        while let Some(r) = self.sync.as_mut() {
             let Some(entry) = r.parts.first_entry() else {
                 break;
             };
