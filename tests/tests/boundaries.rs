@@ -71,9 +71,17 @@ fn types_and_p2p_boundaries_hold() {
         "keel-types",
         &["tokio", "rocksdb", "librocksdb-sys", "libp2p"],
     );
+    // p2p runs libp2p on tokio, and of keel knows only the wire types (DESIGN.md section 1).
     assert_free_of(
         "keel-p2p",
-        &["tokio", "rocksdb", "librocksdb-sys", "keel-storage"],
+        &[
+            "rocksdb",
+            "librocksdb-sys",
+            "keel-storage",
+            "keel-state",
+            "keel-consensus",
+            "keel-node",
+        ],
     );
     assert_free_of("keel-storage", &["tokio", "libp2p"]);
 }
