@@ -299,6 +299,8 @@ pub struct Engine {
     /// Proofs that recent epochs ended (by the epoch ended), served to validators still in
     /// them; the last [`KEPT_EPOCH_PROOFS`].
     epoch_proofs: BTreeMap<u64, EpochProof>,
+    /// Proposals of the next epoch received before switching to it (bounded).
+    next_epoch_proposals: Vec<Proposal>,
     /// A proof waiting for the blocks below it to be synced.
     stashed_proof: Option<EpochProof>,
     /// Validators sent the epoch proof in the current round.
@@ -392,6 +394,7 @@ impl Engine {
             awaiting_set: false,
             epoch_proofs: BTreeMap::new(),
             stashed_proof: None,
+            next_epoch_proposals: Vec::new(),
             proof_replies: HashMap::new(),
             safety,
             round,
@@ -712,8 +715,18 @@ impl Engine {
             if epoch < self.epoch {
                 self.send_epoch_proof(now_ms, header.proposer, epoch, out);
             } else if header.epoch == epoch {
-                // A later epoch: we missed the end of ours. Fetch the branch; a block of the
-                // next epoch proves the end of this one (see `Input::Synced`).
+                // A later epoch: the end of ours is final elsewhere. Keep a proposal of the
+                // very next epoch to replay once we switch (it often arrives just before the
+                // epoch proof), and fetch the branch it builds on.
+                if epoch == self.epoch.saturating_add(1)
+                    && self.next_epoch_proposals.len() < MAX_PENDING_PROPOSALS
+                    && !self
+                        .next_epoch_proposals
+                        .iter()
+                        .any(|q| q.block.hash() == hash)
+                {
+                    self.next_epoch_proposals.push(p.clone());
+                }
                 out.push(Effect::RequestSync {
                     qc: header.parent_qc.clone(),
                 });
@@ -1453,6 +1466,10 @@ impl Engine {
         // Votes and timeouts carry the epoch in their round: the new epoch's rounds are above
         // every round of the old one, so `last_voted_round` needs no reset.
         self.enter_round(now_ms, epoch_base_round(epoch).saturating_add(1), out);
+        // Proposals of this epoch that arrived before the switch: judged now, by its set.
+        for p in std::mem::take(&mut self.next_epoch_proposals) {
+            self.on_proposal(now_ms, p, out);
+        }
     }
 
     /// A proof that this epoch ended (see [`EpochProof`]). `may_sync`: when the epoch-ending

@@ -2144,3 +2144,42 @@ fn synced_blocks_with_forged_certificates_are_not_taken() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_proposal_of_the_next_epoch_received_early_is_judged_after_the_switch() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let set = net.next_set();
+    let f = net.block_in(&set, 1, epoch_1_round(), &end.b2, end.qc_b2.clone(), 40);
+    let node = net.bystander(&[1, 2]);
+    let mut engine = net.started_in_short_epochs(node);
+    EpochEnd::feed(&net, &mut engine, &[&end.b1, &end.b2, &end.s3]);
+    // F (epoch 1) arrives before this validator knows epoch 0 ended.
+    let out = message(
+        &mut engine,
+        at(6),
+        ConsensusMessage::Proposal(net.propose_as_proposer(f.clone())),
+    );
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::ValidateBlock(_))),
+        "{out:?}"
+    );
+    let out = message(
+        &mut engine,
+        at(7),
+        ConsensusMessage::EpochProof(end.proof()),
+    );
+    assert!(need_set_position(&out, 1, 2).is_some(), "{out:?}");
+    let out = engine.handle(
+        at(7),
+        Input::NewEpoch {
+            epoch: 1,
+            validators: set,
+        },
+    );
+    assert!(
+        out.iter()
+            .any(|e| matches!(e, Effect::ValidateBlock(b) if b.hash() == f.hash())),
+        "the early proposal was dropped: {out:?}"
+    );
+}

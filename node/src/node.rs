@@ -166,9 +166,12 @@ impl Node {
         let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
 
+        // The moniker labels consensus logs, so nodes sharing a process (devnet) are told apart.
+        let span = tracing::info_span!("node", moniker = %config.moniker);
         let handle = std::thread::Builder::new()
             .name("keel-consensus".into())
             .spawn(move || {
+                let _node = span.enter();
                 let result = driver.run();
                 if let Err(e) = &result {
                     error!(error = %e, "consensus driver failed");
