@@ -49,6 +49,21 @@ const MAX_CLOCK_DRIFT_MS: u64 = 10_000;
 const MAX_PROOF_REPLIES: usize = 1024;
 /// Epoch proofs kept for validators several epochs behind.
 const KEPT_EPOCH_PROOFS: usize = 16;
+/// Leader reputation: the final blocks looked at (their proposers and the signers of their
+/// parents' certificates are the active validators).
+const REPUTATION_WINDOW: usize = 10;
+/// Leader reputation: only final blocks of rounds at least this far below the round are
+/// looked at, so that validators in that round have all committed them and agree.
+const REPUTATION_LAG: u64 = 10;
+
+/// What leader reputation remembers of a final block.
+#[derive(Clone, Debug)]
+struct Participation {
+    round: u64,
+    proposer: Address,
+    /// Signers of the certificate the block carries (of its parent).
+    signers: Vec<Address>,
+}
 
 /// Height of the block that ends `epoch`: `(epoch + 1) * epoch_length`.
 pub fn epoch_end_height(epoch: u64, epoch_length: u64) -> u64 {
@@ -299,6 +314,9 @@ pub struct Engine {
     /// Proofs that recent epochs ended (by the epoch ended), served to validators still in
     /// them; the last [`KEPT_EPOCH_PROOFS`].
     epoch_proofs: BTreeMap<u64, EpochProof>,
+    /// Final blocks of this epoch, oldest first (at most a few windows), for leader
+    /// reputation.
+    history: std::collections::VecDeque<Participation>,
     /// Proposals of the next epoch received before switching to it (bounded).
     next_epoch_proposals: Vec<Proposal>,
     /// A proof waiting for the blocks below it to be synced.
@@ -395,6 +413,7 @@ impl Engine {
             epoch_proofs: BTreeMap::new(),
             stashed_proof: None,
             next_epoch_proposals: Vec::new(),
+            history: std::collections::VecDeque::new(),
             proof_replies: HashMap::new(),
             safety,
             round,
@@ -464,6 +483,70 @@ impl Engine {
 
     fn is_member(&self) -> bool {
         self.validators.get(&self.key.address()).is_some()
+    }
+
+    /// The leader of `round` (leader reputation, as DiemBFT v4): drawn by stake among the
+    /// validators active in the last [`REPUTATION_WINDOW`] final blocks of this epoch with
+    /// rounds at least [`REPUTATION_LAG`] below `round` (proposers, and signers of the
+    /// certificates they carry), so a crashed or silent validator stops being drawn. With
+    /// too little history, or an active stake that is no quorum, the whole set.
+    fn leader(&self, round: u64) -> &crate::Validator {
+        let cutoff = round.saturating_sub(REPUTATION_LAG);
+        let window: Vec<&Participation> = self
+            .history
+            .iter()
+            .rev()
+            .filter(|p| p.round <= cutoff)
+            .take(REPUTATION_WINDOW)
+            .collect();
+        if window.len() < REPUTATION_WINDOW {
+            return self.validators.leader(round);
+        }
+        let mut active: HashSet<Address> = HashSet::new();
+        for p in window {
+            active.insert(p.proposer);
+            active.extend(p.signers.iter().copied());
+        }
+        let stake: u64 = active
+            .iter()
+            .filter_map(|a| self.validators.get(a))
+            .map(|v| v.stake)
+            .sum();
+        if !self.validators.is_quorum(stake) {
+            return self.validators.leader(round);
+        }
+        self.validators
+            .leader_among(round, &|v| active.contains(&v.address))
+    }
+
+    /// The address of the leader of `round`, as this engine computes it.
+    pub fn leader_of(&self, round: u64) -> Address {
+        self.leader(round).address
+    }
+
+    /// Gives the final headers of this epoch (oldest first) after a restart, so the leader
+    /// schedule agrees with the other validators' at once.
+    pub fn restore_history(&mut self, headers: &[keel_types::Header]) {
+        for h in headers {
+            self.remember(h);
+        }
+    }
+
+    fn remember(&mut self, h: &keel_types::Header) {
+        if h.epoch != self.epoch || round_epoch(h.round) != self.epoch {
+            return;
+        }
+        if self.history.back().is_some_and(|p| p.round >= h.round) {
+            return;
+        }
+        self.history.push_back(Participation {
+            round: h.round,
+            proposer: h.proposer,
+            signers: h.parent_qc.signatures.iter().map(|s| s.validator).collect(),
+        });
+        while self.history.len() > 4 * REPUTATION_WINDOW {
+            self.history.pop_front();
+        }
     }
 
     fn epoch_end(&self) -> u64 {
@@ -578,7 +661,7 @@ impl Engine {
             kind: TimerKind::RoundTimeout,
             at_ms: now_ms.saturating_add(self.round_timeout_ms()),
         });
-        if self.validators.leader(round).address == self.key.address() {
+        if self.leader(round).address == self.key.address() {
             let parent_ts = self
                 .blocks
                 .get(&self.high_qc.block_hash)
@@ -613,7 +696,7 @@ impl Engine {
 
     fn try_propose(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
         let round = self.round;
-        if self.validators.leader(round).address != self.key.address()
+        if self.leader(round).address != self.key.address()
             || self.proposed_round >= round
             // After a restart `proposed_round` is forgotten; the vote record is not: never
             // propose twice in a round, or in one already timed out.
@@ -742,7 +825,7 @@ impl Engine {
         {
             return;
         }
-        let leader = self.validators.leader(round);
+        let leader = self.leader(round).clone();
         // The certificate in the header must be the parent's, or the voting rule would judge
         // the block by another block's certificate.
         if header.proposer != leader.address
@@ -818,7 +901,7 @@ impl Engine {
         }
         let vote = Vote::sign(&self.key, &self.config.chain_id, hash, header.height, round);
         out.push(Effect::PersistSafety(self.safety.clone()));
-        let next_leader = self.validators.leader(round.saturating_add(1)).address;
+        let next_leader = self.leader(round.saturating_add(1)).address;
         if next_leader == self.key.address() {
             self.on_vote(now_ms, vote, out);
         } else {
@@ -855,7 +938,7 @@ impl Engine {
         if vote.chain_id != self.config.chain_id
             || round.saturating_add(1) < self.round
             || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
-            || self.validators.leader(round.saturating_add(1)).address != self.key.address()
+            || self.leader(round.saturating_add(1)).address != self.key.address()
         {
             return;
         }
@@ -1393,6 +1476,21 @@ impl Engine {
             return;
         }
         let (height, round, timestamp_ms) = (meta.height, meta.round, meta.timestamp_ms);
+        // Leader reputation: the newly final blocks, oldest first.
+        let mut newly = Vec::new();
+        let mut cursor = self.blocks.get(&hash);
+        while let Some(b) = cursor {
+            if b.height <= self.final_tip.height {
+                break;
+            }
+            if let Some(h) = &b.header {
+                newly.push(h.clone());
+            }
+            cursor = self.blocks.get(&b.parent);
+        }
+        for h in newly.iter().rev() {
+            self.remember(h);
+        }
         // Evidence now in a final block has done its work: stop proposing it.
         for id in self.branch_evidence(&hash) {
             self.evidence.remove(&id);
@@ -1445,6 +1543,7 @@ impl Engine {
         }
         self.awaiting_set = false;
         self.epoch = epoch;
+        self.history.clear();
         let tip = self.final_tip.clone();
         self.epoch_genesis = (tip.height, tip.hash, tip.round);
         self.epoch_genesis_qc = tip.qc.clone();

@@ -107,15 +107,30 @@ impl ValidatorSet {
     /// The leader of `round`: drawn with probability proportional to stake, by a hash of the
     /// round, so every node computes the same schedule.
     pub fn leader(&self, round: u64) -> &Validator {
+        self.leader_among(round, &|_| true)
+    }
+
+    /// The leader of `round` among the validators `eligible` accepts (stake-weighted, by a
+    /// hash of the round); the whole set if it accepts none.
+    pub fn leader_among(&self, round: u64, eligible: &dyn Fn(&Validator) -> bool) -> &Validator {
+        let total: u64 = self
+            .validators
+            .iter()
+            .filter(|v| eligible(v))
+            .map(|v| v.stake)
+            .sum();
+        if total == 0 {
+            return self.leader_among(round, &|_| true);
+        }
         let mut h = blake3::Hasher::new_derive_key("keel 2026-11 leader election v1");
         h.update(self.hash.as_bytes());
         h.update(&round.to_le_bytes());
         let digest = h.finalize();
         let mut word = [0u8; 16];
         word.copy_from_slice(&digest.as_bytes()[..16]);
-        let ticket = u128::from_le_bytes(word) % u128::from(self.total_stake.max(1));
+        let ticket = u128::from_le_bytes(word) % u128::from(total);
         let mut acc: u128 = 0;
-        for v in &self.validators {
+        for v in self.validators.iter().filter(|v| eligible(v)) {
             acc += u128::from(v.stake);
             if ticket < acc {
                 return v;

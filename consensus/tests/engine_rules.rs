@@ -2183,3 +2183,48 @@ fn a_proposal_of_the_next_epoch_received_early_is_judged_after_the_switch() {
         "the early proposal was dropped: {out:?}"
     );
 }
+
+#[test]
+fn leader_reputation_skips_a_validator_absent_from_recent_final_blocks() {
+    let net = Net::new();
+    let absent = net.keys[3].address();
+    let present: Vec<Address> = (0..3).map(|i| net.keys[i].address()).collect();
+    // Twelve final headers of epoch 0 (rounds 1..=12) proposed and certified by 0, 1, 2 only.
+    let headers: Vec<Header> = (1..=12u64)
+        .map(|r| Header {
+            chain_id: CHAIN.into(),
+            height: r,
+            round: r,
+            proposer: present[(r % 3) as usize],
+            parent_qc: QuorumCertificate {
+                signatures: present
+                    .iter()
+                    .map(|a| keel_types::VoteSignature {
+                        validator: *a,
+                        signature: keel_types::Signature([0; 64]),
+                    })
+                    .collect(),
+                ..QuorumCertificate::default()
+            },
+            ..Header::default()
+        })
+        .collect();
+    let fresh = net.engine(0, None);
+    let rounds = 23..400u64;
+    assert!(
+        rounds.clone().any(|r| fresh.leader_of(r) == absent),
+        "without history the whole set leads"
+    );
+    let mut engine = net.engine(0, None);
+    engine.restore_history(&headers);
+    assert!(
+        rounds.clone().all(|r| engine.leader_of(r) != absent),
+        "an absent validator is still drawn as leader"
+    );
+    // Every leader it draws is one the full schedule or the active ones give: all active.
+    assert!(rounds
+        .clone()
+        .all(|r| present.contains(&engine.leader_of(r))));
+    // Rounds too close to the history fall back to the whole set, like everyone else's.
+    assert_eq!(engine.leader_of(12), fresh.leader_of(12));
+}

@@ -343,6 +343,19 @@ impl Sim {
         if let Some(previous) = previous {
             engine.set_previous_validators(previous);
         }
+        // As the node does: the recent final headers, for the leader schedule.
+        let recent: Vec<Header> = node
+            .disk
+            .final_blocks
+            .values()
+            .rev()
+            .take(40)
+            .map(|(_, h)| h.clone())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        engine.restore_history(&recent);
         assert_eq!(
             engine.epoch(),
             epoch,
@@ -883,10 +896,11 @@ impl Sim {
                 set.hash(),
                 "{what}: validators hash of another set"
             );
-            assert_eq!(
-                header.proposer,
-                set.leader(header.round).address,
-                "{what}: not proposed by its round's leader"
+            // Leader reputation may skip inactive validators, so the schedule of the whole
+            // set is not binding; membership is (the engines check the exact leader).
+            assert!(
+                set.get(&header.proposer).is_some(),
+                "{what}: proposed by a non-member"
             );
             // The certificate of the parent (genesis has none).
             if parent.height > 0 {

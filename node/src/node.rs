@@ -141,6 +141,15 @@ impl Node {
             tip.clone(),
             safety,
         )?;
+        // The recent final headers, so the leader schedule (leader reputation) agrees with the
+        // other validators' from the first round.
+        let mut recent = Vec::new();
+        for h in tip.height.saturating_sub(39).max(1)..=tip.height {
+            if let Some(header) = chain.blocks.header_at(h)? {
+                recent.push(header);
+            }
+        }
+        engine.restore_history(&recent);
         if epoch > 0 && tip.height == epoch.saturating_mul(genesis.params.epoch_length) {
             // Resuming at the block that ended the last epoch: its certificates are checked
             // with that epoch's set.

@@ -394,6 +394,11 @@ impl Sim {
         if let Some(previous) = previous {
             engine.set_previous_validators(previous);
         }
+        // As the node does: the recent final headers, for the leader schedule.
+        let recent: Vec<keel_types::Header> = (height.saturating_sub(39).max(1)..=height)
+            .filter_map(|h| blocks.header_at(h).unwrap())
+            .collect();
+        engine.restore_history(&recent);
         let app = App::new(kv.clone(), self.params.clone()).unwrap();
         assert_eq!(app.final_tip(), (height, hash));
         node.timers.clear();
