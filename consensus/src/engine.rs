@@ -317,6 +317,9 @@ pub struct Engine {
     /// Final blocks of this epoch, oldest first (at most a few windows), for leader
     /// reputation.
     history: std::collections::VecDeque<Participation>,
+    /// The active validators of the last reputation window, keyed by (epoch, newest round).
+    #[allow(clippy::type_complexity)]
+    active_memo: std::cell::RefCell<Option<((u64, u64), Option<HashSet<Address>>)>>,
     /// Proposals of the next epoch received before switching to it (bounded).
     next_epoch_proposals: Vec<Proposal>,
     /// A proof waiting for the blocks below it to be synced.
@@ -414,6 +417,7 @@ impl Engine {
             stashed_proof: None,
             next_epoch_proposals: Vec::new(),
             history: std::collections::VecDeque::new(),
+            active_memo: std::cell::RefCell::new(None),
             proof_replies: HashMap::new(),
             safety,
             round,
@@ -492,6 +496,28 @@ impl Engine {
     /// too little history, or an active stake that is no quorum, the whole set.
     fn leader(&self, round: u64) -> &crate::Validator {
         let cutoff = round.saturating_sub(REPUTATION_LAG);
+        // The window is fixed by its newest block (history only grows within an epoch), so
+        // the active set is computed once per window, not once per vote.
+        let Some(newest) = self.history.iter().rev().find(|p| p.round <= cutoff) else {
+            return self.validators.leader(round);
+        };
+        let key = (self.epoch, newest.round);
+        let mut memo = self.active_memo.borrow_mut();
+        if memo.as_ref().map(|m| m.0) != Some(key) {
+            *memo = Some((key, self.active_set(cutoff)));
+        }
+        match memo.as_ref().and_then(|m| m.1.as_ref()) {
+            Some(active) => self
+                .validators
+                .leader_among(round, &|v| active.contains(&v.address)),
+            None => self.validators.leader(round),
+        }
+    }
+
+    /// Validators that proposed, or signed the certificates carried by, the last
+    /// [`REPUTATION_WINDOW`] final blocks of rounds up to `cutoff`; `None` with too little
+    /// history or when they hold no quorum.
+    fn active_set(&self, cutoff: u64) -> Option<HashSet<Address>> {
         let window: Vec<&Participation> = self
             .history
             .iter()
@@ -500,7 +526,7 @@ impl Engine {
             .take(REPUTATION_WINDOW)
             .collect();
         if window.len() < REPUTATION_WINDOW {
-            return self.validators.leader(round);
+            return None;
         }
         let mut active: HashSet<Address> = HashSet::new();
         for p in window {
@@ -512,11 +538,7 @@ impl Engine {
             .filter_map(|a| self.validators.get(a))
             .map(|v| v.stake)
             .sum();
-        if !self.validators.is_quorum(stake) {
-            return self.validators.leader(round);
-        }
-        self.validators
-            .leader_among(round, &|v| active.contains(&v.address))
+        self.validators.is_quorum(stake).then_some(active)
     }
 
     /// The address of the leader of `round`, as this engine computes it.
@@ -624,7 +646,7 @@ impl Engine {
                     return out;
                 }
                 if let Some(proof) = self.stashed_proof.take() {
-                    self.on_epoch_proof(now_ms, proof, None, false, &mut out);
+                    self.on_epoch_proof(proof, false, &mut out);
                     if self.awaiting_set {
                         return out;
                     }
@@ -782,7 +804,7 @@ impl Engine {
             ConsensusMessage::Vote(v) => self.on_vote(now_ms, v, out),
             ConsensusMessage::Timeout(t) => self.on_timeout(now_ms, t, out),
             ConsensusMessage::Evidence(e) => self.on_evidence(e, out),
-            ConsensusMessage::EpochProof(p) => self.on_epoch_proof(now_ms, p, None, true, out),
+            ConsensusMessage::EpochProof(p) => self.on_epoch_proof(p, true, out),
         }
     }
 
@@ -1573,14 +1595,7 @@ impl Engine {
 
     /// A proof that this epoch ended (see [`EpochProof`]). `may_sync`: when the epoch-ending
     /// block is missing, fetch it and retry once it arrives.
-    fn on_epoch_proof(
-        &mut self,
-        _now_ms: u64,
-        p: EpochProof,
-        _from: Option<Address>,
-        may_sync: bool,
-        out: &mut Vec<Effect>,
-    ) {
+    fn on_epoch_proof(&mut self, p: EpochProof, may_sync: bool, out: &mut Vec<Effect>) {
         let end = self.epoch_end();
         if end <= self.final_tip.height || p.headers.is_empty() {
             return;

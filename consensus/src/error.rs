@@ -6,9 +6,6 @@ pub enum Error {
     /// A validator set that consensus cannot use.
     #[error("invalid validator set: {0}")]
     InvalidValidatorSet(String),
-    /// The local key is not in the validator set.
-    #[error("this node's key {0} is not a validator")]
-    NotAValidator(keel_types::Address),
     /// Persisted safety data that does not decode.
     #[error("corrupt safety data: {0}")]
     CorruptSafetyData(String),

@@ -66,6 +66,22 @@ pub struct BlockTemplate {
     pub validators_hash: Hash,
 }
 
+impl From<&keel_consensus::BuildRequest> for BlockTemplate {
+    /// The header fields consensus decided in its build request.
+    fn from(req: &keel_consensus::BuildRequest) -> BlockTemplate {
+        BlockTemplate {
+            height: req.height,
+            round: req.round,
+            epoch: req.epoch,
+            parent_hash: req.parent_hash,
+            parent_qc: req.parent_qc.clone(),
+            timestamp_ms: req.timestamp_ms,
+            proposer: req.proposer,
+            validators_hash: req.validators_hash,
+        }
+    }
+}
+
 /// Why a block cannot be built, validated or finalized.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {

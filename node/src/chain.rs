@@ -17,6 +17,33 @@ use crate::mempool::{Mempool, Rejection};
 /// heads (and is told so) instead of growing memory.
 pub const HEAD_CHANNEL_CAPACITY: usize = 256;
 
+/// The validator set of `epoch` (at least 1) from the final state at its first height,
+/// `epoch * epoch_length`: every registered, unjailed account with stake. When nobody has
+/// stake there, the previous epoch's set (from `previous`) carries over.
+pub fn epoch_validator_set(
+    state: &State,
+    epoch: u64,
+    epoch_length: u64,
+    previous: &dyn Fn(u64) -> crate::Result<ValidatorSet>,
+) -> crate::Result<ValidatorSet> {
+    if epoch == 0 {
+        return previous(0);
+    }
+    let stakes = state.stakes(epoch.saturating_mul(epoch_length))?;
+    if stakes.is_empty() {
+        return previous(epoch - 1);
+    }
+    let validators = stakes
+        .into_iter()
+        .map(|s| Validator {
+            address: s.address,
+            public_key: s.public_key,
+            stake: s.stake,
+        })
+        .collect();
+    Ok(ValidatorSet::new(validators)?)
+}
+
 /// Epochs of validator sets kept: the current one, its predecessor (certificates at the
 /// boundary) and a few for `state_getValidators` at recent heights.
 pub const VALIDATOR_SET_CACHE_EPOCHS: usize = 8;
@@ -214,23 +241,13 @@ impl Chain {
     /// chain cannot end itself.
     pub fn validator_set(&self, epoch: u64) -> crate::Result<Arc<ValidatorSet>> {
         self.validator_sets.get_or_load(epoch, || {
-            if epoch == 0 {
-                return Ok(self.genesis_validators.clone());
-            }
-            let height = epoch.saturating_mul(self.params.epoch_length);
-            let stakes = self.state.stakes(height)?;
-            if stakes.is_empty() {
-                return Ok((*self.validator_set(epoch - 1)?).clone());
-            }
-            let validators = stakes
-                .into_iter()
-                .map(|s| Validator {
-                    address: s.address,
-                    public_key: s.public_key,
-                    stake: s.stake,
-                })
-                .collect();
-            Ok(ValidatorSet::new(validators)?)
+            epoch_validator_set(&self.state, epoch, self.params.epoch_length, &|e| {
+                if e == 0 {
+                    Ok(self.genesis_validators.clone())
+                } else {
+                    Ok((*self.validator_set(e)?).clone())
+                }
+            })
         })
     }
 

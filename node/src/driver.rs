@@ -84,7 +84,7 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn pending_key(hash: &Hash) -> Vec<u8> {
+pub(crate) fn pending_key(hash: &Hash) -> Vec<u8> {
     [PENDING_BLOCK_PREFIX, hash.as_bytes()].concat()
 }
 
@@ -257,16 +257,7 @@ impl Driver {
                             .take(params.max_block_txs as usize)
                             .collect()
                     };
-                    let template = BlockTemplate {
-                        height: req.height,
-                        round,
-                        epoch: req.epoch,
-                        parent_hash: req.parent_hash,
-                        parent_qc: req.parent_qc,
-                        timestamp_ms: req.timestamp_ms,
-                        proposer: req.proposer,
-                        validators_hash: req.validators_hash,
-                    };
+                    let template = BlockTemplate::from(&req);
                     let started = std::time::Instant::now();
                     let built = self.app.build_block(template, txs, req.evidence);
                     self.chain

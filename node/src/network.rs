@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::chain::{Chain, SubmitError};
 use crate::config::Config;
-use crate::driver::{Command, PENDING_BLOCK_PREFIX};
+use crate::driver::{pending_key, Command};
 use crate::{Error, Result};
 
 /// The libp2p peer id of a node key, as written in `/p2p/<peer id>` multiaddrs.
@@ -359,8 +359,7 @@ impl Server {
 
 /// A non-final block this node holds (persisted by the driver).
 fn pending_block(kv: &Arc<dyn KvStore>, hash: &Hash) -> Option<Block> {
-    let key = [PENDING_BLOCK_PREFIX, hash.as_bytes()].concat();
-    kv.get(Column::Consensus, &key)
+    kv.get(Column::Consensus, &pending_key(hash))
         .ok()
         .flatten()
         .and_then(|b| Block::decode(&b).ok())

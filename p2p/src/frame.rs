@@ -75,8 +75,13 @@ impl ByteStats {
     }
 
     pub(crate) fn record_sent(&self, frame: &[u8], payload_len: usize) {
-        let len = frame.len() as u64;
-        if frame.first() == Some(&FLAG_ZSTD) {
+        self.add_sent(frame.len(), is_compressed(frame), payload_len);
+    }
+
+    /// Counts a sent frame of `len` bytes holding `payload_len` bytes of payload.
+    pub(crate) fn add_sent(&self, len: usize, compressed: bool, payload_len: usize) {
+        let len = len as u64;
+        if compressed {
             self.sent_compressed.fetch_add(len, Ordering::Relaxed);
             self.sent_compressed_payload
                 .fetch_add(payload_len as u64, Ordering::Relaxed);
@@ -93,6 +98,11 @@ impl ByteStats {
             self.received_raw.fetch_add(len, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether a frame carries a compressed payload.
+pub fn is_compressed(frame: &[u8]) -> bool {
+    frame.first() == Some(&FLAG_ZSTD)
 }
 
 /// Frames `payload`: compressed if it is larger than `threshold` bytes and compression makes

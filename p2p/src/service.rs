@@ -469,14 +469,10 @@ impl Service {
         match command {
             Command::Publish { channel, data } => {
                 let framed = frame::encode(&data, self.threshold);
+                let (len, compressed) = (framed.len(), frame::is_compressed(&framed));
                 let topic = self.topics.of(channel).clone();
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .gossip
-                    .publish(topic, framed.clone())
-                {
-                    Ok(_) => self.handle.stats.record_sent(&framed, data.len()),
+                match self.swarm.behaviour_mut().gossip.publish(topic, framed) {
+                    Ok(_) => self.handle.stats.add_sent(len, compressed, data.len()),
                     // Alone, or a duplicate: nothing sent.
                     Err(e) => debug!(?channel, error = %e, "gossip not published"),
                 }

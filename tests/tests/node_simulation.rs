@@ -312,26 +312,12 @@ impl Sim {
         if epoch == 0 {
             return self.validators.clone();
         }
+        // The node's own rule (`Chain::validator_set`), on this node's store.
         let state = State::new(self.nodes[i].kv(), self.params.clone());
-        let stakes = state
-            .stakes(epoch * self.scenario.epoch_length)
-            .unwrap_or_else(|e| {
-                panic!("seed {}: node {i}: stakes of epoch {epoch}: {e}", self.seed)
-            });
-        if stakes.is_empty() {
-            return self.validator_set_at(i, epoch - 1);
-        }
-        ValidatorSet::new(
-            stakes
-                .into_iter()
-                .map(|s| Validator {
-                    address: s.address,
-                    public_key: s.public_key,
-                    stake: s.stake,
-                })
-                .collect(),
-        )
-        .unwrap()
+        keel_node::chain::epoch_validator_set(&state, epoch, self.scenario.epoch_length, &|e| {
+            Ok(self.validator_set_at(i, e))
+        })
+        .unwrap_or_else(|e| panic!("seed {}: node {i}: set of epoch {epoch}: {e}", self.seed))
     }
 
     fn schedule(&mut self, at: u64, e: Event) {
@@ -609,16 +595,7 @@ impl Sim {
         } else {
             select_txs(seed, app, &node.mempool, &req.parent_hash, req.round)
         };
-        let template = BlockTemplate {
-            height: req.height,
-            round: req.round,
-            epoch: req.epoch,
-            parent_hash: req.parent_hash,
-            parent_qc: req.parent_qc,
-            timestamp_ms: req.timestamp_ms,
-            proposer: req.proposer,
-            validators_hash: req.validators_hash,
-        };
+        let template = BlockTemplate::from(&req);
         match app.build_block(template, txs, req.evidence) {
             Ok(mut block) => {
                 node.built += 1;
