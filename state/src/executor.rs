@@ -5,13 +5,17 @@
 //! another against a per-block account cache, and every changed account (and the validator
 //! registry, if a bond added to it) goes into the tree in one update at the end.
 
+mod parallel;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use keel_storage::{KvStore, WriteBatch};
-use keel_types::{verify_batch, Address, Hash, PublicKey, Receipt, Signature, Transaction, TxKind};
+use keel_types::{Address, Hash, PublicKey, Receipt, Transaction, TxKind};
+
 use rayon::prelude::*;
 
+use crate::signatures::{verify_transactions, SigCache};
 use crate::tree::{Proof, StateTree};
 use crate::{Account, Error, Result, StakeEntry, Unbonding, ValidatorRegistry};
 
@@ -61,32 +65,12 @@ pub struct BlockOutcome {
     pub slashed: Vec<(Address, u64)>,
 }
 
-/// Transactions per batch-verification chunk. Fixed, so the chunking of a block (and with it
-/// the verdict on every transaction) is the same on every node and every thread count.
-pub const SIGNATURE_CHUNK: usize = 64;
-
-/// Verifies the signatures of `txs`: ed25519 batch verification over fixed chunks of
-/// [`SIGNATURE_CHUNK`] transactions in parallel (rayon), falling back to verifying one by one
-/// inside a chunk whose batch fails. `result[i]` says whether transaction `i` is valid.
-pub fn verify_signatures(txs: &[Transaction]) -> Vec<bool> {
-    let chunks: Vec<Vec<bool>> = txs.par_chunks(SIGNATURE_CHUNK).map(verify_chunk).collect();
-    chunks.concat()
-}
-
-fn verify_chunk(chunk: &[Transaction]) -> Vec<bool> {
-    let msgs: Vec<Hash> = chunk.iter().map(|t| t.signing_hash).collect();
-    let sigs: Vec<Signature> = chunk.iter().map(|t| t.signature).collect();
-    let keys: Vec<PublicKey> = chunk.iter().map(|t| t.public_key).collect();
-    if verify_batch(&msgs, &sigs, &keys).is_ok() {
-        return vec![true; chunk.len()];
-    }
-    chunk.iter().map(|t| t.verify_signature().is_ok()).collect()
-}
-
 /// Account state and block execution over a [`StateTree`].
 pub struct State {
     tree: StateTree,
     params: ExecParams,
+    /// Transactions whose signatures are known valid (filled at mempool admission).
+    sig_cache: Option<Arc<SigCache>>,
 }
 
 impl State {
@@ -95,6 +79,7 @@ impl State {
         State {
             tree: StateTree::new(store),
             params,
+            sig_cache: None,
         }
     }
 
@@ -105,7 +90,15 @@ impl State {
         State {
             tree: StateTree::with_cache_capacity(store, nodes),
             params,
+            sig_cache: None,
         }
+    }
+
+    /// Lets block execution skip verifying the signatures of transactions in `cache` (and add
+    /// those it verifies).
+    pub fn with_signature_cache(mut self, cache: Arc<SigCache>) -> State {
+        self.sig_cache = Some(cache);
+        self
     }
 
     /// The chain parameters.
@@ -208,54 +201,71 @@ impl State {
     /// Applies `env.evidence`, then executes `txs`, on top of version `env.height - 1` and
     /// stages version `env.height` into `batch` (one tree update for the whole block).
     /// Deterministic: the outcome and the staged bytes depend only on the parent state, `env`
-    /// and `txs`.
+    /// and `txs`. Runs the parallel executor ([`State::execute`]) then [`State::stage`].
     pub fn execute_block(
         &self,
         env: &BlockEnv,
         txs: &[Transaction],
         batch: &mut WriteBatch,
     ) -> Result<BlockOutcome> {
-        let base = env.height.checked_sub(1).ok_or(Error::GenesisHeight)?;
-        // Fail early (before any work) if the parent state is not there.
-        self.tree.root(base)?;
-        let valid = verify_signatures(txs);
-        let mut block = BlockRun {
-            state: self,
-            env,
-            base,
-            accounts: HashMap::new(),
-            registry: None,
-            bonded: BTreeMap::new(),
-            slashed: Vec::new(),
-        };
-        block.apply_evidence()?;
-        let mut receipts = Vec::with_capacity(txs.len());
-        for (i, (tx, sig_ok)) in txs.iter().zip(valid).enumerate() {
-            let index = u32::try_from(i).map_err(|_| Error::TooManyTransactions(txs.len()))?;
-            let (success, error, fee) = block.execute_tx(tx, sig_ok)?;
-            receipts.push(Receipt {
-                tx_hash: tx.hash,
-                height: env.height,
-                index,
-                success,
-                error,
-                fee,
-            });
+        let execution = self.execute(env, txs)?;
+        self.stage(execution, batch)
+    }
+
+    /// Verifies signatures (skipping those in the signature cache) and executes the block's
+    /// evidence and transactions on the rayon pool: accounts are loaded in parallel and
+    /// transactions are run in independent groups (see the `parallel` module). The result is
+    /// identical, byte for byte, to [`State::execute_sequential`].
+    pub fn execute(&self, env: &BlockEnv, txs: &[Transaction]) -> Result<Execution> {
+        let base = self.check_parent(env)?;
+        let valid = verify_transactions(txs, self.sig_cache.as_deref());
+        match parallel::execute(self, env, base, txs, &valid)? {
+            Some(execution) => Ok(execution),
+            // The block's shape (the proposer sends) or a credit overflow needs the one-thread
+            // order; rare, and the result is the same by definition.
+            None => self.run_sequential(env, base, txs, &valid),
         }
-        let registry = block.registry_update()?;
-        let slashed = std::mem::take(&mut block.slashed);
-        let changed = block.changed();
+    }
+
+    /// The parallel executor alone: `None` when the block must run sequentially.
+    #[cfg(test)]
+    fn execute_parallel(&self, env: &BlockEnv, txs: &[Transaction]) -> Result<Option<Execution>> {
+        let base = self.check_parent(env)?;
+        let valid = verify_transactions(txs, self.sig_cache.as_deref());
+        parallel::execute(self, env, base, txs, &valid)
+    }
+
+    /// The reference executor: every transaction in block order on one thread, with
+    /// signatures verified like [`State::execute`] does.
+    pub fn execute_sequential(&self, env: &BlockEnv, txs: &[Transaction]) -> Result<Execution> {
+        let base = self.check_parent(env)?;
+        let valid = verify_transactions(txs, self.sig_cache.as_deref());
+        self.run_sequential(env, base, txs, &valid)
+    }
+
+    /// Stages the state version of `execution` into `batch`: one sorted, batched update of
+    /// the tree with every changed account (and the registry, if it changed). Returns the
+    /// block's outcome with the new state root.
+    pub fn stage(&self, execution: Execution, batch: &mut WriteBatch) -> Result<BlockOutcome> {
+        let Execution {
+            height,
+            base,
+            receipts,
+            changed,
+            slashed,
+            registry,
+        } = execution;
         let mut updates: Vec<(Hash, Option<Vec<u8>>)> = changed
-            .iter()
+            .par_iter()
             .map(|(a, acc)| (account_key(a), Some(acc.encode())))
             .collect();
         if let Some(bytes) = registry {
             updates.push((ValidatorRegistry::key(), Some(bytes)));
         }
-        let state_root = self.tree.apply(Some(base), env.height, &updates, batch)?;
+        let state_root = self.tree.apply(Some(base), height, &updates, batch)?;
         tracing::debug!(
-            height = env.height,
-            txs = txs.len(),
+            height,
+            txs = receipts.len(),
             changed = changed.len(),
             slashed = slashed.len(),
             root = %state_root,
@@ -268,9 +278,65 @@ impl State {
             slashed,
         })
     }
+
+    /// The parent version of `env.height`, which must be stored.
+    fn check_parent(&self, env: &BlockEnv) -> Result<u64> {
+        let base = env.height.checked_sub(1).ok_or(Error::GenesisHeight)?;
+        // Fail early (before any work) if the parent state is not there.
+        self.tree.root(base)?;
+        Ok(base)
+    }
+
+    fn run_sequential(
+        &self,
+        env: &BlockEnv,
+        base: u64,
+        txs: &[Transaction],
+        valid: &[bool],
+    ) -> Result<Execution> {
+        let mut block = BlockRun::new(self, env, base, HashMap::new());
+        block.apply_evidence()?;
+        let mut receipts = Vec::with_capacity(txs.len());
+        for (i, (tx, sig_ok)) in txs.iter().zip(valid).enumerate() {
+            receipts.push(run_tx(&mut block, &self.params, env, i, tx, *sig_ok)?);
+        }
+        block.finish(receipts)
+    }
+
+    /// The account of `addr` as this block first sees it: as stored at `base`, with
+    /// unbonding matured at `height` credited.
+    fn load_slot(&self, addr: &Address, base: u64, height: u64) -> Result<Slot> {
+        let stored = self.account(addr, base)?;
+        let mut current = stored.clone().unwrap_or_default();
+        current.release_matured(height);
+        Ok(Slot {
+            stored,
+            current,
+            dirty: false,
+        })
+    }
+}
+
+/// A block's effects before they reach the tree: what [`State::execute`] computes and
+/// [`State::stage`] writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Execution {
+    /// The version this produces (the block height).
+    pub height: u64,
+    /// The version it was executed on.
+    pub base: u64,
+    /// One receipt per transaction, in block order.
+    pub receipts: Vec<Receipt>,
+    /// Every account to write, by ascending address.
+    pub changed: Vec<(Address, Account)>,
+    /// Validators slashed and jailed by the block's evidence, with the amounts burned.
+    pub slashed: Vec<(Address, u64)>,
+    /// The new validator registry bytes, if the block's bonds registered anyone new.
+    pub registry: Option<Vec<u8>>,
 }
 
 /// An account as loaded in this block.
+#[derive(Clone, Debug)]
 struct Slot {
     /// What the tree holds at the parent version.
     stored: Option<Account>,
@@ -280,19 +346,19 @@ struct Slot {
     dirty: bool,
 }
 
-/// One block's execution: the account cache and the rules.
-struct BlockRun<'s> {
-    state: &'s State,
-    env: &'s BlockEnv,
-    base: u64,
-    accounts: HashMap<Address, Slot>,
-    /// The registry at `base`, loaded on first use.
-    registry: Option<ValidatorRegistry>,
-    /// Keys of the senders of this block's successful positive bonds, registered (those not
-    /// yet registered) in one write at the end.
-    bonded: BTreeMap<Address, PublicKey>,
-    /// Offenders slashed so far, with the amounts burned.
-    slashed: Vec<(Address, u64)>,
+/// Where the rules read and write accounts: the whole block on one thread ([`BlockRun`]), or
+/// one group of the parallel executor.
+trait Ledger {
+    /// The account of `addr` as of now in this run, loaded on first use.
+    fn slot(&mut self, addr: &Address) -> Result<&mut Slot>;
+    /// Whether `addr` only receives credits in this run: its credits are collected (in
+    /// [`Ledger::credits`]) and summed into it after the run instead of being applied in
+    /// order, which is exact because nothing in the run reads it.
+    fn credit_only(&self, addr: &Address) -> bool;
+    /// Credits collected for credit-only accounts, in order.
+    fn credits(&mut self) -> &mut Vec<(Address, u64)>;
+    /// Keys of the senders of successful positive bonds, registered at the end of the block.
+    fn bonded(&mut self) -> &mut BTreeMap<Address, PublicKey>;
 }
 
 /// Receipt essentials: success, error, fee charged.
@@ -306,48 +372,260 @@ fn rejected(reason: String) -> Result<TxResult> {
 /// phase succeeds.
 #[derive(Default)]
 struct Overlay {
-    accounts: BTreeMap<Address, Account>,
+    accounts: Vec<(Address, Account)>,
+    /// Credits to credit-only accounts.
+    credits: Vec<(Address, u64)>,
     /// A bonder's key, to register if the phase commits.
     register: Option<PublicKey>,
 }
 
-impl BlockRun<'_> {
-    /// The account of `addr` as of now in this block. On first load, matured unbonding entries
-    /// are credited (in the cache only; they reach the tree with the account's next write).
-    fn load(&mut self, addr: &Address) -> Result<&mut Slot> {
+impl Overlay {
+    fn put(&mut self, addr: Address, account: Account) {
+        match self.accounts.iter_mut().find(|(a, _)| *a == addr) {
+            Some(slot) => slot.1 = account,
+            None => self.accounts.push((addr, account)),
+        }
+    }
+}
+
+fn get<L: Ledger>(ledger: &mut L, overlay: &Overlay, addr: &Address) -> Result<Account> {
+    match overlay.accounts.iter().find(|(a, _)| a == addr) {
+        Some((_, account)) => Ok(account.clone()),
+        None => Ok(ledger.slot(addr)?.current.clone()),
+    }
+}
+
+fn commit<L: Ledger>(ledger: &mut L, overlay: Overlay) -> Result<()> {
+    if let Some(key) = overlay.register {
+        ledger.bonded().entry(key.address()).or_insert(key);
+    }
+    for (addr, account) in overlay.accounts {
+        let slot = ledger.slot(&addr)?;
+        slot.current = account;
+        slot.dirty = true;
+    }
+    ledger.credits().extend(overlay.credits);
+    Ok(())
+}
+
+/// Adds `amount` to `addr`'s balance in `overlay`, or `Err(overflow)` if it cannot.
+fn credit<L: Ledger>(
+    ledger: &mut L,
+    overlay: &mut Overlay,
+    addr: Address,
+    amount: u64,
+    overflow: &str,
+) -> Result<std::result::Result<(), String>> {
+    if ledger.credit_only(&addr) {
+        overlay.credits.push((addr, amount));
+        return Ok(Ok(()));
+    }
+    let mut account = get(ledger, overlay, &addr)?;
+    let Some(balance) = account.balance.checked_add(amount) else {
+        return Ok(Err(overflow.into()));
+    };
+    account.balance = balance;
+    overlay.put(addr, account);
+    Ok(Ok(()))
+}
+
+/// Runs transaction `index` and makes its receipt.
+fn run_tx<L: Ledger>(
+    ledger: &mut L,
+    params: &ExecParams,
+    env: &BlockEnv,
+    index: usize,
+    tx: &Transaction,
+    sig_ok: bool,
+) -> Result<Receipt> {
+    let position = u32::try_from(index).map_err(|_| Error::TooManyTransactions(index))?;
+    let (success, error, fee) = execute_tx(ledger, params, env, tx, sig_ok)?;
+    Ok(Receipt {
+        tx_hash: tx.hash,
+        height: env.height,
+        index: position,
+        success,
+        error,
+        fee,
+    })
+}
+
+/// Runs one transaction. `Err` only for storage failures; rule violations are receipts.
+fn execute_tx<L: Ledger>(
+    ledger: &mut L,
+    params: &ExecParams,
+    env: &BlockEnv,
+    tx: &Transaction,
+    sig_ok: bool,
+) -> Result<TxResult> {
+    if tx.chain_id != params.chain_id {
+        return rejected("wrong chain id".into());
+    }
+    if !sig_ok {
+        return rejected("invalid signature".into());
+    }
+    let min_fee = params.min_fee;
+    let mut sender = ledger.slot(&tx.sender)?.current.clone();
+    if tx.nonce != sender.nonce {
+        return rejected(format!(
+            "bad nonce: expected {}, got {}",
+            sender.nonce, tx.nonce
+        ));
+    }
+    if tx.fee < min_fee {
+        return rejected(format!("fee {} below minimum {}", tx.fee, min_fee));
+    }
+
+    // Fee phase: all or nothing.
+    let Some(balance) = sender.balance.checked_sub(tx.fee) else {
+        return rejected(format!(
+            "cannot pay fee {}: balance {}",
+            tx.fee, sender.balance
+        ));
+    };
+    let Some(nonce) = sender.nonce.checked_add(1) else {
+        return rejected("nonce overflow".into());
+    };
+    sender.balance = balance;
+    sender.nonce = nonce;
+    let mut overlay = Overlay::default();
+    overlay.put(tx.sender, sender);
+    let overflow = "fee would overflow the proposer's balance";
+    if let Err(reason) = credit(ledger, &mut overlay, env.proposer, tx.fee, overflow)? {
+        return rejected(reason);
+    }
+    commit(ledger, overlay)?;
+
+    // Action phase: on failure the fee stays paid and the nonce used.
+    match action(ledger, params, env, tx)? {
+        Ok(overlay) => {
+            commit(ledger, overlay)?;
+            Ok((true, None, tx.fee))
+        }
+        Err(reason) => Ok((false, Some(reason), tx.fee)),
+    }
+}
+
+/// The effect of a transaction's action, or why it fails.
+fn action<L: Ledger>(
+    ledger: &mut L,
+    params: &ExecParams,
+    env: &BlockEnv,
+    tx: &Transaction,
+) -> Result<std::result::Result<Overlay, String>> {
+    let mut overlay = Overlay::default();
+    let mut sender = get(ledger, &overlay, &tx.sender)?;
+    match tx.kind {
+        TxKind::Transfer { to, amount } => {
+            let Some(balance) = sender.balance.checked_sub(amount) else {
+                return Ok(Err("insufficient funds".into()));
+            };
+            sender.balance = balance;
+            overlay.put(tx.sender, sender);
+            // Reads the sender from the overlay when sending to oneself.
+            let overflow = "recipient balance would overflow";
+            if let Err(reason) = credit(ledger, &mut overlay, to, amount, overflow)? {
+                return Ok(Err(reason));
+            }
+        }
+        TxKind::Bond { amount } => {
+            if sender.jailed {
+                return Ok(Err("validator is jailed".into()));
+            }
+            let Some(balance) = sender.balance.checked_sub(amount) else {
+                return Ok(Err("insufficient funds".into()));
+            };
+            let Some(stake) = sender.stake.checked_add(amount) else {
+                return Ok(Err("stake would overflow".into()));
+            };
+            sender.balance = balance;
+            sender.stake = stake;
+            overlay.put(tx.sender, sender);
+            if amount > 0 {
+                overlay.register = Some(tx.public_key);
+            }
+        }
+        TxKind::Unbond { amount } => {
+            let Some(stake) = sender.stake.checked_sub(amount) else {
+                return Ok(Err("insufficient stake".into()));
+            };
+            let Some(release_height) = env.height.checked_add(params.unbonding_period) else {
+                return Ok(Err("release height would overflow".into()));
+            };
+            sender.stake = stake;
+            if amount > 0 {
+                sender.unbonding.push(Unbonding {
+                    amount,
+                    release_height,
+                });
+            }
+            overlay.put(tx.sender, sender);
+        }
+    }
+    Ok(Ok(overlay))
+}
+
+/// One block's execution on one thread: the account cache, the registry, evidence and the
+/// end of the block. The parallel executor uses it for the evidence and the end too.
+struct BlockRun<'s> {
+    state: &'s State,
+    env: &'s BlockEnv,
+    base: u64,
+    accounts: HashMap<Address, Slot>,
+    /// The registry at `base`, loaded on first use.
+    registry: Option<ValidatorRegistry>,
+    /// Keys of the senders of this block's successful positive bonds, registered (those not
+    /// yet registered) in one write at the end.
+    bonded: BTreeMap<Address, PublicKey>,
+    /// Always empty: nothing is credit-only on one thread.
+    credits: Vec<(Address, u64)>,
+    /// Offenders slashed so far, with the amounts burned.
+    slashed: Vec<(Address, u64)>,
+}
+
+impl Ledger for BlockRun<'_> {
+    fn slot(&mut self, addr: &Address) -> Result<&mut Slot> {
         use std::collections::hash_map::Entry;
         match self.accounts.entry(*addr) {
             Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => {
-                let stored = self.state.account(addr, self.base)?;
-                let mut current = stored.clone().unwrap_or_default();
-                current.release_matured(self.env.height);
-                Ok(e.insert(Slot {
-                    stored,
-                    current,
-                    dirty: false,
-                }))
-            }
+            Entry::Vacant(e) => Ok(e.insert(self.state.load_slot(
+                addr,
+                self.base,
+                self.env.height,
+            )?)),
         }
     }
 
-    fn get(&mut self, overlay: &Overlay, addr: &Address) -> Result<Account> {
-        match overlay.accounts.get(addr) {
-            Some(a) => Ok(a.clone()),
-            None => Ok(self.load(addr)?.current.clone()),
-        }
+    fn credit_only(&self, _: &Address) -> bool {
+        false
     }
 
-    fn commit(&mut self, overlay: Overlay) -> Result<()> {
-        if let Some(key) = overlay.register {
-            self.bonded.entry(key.address()).or_insert(key);
+    fn credits(&mut self) -> &mut Vec<(Address, u64)> {
+        &mut self.credits
+    }
+
+    fn bonded(&mut self) -> &mut BTreeMap<Address, PublicKey> {
+        &mut self.bonded
+    }
+}
+
+impl<'s> BlockRun<'s> {
+    fn new(
+        state: &'s State,
+        env: &'s BlockEnv,
+        base: u64,
+        accounts: HashMap<Address, Slot>,
+    ) -> BlockRun<'s> {
+        BlockRun {
+            state,
+            env,
+            base,
+            accounts,
+            registry: None,
+            bonded: BTreeMap::new(),
+            credits: Vec::new(),
+            slashed: Vec::new(),
         }
-        for (addr, account) in overlay.accounts {
-            let slot = self.load(&addr)?;
-            slot.current = account;
-            slot.dirty = true;
-        }
-        Ok(())
     }
 
     /// The registry at the parent version (plus, after [`BlockRun::registry_update`], this
@@ -374,7 +652,7 @@ impl BlockRun<'_> {
                 continue;
             }
             let offender = evidence.offender();
-            let slot = self.load(&offender)?;
+            let slot = self.slot(&offender)?;
             if slot.current.jailed {
                 continue;
             }
@@ -406,117 +684,19 @@ impl BlockRun<'_> {
         Ok(added.then(|| registry.encode()))
     }
 
-    /// Runs one transaction. `Err` only for storage failures; rule violations are receipts.
-    fn execute_tx(&mut self, tx: &Transaction, sig_ok: bool) -> Result<TxResult> {
-        let params = &self.state.params;
-        if tx.chain_id != params.chain_id {
-            return rejected("wrong chain id".into());
-        }
-        if !sig_ok {
-            return rejected("invalid signature".into());
-        }
-        let min_fee = params.min_fee;
-        let mut sender = self.load(&tx.sender)?.current.clone();
-        if tx.nonce != sender.nonce {
-            return rejected(format!(
-                "bad nonce: expected {}, got {}",
-                sender.nonce, tx.nonce
-            ));
-        }
-        if tx.fee < min_fee {
-            return rejected(format!("fee {} below minimum {}", tx.fee, min_fee));
-        }
-
-        // Fee phase: all or nothing.
-        let Some(balance) = sender.balance.checked_sub(tx.fee) else {
-            return rejected(format!(
-                "cannot pay fee {}: balance {}",
-                tx.fee, sender.balance
-            ));
-        };
-        let Some(nonce) = sender.nonce.checked_add(1) else {
-            return rejected("nonce overflow".into());
-        };
-        sender.balance = balance;
-        sender.nonce = nonce;
-        let mut overlay = Overlay::default();
-        overlay.accounts.insert(tx.sender, sender);
-        let mut proposer = self.get(&overlay, &self.env.proposer)?;
-        let Some(balance) = proposer.balance.checked_add(tx.fee) else {
-            return rejected("fee would overflow the proposer's balance".into());
-        };
-        proposer.balance = balance;
-        overlay.accounts.insert(self.env.proposer, proposer);
-        self.commit(overlay)?;
-
-        // Action phase: on failure the fee stays paid and the nonce used.
-        match self.action(tx)? {
-            Ok(overlay) => {
-                self.commit(overlay)?;
-                Ok((true, None, tx.fee))
-            }
-            Err(reason) => Ok((false, Some(reason), tx.fee)),
-        }
-    }
-
-    /// The effect of a transaction's action, or why it fails.
-    fn action(&mut self, tx: &Transaction) -> Result<std::result::Result<Overlay, String>> {
-        let mut overlay = Overlay::default();
-        let mut sender = self.get(&overlay, &tx.sender)?;
-        match tx.kind {
-            TxKind::Transfer { to, amount } => {
-                let Some(balance) = sender.balance.checked_sub(amount) else {
-                    return Ok(Err("insufficient funds".into()));
-                };
-                sender.balance = balance;
-                overlay.accounts.insert(tx.sender, sender);
-                // Reads the sender from the overlay when sending to oneself.
-                let mut recipient = self.get(&overlay, &to)?;
-                let Some(balance) = recipient.balance.checked_add(amount) else {
-                    return Ok(Err("recipient balance would overflow".into()));
-                };
-                recipient.balance = balance;
-                overlay.accounts.insert(to, recipient);
-            }
-            TxKind::Bond { amount } => {
-                if sender.jailed {
-                    return Ok(Err("validator is jailed".into()));
-                }
-                let Some(balance) = sender.balance.checked_sub(amount) else {
-                    return Ok(Err("insufficient funds".into()));
-                };
-                let Some(stake) = sender.stake.checked_add(amount) else {
-                    return Ok(Err("stake would overflow".into()));
-                };
-                sender.balance = balance;
-                sender.stake = stake;
-                overlay.accounts.insert(tx.sender, sender);
-                if amount > 0 {
-                    overlay.register = Some(tx.public_key);
-                }
-            }
-            TxKind::Unbond { amount } => {
-                let Some(stake) = sender.stake.checked_sub(amount) else {
-                    return Ok(Err("insufficient stake".into()));
-                };
-                let Some(release_height) = self
-                    .env
-                    .height
-                    .checked_add(self.state.params.unbonding_period)
-                else {
-                    return Ok(Err("release height would overflow".into()));
-                };
-                sender.stake = stake;
-                if amount > 0 {
-                    sender.unbonding.push(Unbonding {
-                        amount,
-                        release_height,
-                    });
-                }
-                overlay.accounts.insert(tx.sender, sender);
-            }
-        }
-        Ok(Ok(overlay))
+    /// The block's effects, with `receipts` in block order.
+    fn finish(mut self, receipts: Vec<Receipt>) -> Result<Execution> {
+        let registry = self.registry_update()?;
+        let (height, base) = (self.env.height, self.base);
+        let slashed = std::mem::take(&mut self.slashed);
+        Ok(Execution {
+            height,
+            base,
+            receipts,
+            changed: self.changed(),
+            slashed,
+            registry,
+        })
     }
 
     /// Accounts to write, by ascending address: written by evidence or an accepted transaction
@@ -533,7 +713,7 @@ impl BlockRun<'_> {
             })
             .map(|(a, s)| (a, s.current))
             .collect();
-        out.sort_by_key(|a| a.0);
+        out.par_sort_unstable_by_key(|a| a.0);
         out
     }
 }

@@ -28,13 +28,13 @@ mod account;
 mod error;
 mod executor;
 mod registry;
+mod signatures;
 mod tree;
 
 pub use account::{Account, Unbonding};
 pub use error::{Error, Result};
-pub use executor::{
-    account_key, verify_signatures, BlockEnv, BlockOutcome, ExecParams, State, SIGNATURE_CHUNK,
-};
+pub use executor::{account_key, BlockEnv, BlockOutcome, ExecParams, State};
+pub use signatures::{verify_transactions, SigCache, DEFAULT_SIG_CACHE, SIGNATURE_CHUNK};
 pub use registry::{StakeEntry, ValidatorRegistry};
 pub use tree::{
     verify_proof, Proof, ProofLeaf, StateTree, DEFAULT_NODE_CACHE, EMPTY_ROOT, MAX_PROOF_SIBLINGS,

@@ -627,22 +627,6 @@ fn heights_and_genesis_are_checked() {
     assert_eq!(out.state_root, chain.state.root(0).unwrap());
 }
 
-#[test]
-fn signature_verification_finds_the_bad_ones_across_chunks() {
-    let keys: Vec<Keypair> = (0..5).map(key).collect();
-    let mut txs: Vec<Transaction> = (0..150u64)
-        .map(|i| transfer(&keys[(i % 5) as usize], i, 10, Address([2; 20]), i))
-        .collect();
-    let bad = [3usize, 64, 65, 149];
-    for &i in &bad {
-        txs[i].signature.0[10] ^= 0x40;
-    }
-    let result = verify_signatures(&txs);
-    let expected: Vec<bool> = (0..150).map(|i| !bad.contains(&i)).collect();
-    assert_eq!(result, expected);
-    assert!(verify_signatures(&[]).is_empty());
-}
-
 // ---- Validator registry, stakes and slashing ----
 
 fn staked(balance: u64, stake: u64) -> Account {
@@ -1061,4 +1045,201 @@ fn blocks_with_evidence_and_bonds_are_deterministic() {
         .iter()
         .all(|e| e.address != vals[1].address() && e.address != vals[3].address()));
     assert!(stakes_a.len() > 2);
+}
+
+// ---- The parallel executor against the sequential one ----
+
+mod parallel_matches_sequential {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Keys 0..12 send; 12..16 only receive; 16 is the hot account; validators are 0, 1, 2.
+    const SENDERS: u64 = 12;
+    const ACCOUNTS: u64 = 17;
+    const HOT: u64 = 16;
+
+    fn keys() -> Vec<Keypair> {
+        (0..ACCOUNTS).map(|i| key(100 + i)).collect()
+    }
+
+    /// One generated transaction: (sender, nonce skew, fee, kind, recipient, amount, corrupt).
+    type TxSpec = (u64, u8, u64, u8, u64, u64, bool);
+
+    fn tx_spec() -> impl Strategy<Value = TxSpec> {
+        (
+            0..SENDERS,
+            prop_oneof![9 => Just(0u8), 1 => 1u8..3],
+            prop_oneof![9 => Just(10u64), 1 => 0u64..30],
+            prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+            // 30% to the hot account, the rest anywhere.
+            prop_oneof![3 => Just(HOT), 7 => 0..ACCOUNTS],
+            prop_oneof![3 => 0u64..1_000, 1 => 0u64..20_000, 1 => Just(u64::MAX / 2)],
+            prop::bool::weighted(0.03),
+        )
+    }
+
+    fn build(keys: &[Keypair], specs: &[TxSpec], nonces: &mut [u64]) -> Vec<Transaction> {
+        specs
+            .iter()
+            .map(|&(s, skew, fee, kind, to, amount, corrupt)| {
+                let k = &keys[s as usize];
+                let nonce = nonces[s as usize] + u64::from(skew);
+                if skew == 0 {
+                    nonces[s as usize] += 1;
+                }
+                let kind = match kind {
+                    0 => TxKind::Transfer {
+                        to: keys[to as usize].address(),
+                        amount,
+                    },
+                    1 => TxKind::Bond { amount: amount % 5_000 },
+                    _ => TxKind::Unbond { amount: amount % 5_000 },
+                };
+                let mut tx = Transaction::sign(k, CHAIN, nonce, fee, kind);
+                if corrupt {
+                    tx.signature.0[9] ^= 2;
+                }
+                tx
+            })
+            .collect()
+    }
+
+    fn genesis(keys: &[Keypair], rich: bool) -> (Vec<(Address, Account)>, Vec<PublicKey>) {
+        let accounts = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let account = match i {
+                    0..=2 => staked(5_000, 1_000_000),
+                    // Near the top of u64: credits to them can overflow.
+                    15 | 16 if rich => funded(u64::MAX - 50_000),
+                    _ => funded(10_000 + 3_000 * i as u64),
+                };
+                (k.address(), account)
+            })
+            .collect();
+        (accounts, keys[..3].iter().map(Keypair::public).collect())
+    }
+
+    fn chain(accounts: &[(Address, Account)], validators: &[PublicKey]) -> Chain {
+        Chain::with_validators(accounts, validators)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn receipts_state_and_batches_are_identical(
+            blocks in prop::collection::vec(prop::collection::vec(tx_spec(), 32..140), 1..4),
+            proposer_sends in prop::bool::weighted(0.15),
+            rich in prop::bool::weighted(0.25),
+            evidence_at in prop::option::weighted(0.3, 0usize..3),
+        ) {
+            let keys = keys();
+            let (accounts, validators) = genesis(&keys, rich);
+            let par = chain(&accounts, &validators);
+            let seq = chain(&accounts, &validators);
+            let mut nonces = vec![0u64; ACCOUNTS as usize];
+            for (b, specs) in blocks.iter().enumerate() {
+                let height = b as u64 + 1;
+                let txs = build(&keys, specs, &mut nonces);
+                let proposer = if proposer_sends { keys[3].address() } else { proposer() };
+                let evidence = match evidence_at {
+                    Some(v) if v == b => vec![equivocation(&keys[v], CHAIN, 7)],
+                    _ => Vec::new(),
+                };
+                let env = BlockEnv { height, proposer, evidence };
+                let parallel = par.state.execute_parallel(&env, &txs).unwrap();
+                // The parallel path really runs whenever the block's shape allows it (only an
+                // overflow, possible with `rich`, sends it back).
+                let proposer_is_sender = txs.iter().any(|t| t.sender == proposer);
+                if proposer_is_sender {
+                    prop_assert!(parallel.is_none());
+                } else if !rich {
+                    prop_assert!(parallel.is_some());
+                }
+                let reference = seq.state.execute_sequential(&env, &txs).unwrap();
+                if let Some(p) = &parallel {
+                    prop_assert_eq!(p, &reference);
+                }
+                let full = par.state.execute(&env, &txs).unwrap();
+                prop_assert_eq!(&full, &reference);
+                let (mut bp, mut bs) = (WriteBatch::new(), WriteBatch::new());
+                let op = par.state.stage(full, &mut bp).unwrap();
+                let os = seq.state.stage(reference, &mut bs).unwrap();
+                prop_assert_eq!(op, os);
+                prop_assert_eq!(&bp, &bs);
+                par.store.write(bp).unwrap();
+                seq.store.write(bs).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_hot_recipient_does_not_serialize_the_block() {
+        let keys = keys();
+        let (accounts, validators) = genesis(&keys, false);
+        let c = chain(&accounts, &validators);
+        let mut nonces = vec![0u64; ACCOUNTS as usize];
+        // Every sender pays the hot account, twice.
+        let specs: Vec<TxSpec> = (0..2)
+            .flat_map(|_| (0..SENDERS).map(|s| (s, 0, 10, 0, HOT, 7, false)))
+            .chain((0..SENDERS).map(|s| (s, 0, 10, 0, 13, 1, false)))
+            .collect();
+        let txs = build(&keys, &specs, &mut nonces);
+        let env = BlockEnv {
+            height: 1,
+            proposer: proposer(),
+            evidence: Vec::new(),
+        };
+        let (groups, credit_only) = super::super::parallel::plan_for_tests(&env, &txs).unwrap();
+        assert_eq!(groups, SENDERS as usize, "one group per sender");
+        assert!(credit_only.contains(&keys[HOT as usize].address()));
+        assert!(credit_only.contains(&proposer()));
+        let out = c.state.execute_parallel(&env, &txs).unwrap().unwrap();
+        assert!(out.receipts.iter().all(|r| r.success));
+        let hot = out
+            .changed
+            .iter()
+            .find(|(a, _)| *a == keys[HOT as usize].address())
+            .unwrap();
+        assert_eq!(hot.1.balance, accounts[HOT as usize].1.balance + 7 * 2 * SENDERS);
+        assert_eq!(out, c.state.execute_sequential(&env, &txs).unwrap());
+    }
+
+    #[test]
+    fn senders_paying_each_other_share_a_group_and_overflow_falls_back() {
+        let keys = keys();
+        let (accounts, validators) = genesis(&keys, true);
+        let c = chain(&accounts, &validators);
+        let mut nonces = vec![0u64; ACCOUNTS as usize];
+        // 0 -> 1 -> 2 chain of payments (one group), the rest alone; then 10 and 11 push the
+        // rich account 15 over u64::MAX.
+        let mut specs: Vec<TxSpec> = vec![(0, 0, 10, 0, 1, 100, false), (1, 0, 10, 0, 2, 100, false)];
+        specs.extend((5..SENDERS).map(|s| (s, 0, 10, 0, 13, 1, false)));
+        specs.extend((0..30).map(|i| (5 + i % 7, 0, 10, 0, 14, 1, false)));
+        let txs = build(&keys, &specs, &mut nonces);
+        let env = BlockEnv {
+            height: 1,
+            proposer: proposer(),
+            evidence: Vec::new(),
+        };
+        let (groups, _) = super::super::parallel::plan_for_tests(&env, &txs).unwrap();
+        assert_eq!(groups, 1 + (SENDERS as usize - 5));
+        assert!(c.state.execute_parallel(&env, &txs).unwrap().is_some());
+
+        let mut overflow = specs.clone();
+        overflow.push((10, 0, 10, 0, 15, 30_000, false));
+        overflow.push((11, 0, 10, 0, 15, 30_000, false));
+        let mut nonces = vec![0u64; ACCOUNTS as usize];
+        let txs = build(&keys, &overflow, &mut nonces);
+        assert_eq!(c.state.execute_parallel(&env, &txs).unwrap(), None);
+        let out = c.state.execute(&env, &txs).unwrap();
+        assert_eq!(
+            out.receipts.last().unwrap().error.as_deref(),
+            Some("recipient balance would overflow")
+        );
+        assert_eq!(out, c.state.execute_sequential(&env, &txs).unwrap());
+    }
 }
