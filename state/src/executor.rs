@@ -303,17 +303,29 @@ impl State {
         block.finish(receipts)
     }
 
+    /// [`State::load_slot`] for many accounts: one batched, parallel walk of the tree.
+    fn load_slots(
+        &self,
+        addrs: &[Address],
+        base: u64,
+        height: u64,
+    ) -> Result<HashMap<Address, Slot>> {
+        let keys: Vec<Hash> = addrs.par_iter().map(account_key).collect();
+        let values = self.tree.get_many(base, &keys)?;
+        addrs
+            .par_iter()
+            .zip(values)
+            .map(|(addr, bytes)| {
+                let stored = bytes.map(|b| Account::decode(&b)).transpose()?;
+                Ok((*addr, Slot::loaded(stored, height)))
+            })
+            .collect()
+    }
+
     /// The account of `addr` as this block first sees it: as stored at `base`, with
     /// unbonding matured at `height` credited.
     fn load_slot(&self, addr: &Address, base: u64, height: u64) -> Result<Slot> {
-        let stored = self.account(addr, base)?;
-        let mut current = stored.clone().unwrap_or_default();
-        current.release_matured(height);
-        Ok(Slot {
-            stored,
-            current,
-            dirty: false,
-        })
+        Ok(Slot::loaded(self.account(addr, base)?, height))
     }
 }
 
@@ -344,6 +356,20 @@ struct Slot {
     current: Account,
     /// Whether evidence or a transaction that was not rejected wrote it.
     dirty: bool,
+}
+
+impl Slot {
+    /// A slot for an account first loaded by the block at `height`: matured unbonding is
+    /// credited (in the slot only; it reaches the tree with the account's next write).
+    fn loaded(stored: Option<Account>, height: u64) -> Slot {
+        let mut current = stored.clone().unwrap_or_default();
+        current.release_matured(height);
+        Slot {
+            stored,
+            current,
+            dirty: false,
+        }
+    }
 }
 
 /// Where the rules read and write accounts: the whole block on one thread ([`BlockRun`]), or

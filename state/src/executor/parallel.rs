@@ -190,25 +190,35 @@ pub(super) fn execute(
         .collect();
     touched.par_sort_unstable();
     touched.dedup();
-    let loaded: Vec<(Address, Slot)> = touched
-        .par_iter()
-        .map(|a| Ok((*a, state.load_slot(a, base, env.height)?)))
-        .collect::<Result<_>>()?;
-    let mut block = BlockRun::new(state, env, base, loaded.into_iter().collect());
+    let loaded = state.load_slots(&touched, base, env.height)?;
+    let mut block = BlockRun::new(state, env, base, loaded);
     block.apply_evidence()?;
 
-    // Hand each group its ordered accounts.
-    let work: Vec<(Group, HashMap<Address, Slot>)> = groups
+    // Hand each group its ordered accounts; the credit-only ones stay with the block.
+    let mut work: Vec<(Group, HashMap<Address, Slot>)> = groups
         .into_iter()
         .map(|g| {
-            let slots = g
-                .accounts
-                .iter()
-                .filter_map(|a| block.accounts.remove_entry(a))
-                .collect();
+            let slots = HashMap::with_capacity(g.accounts.len());
             (g, slots)
         })
         .collect();
+    let ordered: HashMap<Address, usize> = work
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (g, _))| g.accounts.iter().map(move |a| (*a, i)))
+        .collect();
+    let mut rest = HashMap::with_capacity(credit_only.len());
+    for (addr, slot) in std::mem::take(&mut block.accounts) {
+        match ordered.get(&addr).and_then(|&g| work.get_mut(g)) {
+            Some((_, slots)) => {
+                slots.insert(addr, slot);
+            }
+            None => {
+                rest.insert(addr, slot);
+            }
+        }
+    }
+    block.accounts = rest;
     let params = &state.params;
     let outputs: Vec<GroupOutput> = work
         .into_par_iter()

@@ -81,6 +81,21 @@ impl NibblePath {
         usize::from(self.len)
     }
 
+    /// The last nibble (0 for the root).
+    pub(crate) fn last_nibble(&self) -> u8 {
+        match self.len() {
+            0 => 0,
+            n => {
+                let byte = self.bytes.get((n - 1) / 2).copied().unwrap_or(0);
+                if n % 2 == 1 {
+                    byte >> 4
+                } else {
+                    byte & 0x0f
+                }
+            }
+        }
+    }
+
     /// This path extended by one nibble. Callers keep the path shorter than 64 nibbles.
     pub(crate) fn child(&self, nibble: u8) -> NibblePath {
         let i = self.len();

@@ -79,6 +79,10 @@ fn assert_version_matches(tree: &StateTree, version: u64, model: &Model, pool: &
             "get at version {version}"
         );
     }
+    let many = tree.get_many(version, pool).unwrap();
+    for (key, value) in pool.iter().zip(&many) {
+        assert_eq!(value.as_ref(), model.get(key), "get_many at version {version}");
+    }
 }
 
 fn assert_proofs(tree: &StateTree, version: u64, model: &Model, pool: &[Hash]) {
@@ -96,14 +100,10 @@ fn assert_proofs(tree: &StateTree, version: u64, model: &Model, pool: &[Hash]) {
 }
 
 /// Deletes what a pruner keeping versions `>= keep_from` deletes, using only the stale index.
-fn prune(store: &MemStore, keep_from: u64) {
+fn prune(store: &Arc<MemStore>, keep_from: u64) {
+    let tree = StateTree::new(store.clone());
     let mut batch = WriteBatch::new();
-    let end = (keep_from + 1).to_be_bytes();
-    for item in store.iter_range(Column::StateStale, &[], Some(&end), Direction::Forward) {
-        let (k, _) = item.unwrap();
-        batch.delete(Column::StateNodes, k[8..].to_vec());
-        batch.delete(Column::StateStale, k);
-    }
+    tree.stage_prune(keep_from, &mut batch).unwrap();
     store.write(batch).unwrap();
 }
 
@@ -193,6 +193,10 @@ proptest! {
             reachable(&tree, v, &mut live);
         }
         prop_assert_eq!(stored_keys(&store, Column::StateNodes), live);
+        // Only the stale records of versions after `keep` remain.
+        for k in stored_keys(&store, Column::StateStale) {
+            prop_assert!(u64::from_be_bytes(k[..8].try_into().unwrap()) > keep);
+        }
         for v in 0..keep {
             prop_assert!(matches!(tree.root(v), Err(Error::VersionNotFound(x)) if x == v));
         }
@@ -505,6 +509,16 @@ fn large_batches_built_in_parallel_match_the_reference() {
     for i in (0u32..8000).step_by(97) {
         let k = Hash::digest(&i.to_le_bytes());
         assert_eq!(tree.get(1, &k).unwrap().as_ref(), model.get(&k));
+    }
+    // Batched reads (big enough to go parallel), absent keys and repeats included.
+    let keys: Vec<Hash> = (0u32..9000)
+        .chain(0..50)
+        .map(|i| Hash::digest(&i.to_le_bytes()))
+        .collect();
+    let many = tree.get_many(1, &keys).unwrap();
+    assert_eq!(many.len(), keys.len());
+    for (k, v) in keys.iter().zip(&many) {
+        assert_eq!(v.as_ref(), model.get(k));
     }
     // The same batch staged twice gives the same bytes, whatever rayon's scheduling.
     let mut b1 = WriteBatch::new();
