@@ -207,9 +207,11 @@ impl StateTree {
         }
     }
 
-    /// The values of many keys at `version`, in the order of `keys`: one walk down the tree
-    /// for all of them (each node on their paths read once, the root pointer once), split
-    /// across the rayon pool for big batches. What block execution uses to load accounts.
+    /// The values of many keys at `version`, in the order of `keys`: the sorted keys walk
+    /// down the tree level by level, each level's nodes read at once (node cache, then one
+    /// batched store read for the rest), every node on their paths read once and the root
+    /// pointer once; big batches are split across the rayon pool by key range. What block
+    /// execution uses to load its accounts.
     pub fn get_many(&self, version: u64, keys: &[Hash]) -> Result<Vec<Option<Vec<u8>>>> {
         let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
         let Some(root) = self.root_ref(version)? else {
@@ -217,8 +219,13 @@ impl StateTree {
         };
         let mut sorted: Vec<(Hash, usize)> = keys.iter().copied().zip(0..).collect();
         sorted.par_sort_unstable_by_key(|k| k.0);
-        let found = self.get_sorted(root, NibblePath::ROOT, &sorted)?;
-        for (i, value) in found {
+        let parts = rayon::current_num_threads().saturating_mul(4).max(1);
+        let chunk = sorted.len().div_ceil(parts).max(PARALLEL_UPDATES);
+        let found: Vec<Vec<(usize, Vec<u8>)>> = sorted
+            .par_chunks(chunk)
+            .map(|part| self.get_level_by_level(root, part))
+            .collect::<Result<_>>()?;
+        for (i, value) in found.into_iter().flatten() {
             if let Some(slot) = out.get_mut(i) {
                 *slot = Some(value);
             }
@@ -226,51 +233,97 @@ impl StateTree {
         Ok(out)
     }
 
-    /// The present values among sorted `keys` (with their positions) in the subtree `node`
-    /// at `path`.
-    fn get_sorted(
+    /// The present values among sorted `keys` (with their positions), walking down from
+    /// `root` one level at a time.
+    fn get_level_by_level(
         &self,
-        node: ChildRef,
-        path: NibblePath,
+        root: ChildRef,
         keys: &[(Hash, usize)],
     ) -> Result<Vec<(usize, Vec<u8>)>> {
-        let node_key = NodeKey {
-            version: node.version,
-            path,
-        };
-        if node.is_leaf {
-            let leaf = self.load_leaf(&node_key)?;
-            return Ok(keys
+        let mut found = Vec::new();
+        let mut frontier: Vec<(ChildRef, NibblePath, &[(Hash, usize)])> =
+            vec![(root, NibblePath::ROOT, keys)];
+        while !frontier.is_empty() {
+            let node_keys: Vec<NodeKey> = frontier
                 .iter()
-                .filter(|k| k.0 == leaf.key)
-                .map(|k| (k.1, leaf.value.clone()))
-                .collect());
-        }
-        let children = self.load_internal(&node_key)?;
-        let depth = path.len();
-        if depth >= MAX_NIBBLES {
-            return Err(too_deep());
-        }
-        let mut groups: Vec<(ChildRef, NibblePath, &[(Hash, usize)])> = Vec::new();
-        let mut rest = keys;
-        while let Some(first) = rest.first() {
-            let n = nibble(&first.0, depth);
-            let end = rest.partition_point(|k| nibble(&k.0, depth) <= n).max(1);
-            let (group, tail) = rest.split_at(end);
-            if let Some(child) = children.get(usize::from(n)).copied().flatten() {
-                groups.push((child, path.child(n), group));
+                .map(|(c, path, _)| NodeKey {
+                    version: c.version,
+                    path: *path,
+                })
+                .collect();
+            let nodes = self.load_many(&node_keys)?;
+            let mut next = Vec::new();
+            for ((child, path, group), node) in frontier.into_iter().zip(nodes) {
+                match (node, child.is_leaf) {
+                    (Node::Leaf(leaf), true) => found.extend(
+                        group
+                            .iter()
+                            .filter(|k| k.0 == leaf.key)
+                            .map(|k| (k.1, leaf.value.clone())),
+                    ),
+                    (Node::Internal(children), false) => {
+                        let depth = path.len();
+                        if depth >= MAX_NIBBLES {
+                            return Err(too_deep());
+                        }
+                        let mut rest = group;
+                        while let Some(first) = rest.first() {
+                            let n = nibble(&first.0, depth);
+                            let end = rest.partition_point(|k| nibble(&k.0, depth) <= n).max(1);
+                            let (sub, tail) = rest.split_at(end);
+                            if let Some(c) = children.get(usize::from(n)).copied().flatten() {
+                                next.push((c, path.child(n), sub));
+                            }
+                            rest = tail;
+                        }
+                    }
+                    _ => {
+                        return Err(Error::Corrupt {
+                            what: "state tree",
+                            reason: "a node is not the kind its parent says".into(),
+                        })
+                    }
+                }
             }
-            rest = tail;
+            frontier = next;
         }
-        let visit = |(child, path, group): (ChildRef, NibblePath, &[(Hash, usize)])| {
-            self.get_sorted(child, path, group)
-        };
-        let parts: Vec<Vec<(usize, Vec<u8>)>> = if keys.len() < PARALLEL_UPDATES {
-            groups.into_iter().map(visit).collect::<Result<_>>()?
-        } else {
-            groups.into_par_iter().map(visit).collect::<Result<_>>()?
-        };
-        Ok(parts.concat())
+        Ok(found)
+    }
+
+    /// Loads many nodes: from the cache where it has them, the rest in one batched store
+    /// read (cached afterwards). Answers in the order of `keys`.
+    fn load_many(&self, keys: &[NodeKey]) -> Result<Vec<Node>> {
+        let mut nodes: Vec<Option<Node>> = keys
+            .iter()
+            .map(|k| self.lock_cache(Self::shard_of(k)).get(k).cloned())
+            .collect();
+        let mut missing: Vec<(Vec<u8>, usize)> = nodes
+            .iter()
+            .zip(keys)
+            .enumerate()
+            .filter(|(_, (n, _))| n.is_none())
+            .map(|(i, (_, k))| (k.encode(), i))
+            .collect();
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            let encoded: Vec<Vec<u8>> = missing.iter().map(|(k, _)| k.clone()).collect();
+            let values = self.store.multi_get(Column::StateNodes, &encoded)?;
+            for ((_, i), bytes) in missing.into_iter().zip(values) {
+                let (Some(key), Some(bytes)) = (keys.get(i), bytes) else {
+                    return Err(missing_node(keys.get(i)));
+                };
+                let node = Node::decode(&bytes)?;
+                self.lock_cache(Self::shard_of(key)).put(*key, node.clone());
+                if let Some(slot) = nodes.get_mut(i) {
+                    *slot = Some(node);
+                }
+            }
+        }
+        nodes
+            .into_iter()
+            .zip(keys)
+            .map(|(n, k)| n.ok_or_else(|| missing_node(Some(k))))
+            .collect()
     }
 
     /// The value of `key` at `version` and a proof of it (membership or non-membership)
@@ -698,14 +751,7 @@ impl StateTree {
         let bytes = self
             .store
             .get(Column::StateNodes, &key.encode())?
-            .ok_or_else(|| Error::Corrupt {
-                what: "state tree",
-                reason: format!(
-                    "missing node at version {} depth {}",
-                    key.version,
-                    key.path.len()
-                ),
-            })?;
+            .ok_or_else(|| missing_node(Some(key)))?;
         let node = Node::decode(&bytes)?;
         self.lock_cache(shard).put(*key, node.clone());
         Ok(node)
@@ -729,6 +775,20 @@ impl StateTree {
                 reason: "expected an internal node".into(),
             }),
         }
+    }
+}
+
+fn missing_node(key: Option<&NodeKey>) -> Error {
+    Error::Corrupt {
+        what: "state tree",
+        reason: match key {
+            Some(k) => format!(
+                "missing node at version {} depth {}",
+                k.version,
+                k.path.len()
+            ),
+            None => "missing node".into(),
+        },
     }
 }
 

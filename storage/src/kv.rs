@@ -168,6 +168,12 @@ pub trait KvStore: Send + Sync + 'static {
     /// Reads one key.
     fn get(&self, col: Column, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
+    /// Reads many keys at once, answers in the order of `keys`. Engines that can batch point
+    /// reads (RocksDB's MultiGet) override it; keys in ascending order read fastest.
+    fn multi_get(&self, col: Column, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().map(|k| self.get(col, k)).collect()
+    }
+
     /// Applies a batch atomically.
     fn write(&self, batch: WriteBatch) -> Result<()>;
 

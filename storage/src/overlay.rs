@@ -229,6 +229,25 @@ impl KvStore for OverlayStore {
         self.base.get(col, key)
     }
 
+    fn multi_get(&self, col: Column, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        let mut from_base: Vec<usize> = Vec::new();
+        'keys: for (i, key) in keys.iter().enumerate() {
+            for layer in self.layers.iter().rev() {
+                if let Some(found) = layer.columns.get(&col).and_then(|c| c.lookup(key)) {
+                    out[i] = found.map(<[u8]>::to_vec);
+                    continue 'keys;
+                }
+            }
+            from_base.push(i);
+        }
+        let base_keys: Vec<Vec<u8>> = from_base.iter().map(|&i| keys[i].clone()).collect();
+        for (i, value) in from_base.into_iter().zip(self.base.multi_get(col, &base_keys)?) {
+            out[i] = value;
+        }
+        Ok(out)
+    }
+
     fn write(&self, _batch: WriteBatch) -> Result<()> {
         Err(Error::Engine("overlay store is read-only".into()))
     }
@@ -399,6 +418,11 @@ mod tests {
                     "get {col:?} {k:?}"
                 );
             }
+            assert_eq!(
+                overlay.multi_get(col, &u).unwrap(),
+                expected.multi_get(col, &u).unwrap(),
+                "multi_get {col:?}"
+            );
             let bounds: Vec<Option<&[u8]>> =
                 u.iter().map(|k| Some(k.as_slice())).chain([None]).collect();
             for from in &u {

@@ -355,6 +355,19 @@ impl KvStore for RocksStore {
             .map_err(|e| engine_error(&self.path, "get", e))
     }
 
+    fn multi_get(&self, col: Column, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let cf = self.cf(col)?;
+        let sorted = keys.windows(2).all(|w| w[0] <= w[1]);
+        self.db
+            .batched_multi_get_cf(&cf, keys, sorted)
+            .into_iter()
+            .map(|r| {
+                r.map(|v| v.map(|s| s.to_vec()))
+                    .map_err(|e| engine_error(&self.path, "multi_get", e))
+            })
+            .collect()
+    }
+
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut handles = Handles::default();
         let sync = batch.sync();

@@ -437,6 +437,33 @@ pub(crate) fn compact_range_keeps_live_data(store: &dyn KvStore) {
     assert!(store.disk_size_bytes().is_ok());
 }
 
+/// `multi_get` answers exactly like one `get` per key, in the caller's order, sorted or not,
+/// with absent keys and repeats.
+pub(crate) fn multi_get_matches_get(store: &dyn KvStore) {
+    let mut rng = XorShift(0x5eed);
+    let mut batch = WriteBatch::new();
+    for i in 0u32..300 {
+        batch.put(Column::StateNodes, i.to_be_bytes().to_vec(), vec![i as u8; (i % 7) as usize]);
+    }
+    batch.put(Column::Meta, 5u32.to_be_bytes().to_vec(), b"other column".to_vec());
+    store.write(batch).unwrap();
+    let mut keys: Vec<Vec<u8>> = (0..500)
+        .map(|_| ((rng.next() % 400) as u32).to_be_bytes().to_vec())
+        .collect();
+    for sorted in [false, true] {
+        if sorted {
+            keys.sort();
+        }
+        let many = store.multi_get(Column::StateNodes, &keys).unwrap();
+        assert_eq!(many.len(), keys.len());
+        for (k, v) in keys.iter().zip(&many) {
+            assert_eq!(*v, store.get(Column::StateNodes, k).unwrap(), "{k:?}");
+        }
+        assert!(many.iter().any(Option::is_none) && many.iter().any(Option::is_some));
+    }
+    assert!(store.multi_get(Column::StateNodes, &[]).unwrap().is_empty());
+}
+
 /// Instantiates every suite case as a `#[test]` in a module named `$backend`; `$make` returns
 /// a fixture with a `store(&self) -> &dyn KvStore` method and lives for the whole case.
 macro_rules! run_suite {
@@ -456,6 +483,7 @@ macro_rules! run_suite {
             delete_range_removes_exactly_the_range,
             columns_are_isolated,
             compact_range_keeps_live_data,
+            multi_get_matches_get,
         ]);
     };
     (@cases $backend:ident, $make:path, [$($case:ident),* $(,)?]) => {
