@@ -45,6 +45,9 @@ pub enum Command {
     Devnet(DevnetArgs),
     /// Write the homes of an N-validator network wired to each other.
     Testnet(TestnetArgs),
+    /// Component benchmarks of block application on this machine (signature verification,
+    /// execution, state-tree root, RocksDB commit, whole block).
+    Bench(BenchArgs),
     /// Show a node's chain status.
     Status {
         /// RPC endpoint.
@@ -222,4 +225,42 @@ pub enum TxCommand {
         #[command(flatten)]
         opts: TxOptions,
     },
+}
+
+/// What `keel bench` measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchStage {
+    /// Signature verification from scratch, against the raw ed25519 batch rate.
+    Sigverify,
+    /// Transaction execution (signatures cached, accounts read from the tree).
+    Execute,
+    /// The batched state-tree update and root.
+    Trie,
+    /// Writing the block's one RocksDB batch.
+    Commit,
+    /// Every stage and the whole block.
+    All,
+}
+
+/// `keel bench` options.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Stage to measure.
+    #[arg(value_enum)]
+    pub stage: BenchStage,
+    /// Print one JSON object per line: stage, mix, threads, accounts, txs, tps, ...
+    #[arg(long)]
+    pub json: bool,
+    /// Accounts in the state.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub accounts: u64,
+    /// Transfers per block (one per sending account).
+    #[arg(long, default_value_t = 10_000)]
+    pub txs: usize,
+    /// Timed blocks per configuration (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    pub blocks: usize,
+    /// Folder for the temporary database (default: the system's temporary folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }

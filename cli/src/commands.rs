@@ -79,6 +79,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Devnet(args) => devnet(args),
         Command::Testnet(args) => testnet(args),
+        Command::Bench(args) => crate::bench::run(args),
         Command::Status { rpc } => runtime()?.block_on(async {
             print_json(&Rpc::new(&rpc)?.call("chain_status", vec![]).await?);
             Ok(())

@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use keel_state::{Account, BlockEnv, BlockOutcome, ExecParams, State};
+use keel_state::{Account, BlockEnv, BlockOutcome, ExecParams, SigCache, State};
 use keel_storage::{BlockStore, KvStore, Layer, OverlayStore, WriteBatch};
 use keel_types::{
     merkle_root, Address, Block, Evidence, Hash, Header, QuorumCertificate, Receipt, Transaction,
@@ -163,6 +163,8 @@ pub struct App {
     /// Executes on the final tip; its node cache holds only stored nodes.
     state: State,
     params: ExecParams,
+    /// Transactions whose signatures are verified, shared with admission (none: verify all).
+    sig_cache: Option<Arc<SigCache>>,
     pending: HashMap<Hash, Pending>,
     final_tip: (u64, Hash),
 }
@@ -178,9 +180,21 @@ impl App {
             store,
             blocks,
             params,
+            sig_cache: None,
             pending: HashMap::new(),
             final_tip,
         })
+    }
+
+    /// Lets every block execution skip verifying the signatures of transactions in `cache`
+    /// and add those it verifies. The verdict on a signature does not depend on how it was
+    /// checked (see `keel_state`'s signatures module), so this changes speed, never outcomes.
+    pub fn with_signature_cache(self, cache: Arc<SigCache>) -> App {
+        App {
+            state: self.state.with_signature_cache(cache.clone()),
+            sig_cache: Some(cache),
+            ..self
+        }
     }
 
     /// Height and hash of the final tip: the newest block written to the store.
@@ -564,11 +578,11 @@ impl App {
             return StateRef::Main(&self.state);
         }
         let view = OverlayStore::new(self.store.clone(), layers);
-        StateRef::Branch(Box::new(State::with_node_cache(
-            Arc::new(view),
-            self.params.clone(),
-            OVERLAY_NODE_CACHE,
-        )))
+        let state = State::with_node_cache(Arc::new(view), self.params.clone(), OVERLAY_NODE_CACHE);
+        StateRef::Branch(Box::new(match &self.sig_cache {
+            Some(cache) => state.with_signature_cache(cache.clone()),
+            None => state,
+        }))
     }
 
     /// Executes a block on the state the layers describe; returns the outcome and the

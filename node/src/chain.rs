@@ -1,12 +1,12 @@
-//! The chain as the RPC server and the driver share it: storage, state, mempool, the current
-//! tip, and the head notifications.
+//! The chain as the RPC server and the driver share it: storage, state, mempool, the
+//! signature cache, the current tip, and the head notifications.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use keel_consensus::{epoch_of_next_block, CacheStats, Validator, ValidatorSet, ValidatorSetCache};
 use keel_genesis::Params;
-use keel_state::State;
+use keel_state::{verify_transactions, SigCache, State};
 use keel_storage::BlockStore;
 use keel_types::{Block, Hash, Header, Transaction};
 use tokio::sync::broadcast;
@@ -117,6 +117,9 @@ pub struct ChainParts {
     pub epoch: u64,
     /// The mempool.
     pub mempool: Mempool,
+    /// Transactions whose signatures are verified: filled at admission, read by block
+    /// execution (the node's one cache, shared with its [`crate::app::App`]).
+    pub sig_cache: Arc<SigCache>,
     /// `memory.limit` in bytes (0: none), for the metrics.
     pub memory_limit: u64,
     /// The tip at start.
@@ -156,6 +159,7 @@ pub struct Chain {
     peers: std::sync::atomic::AtomicUsize,
     syncing: std::sync::atomic::AtomicBool,
     mempool: Mutex<Mempool>,
+    sig_cache: Arc<SigCache>,
     tip: RwLock<TipInfo>,
     /// Certified blocks above the final height, by height (the branch consensus extends).
     certified: RwLock<std::collections::BTreeMap<u64, CertifiedBlock>>,
@@ -180,6 +184,7 @@ impl Chain {
             peers: std::sync::atomic::AtomicUsize::new(0),
             syncing: std::sync::atomic::AtomicBool::new(false),
             mempool: Mutex::new(parts.mempool),
+            sig_cache: parts.sig_cache,
             tip: RwLock::new(parts.tip),
             certified: RwLock::new(std::collections::BTreeMap::new()),
             new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
@@ -346,6 +351,11 @@ impl Chain {
         }
     }
 
+    /// The cache of transactions whose signatures are verified.
+    pub fn sig_cache(&self) -> &Arc<SigCache> {
+        &self.sig_cache
+    }
+
     /// New certified heads, as they are stored.
     pub fn subscribe_new_heads(&self) -> broadcast::Receiver<Header> {
         self.new_heads.subscribe()
@@ -378,12 +388,51 @@ impl Chain {
     }
 
     /// Admits a transaction to the mempool without gossiping it (it came from gossip, which
-    /// forwards it itself).
+    /// forwards it itself). Its signature is verified through the signature cache.
     pub fn admit_from_peer(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
-        let tx = Transaction::decode(bytes).map_err(SubmitError::Malformed)?;
-        tx.verify_signature()
-            .map_err(|_| SubmitError::BadSignature)?;
-        let hash = tx.hash;
+        self.admit_batch_from_peer(&[bytes])
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(SubmitError::Internal("no verdict".into())))
+    }
+
+    /// Admits transactions that arrived together, without gossiping them: decodes each,
+    /// verifies the signatures of all decodable ones in one [`verify_transactions`] call
+    /// (parallel batches; the valid ones enter the signature cache, so block execution does
+    /// not verify them again), then applies the mempool's rules in order. `result[i]` is the
+    /// verdict on `items[i]`. Blocks on rayon: call it from a blocking context.
+    pub fn admit_batch_from_peer<B: AsRef<[u8]>>(
+        &self,
+        items: &[B],
+    ) -> Vec<Result<Hash, SubmitError>> {
+        let mut txs = Vec::with_capacity(items.len());
+        let mut results: Vec<Result<Hash, SubmitError>> = items
+            .iter()
+            .map(|bytes| {
+                let tx = Transaction::decode(bytes.as_ref()).map_err(SubmitError::Malformed)?;
+                let hash = tx.hash;
+                txs.push(tx);
+                Ok(hash)
+            })
+            .collect();
+        let valid = verify_transactions(&txs, Some(&self.sig_cache));
+        // `txs` holds the decodable items in order: exactly the `Ok` slots.
+        let slots = results.iter_mut().filter(|r| r.is_ok());
+        for (slot, (tx, valid)) in slots.zip(txs.into_iter().zip(valid)) {
+            let admitted = if valid {
+                self.admit_verified(tx)
+            } else {
+                Err(SubmitError::BadSignature)
+            };
+            if let Err(e) = admitted {
+                *slot = Err(e);
+            }
+        }
+        results
+    }
+
+    /// The mempool's rules for a transaction whose signature is verified.
+    fn admit_verified(&self, tx: Transaction) -> Result<(), SubmitError> {
         let mut pool = self.mempool();
         // Read the account under the mempool lock: the driver commits blocks under it too, so
         // the nonce and balance seen here are those the pool was last pruned against.
@@ -396,7 +445,7 @@ impl Chain {
             .map_err(|e| SubmitError::Internal(e.to_string()))?
             .unwrap_or_default();
         pool.insert(tx, account.nonce, account.balance)?;
-        Ok(hash)
+        Ok(())
     }
 
     /// Where a transaction stands.
@@ -417,5 +466,215 @@ impl Chain {
         } else {
             TxStatus::Unknown
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use keel_consensus::Validator;
+    use keel_state::{Account, ExecParams};
+    use keel_storage::{KvStore, MemStore, WriteBatch};
+    use keel_types::{Address, Keypair, QuorumCertificate, TxKind};
+
+    use super::*;
+    use crate::app::{App, BlockTemplate};
+    use crate::mempool::MempoolLimits;
+
+    const CHAIN: &str = "chain-test";
+    const FEE: u64 = 10;
+
+    fn params() -> Params {
+        Params {
+            min_fee: FEE,
+            ..Params::default()
+        }
+    }
+
+    fn exec_params() -> ExecParams {
+        let p = params();
+        ExecParams {
+            chain_id: CHAIN.into(),
+            min_fee: p.min_fee,
+            unbonding_period: p.unbonding_period,
+            slash_fraction_ppm: p.slash_fraction_ppm,
+        }
+    }
+
+    /// A chain over a store holding genesis with senders 1..=8 funded, and the store.
+    fn chain() -> (Chain, Arc<dyn KvStore>) {
+        let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
+        let accounts: Vec<(Address, Account)> = (1..=8)
+            .map(|s| {
+                let account = Account {
+                    balance: 1_000_000,
+                    ..Account::default()
+                };
+                (Keypair::from_seed(s).address(), account)
+            })
+            .collect();
+        let state = State::new(store.clone(), exec_params());
+        let blocks = BlockStore::new(store.clone());
+        let mut batch = WriteBatch::new();
+        let root = state.init_genesis(&accounts, &[], &mut batch).unwrap();
+        let genesis = Block {
+            header: Header {
+                chain_id: CHAIN.into(),
+                state_root: root,
+                ..Header::default()
+            },
+            txs: Vec::new(),
+            evidence: Vec::new(),
+        };
+        let hash = genesis.hash();
+        blocks.stage_block(&mut batch, &genesis, &[]);
+        blocks.stage_finalized(&mut batch, 0, hash);
+        store.write(batch).unwrap();
+        let validator = Keypair::from_seed(100).public();
+        let chain = Chain::new(ChainParts {
+            chain_id: CHAIN.into(),
+            node_id: "test".into(),
+            params: params(),
+            blocks,
+            state,
+            validators: ValidatorSet::new(vec![Validator {
+                address: validator.address(),
+                public_key: validator,
+                stake: 1,
+            }])
+            .unwrap(),
+            epoch: 0,
+            mempool: Mempool::new(
+                MempoolLimits {
+                    max_txs: 1_000,
+                    max_bytes: 1 << 20,
+                },
+                CHAIN.into(),
+                FEE,
+            ),
+            sig_cache: Arc::new(SigCache::new(1_000)),
+            memory_limit: 0,
+            tip: TipInfo {
+                latest: (0, hash),
+                finalized: (0, hash),
+            },
+        });
+        (chain, store)
+    }
+
+    fn transfer(from: u64, nonce: u64) -> Transaction {
+        Transaction::sign(
+            &Keypair::from_seed(from),
+            CHAIN,
+            nonce,
+            FEE,
+            TxKind::Transfer {
+                to: Address([7; 20]),
+                amount: 1,
+            },
+        )
+    }
+
+    fn template(parent: &Block, round: u64) -> BlockTemplate {
+        let (hash, height) = (parent.hash(), parent.header.height);
+        BlockTemplate {
+            height: height + 1,
+            round,
+            epoch: 0,
+            parent_hash: hash,
+            parent_qc: QuorumCertificate {
+                block_hash: hash,
+                height,
+                round: round - 1,
+                signatures: Vec::new(),
+            },
+            timestamp_ms: 1_000 * round,
+            proposer: Address([9; 20]),
+            validators_hash: Hash::digest(b"validators"),
+        }
+    }
+
+    fn metric(text: &str, name: &str) -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+            .to_string()
+    }
+
+    #[test]
+    fn an_admitted_transaction_is_cached_and_block_execution_counts_it_as_a_hit() {
+        let (chain, store) = chain();
+        let cache = chain.sig_cache().clone();
+        let (first, second) = (transfer(1, 0), transfer(2, 0));
+        assert_eq!(chain.admit_from_peer(&first.bytes).unwrap(), first.hash);
+        assert_eq!(chain.submit(&second.bytes).unwrap(), second.hash);
+        assert!(cache.contains(&first.hash) && cache.contains(&second.hash));
+        assert_eq!((cache.hits(), cache.misses()), (0, 2));
+
+        let mut app = App::new(store, exec_params())
+            .unwrap()
+            .with_signature_cache(cache.clone());
+        let genesis = app.block(&app.final_tip().1).unwrap().unwrap();
+        // On the final tip (the app's long-lived state)...
+        let b1 = app
+            .build_block(template(&genesis, 1), vec![first], Vec::new())
+            .unwrap();
+        assert_eq!((cache.hits(), cache.misses()), (1, 2));
+        // ...and on a pending parent (a throw-away state over the overlay).
+        let b2 = app
+            .build_block(template(&b1, 2), vec![second], Vec::new())
+            .unwrap();
+        assert_eq!((cache.hits(), cache.misses()), (2, 2));
+        assert_eq!(app.pending_receipts(&b2.hash()).unwrap().len(), 1);
+
+        // A transaction first seen in a block is a miss, verified and cached there.
+        let third = transfer(3, 0);
+        app.build_block(template(&b2, 3), vec![third.clone()], Vec::new())
+            .unwrap();
+        assert_eq!((cache.hits(), cache.misses()), (2, 3));
+        assert!(cache.contains(&third.hash));
+
+        let text = chain.metrics.render(&chain);
+        assert_eq!(metric(&text, "keel_sig_cache_hits_total"), "2");
+        assert_eq!(metric(&text, "keel_sig_cache_misses_total"), "3");
+    }
+
+    #[test]
+    fn a_gossiped_batch_admits_the_valid_transactions_and_refuses_the_bad_ones() {
+        let (chain, _) = chain();
+        let txs: Vec<Transaction> = (1..=8).map(|s| transfer(s, 0)).collect();
+        let mut items: Vec<Vec<u8>> = txs.iter().map(|t| t.bytes.clone()).collect();
+        // Item 3: the last byte of the signature flipped (still decodes, bad signature).
+        let n = items[3].len();
+        items[3][n - 1] ^= 1;
+        let bad = Transaction::decode(&items[3]).unwrap();
+        // Item 5: not a transaction at all.
+        items[5] = b"not a transaction".to_vec();
+        // Item 6 again at the end: a duplicate of an admitted one.
+        items.push(txs[6].bytes.clone());
+
+        let results = chain.admit_batch_from_peer(&items);
+        assert_eq!(results.len(), items.len());
+        for i in [0, 1, 2, 4, 6, 7] {
+            assert_eq!(results[i].as_ref().unwrap(), &txs[i].hash, "item {i}");
+            assert_eq!(chain.tx_status(&txs[i].hash).unwrap(), TxStatus::Pending);
+            assert!(chain.sig_cache().contains(&txs[i].hash));
+        }
+        assert!(matches!(results[3], Err(SubmitError::BadSignature)));
+        assert!(!chain.mempool().contains(&bad.hash));
+        assert!(!chain.sig_cache().contains(&bad.hash));
+        assert!(matches!(results[5], Err(SubmitError::Malformed(_))));
+        assert!(matches!(
+            results[8],
+            Err(SubmitError::Rejected(Rejection::Duplicate))
+        ));
+        assert_eq!(chain.mempool().len(), 6);
+        // Every decodable item was looked up once (the duplicate too: lookups precede the
+        // batch's verification); the malformed one never reached verification.
+        assert_eq!(
+            (chain.sig_cache().hits(), chain.sig_cache().misses()),
+            (0, 8)
+        );
     }
 }

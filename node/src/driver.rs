@@ -645,7 +645,10 @@ impl Driver {
                 }
             };
             for f in &written {
-                pool.remove_committed(&f.block.tx_hashes(), &f.new_nonces);
+                let hashes = f.block.tx_hashes();
+                pool.remove_committed(&hashes, &f.new_nonces);
+                // A final transaction is never executed again: free its cache slot.
+                self.chain.sig_cache().remove_all(&hashes);
             }
             if !written.is_empty() {
                 self.chain.set_finalized(height, hash);

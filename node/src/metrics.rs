@@ -1,8 +1,8 @@
 //! Prometheus metrics (`GET /metrics` on `metrics.listen_addr`), prefix `keel_`.
 //!
 //! Counters the driver and RPC update as things happen live here; values other parts keep
-//! (tip, mempool size, peers, p2p byte counts, database size, memory, set cache) are read at
-//! scrape time.
+//! (tip, mempool size, peers, p2p byte counts, database size, memory, set cache, signature
+//! cache) are read at scrape time.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -59,8 +59,10 @@ pub struct Metrics {
     pruned_height: Gauge,
     set_cache_hits: Counter,
     set_cache_misses: Counter,
+    sig_cache_hits: Counter,
+    sig_cache_misses: Counter,
     /// Values already added to the counters mirrored from elsewhere.
-    mirrored: Mutex<[u64; 6]>,
+    mirrored: Mutex<[u64; 8]>,
 }
 
 impl Metrics {
@@ -83,7 +85,9 @@ impl Metrics {
             pruned_height: Gauge::default(),
             set_cache_hits: Counter::default(),
             set_cache_misses: Counter::default(),
-            mirrored: Mutex::new([0; 6]),
+            sig_cache_hits: Counter::default(),
+            sig_cache_misses: Counter::default(),
+            mirrored: Mutex::new([0; 8]),
             registry: Registry::default(),
         };
         m.memory_limit.set(memory_limit as i64);
@@ -154,6 +158,16 @@ impl Metrics {
             "Validator set lookups that computed the set",
             m.set_cache_misses.clone(),
         );
+        registry.register(
+            "keel_sig_cache_hits",
+            "Signature cache lookups that found the transaction already verified (admission, block execution)",
+            m.sig_cache_hits.clone(),
+        );
+        registry.register(
+            "keel_sig_cache_misses",
+            "Signature cache lookups that had to verify the transaction (admission, block execution)",
+            m.sig_cache_misses.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -171,6 +185,7 @@ impl Metrics {
         self.memory_allocated.set(allocated_bytes() as i64);
         let bytes = chain.p2p_bytes();
         let stats = chain.validator_set_cache_stats();
+        let sig_cache = chain.sig_cache();
         let now = [
             bytes.sent_raw,
             bytes.sent_compressed,
@@ -178,6 +193,8 @@ impl Metrics {
             bytes.received_compressed,
             stats.hits,
             stats.misses,
+            sig_cache.hits(),
+            sig_cache.misses(),
         ];
         {
             let mut seen = match self.mirrored.lock() {
@@ -190,7 +207,7 @@ impl Metrics {
             };
             // One lookup per statement: a family's read guard must be dropped before the next
             // lookup may need its write lock.
-            let mut targets = Vec::with_capacity(6);
+            let mut targets = Vec::with_capacity(8);
             for (direction, compressed) in [
                 ("sent", false),
                 ("sent", true),
@@ -205,6 +222,8 @@ impl Metrics {
             }
             targets.push(self.set_cache_hits.clone());
             targets.push(self.set_cache_misses.clone());
+            targets.push(self.sig_cache_hits.clone());
+            targets.push(self.sig_cache_misses.clone());
             for ((counter, value), last) in targets.iter().zip(now).zip(seen.iter_mut()) {
                 counter.inc_by(value.saturating_sub(*last));
                 *last = (*last).max(value);

@@ -1,6 +1,7 @@
 //! The node's side of the network: decodes what peers send at the edge (bad senders lose
 //! score), feeds consensus messages and sync answers to the driver, admits gossiped
-//! transactions to the mempool, answers status and block requests, and keeps the binding of
+//! transactions to the mempool (in batches of whatever arrived together, their signatures
+//! verified in parallel), answers status and block requests, and keeps the binding of
 //! validator keys to peers (from signed statuses) so votes go straight to the next leader.
 
 use std::collections::HashMap;
@@ -33,6 +34,10 @@ pub fn peer_id(node_key: &Keypair) -> Result<String> {
 /// Prefix of the stored proofs that an epoch ended, by epoch (big-endian), in the consensus
 /// column: served to peers syncing across the boundary.
 pub const EPOCH_PROOF_PREFIX: &[u8] = b"epoch_proof/";
+
+/// Most gossiped transactions admitted together: those already queued when one arrives are
+/// verified in one call (parallel batches of `keel_state::SIGNATURE_CHUNK`).
+pub const TX_ADMISSION_BATCH: usize = 256;
 
 pub(crate) fn epoch_proof_key(epoch: u64) -> Vec<u8> {
     [EPOCH_PROOF_PREFIX, &epoch.to_be_bytes()].concat()
@@ -245,21 +250,58 @@ impl Server {
         }
     }
 
+    /// Admits gossiped transactions together and scores each sender by its own message:
+    /// undecodable or badly signed lowers it, admitted raises it, a mempool refusal (duplicate,
+    /// nonce, fee...) leaves it.
+    async fn admit_transactions(&self, batch: Vec<(PeerId, Vec<u8>)>) {
+        let (peers, items): (Vec<PeerId>, Vec<Vec<u8>>) = batch.into_iter().unzip();
+        let chain = self.chain.clone();
+        // Signature checks run on rayon and admission takes the mempool lock, which the driver
+        // holds while it commits: keep both off the async workers. The loop waits for the
+        // verdicts, so admission stays in arrival order and the next batch forms from what
+        // queued meanwhile.
+        let results =
+            match tokio::task::spawn_blocking(move || chain.admit_batch_from_peer(&items)).await {
+                Ok(results) => results,
+                Err(e) => {
+                    warn!(error = %e, "transaction admission failed");
+                    return;
+                }
+            };
+        for (peer, result) in peers.into_iter().zip(results) {
+            match result {
+                Ok(_) => self.net.handle.report(peer, Report::Useful),
+                Err(SubmitError::Malformed(_) | SubmitError::BadSignature) => {
+                    self.net.handle.report(peer, Report::Invalid)
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
     async fn run(self, mut events: Receiver<Event>) {
         let server = Arc::new(self);
-        while let Some(event) = events.recv().await {
+        // An event taken from the queue while collecting a batch of transactions: handled next.
+        let mut next: Option<Event> = None;
+        loop {
+            let event = match next.take() {
+                Some(event) => event,
+                None => match events.recv().await {
+                    Some(event) => event,
+                    None => break,
+                },
+            };
             match event {
                 Event::Gossip {
                     peer,
                     channel: Channel::Transactions,
                     data,
-                } => match server.chain.admit_from_peer(&data) {
-                    Ok(_) => server.net.handle.report(peer, Report::Useful),
-                    Err(SubmitError::Malformed(_) | SubmitError::BadSignature) => {
-                        server.net.handle.report(peer, Report::Invalid)
-                    }
-                    Err(_) => {}
-                },
+                } => {
+                    let (batch, after) =
+                        drain_transactions((peer, data), &mut events, TX_ADMISSION_BATCH);
+                    next = after;
+                    server.admit_transactions(batch).await;
+                }
                 Event::Gossip { peer, data, .. } | Event::Direct { peer, data } => {
                     server.consensus(peer, &data)
                 }
@@ -357,6 +399,29 @@ impl Server {
     }
 }
 
+/// `first` and the transaction gossip already queued behind it, at most `max` in all, without
+/// waiting. Stops at the first event of another kind and returns it to be handled next, so
+/// events are still handled in arrival order.
+fn drain_transactions(
+    first: (PeerId, Vec<u8>),
+    events: &mut Receiver<Event>,
+    max: usize,
+) -> (Vec<(PeerId, Vec<u8>)>, Option<Event>) {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match events.try_recv() {
+            Ok(Event::Gossip {
+                peer,
+                channel: Channel::Transactions,
+                data,
+            }) => batch.push((peer, data)),
+            Ok(other) => return (batch, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (batch, None)
+}
+
 /// A non-final block this node holds (persisted by the driver).
 fn pending_block(kv: &Arc<dyn KvStore>, hash: &Hash) -> Option<Block> {
     kv.get(Column::Consensus, &pending_key(hash))
@@ -430,4 +495,60 @@ pub(crate) fn store_epoch_proof(
         &epoch_proof_key(epoch),
         &ConsensusMessage::EpochProof(proof.clone()).encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn peer(seed: u64) -> PeerId {
+        keel_p2p::peer_id_of(Keypair::from_seed(seed).secret()).unwrap()
+    }
+
+    fn tx_gossip(peer: PeerId, n: u8) -> Event {
+        Event::Gossip {
+            peer,
+            channel: Channel::Transactions,
+            data: vec![n],
+        }
+    }
+
+    #[test]
+    fn queued_transaction_gossip_is_taken_in_one_batch_up_to_the_limit() {
+        let (sender, mut events) = tokio::sync::mpsc::channel(64);
+        let (a, b) = (peer(1), peer(2));
+        for n in 1..=10u8 {
+            sender
+                .try_send(tx_gossip(if n % 2 == 0 { a } else { b }, n))
+                .unwrap();
+        }
+        let (batch, next) = drain_transactions((a, vec![0]), &mut events, 4);
+        assert!(next.is_none());
+        let got: Vec<(PeerId, u8)> = batch.iter().map(|(p, d)| (*p, d[0])).collect();
+        assert_eq!(got, [(a, 0), (b, 1), (a, 2), (b, 3)]);
+        // The rest is still queued, and an empty queue ends the batch without waiting.
+        let (batch, next) = drain_transactions((a, vec![0]), &mut events, 256);
+        assert_eq!(batch.len(), 8);
+        assert!(next.is_none());
+        assert!(events.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_batch_stops_at_another_event_which_is_handled_next() {
+        let (sender, mut events) = tokio::sync::mpsc::channel(64);
+        let a = peer(1);
+        sender.try_send(tx_gossip(a, 1)).unwrap();
+        sender.try_send(Event::Connected(a)).unwrap();
+        sender.try_send(tx_gossip(a, 2)).unwrap();
+        let (batch, next) = drain_transactions((a, vec![0]), &mut events, 256);
+        assert_eq!(batch.len(), 2);
+        assert!(matches!(next, Some(Event::Connected(p)) if p == a));
+        // The transaction behind it is left for the next batch.
+        assert!(matches!(
+            events.try_recv(),
+            Ok(Event::Gossip { data, .. }) if data == [2]
+        ));
+    }
 }

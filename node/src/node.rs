@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use keel_consensus::{epoch_of_next_block, Engine, SafetyData, Tip, Validator, ValidatorSet};
 use keel_genesis::Genesis;
-use keel_state::State;
+use keel_state::{SigCache, State};
 use keel_storage::{BlockStore, Column, KvStore, MemStore, RocksConfig, RocksStore, WriteBatch};
 use keel_types::{Block, Hash, Header, QuorumCertificate};
 use tokio::sync::oneshot;
@@ -93,7 +93,10 @@ impl Node {
         let finalized = blocks.finalized()?.unwrap_or((0, genesis_header.hash()));
 
         let epoch = epoch_of_next_block(tip.height, genesis.params.epoch_length);
-        let app = App::new(store.clone(), genesis.exec_params())?;
+        // One signature cache: admission fills it, every block execution reads it.
+        let sig_cache = Arc::new(SigCache::default());
+        let app =
+            App::new(store.clone(), genesis.exec_params())?.with_signature_cache(sig_cache.clone());
         let mempool = Mempool::new(
             MempoolLimits::from(&config.mempool),
             genesis.chain_id.clone(),
@@ -108,6 +111,7 @@ impl Node {
             validators,
             epoch,
             mempool,
+            sig_cache,
             memory_limit: config.memory.limit.0,
             tip: TipInfo {
                 latest: (tip.height, tip.hash),

@@ -614,11 +614,9 @@ impl Ledger for BlockRun<'_> {
         use std::collections::hash_map::Entry;
         match self.accounts.entry(*addr) {
             Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => Ok(e.insert(self.state.load_slot(
-                addr,
-                self.base,
-                self.env.height,
-            )?)),
+            Entry::Vacant(e) => {
+                Ok(e.insert(self.state.load_slot(addr, self.base, self.env.height)?))
+            }
         }
     }
 

@@ -44,6 +44,9 @@ pub const DEFAULT_NODE_CACHE: usize = 65_536;
 /// slot. Below it the overhead of a task outweighs the hashing it saves.
 const PARALLEL_UPDATES: usize = 256;
 
+/// A node to read during `get_many`, with the sorted keys (and their positions) below it.
+type Visit<'k> = (ChildRef, NibblePath, &'k [(Hash, usize)]);
+
 /// One update, borrowed from the caller: `None` deletes.
 type Update<'a> = (Hash, Option<&'a [u8]>);
 
@@ -141,7 +144,8 @@ impl StateTree {
 
     /// A tree over `store` caching up to `nodes` decoded nodes (at least one).
     pub fn with_cache_capacity(store: Arc<dyn KvStore>, nodes: usize) -> StateTree {
-        let per_shard = NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
+        let per_shard =
+            NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
         StateTree {
             store,
             cache: (0..CACHE_SHARDS)
@@ -241,8 +245,7 @@ impl StateTree {
         keys: &[(Hash, usize)],
     ) -> Result<Vec<(usize, Vec<u8>)>> {
         let mut found = Vec::new();
-        let mut frontier: Vec<(ChildRef, NibblePath, &[(Hash, usize)])> =
-            vec![(root, NibblePath::ROOT, keys)];
+        let mut frontier: Vec<Visit<'_>> = vec![(root, NibblePath::ROOT, keys)];
         while !frontier.is_empty() {
             let node_keys: Vec<NodeKey> = frontier
                 .iter()

@@ -242,7 +242,10 @@ impl KvStore for OverlayStore {
             from_base.push(i);
         }
         let base_keys: Vec<Vec<u8>> = from_base.iter().map(|&i| keys[i].clone()).collect();
-        for (i, value) in from_base.into_iter().zip(self.base.multi_get(col, &base_keys)?) {
+        for (i, value) in from_base
+            .into_iter()
+            .zip(self.base.multi_get(col, &base_keys)?)
+        {
             out[i] = value;
         }
         Ok(out)

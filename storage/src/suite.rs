@@ -443,9 +443,17 @@ pub(crate) fn multi_get_matches_get(store: &dyn KvStore) {
     let mut rng = XorShift(0x5eed);
     let mut batch = WriteBatch::new();
     for i in 0u32..300 {
-        batch.put(Column::StateNodes, i.to_be_bytes().to_vec(), vec![i as u8; (i % 7) as usize]);
+        batch.put(
+            Column::StateNodes,
+            i.to_be_bytes().to_vec(),
+            vec![i as u8; (i % 7) as usize],
+        );
     }
-    batch.put(Column::Meta, 5u32.to_be_bytes().to_vec(), b"other column".to_vec());
+    batch.put(
+        Column::Meta,
+        5u32.to_be_bytes().to_vec(),
+        b"other column".to_vec(),
+    );
     store.write(batch).unwrap();
     let mut keys: Vec<Vec<u8>> = (0..500)
         .map(|_| ((rng.next() % 400) as u32).to_be_bytes().to_vec())

@@ -144,6 +144,83 @@ type BadConfig = (
     &'static str,
 );
 
+/// `keel bench <stage> --json` prints one JSON object per line with the contract's fields,
+/// for both mixes and both thread counts (1 and all cores).
+#[test]
+fn bench_prints_one_json_object_per_stage_mix_and_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_keel([
+        "bench",
+        "all",
+        "--json",
+        "--accounts",
+        "3000",
+        "--txs",
+        "200",
+        "--blocks",
+        "1",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(out.success(), "{out}");
+    let lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<u64> = if cores > 1 {
+        vec![1, cores as u64]
+    } else {
+        vec![1]
+    };
+    let stages = ["sigverify", "execute", "root", "commit", "block"];
+    assert_eq!(
+        lines.len(),
+        stages.len() * 2 * threads.len(),
+        "{}",
+        out.stdout
+    );
+    for mix in ["uniform", "hot30"] {
+        for t in &threads {
+            for stage in stages {
+                let line = lines
+                    .iter()
+                    .find(|l| l["stage"] == stage && l["mix"] == mix && l["threads"] == *t)
+                    .unwrap_or_else(|| panic!("no {stage}/{mix}/{t} line in {}", out.stdout));
+                assert_eq!(line["accounts"], 3000);
+                assert_eq!(line["txs"], 200);
+                assert!(line["tps"].as_f64().unwrap() > 0.0, "{line}");
+            }
+        }
+    }
+    // The temporary database is removed afterwards.
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    // Only the asked stage; a bad count is a one-line error.
+    let out = run_keel([
+        "bench",
+        "sigverify",
+        "--json",
+        "--txs",
+        "100",
+        "--blocks",
+        "1",
+    ])
+    .unwrap();
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout
+            .lines()
+            .all(|l| l.contains("\"stage\":\"sigverify\"")),
+        "{out}"
+    );
+    let out = run_keel(["bench", "trie", "--accounts", "1"]).unwrap();
+    check_one_line_error(&out).unwrap();
+    assert!(out.stderr.contains("--accounts"), "{out}");
+}
+
 #[test]
 fn config_refuses_unknown_keys_at_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -39,7 +39,7 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// A public key that is not a valid ed25519 point.
+    /// A public key that is not a valid ed25519 point, or a weak one (of small order).
     #[error("invalid ed25519 public key")]
     PublicKey,
     /// A signature that does not verify.

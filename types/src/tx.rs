@@ -134,7 +134,8 @@ impl Transaction {
         })
     }
 
-    /// Verifies this transaction's signature on its own (use batch verification for many).
+    /// Verifies this transaction's signature on its own with the cofactored rule of
+    /// [`PublicKey::verify`] (use batch verification for many: same verdicts).
     pub fn verify_signature(&self) -> Result<()> {
         self.public_key.verify(&self.signing_hash, &self.signature)
     }

@@ -68,11 +68,9 @@ impl Ledger for GroupLedger<'_> {
             Entry::Occupied(e) => Ok(e.into_mut()),
             // Every ordered account of the group is preloaded; loading here only happens if
             // that ever changes, and is still correct (nobody else writes it).
-            Entry::Vacant(e) => Ok(e.insert(self.state.load_slot(
-                addr,
-                self.base,
-                self.env.height,
-            )?)),
+            Entry::Vacant(e) => {
+                Ok(e.insert(self.state.load_slot(addr, self.base, self.env.height)?))
+            }
         }
     }
 

@@ -1093,8 +1093,12 @@ mod parallel_matches_sequential {
                         to: keys[to as usize].address(),
                         amount,
                     },
-                    1 => TxKind::Bond { amount: amount % 5_000 },
-                    _ => TxKind::Unbond { amount: amount % 5_000 },
+                    1 => TxKind::Bond {
+                        amount: amount % 5_000,
+                    },
+                    _ => TxKind::Unbond {
+                        amount: amount % 5_000,
+                    },
                 };
                 let mut tx = Transaction::sign(k, CHAIN, nonce, fee, kind);
                 if corrupt {
@@ -1204,7 +1208,10 @@ mod parallel_matches_sequential {
             .iter()
             .find(|(a, _)| *a == keys[HOT as usize].address())
             .unwrap();
-        assert_eq!(hot.1.balance, accounts[HOT as usize].1.balance + 7 * 2 * SENDERS);
+        assert_eq!(
+            hot.1.balance,
+            accounts[HOT as usize].1.balance + 7 * 2 * SENDERS
+        );
         assert_eq!(out, c.state.execute_sequential(&env, &txs).unwrap());
     }
 
@@ -1216,7 +1223,8 @@ mod parallel_matches_sequential {
         let mut nonces = vec![0u64; ACCOUNTS as usize];
         // 0 -> 1 -> 2 chain of payments (one group), the rest alone; then 10 and 11 push the
         // rich account 15 over u64::MAX.
-        let mut specs: Vec<TxSpec> = vec![(0, 0, 10, 0, 1, 100, false), (1, 0, 10, 0, 2, 100, false)];
+        let mut specs: Vec<TxSpec> =
+            vec![(0, 0, 10, 0, 1, 100, false), (1, 0, 10, 0, 2, 100, false)];
         specs.extend((5..SENDERS).map(|s| (s, 0, 10, 0, 13, 1, false)));
         specs.extend((0..30).map(|i| (5 + i % 7, 0, 10, 0, 14, 1, false)));
         let txs = build(&keys, &specs, &mut nonces);

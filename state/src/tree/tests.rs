@@ -81,7 +81,11 @@ fn assert_version_matches(tree: &StateTree, version: u64, model: &Model, pool: &
     }
     let many = tree.get_many(version, pool).unwrap();
     for (key, value) in pool.iter().zip(&many) {
-        assert_eq!(value.as_ref(), model.get(key), "get_many at version {version}");
+        assert_eq!(
+            value.as_ref(),
+            model.get(key),
+            "get_many at version {version}"
+        );
     }
 }
 
