@@ -619,7 +619,7 @@ impl std::ops::Deref for StateRef<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::sync::Mutex;
@@ -653,24 +653,32 @@ mod tests {
 
     /// A store holding only genesis, as `Node` writes it; returns the genesis hash.
     fn genesis(store: &Arc<dyn KvStore>) -> Hash {
-        let accounts: Vec<(Address, Account)> = (1..=3)
-            .map(|s| {
-                (
-                    addr(s),
-                    Account {
-                        balance: FUNDS,
-                        ..Account::default()
-                    },
-                )
-            })
-            .collect();
-        let state = State::new(store.clone(), params());
+        let accounts: Vec<(Address, Account)> = (1..=3).map(|s| (addr(s), funded(FUNDS))).collect();
+        write_genesis(store, params(), &accounts)
+    }
+
+    pub(crate) fn funded(balance: u64) -> Account {
+        Account {
+            balance,
+            ..Account::default()
+        }
+    }
+
+    /// Writes, as final, a genesis block of `params.chain_id` holding `accounts` (no
+    /// validators), and returns its hash.
+    pub(crate) fn write_genesis(
+        store: &Arc<dyn KvStore>,
+        params: ExecParams,
+        accounts: &[(Address, Account)],
+    ) -> Hash {
+        let chain_id = params.chain_id.clone();
+        let state = State::new(store.clone(), params);
         let blocks = BlockStore::new(store.clone());
         let mut batch = WriteBatch::new();
-        let root = state.init_genesis(&accounts, &[], &mut batch).unwrap();
+        let root = state.init_genesis(accounts, &[], &mut batch).unwrap();
         let block = Block {
             header: Header {
-                chain_id: CHAIN.into(),
+                chain_id,
                 state_root: root,
                 ..Header::default()
             },

@@ -475,10 +475,11 @@ mod tests {
 
     use keel_consensus::Validator;
     use keel_state::{Account, ExecParams};
-    use keel_storage::{KvStore, MemStore, WriteBatch};
+    use keel_storage::{KvStore, MemStore};
     use keel_types::{Address, Keypair, QuorumCertificate, TxKind};
 
     use super::*;
+    use crate::app::tests::{funded, write_genesis};
     use crate::app::{App, BlockTemplate};
     use crate::mempool::MempoolLimits;
 
@@ -506,31 +507,11 @@ mod tests {
     fn chain() -> (Chain, Arc<dyn KvStore>) {
         let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
         let accounts: Vec<(Address, Account)> = (1..=8)
-            .map(|s| {
-                let account = Account {
-                    balance: 1_000_000,
-                    ..Account::default()
-                };
-                (Keypair::from_seed(s).address(), account)
-            })
+            .map(|s| (Keypair::from_seed(s).address(), funded(1_000_000)))
             .collect();
+        let hash = write_genesis(&store, exec_params(), &accounts);
         let state = State::new(store.clone(), exec_params());
         let blocks = BlockStore::new(store.clone());
-        let mut batch = WriteBatch::new();
-        let root = state.init_genesis(&accounts, &[], &mut batch).unwrap();
-        let genesis = Block {
-            header: Header {
-                chain_id: CHAIN.into(),
-                state_root: root,
-                ..Header::default()
-            },
-            txs: Vec::new(),
-            evidence: Vec::new(),
-        };
-        let hash = genesis.hash();
-        blocks.stage_block(&mut batch, &genesis, &[]);
-        blocks.stage_finalized(&mut batch, 0, hash);
-        store.write(batch).unwrap();
         let validator = Keypair::from_seed(100).public();
         let chain = Chain::new(ChainParts {
             chain_id: CHAIN.into(),

@@ -372,6 +372,21 @@ impl Slot {
     }
 }
 
+/// The slot of `addr` in `accounts`, loaded from `state` at `base` on first use.
+fn slot_in<'m>(
+    accounts: &'m mut HashMap<Address, Slot>,
+    state: &State,
+    addr: &Address,
+    base: u64,
+    height: u64,
+) -> Result<&'m mut Slot> {
+    use std::collections::hash_map::Entry;
+    match accounts.entry(*addr) {
+        Entry::Occupied(e) => Ok(e.into_mut()),
+        Entry::Vacant(e) => Ok(e.insert(state.load_slot(addr, base, height)?)),
+    }
+}
+
 /// Where the rules read and write accounts: the whole block on one thread ([`BlockRun`]), or
 /// one group of the parallel executor.
 trait Ledger {
@@ -611,13 +626,13 @@ struct BlockRun<'s> {
 
 impl Ledger for BlockRun<'_> {
     fn slot(&mut self, addr: &Address) -> Result<&mut Slot> {
-        use std::collections::hash_map::Entry;
-        match self.accounts.entry(*addr) {
-            Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => {
-                Ok(e.insert(self.state.load_slot(addr, self.base, self.env.height)?))
-            }
-        }
+        slot_in(
+            &mut self.accounts,
+            self.state,
+            addr,
+            self.base,
+            self.env.height,
+        )
     }
 
     fn credit_only(&self, _: &Address) -> bool {

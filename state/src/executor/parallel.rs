@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use keel_types::{Address, PublicKey, Receipt, Transaction};
 use rayon::prelude::*;
 
-use super::{run_tx, BlockEnv, BlockRun, Execution, Ledger, Slot, State};
+use super::{run_tx, slot_in, BlockEnv, BlockRun, Execution, Ledger, Slot, State};
 use crate::Result;
 
 /// Blocks with fewer transactions run sequentially: below this the rayon tasks cost more
@@ -63,15 +63,15 @@ struct GroupLedger<'a> {
 
 impl Ledger for GroupLedger<'_> {
     fn slot(&mut self, addr: &Address) -> Result<&mut Slot> {
-        use std::collections::hash_map::Entry;
-        match self.slots.entry(*addr) {
-            Entry::Occupied(e) => Ok(e.into_mut()),
-            // Every ordered account of the group is preloaded; loading here only happens if
-            // that ever changes, and is still correct (nobody else writes it).
-            Entry::Vacant(e) => {
-                Ok(e.insert(self.state.load_slot(addr, self.base, self.env.height)?))
-            }
-        }
+        // Every ordered account of the group is preloaded; a load here only happens if that
+        // ever changes, and is still correct (no other group writes it).
+        slot_in(
+            &mut self.slots,
+            self.state,
+            addr,
+            self.base,
+            self.env.height,
+        )
     }
 
     fn credit_only(&self, addr: &Address) -> bool {
