@@ -1131,7 +1131,7 @@ mod parallel_matches_sequential {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
         #[test]
         fn receipts_state_and_batches_are_identical(
