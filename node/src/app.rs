@@ -41,9 +41,6 @@ use crate::driver::LATEST_QC_KEY;
 /// gets near it, and it caps the memory a stalled or lying network can make a node spend.
 pub const MAX_PENDING_HEIGHTS: u64 = 256;
 
-/// Node cache of the short-lived state view used to execute on a non-final parent.
-const OVERLAY_NODE_CACHE: usize = 1024;
-
 /// What consensus decides about a block before it is built: everything in the header except
 /// the roots, which execution fills in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -578,7 +575,14 @@ impl App {
             return StateRef::Main(&self.state);
         }
         let view = OverlayStore::new(self.store.clone(), layers);
-        let state = State::with_node_cache(Arc::new(view), self.params.clone(), OVERLAY_NODE_CACHE);
+        // Nodes up to the final height are committed: read them through the main state's
+        // cache (and warm it); the overlay's own, newer nodes are never cached.
+        let state = State::with_shared_node_cache(
+            Arc::new(view),
+            self.params.clone(),
+            self.state.tree().node_cache(),
+            self.final_tip().0,
+        );
         StateRef::Branch(Box::new(match &self.sig_cache {
             Some(cache) => state.with_signature_cache(cache.clone()),
             None => state,

@@ -16,7 +16,7 @@ use keel_types::{Address, Hash, PublicKey, Receipt, Transaction, TxKind};
 use rayon::prelude::*;
 
 use crate::signatures::{verify_transactions, SigCache};
-use crate::tree::{Proof, StateTree};
+use crate::tree::{NodeCache, Proof, StateTree};
 use crate::{Account, Error, Result, StakeEntry, Unbonding, ValidatorRegistry};
 
 /// The tree key of an account: blake3 of the 20 address bytes.
@@ -89,6 +89,22 @@ impl State {
     pub fn with_node_cache(store: Arc<dyn KvStore>, params: ExecParams, nodes: usize) -> State {
         State {
             tree: StateTree::with_cache_capacity(store, nodes),
+            params,
+            sig_cache: None,
+        }
+    }
+
+    /// State over `store` (an overlay of pending blocks on the database) sharing `cache`,
+    /// the database state's node cache, for nodes of versions up to `final_height`
+    /// (committed, so immutable); see [`StateTree::with_shared_cache`].
+    pub fn with_shared_node_cache(
+        store: Arc<dyn KvStore>,
+        params: ExecParams,
+        cache: Arc<NodeCache>,
+        final_height: u64,
+    ) -> State {
+        State {
+            tree: StateTree::with_shared_cache(store, cache, final_height),
             params,
             sig_cache: None,
         }

@@ -57,9 +57,71 @@ type Update<'a> = (Hash, Option<&'a [u8]>);
 /// leave them where a read could find them.
 pub struct StateTree {
     store: Arc<dyn KvStore>,
-    /// The node cache, split in [`CACHE_SHARDS`] independently locked LRUs so parallel
-    /// readers (block execution, subtree builds) rarely wait for each other.
-    cache: Vec<Mutex<LruCache<NodeKey, Node>>>,
+    /// The node cache; possibly shared with other trees over views of the same database.
+    cache: Arc<NodeCache>,
+    /// Only nodes of versions up to this one go through the cache (all versions for a tree
+    /// over the database itself; the final height for a tree over an overlay of pending
+    /// blocks, whose own nodes are newer and must never reach a shared cache).
+    cache_upto: u64,
+}
+
+/// Decoded nodes of committed versions, an LRU split in [`CACHE_SHARDS`] independently
+/// locked shards so parallel readers (block execution, subtree builds) rarely wait for each
+/// other. Committed nodes never change (a key names its version), so one cache can serve
+/// every tree reading the same database, including the throw-away trees over overlays of
+/// pending blocks (see [`StateTree::with_shared_cache`]).
+pub struct NodeCache {
+    shards: Vec<Mutex<LruCache<NodeKey, Node>>>,
+}
+
+impl NodeCache {
+    /// A cache of about `nodes` decoded nodes (at least one per shard).
+    pub fn new(nodes: usize) -> NodeCache {
+        let per_shard =
+            NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
+        NodeCache {
+            shards: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .collect(),
+        }
+    }
+
+    /// Nodes held now.
+    pub fn len(&self) -> usize {
+        (0..CACHE_SHARDS).map(|i| self.lock(i).len()).sum()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, LruCache<NodeKey, Node>> {
+        // The cache holds only immutable, already-stored nodes, so a panic elsewhere while the
+        // lock was held cannot have left it inconsistent.
+        self.shards[shard % CACHE_SHARDS]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The cache shard of a node: siblings (and the levels) spread over the shards.
+    fn shard_of(key: &NodeKey) -> usize {
+        (usize::from(key.path.last_nibble()) + key.path.len() * 5) % CACHE_SHARDS
+    }
+
+    fn get(&self, key: &NodeKey) -> Option<Node> {
+        self.lock(Self::shard_of(key)).get(key).cloned()
+    }
+
+    fn put(&self, key: NodeKey, node: Node) {
+        self.lock(Self::shard_of(&key)).put(key, node);
+    }
+
+    fn clear(&self) {
+        for shard in 0..CACHE_SHARDS {
+            self.lock(shard).clear();
+        }
+    }
 }
 
 /// Shards of the node cache.
@@ -144,35 +206,50 @@ impl StateTree {
 
     /// A tree over `store` caching up to `nodes` decoded nodes (at least one).
     pub fn with_cache_capacity(store: Arc<dyn KvStore>, nodes: usize) -> StateTree {
-        let per_shard =
-            NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
         StateTree {
             store,
-            cache: (0..CACHE_SHARDS)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
-                .collect(),
+            cache: Arc::new(NodeCache::new(nodes)),
+            cache_upto: u64::MAX,
+        }
+    }
+
+    /// A tree over `store` (typically an overlay of pending blocks on the database) that
+    /// reads and fills `cache` for nodes of versions up to `committed_upto` only: those are
+    /// committed and immutable, so the cache can be the database tree's own. Newer nodes (the
+    /// overlay's) are read from `store` every time and never cached.
+    pub fn with_shared_cache(
+        store: Arc<dyn KvStore>,
+        cache: Arc<NodeCache>,
+        committed_upto: u64,
+    ) -> StateTree {
+        StateTree {
+            store,
+            cache,
+            cache_upto: committed_upto,
+        }
+    }
+
+    /// This tree's node cache, to share with trees over overlays of the same database.
+    pub fn node_cache(&self) -> Arc<NodeCache> {
+        self.cache.clone()
+    }
+
+    fn cached(&self, key: &NodeKey) -> Option<Node> {
+        (key.version <= self.cache_upto)
+            .then(|| self.cache.get(key))
+            .flatten()
+    }
+
+    fn remember(&self, key: NodeKey, node: &Node) {
+        if key.version <= self.cache_upto {
+            self.cache.put(key, node.clone());
         }
     }
 
     /// Empties the node cache. Only needed if a version is ever written twice with different
     /// contents (which a chain that commits only final blocks never does).
     pub fn clear_cache(&self) {
-        for shard in 0..self.cache.len() {
-            self.lock_cache(shard).clear();
-        }
-    }
-
-    fn lock_cache(&self, shard: usize) -> std::sync::MutexGuard<'_, LruCache<NodeKey, Node>> {
-        // The cache holds only immutable, already-stored nodes, so a panic elsewhere while the
-        // lock was held cannot have left it inconsistent.
-        self.cache[shard % CACHE_SHARDS]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The cache shard of a node: siblings (and the levels) spread over the shards.
-    fn shard_of(key: &NodeKey) -> usize {
-        (usize::from(key.path.last_nibble()) + key.path.len() * 5) % CACHE_SHARDS
+        self.cache.clear();
     }
 
     /// The root hash of `version`; [`Error::VersionNotFound`] if it was never committed or
@@ -296,10 +373,7 @@ impl StateTree {
     /// Loads many nodes: from the cache where it has them, the rest in one batched store
     /// read (cached afterwards). Answers in the order of `keys`.
     fn load_many(&self, keys: &[NodeKey]) -> Result<Vec<Node>> {
-        let mut nodes: Vec<Option<Node>> = keys
-            .iter()
-            .map(|k| self.lock_cache(Self::shard_of(k)).get(k).cloned())
-            .collect();
+        let mut nodes: Vec<Option<Node>> = keys.iter().map(|k| self.cached(k)).collect();
         let mut missing: Vec<(Vec<u8>, usize)> = nodes
             .iter()
             .zip(keys)
@@ -316,7 +390,7 @@ impl StateTree {
                     return Err(missing_node(keys.get(i)));
                 };
                 let node = Node::decode(&bytes)?;
-                self.lock_cache(Self::shard_of(key)).put(*key, node.clone());
+                self.remember(*key, &node);
                 if let Some(slot) = nodes.get_mut(i) {
                     *slot = Some(node);
                 }
@@ -747,16 +821,15 @@ impl StateTree {
     }
 
     fn load(&self, key: &NodeKey) -> Result<Node> {
-        let shard = Self::shard_of(key);
-        if let Some(node) = self.lock_cache(shard).get(key) {
-            return Ok(node.clone());
+        if let Some(node) = self.cached(key) {
+            return Ok(node);
         }
         let bytes = self
             .store
             .get(Column::StateNodes, &key.encode())?
             .ok_or_else(|| missing_node(Some(key)))?;
         let node = Node::decode(&bytes)?;
-        self.lock_cache(shard).put(*key, node.clone());
+        self.remember(*key, &node);
         Ok(node)
     }
 

@@ -531,3 +531,58 @@ fn large_batches_built_in_parallel_match_the_reference() {
     tree.apply(Some(1), 2, &second, &mut b2).unwrap();
     assert_eq!(b1, b2);
 }
+
+/// A tree over an overlay of pending versions shares the database tree's node cache for
+/// committed versions only: a losing branch's nodes never reach the cache, so the branch that
+/// is committed later reads back exactly.
+#[test]
+fn overlay_trees_share_the_cache_for_committed_versions_only() {
+    use keel_storage::{Layer, OverlayStore};
+
+    let (store, tree) = new_tree();
+    let keys: Vec<Hash> = (0u32..600)
+        .map(|i| Hash::digest(&i.to_le_bytes()))
+        .collect();
+    let put = |tag: u8| -> Vec<(Hash, Option<Vec<u8>>)> {
+        keys.iter().map(|k| (*k, Some(vec![tag, k.0[0]]))).collect()
+    };
+    commit(&store, &tree, None, 0, &put(0));
+    commit(&store, &tree, Some(0), 1, &put(1));
+    // Every node reachable at version 1 is now cached.
+    let at1 = tree.get_many(1, &keys).unwrap();
+    assert!(at1.iter().all(|v| v.as_ref().is_some_and(|v| v[0] == 1)));
+    let cache = tree.node_cache();
+    let cached = cache.len();
+    assert!(cached > 0);
+
+    // Two competing versions 2 over version 1, each only in an overlay.
+    let half: Vec<(Hash, Option<Vec<u8>>)> = put(2).into_iter().step_by(2).collect();
+    let other: Vec<(Hash, Option<Vec<u8>>)> = put(3).into_iter().skip(1).step_by(2).collect();
+    let branch = |updates: &[(Hash, Option<Vec<u8>>)]| {
+        let mut batch = WriteBatch::new();
+        let root = tree.apply(Some(1), 2, updates, &mut batch).unwrap();
+        let view = OverlayStore::new(store.clone(), vec![Arc::new(Layer::from_batch(&batch))]);
+        let branch_tree = StateTree::with_shared_cache(Arc::new(view), cache.clone(), 1);
+        (root, batch, branch_tree)
+    };
+    let (root_a, batch_a, tree_a) = branch(&half);
+    let (_, _, tree_b) = branch(&other);
+    for (t, tag, updated) in [(&tree_a, 2u8, 0usize), (&tree_b, 3, 1)] {
+        let values = t.get_many(2, &keys).unwrap();
+        for (i, v) in values.iter().enumerate() {
+            let expect = if i % 2 == updated { tag } else { 1 };
+            assert_eq!(v.as_ref().unwrap()[0], expect, "key {i}");
+        }
+    }
+    // The branches read their committed part through the cache and added nothing of theirs.
+    assert_eq!(cache.len(), cached);
+
+    // Branch A is committed: the database tree reads it back exactly.
+    store.write(batch_a).unwrap();
+    assert_eq!(tree.root(2).unwrap(), root_a);
+    let values = tree.get_many(2, &keys).unwrap();
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(v.as_ref().unwrap()[0], if i % 2 == 0 { 2 } else { 1 });
+        assert_eq!(tree.get(2, &keys[i]).unwrap(), *v);
+    }
+}
