@@ -5,7 +5,7 @@
 //! cache) are read at scrape time.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -61,8 +61,6 @@ pub struct Metrics {
     set_cache_misses: Counter,
     sig_cache_hits: Counter,
     sig_cache_misses: Counter,
-    /// Values already added to the counters mirrored from elsewhere.
-    mirrored: Mutex<[u64; 8]>,
 }
 
 impl Metrics {
@@ -87,7 +85,6 @@ impl Metrics {
             set_cache_misses: Counter::default(),
             sig_cache_hits: Counter::default(),
             sig_cache_misses: Counter::default(),
-            mirrored: Mutex::new([0; 8]),
             registry: Registry::default(),
         };
         m.memory_limit.set(memory_limit as i64);
@@ -183,58 +180,40 @@ impl Metrics {
             self.db_size.set(size as i64);
         }
         self.memory_allocated.set(allocated_bytes() as i64);
+        // Counters kept elsewhere (the p2p service, the caches) are copied in: they only grow,
+        // so storing their current value keeps the Prometheus counter monotonic.
         let bytes = chain.p2p_bytes();
-        let stats = chain.validator_set_cache_stats();
-        let sig_cache = chain.sig_cache();
-        let now = [
-            bytes.sent_raw,
-            bytes.sent_compressed,
-            bytes.received_raw,
-            bytes.received_compressed,
-            stats.hits,
-            stats.misses,
-            sig_cache.hits(),
-            sig_cache.misses(),
-        ];
-        {
-            let mut seen = match self.mirrored.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            let label = |direction: &str, compressed: bool| BytesLabels {
+        for (direction, compressed, value) in [
+            ("sent", false, bytes.sent_raw),
+            ("sent", true, bytes.sent_compressed),
+            ("received", false, bytes.received_raw),
+            ("received", true, bytes.received_compressed),
+        ] {
+            let labels = BytesLabels {
                 direction: direction.into(),
                 compressed: compressed.to_string(),
             };
-            // One lookup per statement: a family's read guard must be dropped before the next
-            // lookup may need its write lock.
-            let mut targets = Vec::with_capacity(8);
-            for (direction, compressed) in [
-                ("sent", false),
-                ("sent", true),
-                ("received", false),
-                ("received", true),
-            ] {
-                let counter = self
-                    .p2p_bytes
-                    .get_or_create(&label(direction, compressed))
-                    .clone();
-                targets.push(counter);
-            }
-            targets.push(self.set_cache_hits.clone());
-            targets.push(self.set_cache_misses.clone());
-            targets.push(self.sig_cache_hits.clone());
-            targets.push(self.sig_cache_misses.clone());
-            for ((counter, value), last) in targets.iter().zip(now).zip(seen.iter_mut()) {
-                counter.inc_by(value.saturating_sub(*last));
-                *last = (*last).max(value);
-            }
+            mirror(&self.p2p_bytes.get_or_create(&labels), value);
         }
+        let stats = chain.validator_set_cache_stats();
+        mirror(&self.set_cache_hits, stats.hits);
+        mirror(&self.set_cache_misses, stats.misses);
+        let sig_cache = chain.sig_cache();
+        mirror(&self.sig_cache_hits, sig_cache.hits());
+        mirror(&self.sig_cache_misses, sig_cache.misses());
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
     }
+}
+
+/// Sets `counter` to `value`, a count kept elsewhere that only grows.
+fn mirror(counter: &Counter, value: u64) {
+    counter
+        .inner()
+        .fetch_max(value, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Bytes allocated, as jemalloc counts them (0 if it cannot tell).

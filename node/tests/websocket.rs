@@ -24,6 +24,7 @@ async fn start_node(dir: &std::path::Path) -> Node {
     let mut config = Config::default();
     config.storage.engine = StorageEngine::Memory;
     config.rpc.listen_addr = "127.0.0.1:0".parse().unwrap();
+    config.metrics.listen_addr = "127.0.0.1:0".parse().unwrap();
     config.p2p.listen_addr = "/ip4/127.0.0.1/tcp/0".into();
     config.consensus.block_time_ms = 50;
     config.consensus.timeout_ms = 500;
