@@ -83,17 +83,6 @@ impl State {
         }
     }
 
-    /// State with a node cache of `nodes` entries: for short-lived views (one execution over
-    /// an overlay of non-final blocks), where the default cache would cost megabytes of
-    /// allocation and never warm up.
-    pub fn with_node_cache(store: Arc<dyn KvStore>, params: ExecParams, nodes: usize) -> State {
-        State {
-            tree: StateTree::with_cache_capacity(store, nodes),
-            params,
-            sig_cache: None,
-        }
-    }
-
     /// State over `store` (an overlay of pending blocks on the database) sharing `cache`,
     /// the database state's node cache, for nodes of versions up to `final_height`
     /// (committed, so immutable); see [`StateTree::with_shared_cache`].
