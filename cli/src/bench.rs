@@ -264,7 +264,10 @@ impl Bench {
         let execute = start.elapsed();
         let t = Instant::now();
         let mut batch = WriteBatch::new();
-        let outcome = self.state.stage(execution, &mut batch).context("staging")?;
+        let (outcome, fresh) = self
+            .state
+            .stage_fresh(execution, &mut batch)
+            .context("staging")?;
         let root = t.elapsed();
         let t = Instant::now();
         let tx_bytes: Vec<Vec<u8>> = txs.iter().map(|t| t.bytes.clone()).collect();
@@ -282,6 +285,7 @@ impl Bench {
         self.blocks
             .stage_block(&mut batch, &block, &outcome.receipts);
         self.store.write(batch).context("committing")?;
+        self.state.tree().cache_committed(fresh);
         let commit = t.elapsed();
         let whole = start.elapsed();
         let failed = outcome.receipts.iter().filter(|r| !r.success).count();

@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use keel_state::{Account, BlockEnv, BlockOutcome, ExecParams, SigCache, State};
+use keel_state::{Account, BlockEnv, BlockOutcome, ExecParams, FreshNodes, SigCache, State};
 use keel_storage::{BlockStore, KvStore, Layer, OverlayStore, WriteBatch};
 use keel_types::{
     merkle_root, Address, Block, Evidence, Hash, Header, QuorumCertificate, Receipt, Transaction,
@@ -126,10 +126,17 @@ struct Pending {
     tx_hashes: Vec<Hash>,
     /// The state nodes, root pointer and stale records its execution staged.
     layer: Arc<Layer>,
+    /// The upper tree levels it wrote, for the node cache once it is final.
+    fresh: Option<FreshNodes>,
 }
 
 impl Pending {
-    fn new(block: Block, tx_hashes: Vec<Hash>, outcome: BlockOutcome, batch: &WriteBatch) -> Self {
+    fn new(block: Block, tx_hashes: Vec<Hash>, executed: Executed) -> Self {
+        let Executed {
+            outcome,
+            batch,
+            fresh,
+        } = executed;
         Pending {
             block,
             receipts: outcome.receipts,
@@ -139,7 +146,8 @@ impl Pending {
                 .map(|(a, acc)| (*a, acc.nonce))
                 .collect(),
             tx_hashes,
-            layer: Arc::new(Layer::from_batch(batch)),
+            layer: Arc::new(Layer::from_batch(&batch)),
+            fresh: Some(fresh),
         }
     }
 
@@ -272,7 +280,7 @@ impl App {
             proposer: template.proposer,
             evidence: evidence.clone(),
         };
-        let (outcome, batch) = self.execute(layers, &env, &txs)?;
+        let executed = self.execute(layers, &env, &txs)?;
         let tx_hashes: Vec<Hash> = txs.iter().map(|t| t.hash).collect();
         let mut block = Block {
             header: Header {
@@ -284,7 +292,7 @@ impl App {
                 timestamp_ms: template.timestamp_ms,
                 proposer: template.proposer,
                 tx_root: merkle_root(&tx_hashes),
-                state_root: outcome.state_root,
+                state_root: executed.outcome.state_root,
                 validators_hash: template.validators_hash,
                 parent_qc: template.parent_qc,
                 evidence_root: Hash::ZERO,
@@ -300,10 +308,8 @@ impl App {
             "built block"
         );
         let hash = block.hash();
-        self.pending.insert(
-            hash,
-            Pending::new(block.clone(), tx_hashes, outcome, &batch),
-        );
+        self.pending
+            .insert(hash, Pending::new(block.clone(), tx_hashes, executed));
         Ok(block)
     }
 
@@ -364,18 +370,16 @@ impl App {
             proposer: header.proposer,
             evidence: block.evidence.clone(),
         };
-        let (outcome, batch) = self.execute(layers, &env, &txs)?;
-        if outcome.state_root != header.state_root {
+        let executed = self.execute(layers, &env, &txs)?;
+        if executed.outcome.state_root != header.state_root {
             return Err(AppError::Invalid(format!(
                 "state root {}, execution gives {}",
-                header.state_root, outcome.state_root
+                header.state_root, executed.outcome.state_root
             )));
         }
         tracing::debug!(height = header.height, %hash, txs = txs.len(), "validated block");
-        self.pending.insert(
-            hash,
-            Pending::new(block.clone(), tx_hashes, outcome, &batch),
-        );
+        self.pending
+            .insert(hash, Pending::new(block.clone(), tx_hashes, executed));
         Ok(())
     }
 
@@ -461,7 +465,10 @@ impl App {
             .stage_meta(&mut batch, LATEST_QC_KEY, &qc.encode());
         self.store.write(batch)?;
         self.final_tip = (height, *hash);
-        if let Some(p) = self.pending.remove(hash) {
+        if let Some(mut p) = self.pending.remove(hash) {
+            if let Some(fresh) = p.fresh.take() {
+                self.state.tree().cache_committed(fresh);
+            }
             tracing::debug!(height, %hash, txs = p.block.txs.len(), "finalized block");
             written.push(Finalized {
                 block: p.block,
@@ -589,20 +596,32 @@ impl App {
         }))
     }
 
-    /// Executes a block on the state the layers describe; returns the outcome and the
-    /// staged state batch.
+    /// Executes a block on the state the layers describe.
     fn execute(
         &self,
         layers: Vec<Arc<Layer>>,
         env: &BlockEnv,
         txs: &[Transaction],
-    ) -> Result<(BlockOutcome, WriteBatch), AppError> {
+    ) -> Result<Executed, AppError> {
+        let state = self.state_over(layers);
+        let execution = state.execute(env, txs)?;
         let mut batch = WriteBatch::new();
-        let outcome = self
-            .state_over(layers)
-            .execute_block(env, txs, &mut batch)?;
-        Ok((outcome, batch))
+        let (outcome, fresh) = state.stage_fresh(execution, &mut batch)?;
+        Ok(Executed {
+            outcome,
+            batch,
+            fresh,
+        })
     }
+}
+
+/// A block executed on its parent's state, not yet kept.
+struct Executed {
+    outcome: BlockOutcome,
+    /// The staged state version.
+    batch: WriteBatch,
+    /// Its upper tree levels, for the node cache once the block is final.
+    fresh: FreshNodes,
 }
 
 /// The long-lived state (final-tip executions, cached) or a throw-away one over an overlay.
@@ -956,14 +975,20 @@ pub(crate) mod tests {
         );
     }
 
-    /// Records every batch written, to check what one finalization writes.
+    /// Records every batch written, to check what one finalization writes, and the state
+    /// nodes read.
+    #[derive(Default)]
     struct Recording {
         inner: MemStore,
         writes: Mutex<Vec<WriteBatch>>,
+        node_reads: Mutex<Vec<Vec<u8>>>,
     }
 
     impl KvStore for Recording {
         fn get(&self, col: Column, key: &[u8]) -> keel_storage::Result<Option<Vec<u8>>> {
+            if col == Column::StateNodes {
+                self.node_reads.lock().unwrap().push(key.to_vec());
+            }
             self.inner.get(col, key)
         }
         fn write(&self, batch: WriteBatch) -> keel_storage::Result<()> {
@@ -990,12 +1015,38 @@ pub(crate) mod tests {
         }
     }
 
+    /// Finalized blocks hand their upper tree levels to the node cache: a block executed on
+    /// the final tip reads none of the upper-level nodes those blocks wrote from the store.
+    #[test]
+    fn final_blocks_leave_their_upper_tree_levels_in_the_node_cache() {
+        let recording = Arc::new(Recording::default());
+        let store: Arc<dyn KvStore> = recording.clone();
+        let g = genesis(&store);
+        let mut app = App::new(store.clone(), params()).unwrap();
+        let (_, [_, _, b3]) = three_blocks(&mut app, g);
+        app.finalize(&b3.hash(), &qc(b3.hash(), 3, 3)).unwrap();
+        assert_eq!(app.final_tip(), (3, b3.hash()));
+        recording.node_reads.lock().unwrap().clear();
+
+        // Touches accounts 1, 2 and the proposer, all rewritten by blocks 1-3.
+        let b4 = build(&mut app, &b3, 4, vec![transfer(2, 1, 1, 5)]);
+        assert_eq!(balance(&app, &b4, 2), FUNDS + 40 - 15);
+        let reads = recording.node_reads.lock().unwrap().clone();
+        // Node keys: version (8 bytes BE), nibble count, packed nibbles.
+        let upper_of_final_blocks: Vec<&Vec<u8>> = reads
+            .iter()
+            .filter(|k| k.len() >= 9 && k[8] <= 4)
+            .filter(|k| (1..=3).contains(&u64::from_be_bytes(k[..8].try_into().unwrap())))
+            .collect();
+        assert!(
+            upper_of_final_blocks.is_empty(),
+            "read from the store: {upper_of_final_blocks:?}"
+        );
+    }
+
     #[test]
     fn finalize_writes_each_block_in_one_batch_readable_through_the_block_store() {
-        let recording = Arc::new(Recording {
-            inner: MemStore::new(),
-            writes: Mutex::new(Vec::new()),
-        });
+        let recording = Arc::new(Recording::default());
         let store: Arc<dyn KvStore> = recording.clone();
         let g = genesis(&store);
         let mut app = App::new(store.clone(), params()).unwrap();

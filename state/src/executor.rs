@@ -16,7 +16,7 @@ use keel_types::{Address, Hash, PublicKey, Receipt, Transaction, TxKind};
 use rayon::prelude::*;
 
 use crate::signatures::{verify_transactions, SigCache};
-use crate::tree::{NodeCache, Proof, StateTree};
+use crate::tree::{FreshNodes, NodeCache, Proof, StateTree};
 use crate::{Account, Error, Result, StakeEntry, Unbonding, ValidatorRegistry};
 
 /// The tree key of an account: blake3 of the 20 address bytes.
@@ -252,6 +252,17 @@ impl State {
     /// the tree with every changed account (and the registry, if it changed). Returns the
     /// block's outcome with the new state root.
     pub fn stage(&self, execution: Execution, batch: &mut WriteBatch) -> Result<BlockOutcome> {
+        self.stage_fresh(execution, batch)
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`State::stage`], also returning the upper tree levels the version wrote: once `batch`
+    /// is committed, [`StateTree::cache_committed`] keeps them in memory for the next block.
+    pub fn stage_fresh(
+        &self,
+        execution: Execution,
+        batch: &mut WriteBatch,
+    ) -> Result<(BlockOutcome, FreshNodes)> {
         let Execution {
             height,
             base,
@@ -267,7 +278,7 @@ impl State {
         if let Some(bytes) = registry {
             updates.push((ValidatorRegistry::key(), Some(bytes)));
         }
-        let state_root = self.tree.apply(Some(base), height, &updates, batch)?;
+        let (state_root, fresh) = self.tree.apply_fresh(Some(base), height, &updates, batch)?;
         tracing::debug!(
             height,
             txs = receipts.len(),
@@ -276,12 +287,13 @@ impl State {
             root = %state_root,
             "executed block"
         );
-        Ok(BlockOutcome {
+        let outcome = BlockOutcome {
             receipts,
             state_root,
             changed,
             slashed,
-        })
+        };
+        Ok((outcome, fresh))
     }
 
     /// The parent version of `env.height`, which must be stored.

@@ -30,15 +30,22 @@ pub use node::EMPTY_ROOT;
 pub use proof::{verify_proof, Proof, ProofLeaf, MAX_PROOF_SIBLINGS};
 
 use node::{
-    decode_root_pointer, descend, encode_leaf, encode_root_pointer, internal_node_hash, leaf_hash,
-    nibble, root_pointer_key, ChildRef, Children, LeafNode, NibblePath, Node, NodeKey, PathEnd,
+    decode_root_pointer, descend, encode_leaf, encode_root_pointer, leaf_hash, nibble,
+    root_pointer_key, ChildRef, Children, Internal, LeafNode, NibblePath, Node, NodeKey, PathEnd,
     MAX_NIBBLES,
 };
 
 use crate::{Error, Result};
 
-/// Nodes kept in the read cache by [`StateTree::new`].
+/// Leaves and deep internal nodes kept in the read cache by [`StateTree::new`] (the upper
+/// levels have their own part, see [`UPPER_LEVELS`]).
 pub const DEFAULT_NODE_CACHE: usize = 65_536;
+
+/// Internal nodes whose path has at most this many nibbles form the "upper levels" of the
+/// tree: at most 1 + 16 + 256 + 4,096 + 65,536 = 69,905 nodes in one version, dense from about
+/// 100,000 keys on, and crossed by nearly every update. The node cache keeps them apart from
+/// the leaves and deeper nodes (which a block reads once and would otherwise evict them).
+pub const UPPER_LEVELS: usize = 4;
 
 /// Subtrees with at least this many updates are built on the rayon pool, one task per child
 /// slot. Below it the overhead of a task outweighs the hashing it saves.
@@ -65,22 +72,37 @@ pub struct StateTree {
     cache_upto: u64,
 }
 
-/// Decoded nodes of committed versions, an LRU split in [`CACHE_SHARDS`] independently
-/// locked shards so parallel readers (block execution, subtree builds) rarely wait for each
-/// other. Committed nodes never change (a key names its version), so one cache can serve
-/// every tree reading the same database, including the throw-away trees over overlays of
-/// pending blocks (see [`StateTree::with_shared_cache`]).
+/// Decoded nodes of committed versions, in two parts:
+/// - the upper levels (nodes whose path has at most [`UPPER_LEVELS`] nibbles): one slot per
+///   path, holding the newest committed node seen at that path. Every update crosses them,
+///   so they are kept apart from the rest and never evicted by it, and a slot is found by
+///   its path alone (no hashing, no allocation). Besides the nodes read from the store, each
+///   committed version's new upper nodes enter it once the version is committed
+///   ([`StateTree::cache_committed`]), so the next block finds the whole upper tree of the
+///   latest version in memory however the blocks touch it;
+/// - an LRU of the rest (leaves, deeper internal nodes, upper nodes of older versions read by
+///   queries), split in [`CACHE_SHARDS`] independently locked shards so parallel readers
+///   (block execution, subtree builds) rarely wait for each other.
+///
+/// Committed nodes never change (a key names its version), so one cache can serve every tree
+/// reading the same database, including the throw-away trees over overlays of pending blocks
+/// (see [`StateTree::with_shared_cache`]).
 pub struct NodeCache {
-    shards: Vec<Mutex<LruCache<NodeKey, Node>>>,
+    upper: Vec<Mutex<Option<(u64, Node)>>>,
+    lower: Vec<Mutex<LruCache<NodeKey, Node>>>,
 }
 
+type Shard<'a> = std::sync::MutexGuard<'a, LruCache<NodeKey, Node>>;
+
 impl NodeCache {
-    /// A cache of about `nodes` decoded nodes (at least one per shard).
+    /// A cache of the upper levels of the tree plus up to `nodes` other decoded nodes (at
+    /// least one per shard).
     pub fn new(nodes: usize) -> NodeCache {
         let per_shard =
             NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
         NodeCache {
-            shards: (0..CACHE_SHARDS)
+            upper: (0..UPPER_SLOTS).map(|_| Mutex::new(None)).collect(),
+            lower: (0..CACHE_SHARDS)
                 .map(|_| Mutex::new(LruCache::new(per_shard)))
                 .collect(),
         }
@@ -88,7 +110,13 @@ impl NodeCache {
 
     /// Nodes held now.
     pub fn len(&self) -> usize {
-        (0..CACHE_SHARDS).map(|i| self.lock(i).len()).sum()
+        let upper = (0..UPPER_SLOTS)
+            .filter(|i| self.slot(*i).is_some_and(|s| s.is_some()))
+            .count();
+        upper
+            + (0..CACHE_SHARDS)
+                .map(|i| self.shard(i).len())
+                .sum::<usize>()
     }
 
     /// Whether the cache is empty.
@@ -96,31 +124,88 @@ impl NodeCache {
         self.len() == 0
     }
 
-    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, LruCache<NodeKey, Node>> {
-        // The cache holds only immutable, already-stored nodes, so a panic elsewhere while the
+    fn slot(&self, i: usize) -> Option<std::sync::MutexGuard<'_, Option<(u64, Node)>>> {
+        // The cache holds only immutable, already-stored nodes, so a panic elsewhere while a
         // lock was held cannot have left it inconsistent.
-        self.shards[shard % CACHE_SHARDS]
+        self.upper
+            .get(i)
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn shard(&self, i: usize) -> Shard<'_> {
+        self.lower[i % CACHE_SHARDS]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The cache shard of a node: siblings (and the levels) spread over the shards.
-    fn shard_of(key: &NodeKey) -> usize {
-        (usize::from(key.path.last_nibble()) + key.path.len() * 5) % CACHE_SHARDS
+    /// The LRU shard of a node: siblings (and the levels) spread over the shards.
+    fn shard_of(&self, key: &NodeKey) -> Shard<'_> {
+        self.shard(usize::from(key.path.last_nibble()) + key.path.len() * 5)
     }
 
     fn get(&self, key: &NodeKey) -> Option<Node> {
-        self.lock(Self::shard_of(key)).get(key).cloned()
+        if let Some(slot) = key.path.upper_index().and_then(|i| self.slot(i)) {
+            if let Some((version, node)) = slot.as_ref() {
+                if *version == key.version {
+                    return Some(node.clone());
+                }
+            }
+        }
+        self.shard_of(key).get(key).cloned()
     }
 
+    /// Caches a committed node: in its upper slot unless that holds a newer one, else in
+    /// the LRU.
     fn put(&self, key: NodeKey, node: Node) {
-        self.lock(Self::shard_of(&key)).put(key, node);
+        if let Some(mut slot) = key.path.upper_index().and_then(|i| self.slot(i)) {
+            if slot.as_ref().is_none_or(|(v, _)| *v <= key.version) {
+                let old = slot.replace((key.version, node));
+                drop(slot);
+                drop(old);
+                return;
+            }
+        }
+        self.shard_of(&key).put(key, node);
     }
 
     fn clear(&self) {
-        for shard in 0..CACHE_SHARDS {
-            self.lock(shard).clear();
+        for i in 0..UPPER_SLOTS {
+            if let Some(mut slot) = self.slot(i) {
+                *slot = None;
+            }
         }
+        for i in 0..CACHE_SHARDS {
+            self.shard(i).clear();
+        }
+    }
+}
+
+/// Slots of the upper levels: one per path of at most [`UPPER_LEVELS`] nibbles.
+const UPPER_SLOTS: usize = 69_905;
+
+/// The upper-level nodes a staged version wrote: what
+/// [`StateTree::cache_committed`] needs once the version's batch is committed. Returned by
+/// [`StateTree::apply_fresh`]; a version that is never committed just drops it.
+#[derive(Default)]
+pub struct FreshNodes {
+    version: u64,
+    written: Vec<(NodeKey, Node)>,
+}
+
+impl FreshNodes {
+    /// The version these nodes belong to.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Upper-level nodes written.
+    pub fn len(&self) -> usize {
+        self.written.len()
+    }
+
+    /// Whether the version wrote no upper-level node.
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty()
     }
 }
 
@@ -153,12 +238,20 @@ struct PendingLeaf<'a> {
 struct Sink {
     nodes: Vec<(Vec<u8>, Vec<u8>)>,
     stale: Vec<Vec<u8>>,
+    /// Upper-level nodes written (for the cache).
+    fresh: Vec<(NodeKey, Node)>,
 }
 
 impl Sink {
     fn append(&mut self, other: Sink) {
         self.nodes.extend(other.nodes);
         self.stale.extend(other.stale);
+        self.fresh.extend(other.fresh);
+    }
+
+    /// Records that the node at `key` is replaced by this version.
+    fn replace(&mut self, key: NodeKey) {
+        self.stale.push(key.encode());
     }
 }
 
@@ -469,6 +562,20 @@ impl StateTree {
         updates: &[(Hash, Option<Vec<u8>>)],
         batch: &mut WriteBatch,
     ) -> Result<Hash> {
+        self.apply_fresh(base, version, updates, batch)
+            .map(|(root, _)| root)
+    }
+
+    /// [`StateTree::apply`], also returning the upper-level nodes the version wrote: hand
+    /// them to [`StateTree::cache_committed`] once `batch` is committed (and only then: a
+    /// staged version may lose to another one of the same number).
+    pub fn apply_fresh(
+        &self,
+        base: Option<u64>,
+        version: u64,
+        updates: &[(Hash, Option<Vec<u8>>)],
+        batch: &mut WriteBatch,
+    ) -> Result<(Hash, FreshNodes)> {
         let old_root = match base {
             Some(b) if b >= version => return Err(Error::BadVersion { base: b, version }),
             Some(b) => self.root_ref(b)?,
@@ -506,7 +613,27 @@ impl StateTree {
             stale.extend_from_slice(node_key);
         }
         batch.put(Column::StateStale, version.to_be_bytes().to_vec(), stale);
-        Ok(new_root.map_or(EMPTY_ROOT, |r| r.hash))
+        let fresh = FreshNodes {
+            version,
+            written: sink.fresh,
+        };
+        Ok((new_root.map_or(EMPTY_ROOT, |r| r.hash), fresh))
+    }
+
+    /// Puts the upper levels written by a committed version into the node cache (each in
+    /// the slot of its path, replacing the node of an older version), so the next version
+    /// finds the upper levels of the tree in memory instead of reading back what the last
+    /// one wrote. Call it only once the batch of `fresh.version()` is in the store. Ignored by
+    /// a tree over an overlay for versions it does not cache.
+    pub fn cache_committed(&self, fresh: FreshNodes) {
+        if fresh.version > self.cache_upto {
+            return;
+        }
+        fresh
+            .written
+            .into_par_iter()
+            .with_min_len(1024)
+            .for_each(|(key, node)| self.cache.put(key, node));
     }
 
     /// Stages the deletion of everything only versions older than `keep_from` need: every
@@ -561,7 +688,7 @@ impl StateTree {
             path,
         };
         if existing.is_leaf {
-            let leaf = self.load_leaf(&node_key)?;
+            let leaf = self.load_leaf_for_update(&node_key)?;
             let pending = PendingLeaf {
                 key: leaf.key,
                 value: Cow::Owned(leaf.value.clone()),
@@ -570,7 +697,7 @@ impl StateTree {
             };
             return self.build(version, path, updates, Some(pending), sink);
         }
-        let children = self.load_internal(&node_key)?;
+        let children = self.load_internal_for_update(&node_key)?;
         let depth = path.len();
         if depth >= MAX_NIBBLES {
             return Err(too_deep());
@@ -612,7 +739,7 @@ impl StateTree {
                 *slot = s;
             }
         }
-        self.make_internal(version, path, slots, Some(node_key), sink)
+        self.make_internal(version, path, slots, Some(node_key), Some(&children), sink)
     }
 
     /// Builds the subtree at `path` holding the inserts of `updates` plus `extra` (an
@@ -636,7 +763,7 @@ impl StateTree {
                 }
                 Ok(_) => {
                     if let Some(old) = e.stored_at {
-                        sink.stale.push(old.encode());
+                        sink.replace(old);
                     }
                     None
                 }
@@ -693,7 +820,7 @@ impl StateTree {
                 *slot = s;
             }
         }
-        self.make_internal(version, path, slots, None, sink)
+        self.make_internal(version, path, slots, None, None, sink)
     }
 
     /// Runs one job per child slot, on the rayon pool when the subtree is big enough, and
@@ -728,13 +855,15 @@ impl StateTree {
     }
 
     /// Turns 16 child subtrees into the subtree at `path`: nothing, a single leaf moving up,
-    /// or a new internal node staged at `(version, path)`. `old` is the node it replaces.
+    /// or a new internal node staged at `(version, path)`. `old` is the node it replaces, and
+    /// `rebuilt` that node's contents (whose binary hashes the new node may reuse).
     fn make_internal<'a>(
         &self,
         version: u64,
         path: NibblePath,
         slots: Vec<Subtree<'a>>,
         old: Option<NodeKey>,
+        rebuilt: Option<&Internal>,
         sink: &mut Sink,
     ) -> Result<Subtree<'a>> {
         let mut present = slots
@@ -746,7 +875,7 @@ impl StateTree {
         let single_leaf = match (first, several) {
             (None, _) => {
                 if let Some(old) = old {
-                    sink.stale.push(old.encode());
+                    sink.replace(old);
                 }
                 return Ok(Subtree::Empty);
             }
@@ -759,7 +888,7 @@ impl StateTree {
         };
         if single_leaf {
             if let Some(old) = old {
-                sink.stale.push(old.encode());
+                sink.replace(old);
             }
             let Some(i) = first else {
                 return Ok(Subtree::Empty);
@@ -772,7 +901,7 @@ impl StateTree {
                         version: r.version,
                         path: path.child((i & 0x0f) as u8),
                     };
-                    let leaf = self.load_leaf(&at)?;
+                    let leaf = self.load_leaf_for_update(&at)?;
                     Ok(Subtree::Leaf(PendingLeaf {
                         key: leaf.key,
                         value: Cow::Owned(leaf.value.clone()),
@@ -795,12 +924,15 @@ impl StateTree {
                 }
             };
         }
-        let hash = internal_node_hash(&children);
-        let node = Node::Internal(Arc::new(children));
-        sink.nodes
-            .push((NodeKey { version, path }.encode(), node.encode()));
+        let (internal, hash) = Internal::build(children, rebuilt, path.len() <= UPPER_LEVELS);
+        let node = Node::Internal(Arc::new(internal));
+        let key = NodeKey { version, path };
+        sink.nodes.push((key.encode(), node.encode()));
+        if path.len() <= UPPER_LEVELS {
+            sink.fresh.push((key, node));
+        }
         if let Some(old) = old {
-            sink.stale.push(old.encode());
+            sink.replace(old);
         }
         Ok(Subtree::Stored(ChildRef {
             version,
@@ -820,7 +952,11 @@ impl StateTree {
         }
     }
 
-    fn load(&self, key: &NodeKey) -> Result<Node> {
+    /// Reads a node through the cache. `keep` says whether a node read from the store is
+    /// cached: always for reads; for `apply` only in the upper levels, since the leaves and
+    /// deep nodes an update reads were either just read by the block's execution (and so are
+    /// cached already) or are read once, and caching them would only churn the cache.
+    fn load(&self, key: &NodeKey, keep: bool) -> Result<Node> {
         if let Some(node) = self.cached(key) {
             return Ok(node);
         }
@@ -829,28 +965,46 @@ impl StateTree {
             .get(Column::StateNodes, &key.encode())?
             .ok_or_else(|| missing_node(Some(key)))?;
         let node = Node::decode(&bytes)?;
-        self.remember(*key, &node);
+        if keep || key.path.len() <= UPPER_LEVELS {
+            self.remember(*key, &node);
+        }
         Ok(node)
     }
 
     fn load_leaf(&self, key: &NodeKey) -> Result<Arc<LeafNode>> {
-        match self.load(key)? {
-            Node::Leaf(leaf) => Ok(leaf),
-            Node::Internal(_) => Err(Error::Corrupt {
-                what: "state tree",
-                reason: "expected a leaf".into(),
-            }),
-        }
+        as_leaf(self.load(key, true)?)
     }
 
-    fn load_internal(&self, key: &NodeKey) -> Result<Arc<Children>> {
-        match self.load(key)? {
-            Node::Internal(children) => Ok(children),
-            Node::Leaf(_) => Err(Error::Corrupt {
-                what: "state tree",
-                reason: "expected an internal node".into(),
-            }),
-        }
+    fn load_internal(&self, key: &NodeKey) -> Result<Arc<Internal>> {
+        as_internal(self.load(key, true)?)
+    }
+
+    fn load_leaf_for_update(&self, key: &NodeKey) -> Result<Arc<LeafNode>> {
+        as_leaf(self.load(key, false)?)
+    }
+
+    fn load_internal_for_update(&self, key: &NodeKey) -> Result<Arc<Internal>> {
+        as_internal(self.load(key, false)?)
+    }
+}
+
+fn as_leaf(node: Node) -> Result<Arc<LeafNode>> {
+    match node {
+        Node::Leaf(leaf) => Ok(leaf),
+        Node::Internal(_) => Err(Error::Corrupt {
+            what: "state tree",
+            reason: "expected a leaf".into(),
+        }),
+    }
+}
+
+fn as_internal(node: Node) -> Result<Arc<Internal>> {
+    match node {
+        Node::Internal(children) => Ok(children),
+        Node::Leaf(_) => Err(Error::Corrupt {
+            what: "state tree",
+            reason: "expected an internal node".into(),
+        }),
     }
 }
 
@@ -879,12 +1033,20 @@ fn place_leaf(leaf: PendingLeaf<'_>, path: NibblePath, version: u64, sink: &mut 
                 is_leaf: true,
             };
         }
-        sink.stale.push(at.encode());
+        sink.replace(at);
     }
-    sink.nodes.push((
-        NodeKey { version, path }.encode(),
-        encode_leaf(&leaf.key, &leaf.value),
-    ));
+    let key = NodeKey { version, path };
+    sink.nodes
+        .push((key.encode(), encode_leaf(&leaf.key, &leaf.value)));
+    if path.len() <= UPPER_LEVELS {
+        sink.fresh.push((
+            key,
+            Node::Leaf(Arc::new(LeafNode {
+                key: leaf.key,
+                value: leaf.value.into_owned(),
+            })),
+        ));
+    }
     ChildRef {
         version,
         hash: leaf.hash,

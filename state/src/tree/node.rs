@@ -19,27 +19,29 @@ use crate::{Error, Result};
 /// Hash of an empty subtree, and so the root of the empty tree.
 pub const EMPTY_ROOT: Hash = Hash::ZERO;
 
-/// Domain byte of leaf hashes.
-const LEAF_DOMAIN: u8 = 0x00;
-/// Domain byte of internal (binary) node hashes.
-const INTERNAL_DOMAIN: u8 = 0x01;
+/// blake3 key of leaf hashes (keyed mode: the domain is the key, so the input stays 64
+/// bytes, one blake3 block and one compression, where a domain byte would make it two).
+pub(crate) const LEAF_KEY: [u8; 32] = *b"keel state tree leaf hash  v1.0 ";
+/// blake3 key of internal (binary) node hashes.
+pub(crate) const INTERNAL_KEY: [u8; 32] = *b"keel state tree inner hash v1.0 ";
 
-/// Hash of a leaf: `blake3(0x00 ++ key ++ blake3(value))`.
-pub(crate) fn leaf_hash(key: &Hash, value_hash: &Hash) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(&[LEAF_DOMAIN]);
-    h.update(key.as_bytes());
-    h.update(value_hash.as_bytes());
-    Hash(*h.finalize().as_bytes())
+/// blake3 in keyed mode over `a ++ b`.
+fn keyed_pair(key: &[u8; 32], a: &Hash, b: &Hash) -> Hash {
+    let mut input = [0u8; 64];
+    let (first, second) = input.split_at_mut(32);
+    first.copy_from_slice(a.as_bytes());
+    second.copy_from_slice(b.as_bytes());
+    Hash(*blake3::keyed_hash(key, &input).as_bytes())
 }
 
-/// Hash of a binary node: `blake3(0x01 ++ left ++ right)`.
+/// Hash of a leaf: `blake3_keyed(LEAF_KEY, key ++ blake3(value))`.
+pub(crate) fn leaf_hash(key: &Hash, value_hash: &Hash) -> Hash {
+    keyed_pair(&LEAF_KEY, key, value_hash)
+}
+
+/// Hash of a binary node: `blake3_keyed(INTERNAL_KEY, left ++ right)`.
 pub(crate) fn internal_hash(left: &Hash, right: &Hash) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(&[INTERNAL_DOMAIN]);
-    h.update(left.as_bytes());
-    h.update(right.as_bytes());
-    Hash(*h.finalize().as_bytes())
+    keyed_pair(&INTERNAL_KEY, left, right)
 }
 
 /// Nibbles in a key.
@@ -111,6 +113,16 @@ impl NibblePath {
             bytes,
             len: self.len.saturating_add(1),
         }
+    }
+
+    /// Where the path sits among all paths of at most four nibbles, shortest first (0 for
+    /// the root, 1..=16 for one nibble, ..., 4,369..69,905 for four), or `None` if longer.
+    pub(crate) fn upper_index(&self) -> Option<usize> {
+        const OFFSETS: [usize; 5] = [0, 1, 17, 273, 4_369];
+        let len = self.len();
+        let offset = OFFSETS.get(len)?;
+        let first = usize::from(self.bytes[0]) << 8 | usize::from(self.bytes[1]);
+        Some(offset + (first >> (16 - 4 * len)))
     }
 
     fn packed(&self) -> &[u8] {
@@ -223,13 +235,122 @@ pub(crate) struct LeafNode {
 /// Sixteen child slots, one per nibble.
 pub(crate) type Children = [Option<ChildRef>; 16];
 
+/// The 15 hashes of the binary tree over an internal node's slots, in heap order: `[0]` is
+/// the range of all 16 slots (the node's hash), `[1]` and `[2]` its halves, `[3..7]` the
+/// quarters and `[7..15]` the pairs. Heap node `i` (1-based) is stored at `[i - 1]`.
+type Levels = [Hash; 15];
+
+/// An internal node: its sixteen slots and, if it was built here rather than decoded, the
+/// hashes of the binary tree over them. A node built from one that has them rehashes only
+/// the ranges holding a changed slot (4 hashes for one changed child instead of 15); the node
+/// cache keeps the upper levels of each committed version with them (see
+/// `StateTree::cache_committed`). Decoded nodes do not compute them: most are only read.
+#[derive(Clone, Debug)]
+pub(crate) struct Internal {
+    pub(crate) children: Children,
+    levels: Option<Box<Levels>>,
+}
+
+impl PartialEq for Internal {
+    fn eq(&self, other: &Internal) -> bool {
+        self.children == other.children
+    }
+}
+
+impl Eq for Internal {}
+
+impl std::ops::Deref for Internal {
+    type Target = Children;
+
+    fn deref(&self) -> &Children {
+        &self.children
+    }
+}
+
+impl Internal {
+    /// A node read from the store (no levels).
+    pub(crate) fn decoded(children: Children) -> Internal {
+        Internal {
+            children,
+            levels: None,
+        }
+    }
+
+    /// A new node with `children` and its hash, hashing only the ranges in which they differ
+    /// from `old`'s when `old` has its levels (all of them otherwise). The node keeps its
+    /// levels if `keep_levels` (the node cache holds it, so a later update may reuse them).
+    pub(crate) fn build(
+        children: Children,
+        old: Option<&Internal>,
+        keep_levels: bool,
+    ) -> (Internal, Hash) {
+        let reuse = old.and_then(|o| {
+            let dirty = o
+                .children
+                .iter()
+                .zip(&children)
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .fold(0u16, |m, (i, _)| m | 1 << i);
+            o.levels.as_deref().map(|l| (l, dirty))
+        });
+        let (mut present, mut leaves) = (0u16, 0u16);
+        for (i, c) in children.iter().enumerate() {
+            if let Some(c) = c {
+                present |= 1 << i;
+                leaves |= u16::from(c.is_leaf) << i;
+            }
+        }
+        let slot = |i: usize| {
+            children
+                .get(i)
+                .copied()
+                .flatten()
+                .map_or(EMPTY_ROOT, |c| c.hash)
+        };
+        let mut levels: Levels = [EMPTY_ROOT; 15];
+        for i in (1..16usize).rev() {
+            // Heap node i covers `width` slots from `start`.
+            let depth = i.ilog2();
+            let width = 16usize >> depth;
+            let start = (i - (1 << depth)) * width;
+            let mask = (((1u32 << width) - 1) << start) as u16;
+            let value = match reuse {
+                Some((old, dirty)) if dirty & mask == 0 => old.get(i - 1).copied(),
+                _ => None,
+            };
+            let value = value.unwrap_or_else(|| {
+                let here = present & mask;
+                match here.count_ones() {
+                    0 => EMPTY_ROOT,
+                    // A range holding one leaf takes the leaf's hash (see `range_hash`).
+                    1 if leaves & here != 0 => slot(here.trailing_zeros() as usize),
+                    _ if width == 2 => internal_hash(&slot(start), &slot(start + 1)),
+                    _ => internal_hash(
+                        levels.get(2 * i - 1).unwrap_or(&EMPTY_ROOT),
+                        levels.get(2 * i).unwrap_or(&EMPTY_ROOT),
+                    ),
+                }
+            });
+            if let Some(l) = levels.get_mut(i - 1) {
+                *l = value;
+            }
+        }
+        let node = Internal {
+            children,
+            levels: keep_levels.then(|| Box::new(levels)),
+        };
+        (node, levels[0])
+    }
+}
+
 /// A stored node. Cheap to clone: the node cache hands out shared copies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Node {
     /// A leaf.
     Leaf(Arc<LeafNode>),
     /// An internal node with at least two children, or exactly one internal child.
-    Internal(Arc<Children>),
+    Internal(Arc<Internal>),
 }
 
 impl Node {
@@ -308,7 +429,7 @@ impl Node {
                         is_leaf: leaves & (1 << i) != 0,
                     });
                 }
-                Ok(Node::Internal(Arc::new(children)))
+                Ok(Node::Internal(Arc::new(Internal::decoded(children))))
             }
             _ => Err(corrupt("unknown node tag")),
         }
@@ -344,7 +465,9 @@ pub(crate) fn range_hash(children: &Children, start: usize, width: usize) -> Has
     }
 }
 
-/// Hash of an internal node.
+/// Hash of an internal node, straight from the definition (what `Internal::build` must
+/// agree with).
+#[cfg(test)]
 pub(crate) fn internal_node_hash(children: &Children) -> Hash {
     range_hash(children, 0, 16)
 }
@@ -415,7 +538,7 @@ mod tests {
             hash: Hash::digest(b"b"),
             is_leaf: false,
         });
-        let node = Node::Internal(Arc::new(children));
+        let node = Node::Internal(Arc::new(Internal::decoded(children)));
         assert_eq!(Node::decode(&node.encode()).unwrap(), node);
         assert!(Node::decode(&[]).is_err());
         assert!(Node::decode(&[1, 0, 1, 0, 0]).is_err());
@@ -436,6 +559,66 @@ mod tests {
             path = path.child(nibble(&key, i));
         }
         assert_eq!(path.bytes, key.0);
+    }
+
+    #[test]
+    fn upper_index_numbers_every_short_path_once() {
+        let mut seen = vec![false; 69_905];
+        let mut frontier = vec![NibblePath::ROOT];
+        for depth in 0..=4 {
+            let mut next = Vec::new();
+            for path in frontier {
+                let i = path.upper_index().unwrap();
+                assert!(!seen[i], "index {i} twice");
+                seen[i] = true;
+                if depth < 4 {
+                    next.extend((0..16).map(|n| path.child(n)));
+                }
+            }
+            frontier = next;
+        }
+        assert!(seen.iter().all(|s| *s));
+        let deep = (0..5).fold(NibblePath::ROOT, |p, n| p.child(n));
+        assert_eq!(deep.upper_index(), None);
+    }
+
+    fn child_ref(seed: u64, is_leaf: bool) -> ChildRef {
+        ChildRef {
+            version: seed,
+            hash: Hash::digest(&seed.to_le_bytes()),
+            is_leaf,
+        }
+    }
+
+    proptest::proptest! {
+        /// Building a node (from scratch, or from an old node whose levels it reuses) gives
+        /// the hash of the definition, whatever slots are empty, leaves or internal nodes.
+        #[test]
+        fn built_nodes_hash_like_the_definition(
+            old in proptest::collection::vec(0u8..3, 16),
+            changes in proptest::collection::vec((0usize..16, 0u8..3), 0..6),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let slot = |kind: u8, s: u64| match kind {
+                0 => None,
+                1 => Some(child_ref(s, true)),
+                _ => Some(child_ref(s, false)),
+            };
+            let mut before: Children = [None; 16];
+            for (i, k) in old.iter().enumerate() {
+                before[i] = slot(*k, seed ^ i as u64);
+            }
+            let (old_node, old_hash) = Internal::build(before, None, true);
+            proptest::prop_assert_eq!(old_hash, internal_node_hash(&before));
+            let mut after = before;
+            for (j, (i, k)) in changes.iter().enumerate() {
+                after[*i] = slot(*k, seed.wrapping_add(1000 + j as u64));
+            }
+            let (_, reused) = Internal::build(after, Some(&old_node), false);
+            let (_, fresh) = Internal::build(after, None, false);
+            proptest::prop_assert_eq!(reused, internal_node_hash(&after));
+            proptest::prop_assert_eq!(fresh, internal_node_hash(&after));
+        }
     }
 
     #[test]

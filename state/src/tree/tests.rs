@@ -16,7 +16,8 @@ fn new_tree() -> (Arc<MemStore>, StateTree) {
     (store, tree)
 }
 
-/// Applies and commits one version.
+/// Applies and commits one version, then hands its upper levels to the node cache (as the
+/// node does for every final block).
 fn commit(
     store: &MemStore,
     tree: &StateTree,
@@ -25,8 +26,11 @@ fn commit(
     updates: &[(Hash, Option<Vec<u8>>)],
 ) -> Hash {
     let mut batch = WriteBatch::new();
-    let root = tree.apply(base, version, updates, &mut batch).unwrap();
+    let (root, fresh) = tree
+        .apply_fresh(base, version, updates, &mut batch)
+        .unwrap();
     store.write(batch).unwrap();
+    tree.cache_committed(fresh);
     root
 }
 
@@ -159,6 +163,9 @@ proptest! {
     fn tree_matches_a_btreemap_model_at_every_version(batches in batches_strategy(), keep in 0usize..8) {
         let pool = key_pool();
         let (store, tree) = new_tree();
+        // The same versions staged by a tree that reads everything from the store (an empty
+        // cache, no committed upper levels): the staged bytes must be identical.
+        let uncached_store = Arc::new(MemStore::new());
         let mut models: Vec<Model> = Vec::new();
         let mut model = Model::new();
         for (i, batch) in batches.iter().enumerate() {
@@ -172,8 +179,17 @@ proptest! {
                 };
             }
             let base = version.checked_sub(1);
-            let root = commit(&store, &tree, base, version, &updates);
+            let mut expected = WriteBatch::new();
+            let uncached = StateTree::new(uncached_store.clone());
+            let expected_root = uncached.apply(base, version, &updates, &mut expected).unwrap();
+            let mut staged = WriteBatch::new();
+            let (root, fresh) = tree.apply_fresh(base, version, &updates, &mut staged).unwrap();
+            prop_assert_eq!(&staged, &expected);
+            prop_assert_eq!(root, expected_root);
             prop_assert_eq!(root, reference_root(&model));
+            uncached_store.write(expected).unwrap();
+            store.write(staged).unwrap();
+            tree.cache_committed(fresh);
             models.push(model.clone());
             // Old versions stay readable.
             for (v, m) in models.iter().enumerate() {
@@ -585,4 +601,47 @@ fn overlay_trees_share_the_cache_for_committed_versions_only() {
         assert_eq!(v.as_ref().unwrap()[0], if i % 2 == 0 { 2 } else { 1 });
         assert_eq!(tree.get(2, &keys[i]).unwrap(), *v);
     }
+}
+
+/// Upper-level nodes handed to the cache after each commit are what the next versions
+/// update: their stored binary levels must give exactly the hashes of a rebuild from
+/// scratch, through inserts, updates, deletes (nodes collapsing) and reinserts, in a tree big
+/// enough for parallel subtree builds.
+#[test]
+fn committed_upper_levels_in_the_cache_give_the_same_versions() {
+    let keys: Vec<Hash> = (0u32..3_000)
+        .map(|i| Hash::digest(&i.to_le_bytes()))
+        .collect();
+    let (store, tree) = new_tree();
+    let plain_store = Arc::new(MemStore::new());
+    let mut model = Model::new();
+    for version in 0u64..12 {
+        let updates: Vec<(Hash, Option<Vec<u8>>)> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (*i as u64 + version) % 3 == 0 || *i as u64 % 7 == version % 7)
+            .map(|(i, k)| {
+                let delete = version % 4 == 3 && i % 2 == 0;
+                (*k, (!delete).then(|| vec![version as u8, i as u8]))
+            })
+            .collect();
+        for (k, v) in &updates {
+            match v {
+                Some(v) => model.insert(*k, v.clone()),
+                None => model.remove(k),
+            };
+        }
+        let base = version.checked_sub(1);
+        let root = commit(&store, &tree, base, version, &updates);
+        let mut batch = WriteBatch::new();
+        let plain = StateTree::new(plain_store.clone());
+        assert_eq!(
+            plain.apply(base, version, &updates, &mut batch).unwrap(),
+            root
+        );
+        plain_store.write(batch).unwrap();
+        assert_eq!(root, reference_root(&model), "version {version}");
+    }
+    // The cache holds the latest upper levels: about 1 + 16 + 256 + some of level 3.
+    assert!(tree.node_cache().len() > 273, "{}", tree.node_cache().len());
 }
