@@ -17,7 +17,6 @@
 mod node;
 mod proof;
 
-use std::borrow::Cow;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -226,10 +225,25 @@ enum Subtree<'a> {
 /// A leaf whose final position is not decided yet.
 struct PendingLeaf<'a> {
     key: Hash,
-    value: Cow<'a, [u8]>,
+    value: LeafValue<'a>,
     hash: Hash,
     /// Where the leaf is stored already, if it is an existing, unchanged leaf.
     stored_at: Option<NodeKey>,
+}
+
+/// A pending leaf's value: an update's, or that of the stored leaf (shared, not copied).
+enum LeafValue<'a> {
+    New(&'a [u8]),
+    Stored(Arc<LeafNode>),
+}
+
+impl LeafValue<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            LeafValue::New(v) => v,
+            LeafValue::Stored(leaf) => &leaf.value,
+        }
+    }
 }
 
 /// Writes collected while building a subtree (one per rayon task, merged in slot order so the
@@ -691,7 +705,7 @@ impl StateTree {
             let leaf = self.load_leaf_for_update(&node_key)?;
             let pending = PendingLeaf {
                 key: leaf.key,
-                value: Cow::Owned(leaf.value.clone()),
+                value: LeafValue::Stored(leaf),
                 hash: existing.hash,
                 stored_at: Some(node_key),
             };
@@ -730,16 +744,7 @@ impl StateTree {
         if unchanged {
             return Ok(Subtree::Stored(existing));
         }
-        let mut slots: Vec<Subtree<'a>> = children
-            .iter()
-            .map(|c| c.map_or(Subtree::Empty, Subtree::Stored))
-            .collect();
-        for (n, s) in results {
-            if let Some(slot) = slots.get_mut(usize::from(n)) {
-                *slot = s;
-            }
-        }
-        self.make_internal(version, path, slots, Some(node_key), Some(&children), sink)
+        self.make_internal(version, path, results, Some((node_key, &children)), sink)
     }
 
     /// Builds the subtree at `path` holding the inserts of `updates` plus `extra` (an
@@ -757,7 +762,7 @@ impl StateTree {
         let mut extra_update: Option<&Update<'a>> = None;
         let extra = match extra {
             Some(e) => match updates.binary_search_by(|u| u.0.cmp(&e.key)) {
-                Ok(i) if updates.get(i).and_then(|u| u.1) == Some(&e.value[..]) => {
+                Ok(i) if updates.get(i).and_then(|u| u.1) == Some(e.value.as_slice()) => {
                     extra_update = updates.get(i);
                     Some(e)
                 }
@@ -785,7 +790,7 @@ impl StateTree {
                     let hash = leaf_hash(key, &Hash::digest(value));
                     return Ok(Subtree::Leaf(PendingLeaf {
                         key: *key,
-                        value: Cow::Borrowed(value),
+                        value: LeafValue::New(value),
                         hash,
                         stored_at: None,
                     }));
@@ -814,13 +819,7 @@ impl StateTree {
             self.build(version, path.child(n), group, e, sink)
                 .map(|s| (n, s))
         })?;
-        let mut slots: Vec<Subtree<'a>> = (0..16).map(|_| Subtree::Empty).collect();
-        for (n, s) in results {
-            if let Some(slot) = slots.get_mut(usize::from(n)) {
-                *slot = s;
-            }
-        }
-        self.make_internal(version, path, slots, None, None, sink)
+        self.make_internal(version, path, results, None, sink)
     }
 
     /// Runs one job per child slot, on the rayon pool when the subtree is big enough, and
@@ -854,84 +853,93 @@ impl StateTree {
         Ok(out)
     }
 
-    /// Turns 16 child subtrees into the subtree at `path`: nothing, a single leaf moving up,
-    /// or a new internal node staged at `(version, path)`. `old` is the node it replaces, and
-    /// `rebuilt` that node's contents (whose binary hashes the new node may reuse).
+    /// Turns the child subtrees of `changed` slots (the other slots keep `old`'s children, or
+    /// are empty for a new node) into the subtree at `path`: nothing, a single leaf moving
+    /// up, or a new internal node staged at `(version, path)`. `old` is the node it replaces
+    /// (whose binary hashes the new node may reuse).
     fn make_internal<'a>(
         &self,
         version: u64,
         path: NibblePath,
-        slots: Vec<Subtree<'a>>,
-        old: Option<NodeKey>,
-        rebuilt: Option<&Internal>,
+        changed: Vec<(u8, Subtree<'a>)>,
+        old: Option<(NodeKey, &Internal)>,
         sink: &mut Sink,
     ) -> Result<Subtree<'a>> {
-        let mut present = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !matches!(s, Subtree::Empty));
-        let first = present.next().map(|(i, _)| i);
-        let several = present.next().is_some();
-        let single_leaf = match (first, several) {
-            (None, _) => {
-                if let Some(old) = old {
-                    sink.replace(old);
-                }
-                return Ok(Subtree::Empty);
-            }
-            (Some(i), false) => match slots.get(i) {
-                Some(Subtree::Leaf(_)) => true,
-                Some(Subtree::Stored(r)) => r.is_leaf,
-                _ => false,
-            },
-            _ => false,
-        };
-        if single_leaf {
-            if let Some(old) = old {
-                sink.replace(old);
-            }
-            let Some(i) = first else {
-                return Ok(Subtree::Empty);
+        let mut children: Children = old.map_or([None; 16], |(_, node)| node.children);
+        // Leaves whose place is decided here; their slots stay `None` until then.
+        let mut pending: Vec<(usize, PendingLeaf<'a>)> = Vec::new();
+        for (n, s) in changed {
+            // n < 16: it is a nibble.
+            let i = usize::from(n & 0x0f);
+            let Some(slot) = children.get_mut(i) else {
+                continue;
             };
-            // The one leaf left moves up to this path (or higher): the caller places it.
-            return match slots.into_iter().nth(i) {
-                Some(Subtree::Stored(r)) => {
-                    // i < 16, so it fits in a nibble.
+            *slot = match s {
+                Subtree::Empty => None,
+                Subtree::Stored(r) => Some(r),
+                Subtree::Leaf(l) => {
+                    pending.push((i, l));
+                    None
+                }
+            };
+        }
+        let stored = children.iter().flatten().count();
+        if stored + pending.len() <= 1 {
+            // Nothing, or a single leaf, is left: the caller places it (at this path or
+            // higher). A single internal child still needs this node above it.
+            let single_stored_leaf = children
+                .iter()
+                .enumerate()
+                .find_map(|(i, c)| c.filter(|c| c.is_leaf).map(|c| (i, c)));
+            let moved = match (pending.pop(), single_stored_leaf) {
+                (Some((_, leaf)), _) => Some(Subtree::Leaf(leaf)),
+                (None, Some((i, r))) => {
                     let at = NodeKey {
                         version: r.version,
+                        // i < 16, so it fits in a nibble.
                         path: path.child((i & 0x0f) as u8),
                     };
                     let leaf = self.load_leaf_for_update(&at)?;
-                    Ok(Subtree::Leaf(PendingLeaf {
+                    Some(Subtree::Leaf(PendingLeaf {
                         key: leaf.key,
-                        value: Cow::Owned(leaf.value.clone()),
+                        value: LeafValue::Stored(leaf),
                         hash: r.hash,
                         stored_at: Some(at),
                     }))
                 }
-                Some(other) => Ok(other),
-                None => Ok(Subtree::Empty),
+                (None, None) if stored == 0 => Some(Subtree::Empty),
+                (None, None) => None,
             };
-        }
-        let mut children: Children = [None; 16];
-        for ((i, s), slot) in slots.into_iter().enumerate().zip(children.iter_mut()) {
-            *slot = match s {
-                Subtree::Empty => None,
-                Subtree::Stored(r) => Some(r),
-                // i < 16, so it fits in a nibble.
-                Subtree::Leaf(l) => {
-                    Some(place_leaf(l, path.child((i & 0x0f) as u8), version, sink))
+            if let Some(subtree) = moved {
+                if let Some((old, _)) = old {
+                    sink.replace(old);
                 }
-            };
+                return Ok(subtree);
+            }
         }
-        let (internal, hash) = Internal::build(children, rebuilt, path.len() <= UPPER_LEVELS);
+        for (i, leaf) in pending {
+            if let Some(slot) = children.get_mut(i) {
+                // i < 16, so it fits in a nibble.
+                *slot = Some(place_leaf(
+                    leaf,
+                    path.child((i & 0x0f) as u8),
+                    version,
+                    sink,
+                ));
+            }
+        }
+        let (internal, hash) = Internal::build(
+            children,
+            old.map(|(_, node)| node),
+            path.len() <= UPPER_LEVELS,
+        );
         let node = Node::Internal(Arc::new(internal));
         let key = NodeKey { version, path };
         sink.nodes.push((key.encode(), node.encode()));
         if path.len() <= UPPER_LEVELS {
             sink.fresh.push((key, node));
         }
-        if let Some(old) = old {
+        if let Some((old, _)) = old {
             sink.replace(old);
         }
         Ok(Subtree::Stored(ChildRef {
@@ -1037,15 +1045,16 @@ fn place_leaf(leaf: PendingLeaf<'_>, path: NibblePath, version: u64, sink: &mut 
     }
     let key = NodeKey { version, path };
     sink.nodes
-        .push((key.encode(), encode_leaf(&leaf.key, &leaf.value)));
+        .push((key.encode(), encode_leaf(&leaf.key, leaf.value.as_slice())));
     if path.len() <= UPPER_LEVELS {
-        sink.fresh.push((
-            key,
-            Node::Leaf(Arc::new(LeafNode {
+        let node = match leaf.value {
+            LeafValue::Stored(stored) => stored,
+            LeafValue::New(value) => Arc::new(LeafNode {
                 key: leaf.key,
-                value: leaf.value.into_owned(),
-            })),
-        ));
+                value: value.to_vec(),
+            }),
+        };
+        sink.fresh.push((key, Node::Leaf(node)));
     }
     ChildRef {
         version,
