@@ -175,7 +175,7 @@ impl KeelSide {
         let start = Instant::now();
         let (root, fresh) = self
             .tree
-            .apply_fresh(Some(self.version), v, updates, &mut batch)
+            .apply_fresh(Some(self.version), v, updates, None, &mut batch)
             .expect("keel: apply");
         let mut elapsed = start.elapsed();
         black_box(root);

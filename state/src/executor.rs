@@ -16,7 +16,7 @@ use keel_types::{Address, Hash, PublicKey, Receipt, Transaction, TxKind};
 use rayon::prelude::*;
 
 use crate::signatures::{verify_transactions, SigCache};
-use crate::tree::{FreshNodes, NodeCache, Proof, StateTree};
+use crate::tree::{FreshNodes, NodeCache, Proof, ReadNodes, StateTree};
 use crate::{Account, Error, Result, StakeEntry, Unbonding, ValidatorRegistry};
 
 /// The tree key of an account: blake3 of the 20 address bytes.
@@ -270,6 +270,7 @@ impl State {
             changed,
             slashed,
             registry,
+            read,
         } = execution;
         let mut updates: Vec<(Hash, Option<Vec<u8>>)> = changed
             .par_iter()
@@ -278,7 +279,9 @@ impl State {
         if let Some(bytes) = registry {
             updates.push((ValidatorRegistry::key(), Some(bytes)));
         }
-        let (state_root, fresh) = self.tree.apply_fresh(Some(base), height, &updates, batch)?;
+        let (state_root, fresh) =
+            self.tree
+                .apply_fresh(Some(base), height, &updates, read.0.as_deref(), batch)?;
         tracing::debug!(
             height,
             txs = receipts.len(),
@@ -326,17 +329,18 @@ impl State {
         addrs: &[Address],
         base: u64,
         height: u64,
-    ) -> Result<HashMap<Address, Slot>> {
+    ) -> Result<(HashMap<Address, Slot>, TreeReads)> {
         let keys: Vec<Hash> = addrs.par_iter().map(account_key).collect();
-        let values = self.tree.get_many(base, &keys)?;
-        addrs
+        let (values, read) = self.tree.get_many_for_update(base, &keys)?;
+        let slots = addrs
             .par_iter()
             .zip(values)
             .map(|(addr, bytes)| {
                 let stored = bytes.map(|b| Account::decode(&b)).transpose()?;
                 Ok((*addr, Slot::loaded(stored, height)))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((slots, TreeReads(Some(Arc::new(read)))))
     }
 
     /// The account of `addr` as this block first sees it: as stored at `base`, with
@@ -362,6 +366,28 @@ pub struct Execution {
     pub slashed: Vec<(Address, u64)>,
     /// The new validator registry bytes, if the block's bonds registered anyone new.
     pub registry: Option<Vec<u8>>,
+    /// Tree nodes read while loading the accounts, for [`State::stage`].
+    read: TreeReads,
+}
+
+/// Tree nodes an execution read (leaves and deep internal nodes), so that staging its
+/// changes does not read them again. A hint, not part of what the block did: two executions
+/// are equal whatever they happened to read.
+#[derive(Clone, Default)]
+struct TreeReads(Option<Arc<ReadNodes>>);
+
+impl PartialEq for TreeReads {
+    fn eq(&self, _: &TreeReads) -> bool {
+        true
+    }
+}
+
+impl Eq for TreeReads {}
+
+impl std::fmt::Debug for TreeReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} nodes read", self.0.as_ref().map_or(0, |r| r.len()))
+    }
 }
 
 /// An account as loaded in this block.
@@ -752,6 +778,7 @@ impl<'s> BlockRun<'s> {
             changed: self.changed(),
             slashed,
             registry,
+            read: TreeReads::default(),
         })
     }
 

@@ -37,6 +37,6 @@ pub use executor::{account_key, BlockEnv, BlockOutcome, ExecParams, State};
 pub use registry::{StakeEntry, ValidatorRegistry};
 pub use signatures::{verify_transactions, SigCache, DEFAULT_SIG_CACHE, SIGNATURE_CHUNK};
 pub use tree::{
-    verify_proof, FreshNodes, NodeCache, Proof, ProofLeaf, StateTree, DEFAULT_NODE_CACHE,
-    EMPTY_ROOT, MAX_PROOF_SIBLINGS, UPPER_LEVELS,
+    verify_proof, FreshNodes, NodeCache, Proof, ProofLeaf, ReadNodes, StateTree,
+    DEFAULT_NODE_CACHE, EMPTY_ROOT, MAX_PROOF_SIBLINGS, UPPER_LEVELS,
 };

@@ -17,6 +17,7 @@
 mod node;
 mod proof;
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -181,6 +182,32 @@ impl NodeCache {
 
 /// Slots of the upper levels: one per path of at most [`UPPER_LEVELS`] nibbles.
 const UPPER_SLOTS: usize = 69_905;
+
+/// Nodes read by [`StateTree::get_many_for_update`] below the upper levels, for the
+/// [`StateTree::apply_fresh`] that updates those keys: block execution reads every account it
+/// touches, then stages them, and the second walk finds the nodes here.
+#[derive(Default)]
+pub struct ReadNodes {
+    nodes: HashMap<NodeKey, Node>,
+}
+
+impl ReadNodes {
+    /// Nodes held.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether it holds no node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+impl std::fmt::Debug for ReadNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadNodes({} nodes)", self.nodes.len())
+    }
+}
 
 /// The upper-level nodes a staged version wrote: what
 /// [`StateTree::cache_committed`] needs once the version's batch is committed. Returned by
@@ -401,34 +428,66 @@ impl StateTree {
     /// pointer once; big batches are split across the rayon pool by key range. What block
     /// execution uses to load its accounts.
     pub fn get_many(&self, version: u64, keys: &[Hash]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.get_many_inner(version, keys, false)
+            .map(|(values, _)| values)
+    }
+
+    /// [`StateTree::get_many`] for keys about to be updated: also returns the nodes read
+    /// below the upper levels (leaves and deep internal nodes), which [`StateTree::apply_fresh`]
+    /// then finds without reading them again. They are not put in the node cache: a block
+    /// reads them once, and the cache's LRU bookkeeping cost more than the reads it saved.
+    pub fn get_many_for_update(
+        &self,
+        version: u64,
+        keys: &[Hash],
+    ) -> Result<(Vec<Option<Vec<u8>>>, ReadNodes)> {
+        self.get_many_inner(version, keys, true)
+    }
+
+    fn get_many_inner(
+        &self,
+        version: u64,
+        keys: &[Hash],
+        for_update: bool,
+    ) -> Result<(Vec<Option<Vec<u8>>>, ReadNodes)> {
         let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        let mut read = ReadNodes::default();
         let Some(root) = self.root_ref(version)? else {
-            return Ok(out);
+            return Ok((out, read));
         };
         let mut sorted: Vec<(Hash, usize)> = keys.iter().copied().zip(0..).collect();
         sorted.par_sort_unstable_by_key(|k| k.0);
         let parts = rayon::current_num_threads().saturating_mul(4).max(1);
         let chunk = sorted.len().div_ceil(parts).max(PARALLEL_UPDATES);
-        let found: Vec<Vec<(usize, Vec<u8>)>> = sorted
+        let found: Vec<(Vec<(usize, Vec<u8>)>, Vec<(NodeKey, Node)>)> = sorted
             .par_chunks(chunk)
-            .map(|part| self.get_level_by_level(root, part))
+            .map(|part| self.get_level_by_level(root, part, for_update))
             .collect::<Result<_>>()?;
-        for (i, value) in found.into_iter().flatten() {
-            if let Some(slot) = out.get_mut(i) {
-                *slot = Some(value);
+        read.nodes
+            .reserve(found.iter().map(|(_, nodes)| nodes.len()).sum());
+        for (values, nodes) in found {
+            for (i, value) in values {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(value);
+                }
             }
+            read.nodes.extend(nodes);
         }
-        Ok(out)
+        Ok((out, read))
     }
 
     /// The present values among sorted `keys` (with their positions), walking down from
-    /// `root` one level at a time.
+    /// `root` one level at a time; and, `for_update`, the nodes read below the upper levels
+    /// (which are then not cached).
+    #[allow(clippy::type_complexity)]
     fn get_level_by_level(
         &self,
         root: ChildRef,
         keys: &[(Hash, usize)],
-    ) -> Result<Vec<(usize, Vec<u8>)>> {
+        for_update: bool,
+    ) -> Result<(Vec<(usize, Vec<u8>)>, Vec<(NodeKey, Node)>)> {
         let mut found = Vec::new();
+        let mut read = Vec::new();
         let mut frontier: Vec<Visit<'_>> = vec![(root, NibblePath::ROOT, keys)];
         while !frontier.is_empty() {
             let node_keys: Vec<NodeKey> = frontier
@@ -438,7 +497,16 @@ impl StateTree {
                     path: *path,
                 })
                 .collect();
-            let nodes = self.load_many(&node_keys)?;
+            let nodes = self.load_many(&node_keys, !for_update)?;
+            if for_update {
+                read.extend(
+                    node_keys
+                        .iter()
+                        .zip(&nodes)
+                        .filter(|(k, _)| k.path.len() > UPPER_LEVELS)
+                        .map(|(k, n)| (*k, n.clone())),
+                );
+            }
             let mut next = Vec::new();
             for ((child, path, group), node) in frontier.into_iter().zip(nodes) {
                 match (node, child.is_leaf) {
@@ -474,12 +542,13 @@ impl StateTree {
             }
             frontier = next;
         }
-        Ok(found)
+        Ok((found, read))
     }
 
     /// Loads many nodes: from the cache where it has them, the rest in one batched store
-    /// read (cached afterwards). Answers in the order of `keys`.
-    fn load_many(&self, keys: &[NodeKey]) -> Result<Vec<Node>> {
+    /// read (cached afterwards if `keep`, or if in the upper levels). Answers in the order
+    /// of `keys`.
+    fn load_many(&self, keys: &[NodeKey], keep: bool) -> Result<Vec<Node>> {
         let mut nodes: Vec<Option<Node>> = keys.iter().map(|k| self.cached(k)).collect();
         let mut missing: Vec<(Vec<u8>, usize)> = nodes
             .iter()
@@ -497,7 +566,9 @@ impl StateTree {
                     return Err(missing_node(keys.get(i)));
                 };
                 let node = Node::decode(&bytes)?;
-                self.remember(*key, &node);
+                if keep || key.path.len() <= UPPER_LEVELS {
+                    self.remember(*key, &node);
+                }
                 if let Some(slot) = nodes.get_mut(i) {
                     *slot = Some(node);
                 }
@@ -576,7 +647,7 @@ impl StateTree {
         updates: &[(Hash, Option<Vec<u8>>)],
         batch: &mut WriteBatch,
     ) -> Result<Hash> {
-        self.apply_fresh(base, version, updates, batch)
+        self.apply_fresh(base, version, updates, None, batch)
             .map(|(root, _)| root)
     }
 
@@ -588,6 +659,7 @@ impl StateTree {
         base: Option<u64>,
         version: u64,
         updates: &[(Hash, Option<Vec<u8>>)],
+        read: Option<&ReadNodes>,
         batch: &mut WriteBatch,
     ) -> Result<(Hash, FreshNodes)> {
         let old_root = match base {
@@ -597,7 +669,14 @@ impl StateTree {
         };
         let updates = normalize(updates);
         let mut sink = Sink::default();
-        let subtree = self.update(version, old_root, NibblePath::ROOT, &updates, &mut sink)?;
+        let subtree = self.update(
+            version,
+            old_root,
+            NibblePath::ROOT,
+            &updates,
+            read,
+            &mut sink,
+        )?;
         let new_root = match subtree {
             Subtree::Empty => None,
             Subtree::Leaf(leaf) => Some(place_leaf(leaf, NibblePath::ROOT, version, &mut sink)),
@@ -689,6 +768,7 @@ impl StateTree {
         existing: Option<ChildRef>,
         path: NibblePath,
         updates: &[Update<'a>],
+        read: Option<&ReadNodes>,
         sink: &mut Sink,
     ) -> Result<Subtree<'a>> {
         let Some(existing) = existing else {
@@ -702,7 +782,7 @@ impl StateTree {
             path,
         };
         if existing.is_leaf {
-            let leaf = self.load_leaf_for_update(&node_key)?;
+            let leaf = self.load_leaf_for_update(&node_key, read)?;
             let pending = PendingLeaf {
                 key: leaf.key,
                 value: LeafValue::Stored(leaf),
@@ -711,7 +791,7 @@ impl StateTree {
             };
             return self.build(version, path, updates, Some(pending), sink);
         }
-        let children = self.load_internal_for_update(&node_key)?;
+        let children = self.load_internal_for_update(&node_key, read)?;
         let depth = path.len();
         if depth >= MAX_NIBBLES {
             return Err(too_deep());
@@ -721,7 +801,7 @@ impl StateTree {
             .map(|(n, group)| (n, group, children.get(usize::from(n)).copied().flatten()))
             .collect();
         let results = self.run_jobs(jobs, updates.len(), sink, |(n, group, child), sink| {
-            self.update(version, child, path.child(n), group, sink)
+            self.update(version, child, path.child(n), group, read, sink)
                 .map(|s| (n, s))
         })?;
 
@@ -744,7 +824,14 @@ impl StateTree {
         if unchanged {
             return Ok(Subtree::Stored(existing));
         }
-        self.make_internal(version, path, results, Some((node_key, &children)), sink)
+        self.make_internal(
+            version,
+            path,
+            results,
+            Some((node_key, &children)),
+            read,
+            sink,
+        )
     }
 
     /// Builds the subtree at `path` holding the inserts of `updates` plus `extra` (an
@@ -819,7 +906,7 @@ impl StateTree {
             self.build(version, path.child(n), group, e, sink)
                 .map(|s| (n, s))
         })?;
-        self.make_internal(version, path, results, None, sink)
+        self.make_internal(version, path, results, None, None, sink)
     }
 
     /// Runs one job per child slot, on the rayon pool when the subtree is big enough, and
@@ -863,6 +950,7 @@ impl StateTree {
         path: NibblePath,
         changed: Vec<(u8, Subtree<'a>)>,
         old: Option<(NodeKey, &Internal)>,
+        read: Option<&ReadNodes>,
         sink: &mut Sink,
     ) -> Result<Subtree<'a>> {
         let mut children: Children = old.map_or([None; 16], |(_, node)| node.children);
@@ -899,7 +987,7 @@ impl StateTree {
                         // i < 16, so it fits in a nibble.
                         path: path.child((i & 0x0f) as u8),
                     };
-                    let leaf = self.load_leaf_for_update(&at)?;
+                    let leaf = self.load_leaf_for_update(&at, read)?;
                     Some(Subtree::Leaf(PendingLeaf {
                         key: leaf.key,
                         value: LeafValue::Stored(leaf),
@@ -987,12 +1075,27 @@ impl StateTree {
         as_internal(self.load(key, true)?)
     }
 
-    fn load_leaf_for_update(&self, key: &NodeKey) -> Result<Arc<LeafNode>> {
-        as_leaf(self.load(key, false)?)
+    fn load_for_update(&self, key: &NodeKey, read: Option<&ReadNodes>) -> Result<Node> {
+        match read.and_then(|r| r.nodes.get(key)) {
+            Some(node) => Ok(node.clone()),
+            None => self.load(key, false),
+        }
     }
 
-    fn load_internal_for_update(&self, key: &NodeKey) -> Result<Arc<Internal>> {
-        as_internal(self.load(key, false)?)
+    fn load_leaf_for_update(
+        &self,
+        key: &NodeKey,
+        read: Option<&ReadNodes>,
+    ) -> Result<Arc<LeafNode>> {
+        as_leaf(self.load_for_update(key, read)?)
+    }
+
+    fn load_internal_for_update(
+        &self,
+        key: &NodeKey,
+        read: Option<&ReadNodes>,
+    ) -> Result<Arc<Internal>> {
+        as_internal(self.load_for_update(key, read)?)
     }
 }
 

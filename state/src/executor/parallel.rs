@@ -188,7 +188,7 @@ pub(super) fn execute(
         .collect();
     touched.par_sort_unstable();
     touched.dedup();
-    let loaded = state.load_slots(&touched, base, env.height)?;
+    let (loaded, read) = state.load_slots(&touched, base, env.height)?;
     let mut block = BlockRun::new(state, env, base, loaded);
     block.apply_evidence()?;
 
@@ -271,7 +271,9 @@ pub(super) fn execute(
     }
     let receipts: Vec<Receipt> = receipts.into_iter().flatten().collect();
     debug_assert_eq!(receipts.len(), txs.len());
-    block.finish(receipts).map(Some)
+    let mut execution = block.finish(receipts)?;
+    execution.read = read;
+    Ok(Some(execution))
 }
 
 /// The number of groups and the credit-only accounts of a block, for tests.

@@ -27,7 +27,7 @@ fn commit(
 ) -> Hash {
     let mut batch = WriteBatch::new();
     let (root, fresh) = tree
-        .apply_fresh(base, version, updates, &mut batch)
+        .apply_fresh(base, version, updates, None, &mut batch)
         .unwrap();
     store.write(batch).unwrap();
     tree.cache_committed(fresh);
@@ -183,7 +183,19 @@ proptest! {
             let uncached = StateTree::new(uncached_store.clone());
             let expected_root = uncached.apply(base, version, &updates, &mut expected).unwrap();
             let mut staged = WriteBatch::new();
-            let (root, fresh) = tree.apply_fresh(base, version, &updates, &mut staged).unwrap();
+            // As block execution does: read the keys first, hand the nodes read to the update.
+            let read = match base {
+                Some(b) => {
+                    let keys: Vec<Hash> = updates.iter().map(|u| u.0).collect();
+                    let (values, read) = tree.get_many_for_update(b, &keys).unwrap();
+                    prop_assert_eq!(values, tree.get_many(b, &keys).unwrap());
+                    Some(read)
+                }
+                None => None,
+            };
+            let (root, fresh) = tree
+                .apply_fresh(base, version, &updates, read.as_ref(), &mut staged)
+                .unwrap();
             prop_assert_eq!(&staged, &expected);
             prop_assert_eq!(root, expected_root);
             prop_assert_eq!(root, reference_root(&model));
