@@ -54,6 +54,9 @@ const PARALLEL_UPDATES: usize = 256;
 /// A node to read during `get_many`, with the sorted keys (and their positions) below it.
 type Visit<'k> = (ChildRef, NibblePath, &'k [(Hash, usize)]);
 
+/// Values found by a `get_many` walk, with the positions of their keys.
+type Found = Vec<(usize, Vec<u8>)>;
+
 /// One update, borrowed from the caller: `None` deletes.
 type Update<'a> = (Hash, Option<&'a [u8]>);
 
@@ -459,7 +462,7 @@ impl StateTree {
         sorted.par_sort_unstable_by_key(|k| k.0);
         let parts = rayon::current_num_threads().saturating_mul(4).max(1);
         let chunk = sorted.len().div_ceil(parts).max(PARALLEL_UPDATES);
-        let found: Vec<(Vec<(usize, Vec<u8>)>, Vec<(NodeKey, Node)>)> = sorted
+        let found: Vec<(Found, Vec<(NodeKey, Node)>)> = sorted
             .par_chunks(chunk)
             .map(|part| self.get_level_by_level(root, part, for_update))
             .collect::<Result<_>>()?;
@@ -479,13 +482,12 @@ impl StateTree {
     /// The present values among sorted `keys` (with their positions), walking down from
     /// `root` one level at a time; and, `for_update`, the nodes read below the upper levels
     /// (which are then not cached).
-    #[allow(clippy::type_complexity)]
     fn get_level_by_level(
         &self,
         root: ChildRef,
         keys: &[(Hash, usize)],
         for_update: bool,
-    ) -> Result<(Vec<(usize, Vec<u8>)>, Vec<(NodeKey, Node)>)> {
+    ) -> Result<(Found, Vec<(NodeKey, Node)>)> {
         let mut found = Vec::new();
         let mut read = Vec::new();
         let mut frontier: Vec<Visit<'_>> = vec![(root, NibblePath::ROOT, keys)];
