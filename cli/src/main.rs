@@ -17,6 +17,10 @@ use clap::Parser;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    if let Err(e) = check_cpu() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = args::Cli::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -26,4 +30,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// RocksDB is compiled with SSE4.2 and PCLMUL on x86-64 (its log checksums: see
+/// `.cargo/config.toml`); say so plainly instead of dying of an illegal instruction later.
+fn check_cpu() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let missing: Vec<&str> = [
+            ("sse4.2", std::arch::is_x86_feature_detected!("sse4.2")),
+            (
+                "pclmulqdq",
+                std::arch::is_x86_feature_detected!("pclmulqdq"),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, present)| !present)
+        .map(|(name, _)| name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "this CPU lacks {} (x86-64-v2), which this build of keel needs; build on it \
+                 after removing the CXXFLAGS line of .cargo/config.toml",
+                missing.join(" and ")
+            ));
+        }
+    }
+    Ok(())
 }

@@ -189,9 +189,6 @@ impl KeelSide {
         // What the node does once a block is committed (timed: it is the tree's work).
         let start = Instant::now();
         self.tree.cache_committed(fresh);
-        if std::env::var("KT").is_ok() {
-            eprintln!("T commit {:?}", start.elapsed());
-        }
         elapsed += start.elapsed();
         self.version = v;
         self.prune();

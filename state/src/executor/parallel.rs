@@ -112,6 +112,28 @@ impl Groups {
     }
 }
 
+/// Packs independent groups, in order, into about four work units per thread balanced by
+/// transaction count. A unit runs its groups one after another: they share no ordered
+/// account, so the outcome is the same, and a block of 10,000 one-transfer groups costs the
+/// bookkeeping (account maps, outputs to merge) of a few units instead of 10,000.
+fn into_units(groups: Vec<Group>, threads: usize) -> Vec<Group> {
+    let total: usize = groups.iter().map(|g| g.txs.len()).sum();
+    let target = total.div_ceil(threads.max(1).saturating_mul(4)).max(1);
+    let mut units = Vec::new();
+    let mut unit = Group::default();
+    for group in groups {
+        unit.txs.extend(group.txs);
+        unit.accounts.extend(group.accounts);
+        if unit.txs.len() >= target {
+            units.push(std::mem::take(&mut unit));
+        }
+    }
+    if !unit.txs.is_empty() {
+        units.push(unit);
+    }
+    units
+}
+
 /// Splits the block into groups, or `None` if it must run sequentially.
 fn plan(env: &BlockEnv, txs: &[Transaction]) -> Option<(Vec<Group>, HashSet<Address>)> {
     if txs.len() < MIN_PARALLEL_TXS || u32::try_from(txs.len()).is_err() {
@@ -178,6 +200,7 @@ pub(super) fn execute(
     let Some((groups, credit_only)) = plan(env, txs) else {
         return Ok(None);
     };
+    let groups = into_units(groups, rayon::current_num_threads());
 
     // Load every account the block touches, in parallel.
     let mut touched: Vec<Address> = groups
@@ -217,6 +240,7 @@ pub(super) fn execute(
         }
     }
     block.accounts = rest;
+    block.accounts.reserve(touched.len());
     let params = &state.params;
     let outputs: Vec<GroupOutput> = work
         .into_par_iter()
