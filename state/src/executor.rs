@@ -7,7 +7,7 @@
 
 mod parallel;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keel_storage::{KvStore, WriteBatch};
@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::signatures::{verify_transactions, SigCache};
 use crate::tree::{FreshNodes, NodeCache, Proof, ReadNodes, StateTree};
-use crate::{Account, Error, Result, StakeEntry, Unbonding, ValidatorRegistry};
+use crate::{Account, Error, FastMap, Result, StakeEntry, Unbonding, ValidatorRegistry};
 
 /// The tree key of an account: blake3 of the 20 address bytes.
 pub fn account_key(addr: &Address) -> Hash {
@@ -314,7 +314,7 @@ impl State {
         txs: &[Transaction],
         valid: &[bool],
     ) -> Result<Execution> {
-        let mut block = BlockRun::new(self, env, base, HashMap::new());
+        let mut block = BlockRun::new(self, env, base, FastMap::default());
         block.apply_evidence()?;
         let mut receipts = Vec::with_capacity(txs.len());
         for (i, (tx, sig_ok)) in txs.iter().zip(valid).enumerate() {
@@ -329,7 +329,7 @@ impl State {
         addrs: &[Address],
         base: u64,
         height: u64,
-    ) -> Result<(HashMap<Address, Slot>, TreeReads)> {
+    ) -> Result<(FastMap<Address, Slot>, TreeReads)> {
         let keys: Vec<Hash> = addrs.par_iter().map(account_key).collect();
         let (values, read) = self.tree.get_many_for_update(base, &keys)?;
         let slots = addrs
@@ -417,7 +417,7 @@ impl Slot {
 
 /// The slot of `addr` in `accounts`, loaded from `state` at `base` on first use.
 fn slot_in<'m>(
-    accounts: &'m mut HashMap<Address, Slot>,
+    accounts: &'m mut FastMap<Address, Slot>,
     state: &State,
     addr: &Address,
     base: u64,
@@ -655,7 +655,7 @@ struct BlockRun<'s> {
     state: &'s State,
     env: &'s BlockEnv,
     base: u64,
-    accounts: HashMap<Address, Slot>,
+    accounts: FastMap<Address, Slot>,
     /// The registry at `base`, loaded on first use.
     registry: Option<ValidatorRegistry>,
     /// Keys of the senders of this block's successful positive bonds, registered (those not
@@ -696,7 +696,7 @@ impl<'s> BlockRun<'s> {
         state: &'s State,
         env: &'s BlockEnv,
         base: u64,
-        accounts: HashMap<Address, Slot>,
+        accounts: FastMap<Address, Slot>,
     ) -> BlockRun<'s> {
         BlockRun {
             state,

@@ -17,7 +17,6 @@
 mod node;
 mod proof;
 
-use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -35,7 +34,7 @@ use node::{
     MAX_NIBBLES,
 };
 
-use crate::{Error, Result};
+use crate::{Error, FastMap, Result};
 
 /// Leaves and deep internal nodes kept in the read cache by [`StateTree::new`] (the upper
 /// levels have their own part, see [`UPPER_LEVELS`]).
@@ -191,7 +190,7 @@ const UPPER_SLOTS: usize = 69_905;
 /// touches, then stages them, and the second walk finds the nodes here.
 #[derive(Default)]
 pub struct ReadNodes {
-    nodes: HashMap<NodeKey, Node>,
+    nodes: FastMap<NodeKey, Node>,
 }
 
 impl ReadNodes {

@@ -23,13 +23,13 @@
 //! proposer sends in its own block (every fee would then be ordered against its transactions).
 //! Evidence is applied first, on one thread, exactly as in the sequential executor.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 use keel_types::{Address, PublicKey, Receipt, Transaction};
 use rayon::prelude::*;
 
 use super::{run_tx, slot_in, BlockEnv, BlockRun, Execution, Ledger, Slot, State};
-use crate::Result;
+use crate::{FastMap, FastSet, Result};
 
 /// Blocks with fewer transactions run sequentially: below this the rayon tasks cost more
 /// than they save. The result is the same either way.
@@ -44,7 +44,7 @@ struct Group {
 
 /// What one group produced.
 struct GroupOutput {
-    slots: HashMap<Address, Slot>,
+    slots: FastMap<Address, Slot>,
     receipts: Vec<(usize, Receipt)>,
     credits: Vec<(Address, u64)>,
     bonded: BTreeMap<Address, PublicKey>,
@@ -55,8 +55,8 @@ struct GroupLedger<'a> {
     state: &'a State,
     env: &'a BlockEnv,
     base: u64,
-    slots: HashMap<Address, Slot>,
-    credit_only: &'a HashSet<Address>,
+    slots: FastMap<Address, Slot>,
+    credit_only: &'a FastSet<Address>,
     credits: Vec<(Address, u64)>,
     bonded: BTreeMap<Address, PublicKey>,
 }
@@ -135,11 +135,12 @@ fn into_units(groups: Vec<Group>, threads: usize) -> Vec<Group> {
 }
 
 /// Splits the block into groups, or `None` if it must run sequentially.
-fn plan(env: &BlockEnv, txs: &[Transaction]) -> Option<(Vec<Group>, HashSet<Address>)> {
+fn plan(env: &BlockEnv, txs: &[Transaction]) -> Option<(Vec<Group>, FastSet<Address>)> {
     if txs.len() < MIN_PARALLEL_TXS || u32::try_from(txs.len()).is_err() {
         return None;
     }
-    let mut sender_ids: HashMap<Address, u32> = HashMap::with_capacity(txs.len());
+    let mut sender_ids: FastMap<Address, u32> =
+        FastMap::with_capacity_and_hasher(txs.len(), Default::default());
     let mut senders: Vec<Address> = Vec::new();
     for tx in txs {
         sender_ids.entry(tx.sender).or_insert_with(|| {
@@ -154,7 +155,7 @@ fn plan(env: &BlockEnv, txs: &[Transaction]) -> Option<(Vec<Group>, HashSet<Addr
     let mut uf = Groups {
         parent: (0..senders.len() as u32).collect(),
     };
-    let mut credit_only: HashSet<Address> = HashSet::new();
+    let mut credit_only: FastSet<Address> = FastSet::default();
     credit_only.insert(env.proposer);
     for tx in txs {
         let (sender, recipient) = tx.touched();
@@ -168,7 +169,7 @@ fn plan(env: &BlockEnv, txs: &[Transaction]) -> Option<(Vec<Group>, HashSet<Addr
         }
     }
     // Groups in order of their first sender, transactions in block order.
-    let mut group_of_root: HashMap<u32, usize> = HashMap::new();
+    let mut group_of_root: FastMap<u32, usize> = FastMap::default();
     let mut groups: Vec<Group> = Vec::new();
     for (i, tx) in txs.iter().enumerate() {
         let root = uf.find(sender_ids[&tx.sender]);
@@ -216,19 +217,19 @@ pub(super) fn execute(
     block.apply_evidence()?;
 
     // Hand each group its ordered accounts; the credit-only ones stay with the block.
-    let mut work: Vec<(Group, HashMap<Address, Slot>)> = groups
+    let mut work: Vec<(Group, FastMap<Address, Slot>)> = groups
         .into_iter()
         .map(|g| {
-            let slots = HashMap::with_capacity(g.accounts.len());
+            let slots = FastMap::with_capacity_and_hasher(g.accounts.len(), Default::default());
             (g, slots)
         })
         .collect();
-    let ordered: HashMap<Address, usize> = work
+    let ordered: FastMap<Address, usize> = work
         .iter()
         .enumerate()
         .flat_map(|(i, (g, _))| g.accounts.iter().map(move |a| (*a, i)))
         .collect();
-    let mut rest = HashMap::with_capacity(credit_only.len());
+    let mut rest = FastMap::with_capacity_and_hasher(credit_only.len(), Default::default());
     for (addr, slot) in std::mem::take(&mut block.accounts) {
         match ordered.get(&addr).and_then(|&g| work.get_mut(g)) {
             Some((_, slots)) => {
@@ -270,7 +271,8 @@ pub(super) fn execute(
 
     // Merge: receipts by index, ordered accounts back, credits summed.
     let mut receipts: Vec<Option<Receipt>> = vec![None; txs.len()];
-    let mut sums: HashMap<Address, u128> = HashMap::with_capacity(credit_only.len());
+    let mut sums: FastMap<Address, u128> =
+        FastMap::with_capacity_and_hasher(credit_only.len(), Default::default());
     for out in outputs {
         for (i, r) in out.receipts {
             receipts[i] = Some(r);
@@ -305,6 +307,6 @@ pub(super) fn execute(
 pub(super) fn plan_for_tests(
     env: &BlockEnv,
     txs: &[Transaction],
-) -> Option<(usize, HashSet<Address>)> {
+) -> Option<(usize, FastSet<Address>)> {
     plan(env, txs).map(|(groups, credit_only)| (groups.len(), credit_only))
 }
