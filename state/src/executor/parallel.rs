@@ -224,12 +224,13 @@ pub(super) fn execute(
             (g, slots)
         })
         .collect();
-    let ordered: FastMap<Address, usize> = work
-        .iter()
-        .enumerate()
-        .flat_map(|(i, (g, _))| g.accounts.iter().map(move |a| (*a, i)))
-        .collect();
-    let mut rest = FastMap::with_capacity_and_hasher(credit_only.len(), Default::default());
+    let mut ordered: FastMap<Address, usize> =
+        FastMap::with_capacity_and_hasher(touched.len(), Default::default());
+    for (i, (g, _)) in work.iter().enumerate() {
+        ordered.extend(g.accounts.iter().map(|a| (*a, i)));
+    }
+    // Room for the ordered accounts too: they come back here after the run.
+    let mut rest = FastMap::with_capacity_and_hasher(touched.len(), Default::default());
     for (addr, slot) in std::mem::take(&mut block.accounts) {
         match ordered.get(&addr).and_then(|&g| work.get_mut(g)) {
             Some((_, slots)) => {
@@ -241,7 +242,6 @@ pub(super) fn execute(
         }
     }
     block.accounts = rest;
-    block.accounts.reserve(touched.len());
     let params = &state.params;
     let outputs: Vec<GroupOutput> = work
         .into_par_iter()
