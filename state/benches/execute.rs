@@ -1,7 +1,10 @@
 //! Block execution: the parallel executor against the sequential reference, with one thread
 //! and with the whole rayon pool, on the same blocks of signed transfers (signatures cached,
 //! as after mempool admission). Execution only reads the parent version, so every iteration
-//! executes the same block on the same committed state; the node cache is warm.
+//! executes the same block on the same committed state. That favours the sequential
+//! reference, whose single-key reads keep every node in the LRU; the parallel executor's
+//! batched reads keep only the upper levels (docs/benchmarks.md says why and which figures
+//! count).
 //!
 //! `cargo bench -p keel-state --bench execute` (`KEEL_BENCH_ACCOUNTS`, default 200,000, and
 //! `KEEL_BENCH_TXS`, default 4,000, resize it).
