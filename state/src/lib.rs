@@ -42,8 +42,16 @@ pub use tree::{
 };
 
 /// Hash maps and sets of per-block bookkeeping (accounts of a block, tree nodes it read):
-/// foldhash, several times faster than std's SipHash on 20- to 40-byte keys, and seeded at
-/// random per process and per map, so keys chosen by clients cannot be made to collide.
+/// foldhash, several times faster than std's SipHash on 20- to 40-byte keys. Its DoS
+/// resistance is weaker than SipHash's (a random per-process seed plus a per-map seed, no
+/// cryptographic guarantee); that is enough here because these maps live for one block and
+/// hold at most that block's accounts, so a client can neither observe one map long enough
+/// to learn its seed nor grow it past a block's bound.
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 /// See [`FastMap`].
 type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// An empty [`FastMap`] with room for `capacity` entries.
+fn fast_map<K, V>(capacity: usize) -> FastMap<K, V> {
+    FastMap::with_capacity_and_hasher(capacity, Default::default())
+}

@@ -29,7 +29,7 @@ use keel_types::{Address, PublicKey, Receipt, Transaction};
 use rayon::prelude::*;
 
 use super::{run_tx, slot_in, BlockEnv, BlockRun, Execution, Ledger, Slot, State};
-use crate::{FastMap, FastSet, Result};
+use crate::{fast_map, FastMap, FastSet, Result};
 
 /// Blocks with fewer transactions run sequentially: below this the rayon tasks cost more
 /// than they save. The result is the same either way.
@@ -139,8 +139,7 @@ fn plan(env: &BlockEnv, txs: &[Transaction]) -> Option<(Vec<Group>, FastSet<Addr
     if txs.len() < MIN_PARALLEL_TXS || u32::try_from(txs.len()).is_err() {
         return None;
     }
-    let mut sender_ids: FastMap<Address, u32> =
-        FastMap::with_capacity_and_hasher(txs.len(), Default::default());
+    let mut sender_ids: FastMap<Address, u32> = fast_map(txs.len());
     let mut senders: Vec<Address> = Vec::new();
     for tx in txs {
         sender_ids.entry(tx.sender).or_insert_with(|| {
@@ -220,17 +219,17 @@ pub(super) fn execute(
     let mut work: Vec<(Group, FastMap<Address, Slot>)> = groups
         .into_iter()
         .map(|g| {
-            let slots = FastMap::with_capacity_and_hasher(g.accounts.len(), Default::default());
+            let slots = fast_map(g.accounts.len());
             (g, slots)
         })
         .collect();
     let mut ordered: FastMap<Address, usize> =
-        FastMap::with_capacity_and_hasher(touched.len(), Default::default());
+        fast_map(work.iter().map(|(g, _)| g.accounts.len()).sum());
     for (i, (g, _)) in work.iter().enumerate() {
         ordered.extend(g.accounts.iter().map(|a| (*a, i)));
     }
     // Room for the ordered accounts too: they come back here after the run.
-    let mut rest = FastMap::with_capacity_and_hasher(touched.len(), Default::default());
+    let mut rest = fast_map(touched.len());
     for (addr, slot) in std::mem::take(&mut block.accounts) {
         match ordered.get(&addr).and_then(|&g| work.get_mut(g)) {
             Some((_, slots)) => {
@@ -271,8 +270,7 @@ pub(super) fn execute(
 
     // Merge: receipts by index, ordered accounts back, credits summed.
     let mut receipts: Vec<Option<Receipt>> = vec![None; txs.len()];
-    let mut sums: FastMap<Address, u128> =
-        FastMap::with_capacity_and_hasher(credit_only.len(), Default::default());
+    let mut sums: FastMap<Address, u128> = fast_map(credit_only.len());
     for out in outputs {
         for (i, r) in out.receipts {
             receipts[i] = Some(r);
