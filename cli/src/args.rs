@@ -240,6 +240,9 @@ pub enum BenchStage {
     Commit,
     /// Every stage and the whole block.
     All,
+    /// `state_getAccount` latency through the node's RPC handler, first while empty blocks
+    /// commit, then while blocks of `--txs` transfers commit (`--blocks` of them).
+    Reads,
 }
 
 /// `keel bench` options.

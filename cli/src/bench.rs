@@ -39,6 +39,7 @@ fn wanted(stage: BenchStage) -> &'static [&'static str] {
         BenchStage::Trie => &["root"],
         BenchStage::Commit => &["commit"],
         BenchStage::All => &["sigverify", "execute", "root", "commit", "block"],
+        BenchStage::Reads => &["reads"],
     }
 }
 
@@ -400,6 +401,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         threads.push(cores);
     }
     let stages = wanted(args.stage);
+    if stages == ["reads"] {
+        return reads(&args);
+    }
     if stages == ["sigverify"] {
         return sigverify_only(&args, &threads);
     }
@@ -447,6 +451,47 @@ pub fn run(args: BenchArgs) -> Result<()> {
         stored.is_some(),
         "the hot account is missing from the state"
     );
+    Ok(())
+}
+
+/// `keel bench reads`: RPC read latency without and with big blocks committing.
+fn reads(args: &BenchArgs) -> Result<()> {
+    let figures = keel_node::bench::reads_while_committing(&keel_node::bench::ReadBench {
+        txs: args.txs,
+        blocks: args.blocks,
+        reads_per_sec: 2_000,
+        block_time_ms: 500,
+        dir: args.dir.clone(),
+    })?;
+    for (phase, l) in [("idle", &figures.idle), ("committing", &figures.committing)] {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "stage": "reads",
+                    "phase": phase,
+                    "reads": l.reads,
+                    "p50_us": l.p50_us.round(),
+                    "p99_us": l.p99_us.round(),
+                    "max_us": l.max_us.round(),
+                    "blocks": figures.blocks,
+                    "txs": figures.txs,
+                    "seconds": (figures.seconds * 1e3).round() / 1e3,
+                })
+            );
+        } else {
+            println!(
+                "reads {phase:<10} {:>7} state_getAccount  p50 {:>8.0} us  p99 {:>8.0} us  max {:>8.0} us",
+                l.reads, l.p50_us, l.p99_us, l.max_us
+            );
+        }
+    }
+    if !args.json {
+        println!(
+            "reads committing: {} blocks of transfers ({} transfers) final in {:.1} s",
+            figures.blocks, figures.txs, figures.seconds
+        );
+    }
     Ok(())
 }
 

@@ -52,6 +52,9 @@ const KEPT_EPOCH_PROOFS: usize = 16;
 /// Leader reputation: the final blocks looked at (their proposers and the signers of their
 /// parents' certificates are the active validators).
 const REPUTATION_WINDOW: usize = 10;
+/// How many of the newest final headers [`Engine::restore_history`] keeps: a restarted node
+/// hands it that many so its leader schedule agrees with the other validators' at once.
+pub const HISTORY_HEADERS: usize = 4 * REPUTATION_WINDOW;
 /// Leader reputation: only final blocks of rounds at least this far below the round are
 /// looked at, so that validators in that round have all committed them and agree.
 const REPUTATION_LAG: u64 = 10;
@@ -566,7 +569,7 @@ impl Engine {
             proposer: h.proposer,
             signers: h.parent_qc.signatures.iter().map(|s| s.validator).collect(),
         });
-        while self.history.len() > 4 * REPUTATION_WINDOW {
+        while self.history.len() > HISTORY_HEADERS {
             self.history.pop_front();
         }
     }

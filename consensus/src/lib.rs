@@ -29,7 +29,7 @@ mod validators;
 pub use cache::{CacheStats, ValidatorSetCache};
 pub use engine::{
     epoch_end_height, epoch_of_next_block, BuildRequest, Config, Effect, Engine, Input, SafetyData,
-    TimerKind, Tip,
+    TimerKind, Tip, HISTORY_HEADERS,
 };
 pub use error::{Error, Result};
 pub use validators::{Validator, ValidatorSet};

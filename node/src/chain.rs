@@ -1,8 +1,9 @@
-//! The chain as the RPC server and the driver share it: storage, state, mempool, the
-//! signature cache, the current tip, and the head notifications.
+//! The node context that the RPC server, the network server and the consensus host share:
+//! storage, state, the mempool, the signature cache, the validator sets, the current
+//! [`ChainView`] (which only the host publishes), and the head notifications.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use keel_consensus::{epoch_of_next_block, CacheStats, Validator, ValidatorSet, ValidatorSetCache};
 use keel_genesis::Params;
@@ -12,6 +13,10 @@ use keel_types::{Block, Hash, Header, Transaction};
 use tokio::sync::broadcast;
 
 use crate::mempool::{Mempool, Rejection};
+use crate::net::Network;
+use crate::store::ConsensusStore;
+pub use crate::view::TipInfo;
+use crate::view::{ChainView, ViewCell};
 
 /// Capacity of the head notification channels: a subscriber further behind than this misses
 /// heads (and is told so) instead of growing memory.
@@ -47,15 +52,6 @@ pub fn epoch_validator_set(
 /// Epochs of validator sets kept: the current one, its predecessor (certificates at the
 /// boundary) and a few for `state_getValidators` at recent heights.
 pub const VALIDATOR_SET_CACHE_EPOCHS: usize = 8;
-
-/// Heights and hashes of the latest and the finalized block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TipInfo {
-    /// Latest stored (certified) block.
-    pub latest: (u64, Hash),
-    /// Latest final block.
-    pub finalized: (u64, Hash),
-}
 
 /// Where a transaction stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,20 +114,12 @@ pub struct ChainParts {
     /// The mempool.
     pub mempool: Mempool,
     /// Transactions whose signatures are verified: filled at admission, read by block
-    /// execution (the node's one cache, shared with its [`crate::app::App`]).
+    /// execution (the node's one cache, shared with its [`crate::ledger::Ledger`]).
     pub sig_cache: Arc<SigCache>,
     /// `memory.limit` in bytes (0: none), for the metrics.
     pub memory_limit: u64,
-    /// The tip at start.
-    pub tip: TipInfo,
-}
-
-/// A certified, not yet final block with what RPC reads of it computed once: its hash and
-/// the hashes of its transactions (`tx_status` is polled by wallets and load generators).
-struct CertifiedBlock {
-    block: Block,
-    hash: Hash,
-    tx_hashes: std::collections::HashSet<Hash>,
+    /// The final block at start.
+    pub finalized: (u64, Hash),
 }
 
 /// The shared chain.
@@ -150,19 +138,17 @@ pub struct Chain {
     genesis_validators: ValidatorSet,
     /// Validator sets by epoch.
     validator_sets: ValidatorSetCache,
-    /// The epoch consensus is in.
-    epoch: AtomicU64,
+    /// Consensus-side records (safety data, kept blocks, epoch proofs, peer book).
+    records: ConsensusStore,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
     /// Where transactions submitted over RPC are gossiped (none without networking).
-    gossip: std::sync::OnceLock<keel_p2p::NetworkHandle>,
+    gossip: std::sync::OnceLock<Arc<dyn Network>>,
     peers: std::sync::atomic::AtomicUsize,
     syncing: std::sync::atomic::AtomicBool,
     mempool: Mutex<Mempool>,
     sig_cache: Arc<SigCache>,
-    tip: RwLock<TipInfo>,
-    /// Certified blocks above the final height, by height (the branch consensus extends).
-    certified: RwLock<std::collections::BTreeMap<u64, CertifiedBlock>>,
+    view: ViewCell,
     new_heads: broadcast::Sender<Header>,
     finalized_heads: broadcast::Sender<Header>,
 }
@@ -174,34 +160,45 @@ impl Chain {
             chain_id: parts.chain_id,
             node_id: parts.node_id,
             params: parts.params,
+            records: ConsensusStore::new(parts.blocks.kv().clone()),
             blocks: parts.blocks,
             state: parts.state,
             genesis_validators: parts.validators,
             validator_sets: ValidatorSetCache::new(VALIDATOR_SET_CACHE_EPOCHS),
-            epoch: AtomicU64::new(parts.epoch),
             metrics: crate::metrics::Metrics::new(parts.memory_limit),
             gossip: std::sync::OnceLock::new(),
             peers: std::sync::atomic::AtomicUsize::new(0),
             syncing: std::sync::atomic::AtomicBool::new(false),
             mempool: Mutex::new(parts.mempool),
             sig_cache: parts.sig_cache,
-            tip: RwLock::new(parts.tip),
-            certified: RwLock::new(std::collections::BTreeMap::new()),
+            view: ViewCell::new(ChainView::at_final(parts.finalized, parts.epoch)),
             new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
             finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
         }
     }
 
+    /// The current view of the chain: tip, final block, epoch, non-final blocks.
+    pub fn view(&self) -> Arc<ChainView> {
+        self.view.load()
+    }
+
+    /// Replaces the view (the consensus host, after each step that changes it).
+    pub(crate) fn publish(&self, view: ChainView) {
+        self.view.store(view);
+    }
+
+    /// The consensus-side records of this node's database.
+    pub fn records(&self) -> &ConsensusStore {
+        &self.records
+    }
+
     /// The epoch consensus is in (the epoch of the next block to be final).
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Relaxed)
+        self.view().epoch
     }
 
-    pub(crate) fn set_epoch(&self, epoch: u64) {
-        self.epoch.store(epoch, Ordering::Relaxed);
-    }
-
-    pub(crate) fn set_gossip(&self, net: keel_p2p::NetworkHandle) {
+    /// Gossips transactions submitted over RPC through `net` from now on.
+    pub fn set_gossip(&self, net: Arc<dyn Network>) {
         let _ = self.gossip.set(net);
     }
 
@@ -209,7 +206,7 @@ impl Chain {
     pub fn p2p_bytes(&self) -> keel_p2p::frame::ByteCounts {
         self.gossip
             .get()
-            .map(|n| n.byte_stats())
+            .map(|n| n.byte_counts())
             .unwrap_or_default()
     }
 
@@ -261,89 +258,28 @@ impl Chain {
         self.validator_sets.stats()
     }
 
-    /// Forgets the certified blocks above the final height (the suffix of an ended epoch)
-    /// and makes the final tip the latest head again.
-    pub(crate) fn reset_to_final(&self) {
-        let finalized = self.tip().finalized;
-        {
-            let mut certified = match self.certified.write() {
-                Ok(c) => c,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            certified.clear();
-        }
-        self.set_latest(finalized.0, finalized.1);
-    }
-
     /// The current tip.
     pub fn tip(&self) -> TipInfo {
-        match self.tip.read() {
-            Ok(t) => *t,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
-    }
-
-    pub(crate) fn set_latest(&self, height: u64, hash: Hash) {
-        match self.tip.write() {
-            Ok(mut t) => t.latest = (height, hash),
-            Err(poisoned) => poisoned.into_inner().latest = (height, hash),
-        }
-    }
-
-    pub(crate) fn set_finalized(&self, height: u64, hash: Hash) {
-        match self.tip.write() {
-            Ok(mut t) => t.finalized = (height, hash),
-            Err(poisoned) => poisoned.into_inner().finalized = (height, hash),
-        }
-        let mut certified = match self.certified.write() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        certified.retain(|h, _| *h > height);
-    }
-
-    /// Records a newly certified block as the chain's latest head.
-    pub(crate) fn set_certified(&self, block: Block) {
-        let (height, hash) = (block.header.height, block.hash());
-        // Hash outside the lock: readers never wait on it.
-        let tx_hashes = block.tx_hashes().into_iter().collect();
-        {
-            let mut certified = match self.certified.write() {
-                Ok(c) => c,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            // A certified block replaces any other at its height and everything above it.
-            certified.retain(|h, _| *h < height);
-            certified.insert(
-                height,
-                CertifiedBlock {
-                    block,
-                    hash,
-                    tx_hashes,
-                },
-            );
-        }
-        self.set_latest(height, hash);
+        self.view().tip
     }
 
     /// A certified, not yet final block at `height`.
     pub fn certified_at(&self, height: u64) -> Option<Block> {
-        self.certified
-            .read()
-            .ok()
-            .and_then(|c| c.get(&height).map(|b| b.block.clone()))
+        self.view()
+            .certified
+            .get(&height)
+            .map(|b| (*b.block).clone())
     }
 
     /// A certified, not yet final block by hash.
     pub fn certified_by_hash(&self, hash: &Hash) -> Option<Block> {
-        self.certified.read().ok().and_then(|c| {
-            c.values()
-                .find(|b| b.hash == *hash)
-                .map(|b| b.block.clone())
-        })
+        self.view()
+            .certified_by_hash(hash)
+            .map(|b| (*b.block).clone())
     }
 
-    /// The mempool. Held while a block commits, so admission always sees committed nonces.
+    /// The mempool. The host takes it after a commit to swap the final height and drop the
+    /// committed transactions; admission reads the final height under it.
     pub fn mempool(&self) -> MutexGuard<'_, Mempool> {
         match self.mempool.lock() {
             Ok(m) => m,
@@ -380,9 +316,7 @@ impl Chain {
     pub fn submit(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
         let hash = self.admit_from_peer(bytes)?;
         if let Some(net) = self.gossip.get() {
-            if let Err(e) = net.publish(keel_p2p::Channel::Transactions, bytes.to_vec()) {
-                tracing::debug!(%hash, error = %e, "transaction not gossiped");
-            }
+            net.broadcast(keel_p2p::Channel::Transactions, bytes.to_vec());
         }
         Ok(hash)
     }
@@ -434,10 +368,11 @@ impl Chain {
     /// The mempool's rules for a transaction whose signature is verified.
     fn admit_verified(&self, tx: Transaction) -> Result<(), SubmitError> {
         let mut pool = self.mempool();
-        // Read the account under the mempool lock: the driver commits blocks under it too, so
-        // the nonce and balance seen here are those the pool was last pruned against.
-        // Admission checks against final state; the mempool tolerates nonce gaps for
-        // transactions that certified blocks have already included.
+        // Read the final height under the mempool lock: the host swaps it under this lock
+        // when it drops committed transactions, so the nonce and balance seen here are those
+        // the pool was last pruned against. Admission checks against final state; the
+        // mempool tolerates nonce gaps for transactions that certified blocks have already
+        // included.
         let height = self.tip().finalized.0;
         let account = self
             .state
@@ -456,12 +391,7 @@ impl Chain {
         if self.blocks.tx_location(hash)?.is_some() {
             return Ok(TxStatus::Finalized);
         }
-        let in_certified = self
-            .certified
-            .read()
-            .map(|c| c.values().any(|b| b.tx_hashes.contains(hash)))
-            .unwrap_or(false);
-        Ok(if in_certified {
+        Ok(if self.view().includes_tx(hash) {
             TxStatus::Included
         } else {
             TxStatus::Unknown
@@ -479,8 +409,8 @@ mod tests {
     use keel_types::{Address, Keypair, QuorumCertificate, TxKind};
 
     use super::*;
-    use crate::app::tests::{funded, write_genesis};
-    use crate::app::{App, BlockTemplate};
+    use crate::ledger::tests::{funded, write_genesis};
+    use crate::ledger::{BlockLimits, BlockTemplate, Ledger};
     use crate::mempool::MempoolLimits;
 
     const CHAIN: &str = "chain-test";
@@ -536,10 +466,7 @@ mod tests {
             ),
             sig_cache: Arc::new(SigCache::new(1_000)),
             memory_limit: 0,
-            tip: TipInfo {
-                latest: (0, hash),
-                finalized: (0, hash),
-            },
+            finalized: (0, hash),
         });
         (chain, store)
     }
@@ -593,7 +520,7 @@ mod tests {
         assert!(cache.contains(&first.hash) && cache.contains(&second.hash));
         assert_eq!((cache.hits(), cache.misses()), (0, 2));
 
-        let mut app = App::new(store, exec_params())
+        let mut app = Ledger::new(store, exec_params(), BlockLimits::NONE)
             .unwrap()
             .with_signature_cache(cache.clone());
         let genesis = app.block(&app.final_tip().1).unwrap().unwrap();

@@ -222,6 +222,15 @@ pub struct MempoolConfig {
     pub max_bytes: ByteSize,
 }
 
+impl From<&MempoolConfig> for crate::mempool::MempoolLimits {
+    fn from(config: &MempoolConfig) -> crate::mempool::MempoolLimits {
+        crate::mempool::MempoolLimits {
+            max_txs: config.max_txs,
+            max_bytes: config.max_bytes.0,
+        }
+    }
+}
+
 impl Default for MempoolConfig {
     fn default() -> MempoolConfig {
         MempoolConfig {
@@ -1507,5 +1516,17 @@ format = "json"
         std::fs::write(&path, "[rpc]\nport = 1\n").unwrap();
         let e = Config::load(&path).unwrap_err().to_string();
         assert_eq!(e, format!("{}: unknown key \"rpc.port\"", path.display()));
+    }
+
+    #[test]
+    fn mempool_limits_come_from_the_config() {
+        let limits = crate::mempool::MempoolLimits::from(&MempoolConfig::default());
+        assert_eq!(
+            limits,
+            crate::mempool::MempoolLimits {
+                max_txs: 100_000,
+                max_bytes: 256 << 20
+            }
+        );
     }
 }

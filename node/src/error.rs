@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use keel_types::Hash;
+
 /// Why the node cannot start or continue.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -17,9 +19,22 @@ pub enum Error {
     /// State failure.
     #[error(transparent)]
     State(#[from] keel_state::Error),
-    /// Block execution or storage through the application layer.
+    /// Block execution or storage through the ledger.
     #[error(transparent)]
-    App(#[from] crate::app::AppError),
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// The p2p service could not start.
+    #[error(transparent)]
+    Network(keel_p2p::Error),
+    /// A configured network address that does not parse.
+    #[error("{key}: \"{value}\" is not a multiaddr: {reason}")]
+    BadAddress {
+        /// The configuration key.
+        key: &'static str,
+        /// The value.
+        value: String,
+        /// Why it does not parse.
+        reason: String,
+    },
     /// Consensus setup failure.
     #[error(transparent)]
     Consensus(#[from] keel_consensus::Error),
@@ -39,9 +54,31 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// The data directory belongs to another chain.
+    /// The database was made for another genesis.
+    #[error("the database in {data} belongs to another chain (genesis {stored}), not to this genesis.json ({expected})")]
+    WrongGenesis {
+        /// The data folder.
+        data: String,
+        /// The genesis hash the database records (`unknown` if none).
+        stored: String,
+        /// The hash of the genesis file.
+        expected: Hash,
+    },
+    /// A record of the node's own that does not decode or is missing: the database is
+    /// damaged.
+    #[error("the database is damaged: {what}: {reason}")]
+    Corrupt {
+        /// Which record.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A benchmark that cannot run as asked, or failed.
+    #[error("benchmark: {0}")]
+    Bench(String),
+    /// A testnet that cannot be generated as asked.
     #[error("{0}")]
-    Mismatch(String),
+    Testnet(String),
     /// The RPC server could not start.
     #[error("rpc server on {addr}: {reason}")]
     Rpc {

@@ -1,31 +1,42 @@
 //! The keel node: wiring only.
 //!
-//! It loads the configuration and genesis, opens the store, and runs three parts that talk
-//! over bounded channels and a shared, read-mostly [`Chain`]:
-//! - the consensus driver ([`driver`]), a dedicated thread that feeds inputs to the pure
-//!   `keel-consensus` engine and carries out its effects (build and execute a block, persist
-//!   safety data with fsync, commit a block in one atomic batch, finalize);
-//! - the mempool, behind a mutex, fed by RPC `tx_submit`;
-//! - the JSON-RPC server (HTTP and WebSocket on one port).
+//! [`boot`] opens a store and genesis into a node context ([`Chain`]) and a consensus
+//! [`host::Host`]; [`Node`] runs that over RocksDB and libp2p with the JSON-RPC and metrics
+//! servers, every long-lived task owned by one [`tasks::TaskManager`]. The parts:
+//! - [`host`]: feeds the pure `keel-consensus` engine and carries out its effects through the
+//!   [`ledger`] (the one block tree: build, validate with limits, keep, finalize), the
+//!   [`store`] (every consensus-side key), a [`net::Network`] and a [`clock::Clock`]; it has
+//!   no thread of its own, so the seeded simulation runs the same code on virtual time;
+//! - [`net`]: the `Network` trait, its libp2p implementation with the server task that
+//!   answers peers, and the simulated one;
+//! - [`view`]: the snapshot of the chain the host publishes and readers (RPC, metrics, sync
+//!   serving) load without waiting on it;
+//! - [`mempool`], [`rpc`], [`metrics`], [`config`].
 //!
 //! Invariants: a block's header, body, indexes, receipts, state-tree nodes and the chain tip
 //! are written in one atomic batch; safety data is durable before any vote built from it is
-//! used; nothing a client sends can panic the node or grow memory without bound (the mempool
-//! and every channel are bounded).
+//! used; no reader waits on a lock held across a disk write; nothing a client sends can
+//! panic the node or grow memory without bound (the mempool and every channel are bounded).
 
-pub mod app;
+pub mod bench;
+pub mod boot;
 pub mod chain;
+pub mod clock;
 pub mod config;
-mod driver;
 mod error;
 pub mod home;
+pub mod host;
+pub mod ledger;
 pub mod mempool;
 pub mod metrics;
-pub mod network;
+pub mod net;
 mod node;
 pub mod rpc;
+pub mod store;
+pub mod tasks;
 pub mod testnet;
 pub mod units;
+pub mod view;
 
 pub use chain::{Chain, TxStatus};
 pub use error::{Error, Result};

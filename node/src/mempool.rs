@@ -22,8 +22,6 @@ use std::fmt;
 
 use keel_types::{Address, Hash, Transaction, TxKind};
 
-use crate::config::MempoolConfig;
-
 /// Largest accepted transaction (its `SignedTx` bytes).
 pub const MAX_TX_BYTES: usize = 64 * 1024;
 
@@ -41,15 +39,6 @@ pub struct MempoolLimits {
     pub max_txs: usize,
     /// Most bytes held (sum of the transactions' encoded sizes).
     pub max_bytes: u64,
-}
-
-impl From<&MempoolConfig> for MempoolLimits {
-    fn from(config: &MempoolConfig) -> MempoolLimits {
-        MempoolLimits {
-            max_txs: config.max_txs,
-            max_bytes: config.max_bytes.0,
-        }
-    }
 }
 
 /// Why a transaction was not admitted.
@@ -887,18 +876,6 @@ mod tests {
         assert_eq!(
             tiny.insert(transfer(1, 0, 5, 1), 0, RICH),
             Err(Rejection::Full)
-        );
-    }
-
-    #[test]
-    fn limits_come_from_the_config() {
-        let limits = MempoolLimits::from(&MempoolConfig::default());
-        assert_eq!(
-            limits,
-            MempoolLimits {
-                max_txs: 100_000,
-                max_bytes: 256 << 20
-            }
         );
     }
 

@@ -1,40 +1,42 @@
-//! Node assembly: open everything, start the driver and the RPC server, shut down cleanly.
+//! Node assembly: open the store, boot ([`crate::boot`]), start the network, the consensus
+//! host, the metrics and RPC servers, every long-lived one named and owned by a
+//! [`TaskManager`]; and stop them all, in order, within a bounded time.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::time::Duration;
 
-use keel_consensus::{epoch_of_next_block, Engine, SafetyData, Tip, Validator, ValidatorSet};
-use keel_genesis::Genesis;
-use keel_state::{SigCache, State};
-use keel_storage::{BlockStore, Column, KvStore, MemStore, RocksConfig, RocksStore, WriteBatch};
-use keel_types::{Block, Hash, Header, QuorumCertificate};
+use keel_storage::{KvStore, MemStore, RocksConfig, RocksStore};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use crate::app::App;
-use crate::chain::{Chain, ChainParts, TipInfo};
+use crate::boot::Settings;
+use crate::chain::Chain;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StorageEngine};
-use crate::driver::{Command, Driver, LATEST_QC_KEY, SAFETY_KEY};
 use crate::home::{read_key_file, Home};
-use crate::mempool::{Mempool, MempoolLimits};
+use crate::host::{run_blocking, Command};
+use crate::tasks::TaskManager;
 use crate::{Error, Result};
 
-const GENESIS_HASH_KEY: &str = "genesis_hash";
-/// Commands (network messages, sync answers) queued for the driver; beyond it, messages are
+/// Commands (network messages, sync answers) queued for the host; beyond it, messages are
 /// dropped (consensus recovers from loss) rather than growing memory.
 const COMMAND_QUEUE: usize = 4096;
+/// How long a clean shutdown may take before the tasks still running are abandoned.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(8);
 
 /// A running node.
 pub struct Node {
     chain: Arc<Chain>,
     commands: SyncSender<Command>,
-    driver: Option<JoinHandle<()>>,
-    driver_done: Option<oneshot::Receiver<Result<()>>>,
+    host_done: Option<oneshot::Receiver<Result<()>>>,
     rpc: jsonrpsee::server::ServerHandle,
     rpc_addr: SocketAddr,
+    tasks: TaskManager,
+    /// The RocksDB store, flushed at shutdown (none for the memory engine).
+    rocks: Option<Arc<RocksStore>>,
 }
 
 impl Node {
@@ -45,81 +47,31 @@ impl Node {
         let key = read_key_file(&home.validator_key())?;
         let node_key = read_key_file(&home.node_key())?;
 
-        let store: Arc<dyn KvStore> = match config.storage.engine {
+        let (store, rocks): (Arc<dyn KvStore>, _) = match config.storage.engine {
             StorageEngine::RocksDb => {
-                Arc::new(RocksStore::open(&home.data(), &rocks_config(&config))?)
+                let rocks = Arc::new(RocksStore::open(&home.data(), &rocks_config(&config))?);
+                (rocks.clone(), Some(rocks))
             }
-            StorageEngine::Memory => Arc::new(MemStore::new()),
+            StorageEngine::Memory => (Arc::new(MemStore::new()), None),
         };
-        let blocks = BlockStore::new(store.clone());
-        let state = State::new(store.clone(), genesis.exec_params());
-        let validators = validator_set(&genesis)?;
-        let genesis_header = genesis_header(&genesis, &validators)?;
-
-        let (tip, safety) = match blocks.latest()? {
-            None => {
-                write_genesis(&blocks, &state, &genesis, &genesis_header)?;
-                info!(chain_id = %genesis.chain_id, hash = %genesis_header.hash(), "initialised chain from genesis");
-                (genesis_tip(&genesis_header), None)
+        let node_id = crate::net::libp2p::peer_id(&node_key)?.to_string();
+        let booted = match crate::boot::open(store, &genesis, &key, node_id, &Settings::of(&config))
+        {
+            Err(Error::WrongGenesis {
+                stored, expected, ..
+            }) => {
+                return Err(Error::WrongGenesis {
+                    data: home.data().display().to_string(),
+                    stored,
+                    expected,
+                })
             }
-            Some((height, hash)) => {
-                check_genesis(&blocks, &genesis_header, home_dir)?;
-                let header = blocks.header_by_hash(&hash)?.ok_or_else(|| {
-                    Error::Mismatch(format!("latest block {hash} at height {height} is missing"))
-                })?;
-                let qc = match blocks.meta(LATEST_QC_KEY)? {
-                    Some(bytes) => QuorumCertificate::decode(&bytes).map_err(|e| {
-                        Error::Mismatch(format!("stored certificate of the latest block: {e}"))
-                    })?,
-                    None => QuorumCertificate::genesis(hash),
-                };
-                let safety = match store.get(Column::Consensus, SAFETY_KEY)? {
-                    Some(bytes) => Some(SafetyData::decode(&bytes)?),
-                    None => None,
-                };
-                info!(height, %hash, "resuming from stored chain");
-                (
-                    Tip {
-                        height,
-                        hash,
-                        round: header.round,
-                        timestamp_ms: header.timestamp_ms,
-                        qc,
-                    },
-                    safety,
-                )
-            }
+            other => other?,
         };
-        let finalized = blocks.finalized()?.unwrap_or((0, genesis_header.hash()));
-
-        let epoch = epoch_of_next_block(tip.height, genesis.params.epoch_length);
-        // One signature cache: admission fills it, every block execution reads it.
-        let sig_cache = Arc::new(SigCache::default());
-        let app =
-            App::new(store.clone(), genesis.exec_params())?.with_signature_cache(sig_cache.clone());
-        let mempool = Mempool::new(
-            MempoolLimits::from(&config.mempool),
-            genesis.chain_id.clone(),
-            genesis.params.min_fee,
-        );
-        let chain = Arc::new(Chain::new(ChainParts {
-            chain_id: genesis.chain_id.clone(),
-            node_id: crate::network::peer_id(&node_key)?,
-            params: genesis.params.clone(),
-            blocks,
-            state,
-            validators,
-            epoch,
-            mempool,
-            sig_cache,
-            memory_limit: config.memory.limit.0,
-            tip: TipInfo {
-                latest: (tip.height, tip.hash),
-                finalized,
-            },
-        }));
+        let chain = booted.chain.clone();
+        let epoch = chain.epoch();
         let validators = chain.validator_set(epoch)?;
-        let me = validators.get(&key.address()).map(|v| v.stake).unwrap_or(0);
+        let me = validators.get(&key.address()).map_or(0, |v| v.stake);
         if !validators.is_quorum(me)
             && config.p2p.persistent_peers.is_empty()
             && config.p2p.seeds.is_empty()
@@ -132,74 +84,53 @@ impl Node {
                  it will wait for peers to dial it"
             );
         }
-        let mut engine = Engine::new(
-            keel_consensus::Config {
-                chain_id: genesis.chain_id.clone(),
-                block_time_ms: config.consensus.block_time_ms,
-                timeout_ms: config.consensus.timeout_ms,
-                max_timeout_ms: config.consensus.timeout_ms.saturating_mul(8),
-                epoch_length: genesis.params.epoch_length,
-            },
-            key.clone(),
-            (*validators).clone(),
-            tip.clone(),
-            safety,
-        )?;
-        // The recent final headers, so the leader schedule (leader reputation) agrees with the
-        // other validators' from the first round.
-        let mut recent = Vec::new();
-        for h in tip.height.saturating_sub(39).max(1)..=tip.height {
-            if let Some(header) = chain.blocks.header_at(h)? {
-                recent.push(header);
-            }
-        }
-        engine.restore_history(&recent);
-        if epoch > 0 && tip.height == epoch.saturating_mul(genesis.params.epoch_length) {
-            // Resuming at the block that ended the last epoch: its certificates are checked
-            // with that epoch's set.
-            engine.set_previous_validators((*chain.validator_set(epoch - 1)?).clone());
-        }
 
+        let mut tasks = TaskManager::new();
         let (commands, receiver) = sync_channel(COMMAND_QUEUE);
-        let (done_tx, done_rx) = oneshot::channel();
-        let mut driver = Driver::new(chain.clone(), engine, app, receiver);
-        let net = crate::network::start(
+        let net = crate::net::libp2p::start(
             chain.clone(),
             &config,
             &node_key,
             &key,
-            genesis_header.hash(),
+            booted.genesis_hash,
             commands.clone(),
-        )
-        .await?;
-        chain.set_gossip(net.handle.clone());
-        driver.set_network(net, commands.clone());
-        driver.start()?;
+            tasks.token(),
+        )?;
+        tasks.add_task("network server", net.server);
+        tasks.add_task("p2p service", net.service);
+        let network = Arc::new(net.network);
+        chain.set_gossip(network.clone());
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let mut host = booted.into_host(network, clock.clone());
+        host.start()?;
         crate::metrics::serve(chain.clone(), config.metrics.listen_addr).await?;
         let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
 
         // The moniker labels consensus logs, so nodes sharing a process (devnet) are told apart.
         let span = tracing::info_span!("node", moniker = %config.moniker);
-        let handle = std::thread::Builder::new()
+        let (done_tx, done_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
             .name("keel-consensus".into())
             .spawn(move || {
                 let _node = span.enter();
-                let result = driver.run();
+                let result = run_blocking(host, receiver, clock);
                 if let Err(e) = &result {
-                    error!(error = %e, "consensus driver failed");
+                    error!(error = %e, "consensus host failed");
                 }
                 let _ = done_tx.send(result);
             })
             .map_err(|e| Error::io("consensus thread", e))?;
+        tasks.add_thread("consensus host", thread);
 
         Ok(Node {
             chain,
             commands,
-            driver: Some(handle),
-            driver_done: Some(done_rx),
+            host_done: Some(done_rx),
             rpc,
             rpc_addr,
+            tasks,
+            rocks,
         })
     }
 
@@ -213,21 +144,38 @@ impl Node {
         self.rpc_addr
     }
 
-    /// Resolves if the consensus driver stops on its own, with its error.
+    /// Resolves if the consensus host stops on its own, with its error.
     pub async fn failed(&mut self) -> Result<()> {
-        match self.driver_done.as_mut() {
+        match self.host_done.as_mut() {
             Some(done) => done.await.unwrap_or(Ok(())),
             None => std::future::pending().await,
         }
     }
 
-    /// Stops the RPC server and the driver, waiting for the block being committed, if any.
-    pub async fn shutdown(mut self) -> Result<()> {
+    /// Stops everything, in order: the RPC server (no new requests), the network server and
+    /// metrics, the consensus host (after the block it is committing, if any), the p2p
+    /// service (which saves the peer book); then flushes RocksDB. Tasks still running after
+    /// [`SHUTDOWN_LIMIT`] are named in the log and abandoned.
+    pub async fn shutdown(self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_LIMIT;
         let _ = self.rpc.stop();
-        self.rpc.clone().stopped().await;
-        let _ = self.commands.send(Command::Shutdown);
-        if let Some(handle) = self.driver.take() {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        if tokio::time::timeout_at(deadline, self.rpc.clone().stopped())
+            .await
+            .is_err()
+        {
+            warn!("the RPC server did not stop in time");
+        }
+        // The queue may be full: wait for room off the async workers.
+        let commands = self.commands.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = commands.send(Command::Shutdown);
+        });
+        let stuck = self.tasks.shutdown(deadline).await;
+        if !stuck.is_empty() {
+            warn!(tasks = ?stuck, "tasks still running at shutdown were abandoned");
+        }
+        if let Some(rocks) = &self.rocks {
+            rocks.flush()?;
         }
         info!("node stopped");
         Ok(())
@@ -242,80 +190,4 @@ fn rocks_config(config: &Config) -> RocksConfig {
         max_open_files: r.max_open_files,
         compression: r.compression,
     }
-}
-
-/// The validator set of genesis.
-pub(crate) fn validator_set(genesis: &Genesis) -> Result<ValidatorSet> {
-    let validators = genesis
-        .validator_keys()?
-        .into_iter()
-        .map(|(public_key, stake)| Validator {
-            address: public_key.address(),
-            public_key,
-            stake,
-        })
-        .collect();
-    Ok(ValidatorSet::new(validators)?)
-}
-
-/// The genesis header, computing the initial state root on a scratch store.
-fn genesis_header(genesis: &Genesis, validators: &ValidatorSet) -> Result<Header> {
-    let scratch = State::new(Arc::new(MemStore::new()), genesis.exec_params());
-    let root = scratch.init_genesis(
-        &genesis.initial_accounts()?,
-        &genesis.validator_public_keys()?,
-        &mut WriteBatch::new(),
-    )?;
-    Ok(genesis.header(root, validators.hash()))
-}
-
-fn genesis_tip(header: &Header) -> Tip {
-    let hash = header.hash();
-    Tip {
-        height: 0,
-        hash,
-        round: 0,
-        timestamp_ms: header.timestamp_ms,
-        qc: QuorumCertificate::genesis(hash),
-    }
-}
-
-fn write_genesis(
-    blocks: &BlockStore,
-    state: &State,
-    genesis: &Genesis,
-    header: &Header,
-) -> Result<()> {
-    let mut batch = WriteBatch::new();
-    state.init_genesis(
-        &genesis.initial_accounts()?,
-        &genesis.validator_public_keys()?,
-        &mut batch,
-    )?;
-    let block = Block {
-        header: header.clone(),
-        txs: Vec::new(),
-        evidence: Vec::new(),
-    };
-    let hash = block.hash();
-    blocks.stage_block(&mut batch, &block, &[]);
-    blocks.stage_finalized(&mut batch, 0, hash);
-    blocks.stage_meta(&mut batch, GENESIS_HASH_KEY, hash.as_bytes());
-    blocks.kv().write(batch)?;
-    Ok(())
-}
-
-fn check_genesis(blocks: &BlockStore, expected: &Header, home: &Path) -> Result<()> {
-    let stored = blocks
-        .meta(GENESIS_HASH_KEY)?
-        .and_then(|b| Hash::from_slice("genesis_hash", &b).ok());
-    let expected = expected.hash();
-    if stored != Some(expected) {
-        return Err(Error::Mismatch(format!(
-            "the database in {} belongs to another chain (genesis {}), not to this genesis.json ({expected})",
-            home.join("data").display(),
-            stored.map(|h| h.to_string()).unwrap_or_else(|| "unknown".into()),
-        )));
-    }
-    Ok(())
 }

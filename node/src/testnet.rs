@@ -13,7 +13,7 @@ use keel_types::{Address, Keypair};
 
 use crate::config::Config;
 use crate::home::{write_key_file, Home};
-use crate::network::peer_id;
+use crate::net::libp2p::peer_id;
 use crate::{Error, Result};
 
 /// What to generate.
@@ -52,7 +52,7 @@ pub struct TestnetNode {
 
 fn port(base: u16, i: u32, offset: u32) -> Result<u16> {
     u16::try_from(u32::from(base) + 3 * i + offset).map_err(|_| {
-        Error::Mismatch(format!(
+        Error::Testnet(format!(
             "--base-port {base}: port of node {i} is above 65535"
         ))
     })
@@ -61,10 +61,10 @@ fn port(base: u16, i: u32, offset: u32) -> Result<u16> {
 /// Writes the homes. Refuses an output folder that already holds a `node0`.
 pub fn generate(spec: &TestnetSpec) -> Result<Vec<TestnetNode>> {
     if spec.validators == 0 {
-        return Err(Error::Mismatch("--validators must be at least 1".into()));
+        return Err(Error::Testnet("--validators must be at least 1".into()));
     }
     if spec.out.join("node0").exists() {
-        return Err(Error::Mismatch(format!(
+        return Err(Error::Testnet(format!(
             "{} already holds a testnet (node0 exists); choose an empty folder",
             spec.out.display()
         )));

@@ -15,7 +15,7 @@ mod service;
 use keel_types::MAX_MESSAGE_BYTES;
 
 pub use libp2p::{Multiaddr, PeerId};
-pub use service::{peer_id_of, start, Config, Event, NetworkHandle, PeerStore};
+pub use service::{peer_id_of, start, start_service, Config, Event, NetworkHandle, PeerStore};
 
 /// Logical channels, in priority order: a congested link sends consensus traffic first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

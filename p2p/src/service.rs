@@ -249,6 +249,18 @@ pub fn peer_id_of(secret: [u8; 32]) -> Result<PeerId> {
 
 /// Starts the service on the current tokio runtime.
 pub fn start(config: Config) -> Result<(NetworkHandle, mpsc::Receiver<Event>)> {
+    start_service(config).map(|(handle, events, _task)| (handle, events))
+}
+
+/// Starts the service on the current tokio runtime; also returns its task, which ends (after
+/// saving the peer book) once the event receiver is dropped.
+pub fn start_service(
+    config: Config,
+) -> Result<(
+    NetworkHandle,
+    mpsc::Receiver<Event>,
+    tokio::task::JoinHandle<()>,
+)> {
     let mut secret = config.secret;
     let key = identity::Keypair::ed25519_from_bytes(&mut secret).map_err(other("node key"))?;
     let local = key.public().to_peer_id();
@@ -356,9 +368,9 @@ pub fn start(config: Config) -> Result<(NetworkHandle, mpsc::Receiver<Event>)> {
         outbound: HashMap::new(),
         connected: HashSet::new(),
     };
-    tokio::spawn(service.run(high_rx, low_rx));
+    let task = tokio::spawn(service.run(high_rx, low_rx));
     info!(peer_id = %local, listen = %config.listen, "p2p service started");
-    Ok((handle, events_rx))
+    Ok((handle, events_rx, task))
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {

@@ -869,6 +869,27 @@ impl TestNode {
         }
     }
 
+    /// Sends SIGTERM (a clean shutdown) and waits up to `timeout` for the process to exit;
+    /// returns its exit status, or an error if it is still running then (it is killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("node is not started")?;
+        let pid = child.id().context("node process has no id")?;
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        if !sent.success() {
+            bail!("kill -TERM {pid} failed: {sent}");
+        }
+        match child.wait_timeout(timeout)? {
+            Some(status) => Ok(status),
+            None => bail!(
+                "node did not exit within {timeout:?} of SIGTERM; log tail:\n{}",
+                self.log_tail(30)
+            ),
+        }
+    }
+
     /// SIGKILLs the node (no clean shutdown) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -376,7 +376,7 @@ fn testnet_writes_wired_homes_and_never_overwrites() {
             format!(
                 "/ip4/127.0.0.1/tcp/{}/p2p/{}",
                 base + 3 * i,
-                keel_node::network::peer_id(&node_key).unwrap()
+                keel_node::net::libp2p::peer_id(&node_key).unwrap()
             )
         })
         .collect();

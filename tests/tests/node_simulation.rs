@@ -1,14 +1,17 @@
-//! Deterministic node-level simulation: N validators, each running the real consensus
-//! `Engine` and the real application (`keel_node::app::App` over its own `MemStore`, blocks
-//! executed by `keel-state`), over a simulated network with a seeded RNG and virtual time.
+//! Deterministic node-level simulation of the real consensus host: N validators, each booted
+//! by `keel_node::boot` (the node's own boot path) over its own `MemStore` and run by
+//! `keel_node::host::Host` (the code production runs on its consensus thread) with the real
+//! ledger, mempool and sync, over the simulated network (`keel_node::net::sim`), a seeded RNG
+//! and a virtual clock.
 //!
 //! What flows: signed transfers from funded users, submitted by a seeded workload to every
-//! node's mempool; leaders pick them (consecutive nonces from the parent's state, never a
-//! transaction already on the branch) and execute them; others re-execute and vote. Faults:
-//! latency and jitter, message loss, one partition that heals, a crash and restart on the same
-//! store (engine from the stored final tip, its certificate and the persisted safety data;
-//! non-final blocks reloaded as the driver does), and one byzantine validator whose blocks
-//! carry a corrupted state root.
+//! node's mempool through the node's own admission (signature, nonce, balance), resubmitted
+//! by the users while not final, as a wallet does; leaders select and execute them as the
+//! node does; others re-execute and vote. Faults: latency and jitter, message loss, one
+//! partition that heals, a crash and restart on the same store through the boot path (with
+//! or without the non-final blocks it kept: a node that lost them must sync them), and one
+//! byzantine validator whose proposals carry a corrupted state root (re-signed, so only
+//! re-execution can tell).
 //!
 //! Invariants checked after every run, on the honest validators' stores:
 //! 1. no two different blocks final at one height;
@@ -32,36 +35,39 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_enum_variant)]
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
-use keel_consensus::{
-    epoch_of_next_block, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip, Validator,
-    ValidatorSet,
-};
+use keel_consensus::{epoch_of_next_block, Validator, ValidatorSet};
 use keel_genesis::Genesis;
-use keel_node::app::{App, BlockTemplate};
+use keel_node::boot::Settings;
+use keel_node::clock::ManualClock;
+use keel_node::config::MempoolConfig;
+use keel_node::host::{Command, Host, HostEvent};
+use keel_node::mempool::{MempoolLimits, MAX_NONCE_GAP};
+use keel_node::net::sim::{Outgoing, SimNetwork};
+use keel_node::net::{Channel, PeerId, PeerInfo};
+use keel_node::store::ConsensusStore;
 use keel_state::{ExecParams, State};
-use keel_storage::{BlockStore, Column, KvStore, MemStore, WriteBatch};
+use keel_storage::{BlockStore, KvStore, MemStore};
 use keel_types::{
-    Address, Block, ConsensusMessage, Hash, Keypair, QuorumCertificate, Transaction, TxKind,
+    Address, ConsensusMessage, Hash, Keypair, PeerRequest, PeerResponse, Proposal, Transaction,
+    TxKind,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const CHAIN: &str = "node-sim";
-/// Keys the node uses (`node/src/driver.rs`): safety data in the consensus column, the final
-/// tip's certificate in meta, non-final blocks under a prefix of the consensus column.
-const SAFETY_KEY: &[u8] = b"safety";
-const LATEST_QC_KEY: &str = "latest_qc";
-const PENDING_BLOCK_PREFIX: &[u8] = b"block/";
 /// Funded users sending transfers, and unfunded addresses that only receive.
 const USERS: u64 = 5;
 const RECEIVERS: u64 = 3;
-/// Most transfers a proposer picks: a backlog after a partition drains in a few blocks.
-const MAX_BLOCK_TXS: usize = 256;
-/// Blocks handed over per sync answer; a node further behind asks again.
-const SYNC_BATCH: usize = 32;
+/// How long a request to an unreachable peer takes to fail.
+const REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// How often users resubmit their transfers that are not final yet.
+const RESUBMIT_EVERY_MS: u64 = 3_000;
+/// A user keeps at most this many transfers above its final nonce (the mempool refuses
+/// nonces further ahead than `MAX_NONCE_GAP`).
+const MAX_IN_FLIGHT: u64 = MAX_NONCE_GAP / 2;
 
 #[derive(Clone, Debug)]
 struct Scenario {
@@ -75,8 +81,8 @@ struct Scenario {
     partition: (u64, u64, Vec<usize>),
     /// Crash time, restart time, validator.
     crash: Option<(u64, u64, usize)>,
-    /// Whether a restarted validator reloads its persisted non-final blocks (the driver does)
-    /// or starts from its final tip alone and must sync them.
+    /// Whether a restarted validator still has the non-final blocks it kept, or lost them
+    /// and must sync them.
     reload_pending: bool,
     /// Time between two submitted transfers.
     tx_gap_ms: (u64, u64),
@@ -94,24 +100,46 @@ impl Scenario {
     }
 }
 
-struct Node {
-    key: Keypair,
-    byzantine: bool,
-    /// The node's database: survives a crash (clones of a `MemStore` share its data).
-    store: MemStore,
-    engine: Option<Engine>,
-    app: Option<App>,
-    timers: HashMap<TimerKind, u64>,
-    /// Transfers received and not known final (lost in a crash).
-    mempool: Vec<Transaction>,
-    /// Non-final blocks written to the consensus column, with their heights.
-    persisted: HashMap<Hash, u64>,
-    /// Blocks this node refused to vote for: (proposer, reason).
+/// What a node's host reported (its observer).
+#[derive(Default)]
+struct Record {
+    /// Blocks this node refused: (proposer, reason).
     refused: Vec<(Address, String)>,
     built: usize,
     /// Blocks received by sync, and reloaded at a restart.
     synced: usize,
     reloaded: usize,
+    /// The validator set of each epoch it started.
+    epochs: Vec<(u64, Hash)>,
+}
+
+impl Record {
+    fn on(&mut self, event: &HostEvent<'_>) {
+        match event {
+            HostEvent::Built(_) => self.built += 1,
+            HostEvent::Refused { block, error } => self
+                .refused
+                .push((block.header.proposer, error.to_string())),
+            HostEvent::Synced { blocks, .. } => self.synced += blocks,
+            HostEvent::Reloaded(n) => self.reloaded += n,
+            HostEvent::EpochStarted { epoch, validators } => {
+                self.epochs.push((*epoch, validators.hash()))
+            }
+            HostEvent::Finalized(_) => {}
+        }
+    }
+}
+
+struct Node {
+    key: Keypair,
+    peer: PeerId,
+    byzantine: bool,
+    /// The node's database: survives a crash (clones of a `MemStore` share its data).
+    store: MemStore,
+    /// The running host (none while crashed).
+    host: Option<Host>,
+    net: SimNetwork,
+    record: Arc<Mutex<Record>>,
     /// The block this validator proposed in each round (kept across restarts, outside the
     /// node), and the rounds in which it proposed a second, different block.
     proposed: HashMap<u64, Hash>,
@@ -132,24 +160,29 @@ impl Node {
         self.blocks().latest().unwrap().expect("genesis").0
     }
 
-    /// As the driver's `persist_block`: kept for a restart until it is final or abandoned.
-    fn persist_block(&mut self, block: &Block) {
-        let hash = block.hash();
-        if self.persisted.insert(hash, block.header.height).is_none() {
-            let key = [PENDING_BLOCK_PREFIX, hash.as_bytes()].concat();
-            self.store
-                .put(Column::Consensus, &key, &block.encode())
-                .unwrap();
-        }
+    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap()
     }
 }
 
 enum Event {
-    Deliver { to: usize, msg: ConsensusMessage },
-    Stake(usize),
-    Synced { to: usize, blocks: Vec<Block> },
-    Tx { to: usize, tx: Transaction },
+    Deliver {
+        to: usize,
+        message: Vec<u8>,
+    },
+    Response {
+        to: usize,
+        id: u64,
+        peer: PeerId,
+        response: Option<PeerResponse>,
+    },
+    Tx {
+        to: usize,
+        tx: Transaction,
+    },
     Submit,
+    Resubmit,
+    Stake(usize),
     Crash(usize),
     Restart(usize),
     Healed,
@@ -158,6 +191,7 @@ enum Event {
 struct Sim {
     seed: u64,
     rng: ChaCha8Rng,
+    clock: ManualClock,
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
@@ -166,45 +200,18 @@ struct Sim {
     validators: ValidatorSet,
     genesis: Genesis,
     params: ExecParams,
+    settings: Settings,
     users: Vec<Keypair>,
     receivers: Vec<Address>,
-    /// When each user's transfers were submitted, by nonce.
+    /// When each user's transfers were submitted, by nonce, and the transfers.
     submitted: Vec<Vec<u64>>,
+    sent: Vec<Vec<Transaction>>,
     /// Final heights of all nodes when the network healed.
     heights_at_heal: Option<Vec<u64>>,
-    /// The hash of each epoch's validator set, as the first honest node computed it.
-    epoch_sets: BTreeMap<u64, Hash>,
-    /// Epoch switches seen, over all nodes.
-    epoch_switches: usize,
     /// Stake transactions submitted: (time, transaction).
     stake_sent: Vec<(u64, Transaction)>,
     scenario: Scenario,
     trace: bool,
-}
-
-/// Writes genesis as `node/src/node.rs` does; returns the genesis block.
-fn write_genesis(store: &MemStore, genesis: &Genesis, validators: &ValidatorSet) -> Block {
-    let kv: Arc<dyn KvStore> = Arc::new(store.clone());
-    let state = State::new(kv.clone(), genesis.exec_params());
-    let blocks = BlockStore::new(kv);
-    let mut batch = WriteBatch::new();
-    let root = state
-        .init_genesis(
-            &genesis.initial_accounts().unwrap(),
-            &genesis.validator_public_keys().unwrap(),
-            &mut batch,
-        )
-        .unwrap();
-    let block = Block {
-        header: genesis.header(root, validators.hash()),
-        txs: Vec::new(),
-        evidence: Vec::new(),
-    };
-    let hash = block.hash();
-    blocks.stage_block(&mut batch, &block, &[]);
-    blocks.stage_finalized(&mut batch, 0, hash);
-    blocks.kv().write(batch).unwrap();
-    block
 }
 
 impl Sim {
@@ -242,35 +249,26 @@ impl Sim {
                 .collect(),
         )
         .unwrap();
-        let mut genesis_hash = None;
         let nodes: Vec<Node> = keys
             .into_iter()
             .enumerate()
-            .map(|(i, key)| {
-                let store = MemStore::new();
-                let hash = write_genesis(&store, &genesis, &validators).hash();
-                assert_eq!(*genesis_hash.get_or_insert(hash), hash);
-                Node {
-                    key,
-                    byzantine: scenario.byzantine == Some(i),
-                    store,
-                    engine: None,
-                    app: None,
-                    timers: HashMap::new(),
-                    mempool: Vec::new(),
-                    persisted: HashMap::new(),
-                    refused: Vec::new(),
-                    built: 0,
-                    synced: 0,
-                    reloaded: 0,
-                    proposed: HashMap::new(),
-                    reproposed: Vec::new(),
-                }
+            .map(|(i, key)| Node {
+                peer: keel_node::net::libp2p::peer_id(&Keypair::from_seed(base + 500 + i as u64))
+                    .unwrap(),
+                key,
+                byzantine: scenario.byzantine == Some(i),
+                store: MemStore::new(),
+                host: None,
+                net: SimNetwork::new(),
+                record: Arc::default(),
+                proposed: HashMap::new(),
+                reproposed: Vec::new(),
             })
             .collect();
         let mut sim = Sim {
             seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            clock: ManualClock::new(0),
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -279,18 +277,25 @@ impl Sim {
             validators,
             params: genesis.exec_params(),
             genesis,
+            settings: Settings {
+                block_time_ms: 1000,
+                timeout_ms: 2000,
+                mempool: MempoolLimits::from(&MempoolConfig::default()),
+                memory_limit: 0,
+            },
             submitted: vec![Vec::new(); USERS as usize],
+            sent: vec![Vec::new(); USERS as usize],
             users,
             receivers,
             heights_at_heal: None,
-            epoch_sets: BTreeMap::new(),
-            epoch_switches: 0,
             stake_sent: Vec::new(),
             trace: std::env::var("SIM_TRACE").is_ok(),
             scenario,
         };
+        let mut genesis_hash = None;
         for i in 0..sim.nodes.len() {
-            sim.boot(i);
+            let hash = sim.boot(i);
+            assert_eq!(*genesis_hash.get_or_insert(hash), hash);
         }
         if let Some((at, back, node)) = sim.scenario.crash {
             sim.schedule(at, Event::Crash(node));
@@ -299,25 +304,11 @@ impl Sim {
         // After a restart at the same instant (events at one time run in schedule order).
         sim.schedule(sim.scenario.healed_at(), Event::Healed);
         sim.schedule(0, Event::Submit);
+        sim.schedule(RESUBMIT_EVERY_MS, Event::Resubmit);
         for k in 0..sim.scenario.stake_txs.len() {
             sim.schedule(sim.scenario.stake_txs[k].0, Event::Stake(k));
         }
         sim
-    }
-
-    /// The validator set of `epoch` from node `i`'s final state, as `Chain::validator_set`
-    /// computes it: genesis's for epoch 0, else the stakes at `epoch * epoch_length` (the
-    /// previous epoch's set if nobody has stake).
-    fn validator_set_at(&self, i: usize, epoch: u64) -> ValidatorSet {
-        if epoch == 0 {
-            return self.validators.clone();
-        }
-        // The node's own rule (`Chain::validator_set`), on this node's store.
-        let state = State::new(self.nodes[i].kv(), self.params.clone());
-        keel_node::chain::epoch_validator_set(&state, epoch, self.scenario.epoch_length, &|e| {
-            Ok(self.validator_set_at(i, e))
-        })
-        .unwrap_or_else(|e| panic!("seed {}: node {i}: set of epoch {epoch}: {e}", self.seed))
     }
 
     fn schedule(&mut self, at: u64, e: Event) {
@@ -328,118 +319,71 @@ impl Sim {
 
     fn log(&self, i: usize, what: impl FnOnce() -> String) {
         if self.trace {
-            let round = self.nodes[i].engine.as_ref().map_or(0, Engine::round);
+            let round = self.nodes[i]
+                .host
+                .as_ref()
+                .map_or(0, |h| h.engine().round());
             eprintln!("{:>7} n{i} (round {round}): {}", self.now, what());
         }
     }
 
-    /// Starts node `i` from its store, as `Node::start` and the driver do.
-    fn boot(&mut self, i: usize) {
+    /// Starts node `i` from its store through the node's boot path; returns the genesis hash.
+    fn boot(&mut self, i: usize) -> Hash {
         let node = &mut self.nodes[i];
-        let kv = node.kv();
-        let blocks = node.blocks();
-        let (height, hash) = blocks.latest().unwrap().expect("genesis written");
-        let header = blocks
-            .header_by_hash(&hash)
-            .unwrap()
-            .expect("latest header");
-        let qc = match blocks.meta(LATEST_QC_KEY).unwrap() {
-            Some(bytes) => QuorumCertificate::decode(&bytes).unwrap(),
-            None => QuorumCertificate::genesis(hash),
-        };
-        let safety = kv
-            .get(Column::Consensus, SAFETY_KEY)
-            .unwrap()
-            .map(|b| SafetyData::decode(&b).unwrap());
-        let length = self.scenario.epoch_length;
-        let epoch = epoch_of_next_block(height, length);
-        let set = self.validator_set_at(i, epoch);
-        let previous =
-            (epoch > 0 && height == epoch * length).then(|| self.validator_set_at(i, epoch - 1));
-        let node = &mut self.nodes[i];
-        let mut engine = Engine::new(
-            Config {
-                chain_id: CHAIN.into(),
-                block_time_ms: 1000,
-                timeout_ms: 2000,
-                max_timeout_ms: 16000,
-                epoch_length: length,
-            },
-            node.key.clone(),
-            set,
-            Tip {
-                height,
-                hash,
-                round: header.round,
-                timestamp_ms: header.timestamp_ms,
-                qc,
-            },
-            safety,
+        let booted = keel_node::boot::open(
+            node.kv(),
+            &self.genesis,
+            &node.key,
+            node.peer.to_string(),
+            &self.settings,
         )
-        .unwrap();
-        if let Some(previous) = previous {
-            engine.set_previous_validators(previous);
-        }
-        // As the node does: the recent final headers, for the leader schedule.
-        let recent: Vec<keel_types::Header> = (height.saturating_sub(39).max(1)..=height)
-            .filter_map(|h| blocks.header_at(h).unwrap())
-            .collect();
-        engine.restore_history(&recent);
-        let app = App::new(kv.clone(), self.params.clone()).unwrap();
-        assert_eq!(app.final_tip(), (height, hash));
-        node.timers.clear();
-        node.persisted.clear();
-        node.engine = Some(engine);
-        node.app = Some(app);
-        self.input(i, Input::Start);
-
-        // The driver's `reload_pending`: re-validate the persisted non-final blocks, oldest
-        // first, drop those that no longer fit, and hand the rest to consensus.
-        let node = &mut self.nodes[i];
-        let mut stored: Vec<Block> = kv
-            .iter_prefix(Column::Consensus, PENDING_BLOCK_PREFIX)
-            .map(|item| Block::decode(&item.unwrap().1).unwrap())
-            .collect();
-        stored.sort_by_key(|b| b.header.height);
-        let app = node.app.as_mut().expect("just opened");
-        let mut valid = Vec::new();
-        for block in stored {
-            let hash = block.hash();
-            if self.scenario.reload_pending && app.validate_block(&block).is_ok() {
-                node.persisted.insert(hash, block.header.height);
-                valid.push(block);
-            } else {
-                let key = [PENDING_BLOCK_PREFIX, hash.as_bytes()].concat();
-                let mut batch = WriteBatch::new();
-                batch.delete(Column::Consensus, key);
-                kv.write(batch).unwrap();
-            }
-        }
-        node.reloaded += valid.len();
-        if !valid.is_empty() {
-            self.log(i, || format!("reloaded {} non-final blocks", valid.len()));
-            self.input(i, Input::Synced(valid));
-        }
+        .unwrap_or_else(|e| panic!("seed {}: node {i} cannot boot: {e}", self.seed));
+        let genesis_hash = booted.genesis_hash;
+        node.net = SimNetwork::new();
+        let record = node.record.clone();
+        let host = booted
+            .into_host(Arc::new(node.net.clone()), Arc::new(self.clock.clone()))
+            .with_observer(Box::new(move |e| {
+                if let Ok(mut r) = record.lock() {
+                    r.on(e)
+                }
+            }));
+        node.host = Some(host);
+        self.step(i, |host| host.start());
+        genesis_hash
     }
 
-    /// Feeds one input and carries out the effects in order, follow-up inputs' effects after
-    /// the rest, as the driver does.
-    fn input(&mut self, i: usize, input: Input) {
-        let Some(engine) = self.nodes[i].engine.as_mut() else {
+    /// Whether `a` and `b` can reach each other now.
+    fn linked(&self, a: usize, b: usize) -> bool {
+        let (start, end, side) = &self.scenario.partition;
+        let split = self.now >= *start && self.now < *end && side.contains(&a) != side.contains(&b);
+        a != b && !split && self.nodes[a].host.is_some() && self.nodes[b].host.is_some()
+    }
+
+    /// Runs one step of node `i`'s host (if it is up) with its current peers, then sends
+    /// what it sent.
+    fn step(&mut self, i: usize, f: impl FnOnce(&mut Host) -> keel_node::Result<()>) {
+        let peers: Vec<PeerInfo> = (0..self.nodes.len())
+            .filter(|j| self.linked(i, *j))
+            .map(|j| {
+                let n = &self.nodes[j];
+                PeerInfo {
+                    id: n.peer,
+                    final_height: n.host.as_ref().map_or(0, |h| h.chain().tip().finalized.0),
+                    validator: Some(n.key.address()),
+                }
+            })
+            .collect();
+        let node = &mut self.nodes[i];
+        let Some(host) = node.host.as_mut() else {
             return;
         };
-        let mut queue: VecDeque<Effect> = engine.handle(self.now, input).into();
-        while let Some(effect) = queue.pop_front() {
-            if let Some(follow_up) = self.effect(i, effect) {
-                let engine = self.nodes[i].engine.as_mut().expect("running");
-                queue.extend(engine.handle(self.now, follow_up));
-            }
+        node.net.set_peers(peers);
+        let seed = self.seed;
+        f(host).unwrap_or_else(|e| panic!("seed {seed}: node {i}'s host failed: {e}"));
+        for out in node.net.take_outbox() {
+            self.route(i, out);
         }
-    }
-
-    fn partitioned(&self, a: usize, b: usize) -> bool {
-        let (start, end, side) = &self.scenario.partition;
-        self.now >= *start && self.now < *end && side.contains(&a) != side.contains(&b)
     }
 
     fn latency(&mut self) -> u64 {
@@ -447,272 +391,117 @@ impl Sim {
         self.rng.gen_range(lo..=hi)
     }
 
-    fn send(&mut self, from: usize, to: usize, msg: ConsensusMessage) {
-        if from == to || self.partitioned(from, to) || self.rng.gen_bool(self.scenario.loss) {
+    fn send(&mut self, from: usize, to: usize, message: Vec<u8>) {
+        if !self.linked(from, to) || self.rng.gen_bool(self.scenario.loss) {
             return;
         }
         let at = self.now + self.latency();
-        self.schedule(at, Event::Deliver { to, msg });
+        self.schedule(at, Event::Deliver { to, message });
     }
 
-    fn effect(&mut self, i: usize, effect: Effect) -> Option<Input> {
-        if self.trace {
-            let what = match &effect {
-                Effect::Broadcast(ConsensusMessage::Timeout(t)) => {
-                    Some(format!("timeout r{} hqc{}", t.round, t.high_qc.round))
-                }
-                Effect::SendTo {
-                    message: ConsensusMessage::Vote(v),
-                    to,
-                } => {
-                    let j = self.nodes.iter().position(|n| n.key.address() == *to);
-                    Some(format!(
-                        "vote h{} r{} -> n{}",
-                        v.height,
-                        v.round,
-                        j.unwrap_or(99)
-                    ))
-                }
-                Effect::Certified { height, round, .. } => {
-                    Some(format!("certified h{height} r{round}"))
-                }
-                Effect::RequestSync { qc } => Some(format!("request sync r{}", qc.round)),
-                _ => None,
-            };
-            if let Some(what) = what {
-                self.log(i, || what);
-            }
-        }
-        match effect {
-            Effect::SetTimer { kind, at_ms } => {
-                self.nodes[i].timers.insert(kind, at_ms);
-                None
-            }
-            Effect::BuildBlock(req) => Some(self.build(i, req)),
-            Effect::ValidateBlock(block) => {
-                // As the driver: the block limits of genesis, then re-execution.
-                let hash = block.hash();
-                let limits = &self.genesis.params;
-                let bytes: usize = block.txs.iter().map(Vec::len).sum();
-                let node = &mut self.nodes[i];
-                let result = if block.txs.len() > limits.max_block_txs as usize
-                    || bytes > limits.max_block_bytes as usize
-                {
-                    Err(format!("{} transactions of {bytes} bytes", block.txs.len()))
-                } else {
-                    let app = node.app.as_mut().expect("running");
-                    app.validate_block(&block).map_err(|e| e.to_string())
+    fn node_of(&self, peer: &PeerId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.peer == *peer)
+    }
+
+    /// Delivers what node `i` sent: the byzantine one's proposals are corrupted on the way.
+    fn route(&mut self, i: usize, out: Outgoing) {
+        match out {
+            Outgoing::Broadcast { channel, message } => {
+                let message = match channel {
+                    Channel::Consensus => self.tamper(i, message),
+                    _ => message,
                 };
-                let valid = result.is_ok();
-                match result {
-                    Ok(()) => node.persist_block(&block),
-                    Err(reason) => {
-                        self.log(i, || format!("refused h{}: {reason}", block.header.height));
-                        self.nodes[i].refused.push((block.header.proposer, reason));
-                    }
-                }
-                Some(Input::BlockValidated { hash, valid })
-            }
-            Effect::PersistSafety(safety) => {
-                let mut batch = WriteBatch::new();
-                batch.put(Column::Consensus, SAFETY_KEY, safety.encode());
-                batch.set_sync(true);
-                self.nodes[i].store.write(batch).unwrap();
-                None
-            }
-            Effect::Broadcast(msg) => {
-                if let ConsensusMessage::Proposal(p) = &msg {
-                    let (round, hash) = (p.block.header.round, p.block.hash());
-                    let first = *self.nodes[i].proposed.entry(round).or_insert(hash);
-                    if first != hash {
-                        self.log(i, || format!("SECOND PROPOSAL in r{round}"));
-                        self.nodes[i].reproposed.push(round);
-                    }
-                }
                 for to in 0..self.nodes.len() {
-                    self.send(i, to, msg.clone());
+                    self.send(i, to, message.clone());
                 }
-                None
             }
-            Effect::SendTo { to, message } => {
-                if let Some(j) = self.nodes.iter().position(|n| n.key.address() == to) {
+            Outgoing::Send { to, message } => {
+                if let Some(j) = self.node_of(&to) {
                     self.send(i, j, message);
                 }
-                None
             }
-            Effect::Finalize { hash, height, qc } => {
-                self.finalize(i, hash, height, &qc);
-                None
-            }
-            Effect::RequestSync { qc } => {
-                self.request_sync(i, &qc);
-                None
-            }
-            Effect::NeedValidatorSet { epoch, height } => {
-                // As the driver's `start_epoch`.
-                let set = self.validator_set_at(i, epoch);
-                let seed = self.seed;
-                if !self.nodes[i].byzantine {
-                    let first = *self.epoch_sets.entry(epoch).or_insert(set.hash());
-                    assert_eq!(
-                        first,
-                        set.hash(),
-                        "seed {seed}: node {i} computed another validator set for epoch {epoch}"
-                    );
-                }
-                self.epoch_switches += 1;
-                let node = &mut self.nodes[i];
-                node.app.as_mut().expect("running").discard_pending();
-                let mut batch = WriteBatch::new();
-                for (hash, _) in node.persisted.drain() {
-                    batch.delete(
-                        Column::Consensus,
-                        [PENDING_BLOCK_PREFIX, hash.as_bytes()].concat(),
-                    );
-                }
-                node.store.write(batch).unwrap();
-                let n = set.len();
-                self.log(i, || {
-                    format!("EPOCH {epoch} from h{height}: {n} validators")
-                });
-                Some(Input::NewEpoch {
-                    epoch,
-                    validators: set,
-                })
-            }
-            Effect::Certified { .. } | Effect::ReportEvidence(_) => None,
-        }
-    }
-
-    /// The driver's `BuildBlock`, with the mempool selection spelled out; the byzantine
-    /// validator then corrupts the state root of what the app built.
-    fn build(&mut self, i: usize, req: keel_consensus::BuildRequest) -> Input {
-        let seed = self.seed;
-        let node = &mut self.nodes[i];
-        let app = node.app.as_mut().expect("running");
-        let txs = if req.empty {
-            Vec::new()
-        } else {
-            select_txs(seed, app, &node.mempool, &req.parent_hash, req.round)
-        };
-        let template = BlockTemplate::from(&req);
-        match app.build_block(template, txs, req.evidence) {
-            Ok(mut block) => {
-                node.built += 1;
-                if node.byzantine {
-                    block.header.state_root = Hash::digest(&block.header.height.to_le_bytes());
-                } else {
-                    node.persist_block(&block);
-                }
-                let (h, r, n) = (block.header.height, block.header.round, block.txs.len());
-                self.log(i, || format!("built h{h} r{r} with {n} txs"));
-                Input::BlockBuilt(block)
-            }
-            Err(e) => panic!(
-                "seed {seed}: node {i} cannot build on {} (h{}): {e}",
-                req.parent_hash, req.height
-            ),
-        }
-    }
-
-    fn finalize(&mut self, i: usize, hash: Hash, height: u64, qc: &QuorumCertificate) {
-        let seed = self.seed;
-        let node = &mut self.nodes[i];
-        let app = node.app.as_mut().expect("running");
-        let written = app
-            .finalize(&hash, qc)
-            .unwrap_or_else(|e| panic!("seed {seed}: node {i} cannot finalize h{height}: {e}"));
-        let final_height = app.final_tip().0;
-        assert!(
-            final_height >= height,
-            "seed {seed}: node {i} finalized h{height} but its final tip is h{final_height}"
-        );
-        for f in &written {
-            for (addr, nonce) in &f.new_nonces {
-                node.mempool
-                    .retain(|t| t.sender != *addr || t.nonce >= *nonce);
-            }
-        }
-        let stale: Vec<Hash> = node
-            .persisted
-            .iter()
-            .filter(|(_, h)| **h <= final_height)
-            .map(|(h, _)| *h)
-            .collect();
-        if !stale.is_empty() {
-            let mut batch = WriteBatch::new();
-            for h in &stale {
-                batch.delete(
-                    Column::Consensus,
-                    [PENDING_BLOCK_PREFIX, h.as_bytes()].concat(),
+            Outgoing::Request { to, request, id } => {
+                let Some(j) = self.node_of(&to) else { return };
+                let reachable = self.linked(i, j) && !self.rng.gen_bool(self.scenario.loss);
+                let (at, response) = match (reachable, request) {
+                    (
+                        true,
+                        PeerRequest::Blocks {
+                            target,
+                            have_height,
+                            max,
+                        },
+                    ) => {
+                        let chain = self.nodes[j].host.as_ref().expect("linked").chain();
+                        // The node's own serving code, on the peer's store and view.
+                        let answer =
+                            keel_node::net::serve_blocks(chain, target, have_height, max).unwrap();
+                        (self.now + 2 * self.latency(), Some(answer))
+                    }
+                    _ => (self.now + REQUEST_TIMEOUT_MS, None),
+                };
+                self.schedule(
+                    at,
+                    Event::Response {
+                        to: i,
+                        id,
+                        peer: to,
+                        response,
+                    },
                 );
-                node.persisted.remove(h);
             }
-            node.store.write(batch).unwrap();
-        }
-        if !written.is_empty() {
-            self.log(i, || {
-                format!("FINAL h{final_height} ({} blocks)", written.len())
-            });
+            Outgoing::Report { .. } => {}
         }
     }
 
-    /// Asks a random peer for the certified block and its ancestors down to one this node
-    /// has; the answer arrives a round trip later and is validated oldest first.
-    fn request_sync(&mut self, i: usize, qc: &QuorumCertificate) {
-        let others = self.nodes.len() - 1;
-        let peer = (i + 1 + self.rng.gen_range(0..others)) % self.nodes.len();
-        if self.partitioned(i, peer) || self.rng.gen_bool(self.scenario.loss) {
-            return;
-        }
-        let (Some(mine), Some(theirs)) = (&self.nodes[i].app, &self.nodes[peer].app) else {
-            return;
+    /// Records node `i`'s proposals (to catch a second one in a round) and, for the
+    /// byzantine validator, corrupts their state root and signs them again.
+    fn tamper(&mut self, i: usize, message: Vec<u8>) -> Vec<u8> {
+        let Ok(ConsensusMessage::Proposal(p)) = ConsensusMessage::decode(&message) else {
+            return message;
         };
-        let mut chain = Vec::new();
-        let mut cursor = qc.block_hash;
-        while !mine.has_block(&cursor) {
-            let Some(block) = theirs.block(&cursor).unwrap() else {
-                break;
-            };
-            cursor = block.header.parent_hash;
-            chain.push(block);
-        }
-        if chain.is_empty() || !mine.has_block(&cursor) {
-            return;
-        }
-        chain.reverse();
-        chain.truncate(SYNC_BATCH);
-        let n = chain.len();
-        self.log(i, || format!("sync {n} blocks from n{peer}"));
-        let at = self.now + 2 * self.latency();
-        self.schedule(
-            at,
-            Event::Synced {
-                to: i,
-                blocks: chain,
-            },
-        );
-    }
-
-    fn synced(&mut self, i: usize, blocks: Vec<Block>) {
+        let (round, hash) = (p.block.header.round, p.block.hash());
         let node = &mut self.nodes[i];
-        let Some(app) = node.app.as_mut() else {
-            return;
-        };
-        let valid: Vec<Block> = blocks
-            .into_iter()
-            .take_while(|b| app.validate_block(b).is_ok())
-            .collect();
-        for block in &valid {
-            node.persist_block(block);
+        let first = *node.proposed.entry(round).or_insert(hash);
+        if first != hash {
+            node.reproposed.push(round);
+            self.log(i, || format!("SECOND PROPOSAL in r{round}"));
         }
-        node.synced += valid.len();
-        if !valid.is_empty() {
-            self.input(i, Input::Synced(valid));
+        if !self.nodes[i].byzantine {
+            return message;
+        }
+        let mut block = p.block;
+        block.header.state_root = Hash::digest(&block.header.height.to_le_bytes());
+        ConsensusMessage::Proposal(Proposal::sign(&self.nodes[i].key, block, p.tc)).encode()
+    }
+
+    fn deliver_tx(&mut self, tx: &Transaction) {
+        for to in 0..self.nodes.len() {
+            let at = self.now + self.latency();
+            self.schedule(at, Event::Tx { to, tx: tx.clone() });
         }
     }
 
-    /// One transfer from a random user to a random other account, to every node's mempool.
+    /// The node furthest ahead: what a wallet asks for its nonce.
+    fn reference(&self) -> usize {
+        (0..self.nodes.len())
+            .filter(|i| !self.nodes[*i].byzantine)
+            .max_by_key(|i| (self.nodes[*i].final_height(), Reverse(*i)))
+            .expect("an honest node")
+    }
+
+    /// User `u`'s nonce in the final state of the reference node.
+    fn final_nonce(&self, u: usize) -> u64 {
+        let node = &self.nodes[self.reference()];
+        let state = State::new(node.kv(), self.params.clone());
+        state
+            .account(&self.users[u].address(), node.final_height())
+            .unwrap()
+            .map_or(0, |a| a.nonce)
+    }
+
+    /// One transfer from a random user to a random other account, to every node's mempool;
+    /// a user with too many transfers not final yet waits.
     fn submit(&mut self) {
         let u = self.rng.gen_range(0..USERS as usize);
         let recipients: Vec<Address> = self
@@ -728,21 +517,45 @@ impl Sim {
             .rng
             .gen_range(self.params.min_fee..=self.params.min_fee + 4);
         let amount = self.rng.gen_range(1..=10_000);
-        let tx = Transaction::sign(
-            &self.users[u],
-            CHAIN,
-            nonce,
-            fee,
-            TxKind::Transfer { to, amount },
-        );
-        self.submitted[u].push(self.now);
-        for to in 0..self.nodes.len() {
-            let at = self.now + self.latency();
-            self.schedule(at, Event::Tx { to, tx: tx.clone() });
+        if nonce < self.final_nonce(u) + MAX_IN_FLIGHT {
+            let tx = Transaction::sign(
+                &self.users[u],
+                CHAIN,
+                nonce,
+                fee,
+                TxKind::Transfer { to, amount },
+            );
+            self.submitted[u].push(self.now);
+            self.sent[u].push(tx.clone());
+            self.deliver_tx(&tx);
         }
         let (lo, hi) = self.scenario.tx_gap_ms;
         let next = self.now + self.rng.gen_range(lo..=hi);
         self.schedule(next, Event::Submit);
+    }
+
+    /// Every user sends its transfers that are not final yet again (a node that crashed lost
+    /// them, one far behind refused them); so do the validators with their stake changes.
+    fn resubmit(&mut self) {
+        for u in 0..USERS as usize {
+            let from = self.final_nonce(u) as usize;
+            let pending: Vec<Transaction> = self.sent[u].iter().skip(from).cloned().collect();
+            for tx in &pending {
+                self.deliver_tx(tx);
+            }
+        }
+        let blocks = self.nodes[self.reference()].blocks();
+        let stake: Vec<Transaction> = self
+            .stake_sent
+            .iter()
+            .filter(|(_, tx)| blocks.tx_location(&tx.hash).unwrap().is_none())
+            .map(|(_, tx)| tx.clone())
+            .collect();
+        for tx in &stake {
+            self.deliver_tx(tx);
+        }
+        let next = self.now + RESUBMIT_EVERY_MS;
+        self.schedule(next, Event::Resubmit);
     }
 
     fn run(&mut self) {
@@ -755,23 +568,22 @@ impl Sim {
                 .nodes
                 .iter()
                 .enumerate()
-                .flat_map(|(i, n)| n.timers.iter().map(move |(k, at)| (*at, i, *k)))
-                .min_by_key(|(at, i, k)| (*at, *i, *k as u8));
+                .filter_map(|(i, n)| Some((n.host.as_ref()?.next_timer_ms()?, i)))
+                .min();
             let next_event = self.queue.peek().map(|Reverse((at, seq))| (*at, *seq));
             let take_timer = match (next_timer, next_event) {
-                (Some((t, _, _)), Some((e, _))) => t <= e,
+                (Some((t, _)), Some((e, _))) => t <= e,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
                 (None, None) => break,
             };
             if take_timer {
-                let (at, i, kind) = next_timer.expect("timer");
+                let (at, i) = next_timer.expect("timer");
                 if at > end {
                     break;
                 }
-                self.now = self.now.max(at);
-                self.nodes[i].timers.remove(&kind);
-                self.input(i, Input::Timer(kind));
+                self.advance(at);
+                self.step(i, Host::fire_due_timers);
                 continue;
             }
             let Some(Reverse((at, seq))) = self.queue.pop() else {
@@ -780,19 +592,29 @@ impl Sim {
             if at > end {
                 break;
             }
-            self.now = self.now.max(at);
+            self.advance(at);
             let Some(event) = self.events.remove(&seq) else {
                 continue;
             };
             match event {
-                Event::Deliver { to, msg } => self.input(to, Input::Message(msg)),
-                Event::Synced { to, blocks } => self.synced(to, blocks),
+                Event::Deliver { to, message } => match ConsensusMessage::decode(&message) {
+                    Ok(m) => self.step(to, |h| h.handle(Command::Message(m))),
+                    Err(e) => panic!("seed {}: undecodable message: {e}", self.seed),
+                },
+                Event::Response {
+                    to,
+                    id,
+                    peer,
+                    response,
+                } => self.step(to, |h| h.handle(Command::Response { id, peer, response })),
                 Event::Tx { to, tx } => {
-                    if self.nodes[to].app.is_some() {
-                        self.nodes[to].mempool.push(tx);
+                    if let Some(host) = &self.nodes[to].host {
+                        // Refusals (duplicates, nonces too far ahead) are the wallet's concern.
+                        let _ = host.chain().admit_from_peer(&tx.bytes);
                     }
                 }
                 Event::Submit => self.submit(),
+                Event::Resubmit => self.resubmit(),
                 Event::Stake(k) => {
                     let (_, v, kind) = self.scenario.stake_txs[k];
                     let key = self.nodes[v].key.clone();
@@ -804,21 +626,22 @@ impl Sim {
                     let tx = Transaction::sign(&key, CHAIN, nonce, self.params.min_fee, kind);
                     self.log(v, || format!("submits {:?}", tx.kind));
                     self.stake_sent.push((self.now, tx.clone()));
-                    for to in 0..self.nodes.len() {
-                        let at = self.now + self.latency();
-                        self.schedule(at, Event::Tx { to, tx: tx.clone() });
-                    }
+                    self.deliver_tx(&tx);
                 }
                 Event::Crash(i) => {
                     self.log(i, || "CRASH".into());
-                    let node = &mut self.nodes[i];
-                    node.engine = None;
-                    node.app = None;
-                    node.timers.clear();
-                    node.mempool.clear();
+                    self.nodes[i].host = None;
                 }
                 Event::Restart(i) => {
                     self.log(i, || "RESTART".into());
+                    if !self.scenario.reload_pending {
+                        // The blocks it kept are gone: it must sync them.
+                        let records = ConsensusStore::new(self.nodes[i].kv());
+                        let kept = records.pending_blocks().unwrap();
+                        records
+                            .delete_pending(kept.iter().map(|b| b.hash()))
+                            .unwrap();
+                    }
                     self.boot(i);
                 }
                 Event::Healed => {
@@ -827,6 +650,11 @@ impl Sim {
                 }
             }
         }
+    }
+
+    fn advance(&mut self, at: u64) {
+        self.now = self.now.max(at);
+        self.clock.set(self.now);
     }
 
     fn honest(&self) -> Vec<usize> {
@@ -1093,9 +921,21 @@ impl Sim {
             }
         }
 
+        // 5: every honest node computed the same set for each epoch it started.
+        let mut sets_seen: BTreeMap<u64, Hash> = BTreeMap::new();
+        for i in &honest {
+            for (epoch, hash) in &self.nodes[*i].record().epochs {
+                let first = *sets_seen.entry(*epoch).or_insert(*hash);
+                assert_eq!(
+                    first, *hash,
+                    "seed {seed}: node {i} computed another validator set for epoch {epoch}"
+                );
+            }
+        }
+
         // An honest block is never refused for what its execution gives.
         for i in &honest {
-            for (proposer, reason) in &self.nodes[*i].refused {
+            for (proposer, reason) in &self.nodes[*i].record().refused {
                 if Some(*proposer) != byzantine {
                     assert!(
                         !reason.contains("root"),
@@ -1105,50 +945,6 @@ impl Sim {
             }
         }
     }
-}
-
-/// The transfers a proposer puts in a block on `parent`: per sender (in an order rotated by
-/// round), consecutive nonces from the sender's nonce in the parent's state. A transfer on the
-/// parent's pending branch must never be picked again.
-fn select_txs(
-    seed: u64,
-    app: &App,
-    mempool: &[Transaction],
-    parent: &Hash,
-    round: u64,
-) -> Vec<Transaction> {
-    let on_branch = app.branch_tx_hashes(parent);
-    let mut by_sender: BTreeMap<Address, BTreeMap<u64, &Transaction>> = BTreeMap::new();
-    for tx in mempool {
-        by_sender.entry(tx.sender).or_default().insert(tx.nonce, tx);
-    }
-    let mut senders: Vec<Address> = by_sender.keys().copied().collect();
-    if !senders.is_empty() {
-        let shift = (round % senders.len() as u64) as usize;
-        senders.rotate_left(shift);
-    }
-    let mut out = Vec::new();
-    for sender in senders {
-        let Ok(account) = app.account(parent, &sender) else {
-            // An unknown parent: the build itself reports it.
-            return Vec::new();
-        };
-        let mut nonce = account.map_or(0, |a| a.nonce);
-        while out.len() < MAX_BLOCK_TXS {
-            let Some(tx) = by_sender[&sender].get(&nonce) else {
-                break;
-            };
-            assert!(
-                !on_branch.contains(&tx.hash),
-                "seed {seed}: transfer {} with nonce {nonce} is on the branch of {parent}, \
-                 whose state says the next nonce is {nonce}",
-                tx.hash
-            );
-            out.push((*tx).clone());
-            nonce += 1;
-        }
-    }
-    out
 }
 
 fn scenario_for(seed: u64) -> Scenario {
@@ -1228,7 +1024,7 @@ fn run_seed(seed: u64) {
     let mut sim = Sim::new(seed, scenario_for(seed));
     sim.run();
     sim.check();
-    let sum = |f: fn(&Node) -> usize| sim.nodes.iter().map(f).sum::<usize>();
+    let sum = |f: fn(&Record) -> usize| sim.nodes.iter().map(|n| f(&n.record())).sum::<usize>();
     let reference = sim.nodes.iter().map(Node::final_height).max().unwrap_or(0);
     let txs = (1..=reference)
         .filter_map(|h| {
@@ -1258,9 +1054,14 @@ fn run_seed(seed: u64) {
         sim.scenario.epoch_length,
         sim.nodes
             .iter()
-            .map(|n| n.engine.as_ref().map_or(0, Engine::epoch))
+            .map(|n| n.host.as_ref().map_or(0, |h| h.engine().epoch()))
             .collect::<Vec<_>>(),
-        sim.epoch_sets.values().collect::<HashSet<_>>().len(),
+        sim.nodes
+            .iter()
+            .flat_map(|n| n.record().epochs.clone())
+            .map(|(_, hash)| hash)
+            .collect::<HashSet<_>>()
+            .len(),
     );
 }
 
@@ -1346,12 +1147,13 @@ fn honest_validators_refuse_blocks_with_a_corrupted_state_root() {
     sim.run();
     sim.check();
     assert!(
-        sim.nodes[0].built > 0,
+        sim.nodes[0].record().built > 0,
         "the byzantine validator never led a round"
     );
     let bad = sim.nodes[0].key.address();
     for i in sim.honest() {
         let refusals = sim.nodes[i]
+            .record()
             .refused
             .iter()
             .filter(|(p, reason)| *p == bad && reason.contains("state root"))

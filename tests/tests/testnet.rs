@@ -221,3 +221,58 @@ fn four_validator_processes_agree_survive_a_crash_and_resync() {
         n.assert_running().unwrap();
     }
 }
+
+/// SIGTERM stops every process of a running testnet within 10 s, cleanly, and each leaves
+/// its peer book on disk naming the other validators (the p2p service saves it only every
+/// 30 s while running: within this test's few seconds only the final save at shutdown can
+/// have written it).
+#[test]
+fn sigterm_stops_every_validator_within_ten_seconds_and_keeps_the_peer_book() {
+    let dir = tempfile::Builder::new()
+        .prefix("keel-term-")
+        .tempdir()
+        .unwrap();
+    let mut nodes = testnet(dir.path());
+    for n in nodes.iter_mut() {
+        n.start().unwrap();
+    }
+    wait_until(
+        "all four connect and finalize 3 blocks",
+        Duration::from_secs(60),
+        || {
+            nodes.iter().all(|n| {
+                finalized(n) >= 3
+                    && n.rpc()
+                        .status()
+                        .ok()
+                        .and_then(|s| u64_field(&s, "peers").ok())
+                        == Some((VALIDATORS - 1) as u64)
+            })
+        },
+    );
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let started = std::time::Instant::now();
+        let status = n.terminate(Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "node {i} exited with {status}");
+        eprintln!("node {i} stopped in {:?}", started.elapsed());
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let log = std::fs::read_to_string(n.log_path()).unwrap();
+        assert!(
+            log.contains("node stopped"),
+            "node {i} did not stop cleanly"
+        );
+        let store = keel_storage::RocksStore::open(
+            &n.home().join("data"),
+            &keel_storage::RocksConfig::default(),
+        )
+        .unwrap();
+        let book = keel_node::store::ConsensusStore::new(std::sync::Arc::new(store)).peer_book();
+        let peers = keel_p2p::PeerStore::load(&book);
+        assert!(
+            peers.len() >= VALIDATORS - 1,
+            "node {i} saved {} peers: {peers:?}",
+            peers.len()
+        );
+    }
+}

@@ -1,8 +1,9 @@
-//! Block execution over blocks that are not final yet.
+//! The ledger: the one block tree of the node. It executes blocks over blocks that are not
+//! final yet, keeps them, knows which are certified, and writes them when they are final.
 //!
 //! Under BFT consensus a block is proposed, re-executed by every validator on its parent's
 //! state, certified, and only later final; a certified block can still be abandoned on a
-//! fork. [`App`] keeps the blocks above the final tip in memory ("pending"), each with the
+//! fork. [`Ledger`] keeps the blocks above the final tip in memory ("pending"), each with the
 //! state-tree nodes its execution staged, and writes a block to the store only when it is
 //! final.
 //!
@@ -16,12 +17,19 @@
 //!
 //! Invariants:
 //! - Every pending block is a descendant of the final tip, at most [`MAX_PENDING_HEIGHTS`]
-//!   above it: blocks further ahead are refused, and [`App::finalize`] drops every pending
+//!   above it: blocks further ahead are refused, and [`Ledger::finalize`] drops every pending
 //!   block that does not descend from the new final tip. The memory held is therefore bounded
 //!   by the heights kept times the forks per height (one proposal per round, which consensus
 //!   checks before a block gets here).
 //! - A block is written once, when final, in one atomic batch: its state nodes, header, body,
 //!   indexes, receipts, the `finalized`/`latest` pointers and its certificate.
+//! - Every path that accepts a block (a proposal, a synced block, a block reloaded at a
+//!   restart) goes through [`Ledger::validate_block`], which checks the block limits of
+//!   genesis ([`BlockLimits`]) before executing anything.
+//! - Every pending block is also kept in the consensus column ([`ConsensusStore`]) from the
+//!   moment it is accepted until it is final (deleted in the batch that writes it) or
+//!   abandoned, so a restarted validator reloads the blocks its votes depend on
+//!   ([`Ledger::reload_pending`]).
 //! - Everything is synchronous and deterministic: the same blocks give the same roots,
 //!   receipts and writes on every node, over `MemStore` or RocksDB.
 
@@ -34,12 +42,38 @@ use keel_types::{
     merkle_root, Address, Block, Evidence, Hash, Header, QuorumCertificate, Receipt, Transaction,
 };
 
-use crate::driver::LATEST_QC_KEY;
+use crate::store::ConsensusStore;
+use crate::view::CertifiedBlock;
 
 /// How far above the final tip a pending block may be. A block higher than that is refused
-/// ([`AppError::Invalid`]): with finality two blocks behind the head, an honest chain never
+/// ([`LedgerError::Invalid`]): with finality two blocks behind the head, an honest chain never
 /// gets near it, and it caps the memory a stalled or lying network can make a node spend.
 pub const MAX_PENDING_HEIGHTS: u64 = 256;
+
+/// The size limits of a block (genesis `max_block_txs` and `max_block_bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockLimits {
+    /// Most transactions in a block.
+    pub max_txs: usize,
+    /// Most bytes of transactions (their `SignedTx` encodings) in a block.
+    pub max_bytes: usize,
+}
+
+impl BlockLimits {
+    /// No limit: for tests of execution alone.
+    pub const NONE: BlockLimits = BlockLimits {
+        max_txs: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+
+    /// The limits of genesis parameters.
+    pub fn of(params: &keel_genesis::Params) -> BlockLimits {
+        BlockLimits {
+            max_txs: usize::try_from(params.max_block_txs).unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(params.max_block_bytes).unwrap_or(usize::MAX),
+        }
+    }
+}
 
 /// What consensus decides about a block before it is built: everything in the header except
 /// the roots, which execution fills in.
@@ -81,7 +115,7 @@ impl From<&keel_consensus::BuildRequest> for BlockTemplate {
 
 /// Why a block cannot be built, validated or finalized.
 #[derive(Debug, thiserror::Error)]
-pub enum AppError {
+pub enum LedgerError {
     /// The parent is neither the final tip nor a pending block: fetch it first.
     #[error("unknown parent {0}")]
     UnknownParent(Hash),
@@ -91,18 +125,21 @@ pub enum AppError {
     /// The block breaks a rule (the message says which); it is not kept.
     #[error("invalid block: {0}")]
     Invalid(String),
-    /// The store holds no chain: genesis must be written before an [`App`] opens it.
+    /// The store holds no chain: genesis must be written before an [`Ledger`] opens it.
     #[error("the store holds no chain: write genesis first")]
     NoGenesis,
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] keel_storage::Error),
+    /// The consensus records (pending blocks) could not be read or written.
+    #[error(transparent)]
+    Records(Box<crate::Error>),
     /// Execution failed (a store failure or corrupt state, never a bad transaction).
     #[error(transparent)]
     State(#[from] keel_state::Error),
 }
 
-/// A block [`App::finalize`] has written, with what the node needs to update its mempool
+/// A block [`Ledger::finalize`] has written, with what the node needs to update its mempool
 /// and notify subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finalized {
@@ -114,13 +151,27 @@ pub struct Finalized {
     pub new_nonces: Vec<(Address, u64)>,
 }
 
+impl LedgerError {
+    /// Whether the node must stop: the store failed, so what it accepted may not be durable.
+    /// Every other error is about the block.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, LedgerError::Storage(_) | LedgerError::Records(_))
+    }
+}
+
+impl From<crate::Error> for LedgerError {
+    fn from(e: crate::Error) -> LedgerError {
+        LedgerError::Records(Box::new(e))
+    }
+}
+
 /// A block's height and the layers of its pending branch, oldest first (none for the
 /// final tip).
 type BranchView = (u64, Vec<Arc<Layer>>);
 
 /// An executed block above the final tip.
 struct Pending {
-    block: Block,
+    block: Arc<Block>,
     receipts: Vec<Receipt>,
     new_nonces: Vec<(Address, u64)>,
     tx_hashes: Vec<Hash>,
@@ -138,7 +189,7 @@ impl Pending {
             fresh,
         } = executed;
         Pending {
-            block,
+            block: Arc::new(block),
             receipts: outcome.receipts,
             new_nonces: outcome
                 .changed
@@ -162,31 +213,42 @@ impl Pending {
 
 /// Block execution for consensus: builds and validates blocks on the final tip or on pending
 /// blocks, keeps them in memory, and writes them when they become final.
-pub struct App {
+pub struct Ledger {
     store: Arc<dyn KvStore>,
     blocks: BlockStore,
+    records: ConsensusStore,
+    limits: BlockLimits,
     /// Executes on the final tip; its node cache holds only stored nodes.
     state: State,
     params: ExecParams,
     /// Transactions whose signatures are verified, shared with admission (none: verify all).
     sig_cache: Option<Arc<SigCache>>,
     pending: HashMap<Hash, Pending>,
+    /// Certified pending blocks by height: the branch consensus extends, as RPC shows it.
+    certified: std::collections::BTreeMap<u64, Arc<CertifiedBlock>>,
     final_tip: (u64, Hash),
 }
 
-impl App {
+impl Ledger {
     /// Opens over a store whose genesis is already written; the last stored block
     /// (`BlockStore::latest`) is the final tip.
-    pub fn new(store: Arc<dyn KvStore>, params: ExecParams) -> Result<App, AppError> {
+    pub fn new(
+        store: Arc<dyn KvStore>,
+        params: ExecParams,
+        limits: BlockLimits,
+    ) -> Result<Ledger, LedgerError> {
         let blocks = BlockStore::new(store.clone());
-        let final_tip = blocks.latest()?.ok_or(AppError::NoGenesis)?;
-        Ok(App {
+        let final_tip = blocks.latest()?.ok_or(LedgerError::NoGenesis)?;
+        Ok(Ledger {
             state: State::new(store.clone(), params.clone()),
+            records: ConsensusStore::new(store.clone()),
             store,
             blocks,
+            limits,
             params,
             sig_cache: None,
             pending: HashMap::new(),
+            certified: std::collections::BTreeMap::new(),
             final_tip,
         })
     }
@@ -194,8 +256,8 @@ impl App {
     /// Lets every block execution skip verifying the signatures of transactions in `cache`
     /// and add those it verifies. The verdict on a signature does not depend on how it was
     /// checked (see `keel_state`'s signatures module), so this changes speed, never outcomes.
-    pub fn with_signature_cache(self, cache: Arc<SigCache>) -> App {
-        App {
+    pub fn with_signature_cache(self, cache: Arc<SigCache>) -> Ledger {
+        Ledger {
             state: self.state.with_signature_cache(cache.clone()),
             sig_cache: Some(cache),
             ..self
@@ -205,6 +267,11 @@ impl App {
     /// Height and hash of the final tip: the newest block written to the store.
     pub fn final_tip(&self) -> (u64, Hash) {
         self.final_tip
+    }
+
+    /// The block limits validation enforces.
+    pub fn limits(&self) -> BlockLimits {
+        self.limits
     }
 
     /// Number of pending (executed, not yet final) blocks.
@@ -221,9 +288,9 @@ impl App {
     }
 
     /// The block with hash `hash`, pending or stored.
-    pub fn block(&self, hash: &Hash) -> Result<Option<Block>, AppError> {
+    pub fn block(&self, hash: &Hash) -> Result<Option<Block>, LedgerError> {
         match self.pending.get(hash) {
-            Some(p) => Ok(Some(p.block.clone())),
+            Some(p) => Ok(Some((*p.block).clone())),
             None => Ok(self.blocks.block_by_hash(hash)?),
         }
     }
@@ -235,13 +302,13 @@ impl App {
 
     /// The account of `addr` in the state after block `at` (pending, or stored and not
     /// pruned), as stored: see [`Account::release_matured`] for matured unbonding.
-    pub fn account(&self, at: &Hash, addr: &Address) -> Result<Option<Account>, AppError> {
+    pub fn account(&self, at: &Hash, addr: &Address) -> Result<Option<Account>, LedgerError> {
         if let Some((height, layers)) = self.branch(at)? {
             return Ok(self.state_over(layers).account(addr, height)?);
         }
         match self.blocks.header_by_hash(at)? {
             Some(header) => Ok(self.state.account(addr, header.height)?),
-            None => Err(AppError::UnknownBlock(*at)),
+            None => Err(LedgerError::UnknownBlock(*at)),
         }
     }
 
@@ -267,7 +334,7 @@ impl App {
         template: BlockTemplate,
         txs: Vec<Transaction>,
         evidence: Vec<Evidence>,
-    ) -> Result<Block, AppError> {
+    ) -> Result<Block, LedgerError> {
         let (parent_height, layers) = self.parent_view(&template.parent_hash)?;
         self.check_position(
             template.height,
@@ -307,22 +374,34 @@ impl App {
             root = %block.header.state_root,
             "built block"
         );
-        let hash = block.hash();
-        self.pending
-            .insert(hash, Pending::new(block.clone(), tx_hashes, executed));
+        self.keep(block.clone(), tx_hashes, executed)?;
         Ok(block)
     }
 
+    /// Keeps an executed block pending, in memory and in the consensus records.
+    fn keep(
+        &mut self,
+        block: Block,
+        tx_hashes: Vec<Hash>,
+        executed: Executed,
+    ) -> Result<(), LedgerError> {
+        self.records.put_pending(&block)?;
+        self.pending
+            .insert(block.hash(), Pending::new(block, tx_hashes, executed));
+        Ok(())
+    }
+
     /// Re-executes a block proposed by someone else on its parent and keeps it pending if it
-    /// holds. Checks, in order: the parent is known ([`AppError::UnknownParent`]), the chain
+    /// holds. Checks, in order: the parent is known ([`LedgerError::UnknownParent`]), the chain
     /// id, height = parent height + 1 and at most [`MAX_PENDING_HEIGHTS`] above the final
-    /// tip, that `parent_qc` certifies the parent, that every transaction decodes, the
+    /// tip, that `parent_qc` certifies the parent, the block limits, that every transaction
+    /// decodes, the
     /// `tx_root`, the `evidence_root`, and the `state_root` against re-execution. A block
     /// already known (pending or stored) is accepted at once.
     ///
     /// What consensus checks (proposer, round, timestamp, validator set, certificate and
     /// evidence signatures) is not checked here.
-    pub fn validate_block(&mut self, block: &Block) -> Result<(), AppError> {
+    pub fn validate_block(&mut self, block: &Block) -> Result<(), LedgerError> {
         let hash = block.hash();
         if self.has_block(&hash) {
             return Ok(());
@@ -330,7 +409,7 @@ impl App {
         let header = &block.header;
         let (parent_height, layers) = self.parent_view(&header.parent_hash)?;
         if header.chain_id != self.params.chain_id {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "chain id {:?}, expected {:?}",
                 header.chain_id, self.params.chain_id
             )));
@@ -341,26 +420,35 @@ impl App {
             &header.parent_hash,
             &header.parent_qc,
         )?;
+        let bytes: usize = block.txs.iter().map(Vec::len).sum();
+        if block.txs.len() > self.limits.max_txs || bytes > self.limits.max_bytes {
+            return Err(LedgerError::Invalid(format!(
+                "{} transactions of {bytes} bytes exceed the block limits ({} transactions, {} bytes)",
+                block.txs.len(),
+                self.limits.max_txs,
+                self.limits.max_bytes
+            )));
+        }
         let txs = block
             .txs
             .iter()
             .enumerate()
             .map(|(i, bytes)| {
                 Transaction::decode(bytes)
-                    .map_err(|e| AppError::Invalid(format!("transaction {i}: {e}")))
+                    .map_err(|e| LedgerError::Invalid(format!("transaction {i}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let tx_hashes: Vec<Hash> = txs.iter().map(|t| t.hash).collect();
         let tx_root = merkle_root(&tx_hashes);
         if tx_root != header.tx_root {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "tx root {}, transactions give {tx_root}",
                 header.tx_root
             )));
         }
         let evidence_root = block.evidence_root();
         if evidence_root != header.evidence_root {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "evidence root {}, evidence gives {evidence_root}",
                 header.evidence_root
             )));
@@ -372,15 +460,58 @@ impl App {
         };
         let executed = self.execute(layers, &env, &txs)?;
         if executed.outcome.state_root != header.state_root {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "state root {}, execution gives {}",
                 header.state_root, executed.outcome.state_root
             )));
         }
         tracing::debug!(height = header.height, %hash, txs = txs.len(), "validated block");
-        self.pending
-            .insert(hash, Pending::new(block.clone(), tx_hashes, executed));
-        Ok(())
+        self.keep(block.clone(), tx_hashes, executed)
+    }
+
+    /// The blocks kept pending by a previous run, re-validated oldest first: those that still
+    /// hold are pending again and returned (for consensus); the others are forgotten.
+    pub fn reload_pending(&mut self) -> Result<Vec<Block>, LedgerError> {
+        let mut valid = Vec::new();
+        let mut gone = Vec::new();
+        for block in self.records.pending_blocks()? {
+            match self.validate_block(&block) {
+                Ok(()) if self.pending.contains_key(&block.hash()) => valid.push(block),
+                Ok(()) => gone.push(block.hash()),
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(height = block.header.height, error = %e, "dropping a kept block");
+                    gone.push(block.hash());
+                }
+            }
+        }
+        self.records.delete_pending(gone)?;
+        Ok(valid)
+    }
+
+    /// Marks a pending block certified: it replaces any certified block at its height and
+    /// above. Returns its header (`None` if the block is not pending).
+    pub fn mark_certified(&mut self, hash: &Hash) -> Option<Header> {
+        let p = self.pending.get(hash)?;
+        let height = p.height();
+        let entry = CertifiedBlock {
+            block: p.block.clone(),
+            hash: *hash,
+            tx_hashes: p.tx_hashes.iter().copied().collect(),
+        };
+        self.certified.retain(|h, _| *h < height);
+        self.certified.insert(height, Arc::new(entry));
+        Some(p.block.header.clone())
+    }
+
+    /// The certified pending blocks by height.
+    pub fn certified(&self) -> &std::collections::BTreeMap<u64, Arc<CertifiedBlock>> {
+        &self.certified
+    }
+
+    /// Every pending block, by hash.
+    pub fn pending_blocks(&self) -> impl Iterator<Item = (&Hash, &Arc<Block>)> {
+        self.pending.iter().map(|(h, p)| (h, &p.block))
     }
 
     /// Makes `hash` and every pending ancestor of it final, oldest first: each is written as
@@ -392,24 +523,24 @@ impl App {
     ///
     /// Finalizing the final tip or a block already stored (an ancestor of it) does nothing
     /// and returns an empty list; a hash neither pending nor stored is
-    /// [`AppError::UnknownBlock`]. If a write fails, the blocks written before it stay final
+    /// [`LedgerError::UnknownBlock`]. If a write fails, the blocks written before it stay final
     /// (the final tip says how far it got) and the error is returned.
     pub fn finalize(
         &mut self,
         hash: &Hash,
         qc: &QuorumCertificate,
-    ) -> Result<Vec<Finalized>, AppError> {
+    ) -> Result<Vec<Finalized>, LedgerError> {
         if *hash == self.final_tip.1 {
             return Ok(Vec::new());
         }
         let Some(newest) = self.pending.get(hash) else {
             return match self.blocks.header_by_hash(hash)? {
                 Some(_) => Ok(Vec::new()),
-                None => Err(AppError::UnknownBlock(*hash)),
+                None => Err(LedgerError::UnknownBlock(*hash)),
             };
         };
         if qc.block_hash != *hash || qc.height != newest.height() {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "certificate of block {} at height {} cannot finalize block {hash} at height {}",
                 qc.block_hash,
                 qc.height,
@@ -425,7 +556,7 @@ impl App {
             cur = self
                 .pending
                 .get(&parent)
-                .ok_or(AppError::UnknownParent(parent))?;
+                .ok_or(LedgerError::UnknownParent(parent))?;
             branch.push((parent, certificate));
         }
         branch.reverse();
@@ -438,10 +569,13 @@ impl App {
                 break;
             }
         }
-        self.drop_abandoned();
+        let dropped = self.drop_abandoned();
         match failure {
             Some(e) => Err(e),
-            None => Ok(written),
+            None => {
+                self.records.delete_pending(dropped)?;
+                Ok(written)
+            }
         }
     }
 
@@ -451,27 +585,28 @@ impl App {
         hash: &Hash,
         qc: &QuorumCertificate,
         written: &mut Vec<Finalized>,
-    ) -> Result<(), AppError> {
+    ) -> Result<(), LedgerError> {
         let pending = self
             .pending
             .get(hash)
-            .ok_or(AppError::UnknownBlock(*hash))?;
+            .ok_or(LedgerError::UnknownBlock(*hash))?;
         let height = pending.height();
         let mut batch = pending.layer.to_batch();
         self.blocks
             .stage_block(&mut batch, &pending.block, &pending.receipts);
         self.blocks.stage_finalized(&mut batch, height, *hash);
-        self.blocks
-            .stage_meta(&mut batch, LATEST_QC_KEY, &qc.encode());
+        self.records.stage_latest_qc(&mut batch, qc);
+        self.records.stage_delete_pending(&mut batch, [*hash]);
         self.store.write(batch)?;
         self.final_tip = (height, *hash);
+        self.certified.retain(|h, _| *h > height);
         if let Some(mut p) = self.pending.remove(hash) {
             if let Some(fresh) = p.fresh.take() {
                 self.state.tree().cache_committed(fresh);
             }
             tracing::debug!(height, %hash, txs = p.block.txs.len(), "finalized block");
             written.push(Finalized {
-                block: p.block,
+                block: Arc::unwrap_or_clone(p.block),
                 receipts: p.receipts,
                 new_nonces: p.new_nonces,
             });
@@ -481,14 +616,17 @@ impl App {
 
     /// Drops every pending block: at the start of an epoch, the suffix blocks of the last
     /// one (never final, see `docs/consensus.md`). Returns how many were dropped.
-    pub fn discard_pending(&mut self) -> usize {
+    pub fn discard_pending(&mut self) -> Result<usize, LedgerError> {
         let dropped = self.pending.len();
-        self.pending.clear();
-        dropped
+        self.records
+            .delete_pending(self.pending.drain().map(|(hash, _)| hash))?;
+        self.certified.clear();
+        Ok(dropped)
     }
 
-    /// Drops every pending block that does not descend from the final tip.
-    fn drop_abandoned(&mut self) {
+    /// Drops every pending block that does not descend from the final tip; returns their
+    /// hashes.
+    fn drop_abandoned(&mut self) -> Vec<Hash> {
         let (tip_height, tip_hash) = self.final_tip;
         let mut by_height: Vec<(u64, Hash, Hash)> = self
             .pending
@@ -503,17 +641,27 @@ impl App {
                 keep.insert(hash);
             }
         }
-        let before = self.pending.len();
-        self.pending.retain(|h, _| keep.contains(h));
-        let dropped = before - self.pending.len();
-        if dropped > 0 {
-            tracing::debug!(dropped, "dropped pending blocks abandoned by finality");
+        let dropped: Vec<Hash> = self
+            .pending
+            .keys()
+            .filter(|h| !keep.contains(*h))
+            .copied()
+            .collect();
+        for h in &dropped {
+            self.pending.remove(h);
         }
+        if !dropped.is_empty() {
+            tracing::debug!(
+                dropped = dropped.len(),
+                "dropped pending blocks abandoned by finality"
+            );
+        }
+        dropped
     }
 
     /// The height of `hash` and the layers of its pending branch (oldest first) if it is the
     /// final tip (no layers) or pending; `None` otherwise.
-    fn branch(&self, hash: &Hash) -> Result<Option<BranchView>, AppError> {
+    fn branch(&self, hash: &Hash) -> Result<Option<BranchView>, LedgerError> {
         if *hash == self.final_tip.1 {
             return Ok(Some((self.final_tip.0, Vec::new())));
         }
@@ -525,7 +673,10 @@ impl App {
         while cur != self.final_tip.1 {
             // Every pending block descends from the final tip (`drop_abandoned`), so this
             // walk ends; a gap would be a bug, reported rather than looped on.
-            let ancestor = self.pending.get(&cur).ok_or(AppError::UnknownParent(cur))?;
+            let ancestor = self
+                .pending
+                .get(&cur)
+                .ok_or(LedgerError::UnknownParent(cur))?;
             layers.push(ancestor.layer.clone());
             cur = ancestor.parent();
         }
@@ -533,18 +684,18 @@ impl App {
         Ok(Some((block.height(), layers)))
     }
 
-    /// [`App::branch`] of a block's parent: a parent that is stored but not the final tip is
+    /// [`Ledger::branch`] of a block's parent: a parent that is stored but not the final tip is
     /// a fork off a final block and is refused.
-    fn parent_view(&self, parent: &Hash) -> Result<BranchView, AppError> {
+    fn parent_view(&self, parent: &Hash) -> Result<BranchView, LedgerError> {
         if let Some(view) = self.branch(parent)? {
             return Ok(view);
         }
         match self.blocks.header_by_hash(parent)? {
-            Some(header) => Err(AppError::Invalid(format!(
+            Some(header) => Err(LedgerError::Invalid(format!(
                 "parent {parent} at height {} is final but not the final tip {}",
                 header.height, self.final_tip.1
             ))),
-            None => Err(AppError::UnknownParent(*parent)),
+            None => Err(LedgerError::UnknownParent(*parent)),
         }
     }
 
@@ -555,20 +706,20 @@ impl App {
         parent_height: u64,
         parent_hash: &Hash,
         parent_qc: &QuorumCertificate,
-    ) -> Result<(), AppError> {
+    ) -> Result<(), LedgerError> {
         if Some(height) != parent_height.checked_add(1) {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "height {height} does not follow its parent's height {parent_height}"
             )));
         }
         if height.saturating_sub(self.final_tip.0) > MAX_PENDING_HEIGHTS {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "height {height} is more than {MAX_PENDING_HEIGHTS} above the final height {}",
                 self.final_tip.0
             )));
         }
         if parent_qc.block_hash != *parent_hash || parent_qc.height != parent_height {
-            return Err(AppError::Invalid(format!(
+            return Err(LedgerError::Invalid(format!(
                 "parent certificate is for block {} at height {}, not the parent {parent_hash}",
                 parent_qc.block_hash, parent_qc.height
             )));
@@ -602,7 +753,7 @@ impl App {
         layers: Vec<Arc<Layer>>,
         env: &BlockEnv,
         txs: &[Transaction],
-    ) -> Result<Executed, AppError> {
+    ) -> Result<Executed, LedgerError> {
         let state = self.state_over(layers);
         let execution = state.execute(env, txs)?;
         let mut batch = WriteBatch::new();
@@ -715,10 +866,14 @@ pub(crate) mod tests {
         hash
     }
 
-    fn new_app() -> (App, Arc<dyn KvStore>, Hash) {
+    fn new_app() -> (Ledger, Arc<dyn KvStore>, Hash) {
         let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
         let g = genesis(&store);
-        (App::new(store.clone(), params()).unwrap(), store, g)
+        (
+            Ledger::new(store.clone(), params(), BlockLimits::NONE).unwrap(),
+            store,
+            g,
+        )
     }
 
     fn qc(hash: Hash, height: u64, round: u64) -> QuorumCertificate {
@@ -757,12 +912,12 @@ pub(crate) mod tests {
     }
 
     /// Builds a block of `txs` on `parent` (a block of this app) in `round`.
-    fn build(app: &mut App, parent: &Block, round: u64, txs: Vec<Transaction>) -> Block {
+    fn build(app: &mut Ledger, parent: &Block, round: u64, txs: Vec<Transaction>) -> Block {
         let t = template(parent.hash(), parent.header.height, round);
         app.build_block(t, txs, Vec::new()).unwrap()
     }
 
-    fn balance(app: &App, at: &Block, seed: u64) -> u64 {
+    fn balance(app: &Ledger, at: &Block, seed: u64) -> u64 {
         app.account(&at.hash(), &addr(seed))
             .unwrap()
             .map_or(0, |a| a.balance)
@@ -770,7 +925,7 @@ pub(crate) mod tests {
 
     /// Genesis and a chain of three pending blocks:
     /// b1: 1 -> 2 100; b2: 1 -> 3 200, 2 -> 3 50; b3: 3 -> 1 1000.
-    fn three_blocks(app: &mut App, g: Hash) -> (Block, [Block; 3]) {
+    fn three_blocks(app: &mut Ledger, g: Hash) -> (Block, [Block; 3]) {
         let genesis = app.block(&g).unwrap().unwrap();
         let b1 = build(app, &genesis, 1, vec![transfer(1, 0, 2, 100)]);
         let b2 = build(
@@ -855,7 +1010,7 @@ pub(crate) mod tests {
         let (mut app, _, g) = new_app();
         let (_, [b1, ..]) = three_blocks(&mut app, g);
         let (mut other, _, _) = new_app();
-        let refused = |other: &mut App, b: Block| {
+        let refused = |other: &mut Ledger, b: Block| {
             let err = other.validate_block(&b).unwrap_err();
             assert!(!other.has_block(&b.hash()), "{err} kept");
             err
@@ -864,54 +1019,62 @@ pub(crate) mod tests {
         let mut bad = b1.clone();
         bad.header.state_root = Hash::digest(b"wrong");
         assert!(
-            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("state root"))
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("state root"))
         );
 
         let mut bad = b1.clone();
         bad.header.tx_root = Hash::digest(b"wrong");
-        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("tx root")));
+        assert!(
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("tx root"))
+        );
 
         // Transactions changed under an unchanged header.
         let mut bad = b1.clone();
         bad.txs = vec![transfer(1, 0, 3, 100).bytes];
-        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("tx root")));
+        assert!(
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("tx root"))
+        );
 
         let mut bad = b1.clone();
         bad.txs.push(vec![0xde, 0xad]);
         assert!(
-            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("transaction 1"))
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("transaction 1"))
         );
 
         let mut bad = b1.clone();
         bad.header.evidence_root = Hash::digest(b"wrong");
         assert!(
-            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("evidence root"))
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("evidence root"))
         );
 
         let mut bad = b1.clone();
         bad.header.chain_id = "other-chain".into();
-        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("chain id")));
+        assert!(
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("chain id"))
+        );
 
         let mut bad = b1.clone();
         bad.header.height = 2;
-        assert!(matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("height")));
+        assert!(
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("height"))
+        );
 
         let mut bad = b1.clone();
         bad.header.parent_qc.block_hash = Hash::digest(b"elsewhere");
         assert!(
-            matches!(refused(&mut other, bad), AppError::Invalid(m) if m.contains("certificate"))
+            matches!(refused(&mut other, bad), LedgerError::Invalid(m) if m.contains("certificate"))
         );
 
         let mut bad = b1.clone();
         bad.header.parent_hash = Hash::digest(b"unknown parent");
         assert!(matches!(
             refused(&mut other, bad),
-            AppError::UnknownParent(_)
+            LedgerError::UnknownParent(_)
         ));
 
         // A child of a block the node has not seen.
         let (_, [_, c2, _]) = three_blocks(&mut new_app().0, g);
-        assert!(matches!(refused(&mut other, c2), AppError::UnknownParent(p) if p == b1.hash()));
+        assert!(matches!(refused(&mut other, c2), LedgerError::UnknownParent(p) if p == b1.hash()));
 
         assert_eq!(other.pending_len(), 0);
         other.validate_block(&b1).unwrap();
@@ -957,7 +1120,7 @@ pub(crate) mod tests {
             // The losing fork cannot come back: its parent is final but no longer the tip.
             assert!(matches!(
                 app.validate_block(&fork_a),
-                Err(AppError::Invalid(m)) if m.contains("final but not the final tip")
+                Err(LedgerError::Invalid(m)) if m.contains("final but not the final tip")
             ));
             assert!(!app.has_block(&fork_a.hash()));
         }
@@ -1022,7 +1185,7 @@ pub(crate) mod tests {
         let recording = Arc::new(Recording::default());
         let store: Arc<dyn KvStore> = recording.clone();
         let g = genesis(&store);
-        let mut app = App::new(store.clone(), params()).unwrap();
+        let mut app = Ledger::new(store.clone(), params(), BlockLimits::NONE).unwrap();
         let (_, [_, _, b3]) = three_blocks(&mut app, g);
         app.finalize(&b3.hash(), &qc(b3.hash(), 3, 3)).unwrap();
         assert_eq!(app.final_tip(), (3, b3.hash()));
@@ -1049,7 +1212,7 @@ pub(crate) mod tests {
         let recording = Arc::new(Recording::default());
         let store: Arc<dyn KvStore> = recording.clone();
         let g = genesis(&store);
-        let mut app = App::new(store.clone(), params()).unwrap();
+        let mut app = Ledger::new(store.clone(), params(), BlockLimits::NONE).unwrap();
         let (_, [b1, b2, b3]) = three_blocks(&mut app, g);
         let receipts: Vec<Vec<Receipt>> = [&b1, &b2]
             .iter()
@@ -1085,7 +1248,12 @@ pub(crate) mod tests {
             assert_eq!(bs.latest().unwrap(), Some((h, block.hash())));
             assert_eq!(bs.finalized().unwrap(), Some((h, block.hash())));
             assert_eq!(bs.block_at(h).unwrap().as_ref(), Some(block));
-            assert_eq!(bs.meta(LATEST_QC_KEY).unwrap(), Some(certificate.encode()));
+            assert_eq!(
+                ConsensusStore::new(Arc::new(replay.clone()))
+                    .latest_qc()
+                    .unwrap(),
+                Some(certificate.clone())
+            );
             let pointer = replay
                 .iter_range(
                     Column::StateNodes,
@@ -1100,7 +1268,10 @@ pub(crate) mod tests {
         let bs = BlockStore::new(store.clone());
         assert_eq!(bs.latest().unwrap(), Some((2, b2.hash())));
         assert_eq!(bs.finalized().unwrap(), Some((2, b2.hash())));
-        assert_eq!(bs.meta(LATEST_QC_KEY).unwrap(), Some(cert.encode()));
+        assert_eq!(
+            ConsensusStore::new(store.clone()).latest_qc().unwrap(),
+            Some(cert.clone())
+        );
         for (b, rs) in [(&b1, &receipts[0]), (&b2, &receipts[1])] {
             let h = b.header.height;
             assert_eq!(bs.block_at(h).unwrap().as_ref(), Some(b));
@@ -1121,7 +1292,7 @@ pub(crate) mod tests {
         assert_eq!(balance(&app, &b3, 1), FUNDS - 320 + 1_000);
 
         // A reopened app resumes from the stored tip and keeps going.
-        let mut reopened = App::new(store, params()).unwrap();
+        let mut reopened = Ledger::new(store, params(), BlockLimits::NONE).unwrap();
         assert_eq!(reopened.final_tip(), (2, b2.hash()));
         reopened.validate_block(&b3).unwrap();
         assert_eq!(
@@ -1157,7 +1328,7 @@ pub(crate) mod tests {
         stripped.evidence.clear();
         assert!(matches!(
             other.validate_block(&stripped),
-            Err(AppError::Invalid(m)) if m.contains("evidence root")
+            Err(LedgerError::Invalid(m)) if m.contains("evidence root")
         ));
         other.validate_block(&block).unwrap();
         assert_eq!(balance(&other, &block, 2), balance(&app, &block, 2));
@@ -1191,12 +1362,12 @@ pub(crate) mod tests {
         let unknown = Hash::digest(b"unknown");
         assert!(matches!(
             app.finalize(&unknown, &qc(unknown, 1, 1)),
-            Err(AppError::UnknownBlock(h)) if h == unknown
+            Err(LedgerError::UnknownBlock(h)) if h == unknown
         ));
         // A certificate for another block.
         assert!(matches!(
             app.finalize(&b2.hash(), &qc(b1.hash(), 1, 1)),
-            Err(AppError::Invalid(_))
+            Err(LedgerError::Invalid(_))
         ));
         assert_eq!(app.pending_len(), 3);
 
@@ -1232,7 +1403,7 @@ pub(crate) mod tests {
         let t = template(tip.hash(), tip.header.height, MAX_PENDING_HEIGHTS + 1);
         assert!(matches!(
             app.build_block(t, Vec::new(), Vec::new()),
-            Err(AppError::Invalid(m)) if m.contains("above the final height")
+            Err(LedgerError::Invalid(m)) if m.contains("above the final height")
         ));
         assert_eq!(app.pending_len(), MAX_PENDING_HEIGHTS as usize);
     }
@@ -1243,18 +1414,18 @@ pub(crate) mod tests {
         let unknown = Hash::digest(b"unknown");
         assert!(matches!(
             app.build_block(template(unknown, 0, 1), Vec::new(), Vec::new()),
-            Err(AppError::UnknownParent(h)) if h == unknown
+            Err(LedgerError::UnknownParent(h)) if h == unknown
         ));
         let mut t = template(g, 0, 1);
         t.height = 2;
         assert!(matches!(
             app.build_block(t, Vec::new(), Vec::new()),
-            Err(AppError::Invalid(_))
+            Err(LedgerError::Invalid(_))
         ));
         assert_eq!(app.pending_len(), 0);
         assert!(matches!(
-            App::new(Arc::new(MemStore::new()), params()),
-            Err(AppError::NoGenesis)
+            Ledger::new(Arc::new(MemStore::new()), params(), BlockLimits::NONE),
+            Err(LedgerError::NoGenesis)
         ));
     }
 }

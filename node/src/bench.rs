@@ -1,0 +1,232 @@
+//! `keel bench reads`: RPC reads while the node commits big blocks.
+//!
+//! A one-validator chain over RocksDB in a temporary folder, booted and run exactly as a
+//! node is (`boot::open`, the consensus host on its own thread, the wall clock), with no
+//! network. `state_getAccount` is called through the node's RPC module (the same handler the
+//! HTTP server runs, without the socket) at a fixed rate, first while the chain commits empty
+//! blocks, then while it commits blocks of `txs` transfers each. The two latency
+//! distributions, side by side, show whether a read waits on the commit path.
+
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_genesis::Genesis;
+use keel_storage::{RocksConfig, RocksStore};
+use keel_types::{Address, Keypair, Transaction, TxKind};
+use rayon::prelude::*;
+
+use crate::boot::Settings;
+use crate::clock::{Clock, SystemClock};
+use crate::config::MempoolConfig;
+use crate::host::{run_blocking, Command};
+use crate::mempool::MempoolLimits;
+use crate::net::NoNetwork;
+use crate::{Error, Result};
+
+const CHAIN: &str = "keel-bench-reads";
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct ReadBench {
+    /// Transfers per block (one per sending account).
+    pub txs: usize,
+    /// Blocks of transfers to commit while reading.
+    pub blocks: usize,
+    /// Reads per second, in both phases.
+    pub reads_per_sec: u64,
+    /// Block time of the chain.
+    pub block_time_ms: u64,
+    /// Where the temporary database goes (`None`: the system's temporary folder).
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// Latency of the reads of one phase, in microseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Latency {
+    /// Reads timed.
+    pub reads: usize,
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Slowest.
+    pub max_us: f64,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<Duration>) -> Latency {
+        samples.sort();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        Latency {
+            reads: samples.len(),
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+        }
+    }
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadFigures {
+    /// Reads while only empty blocks commit.
+    pub idle: Latency,
+    /// Reads while blocks of transfers commit.
+    pub committing: Latency,
+    /// Blocks of transfers final during the second phase, and their transfers.
+    pub blocks: u64,
+    /// Transfers final during the second phase.
+    pub txs: u64,
+    /// How long the second phase took.
+    pub seconds: f64,
+}
+
+fn bench_error(what: &str) -> Error {
+    Error::Bench(what.to_string())
+}
+
+/// Runs the benchmark.
+pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
+    if opts.txs == 0 || opts.blocks == 0 || opts.reads_per_sec == 0 {
+        return Err(bench_error(
+            "txs, blocks and reads per second must be at least 1",
+        ));
+    }
+    let dir = match &opts.dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .map_err(|e| Error::io("temporary folder", e))?;
+    let store = Arc::new(RocksStore::open(dir.path(), &RocksConfig::default())?);
+
+    let validator = Keypair::from_seed(1);
+    let senders: Vec<Keypair> = (0..opts.txs as u64)
+        .into_par_iter()
+        .map(|i| Keypair::from_seed(1_000 + i))
+        .collect();
+    let addresses: Vec<Address> = senders.iter().map(Keypair::address).collect();
+    let mut genesis = Genesis::generate(
+        CHAIN,
+        SystemClock.now_ms(),
+        &[validator.public()],
+        &addresses,
+    );
+    genesis.params.max_block_txs = u32::try_from(opts.txs).unwrap_or(u32::MAX);
+    genesis.params.max_block_bytes = u32::MAX;
+    genesis.params.epoch_length = 1_000_000;
+    let min_fee = genesis.params.min_fee;
+    let settings = Settings {
+        block_time_ms: opts.block_time_ms,
+        timeout_ms: opts.block_time_ms.saturating_mul(20).max(10_000),
+        mempool: MempoolLimits {
+            max_txs: opts.txs.saturating_mul(opts.blocks).max(1),
+            ..MempoolLimits::from(&MempoolConfig::default())
+        },
+        memory_limit: 0,
+    };
+    let booted = crate::boot::open(store, &genesis, &validator, "bench".into(), &settings)?;
+    let chain = booted.chain.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut host = booted.into_host(Arc::new(NoNetwork), clock.clone());
+    host.start()?;
+    let (commands, receiver) = sync_channel(16);
+    let thread = std::thread::Builder::new()
+        .name("keel-consensus".into())
+        .spawn(move || run_blocking(host, receiver, clock))
+        .map_err(|e| Error::io("consensus thread", e))?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("bench runtime", e))?;
+    let module = crate::rpc::module(chain.clone());
+    let gap = Duration::from_secs_f64(1.0 / opts.reads_per_sec as f64);
+    let mut next_read = 0usize;
+    let mut read = |until: &mut dyn FnMut() -> bool| -> Result<Vec<Duration>> {
+        let mut samples = Vec::new();
+        let mut due = Instant::now();
+        while !until() {
+            let address = addresses[next_read % addresses.len()];
+            next_read = next_read.wrapping_add(7919);
+            let started = Instant::now();
+            let answer: std::result::Result<serde_json::Value, _> =
+                runtime.block_on(module.call("state_getAccount", [address.to_string()]));
+            samples.push(started.elapsed());
+            answer.map_err(|e| bench_error(&format!("state_getAccount: {e}")))?;
+            due += gap;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(samples)
+    };
+
+    // Phase 1: empty blocks.
+    let idle_until = Instant::now() + Duration::from_secs(5);
+    let idle = read(&mut || Instant::now() >= idle_until)?;
+
+    // Phase 2: blocks of transfers, every sender once per block.
+    let txs: Vec<Vec<Vec<u8>>> = (0..opts.blocks as u64)
+        .map(|nonce| {
+            senders
+                .par_iter()
+                .enumerate()
+                .map(|(i, key)| {
+                    let to = addresses[(i + 1) % addresses.len()];
+                    Transaction::sign(
+                        key,
+                        CHAIN,
+                        nonce,
+                        min_fee,
+                        TxKind::Transfer { to, amount: 1 },
+                    )
+                    .bytes
+                })
+                .collect()
+        })
+        .collect();
+    let start_height = chain.tip().finalized.0;
+    let started = Instant::now();
+    for block in &txs {
+        for chunk in block.chunks(1024) {
+            for verdict in chain.admit_batch_from_peer(chunk) {
+                verdict.map_err(|e| bench_error(&format!("admission: {e}")))?;
+            }
+        }
+    }
+    let deadline = started + Duration::from_secs(600);
+    let done = || chain.mempool().is_empty();
+    let committing = read(&mut || done() || Instant::now() >= deadline)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !done() {
+        return Err(bench_error(
+            "the transfers did not become final within 10 minutes",
+        ));
+    }
+    let end_height = chain.tip().finalized.0;
+    let mut blocks = 0;
+    let mut final_txs = 0;
+    for h in start_height + 1..=end_height {
+        if let Some(b) = chain.blocks.block_at(h)? {
+            if !b.txs.is_empty() {
+                blocks += 1;
+                final_txs += b.txs.len() as u64;
+            }
+        }
+    }
+    let _ = commands.send(Command::Shutdown);
+    thread
+        .join()
+        .map_err(|_| bench_error("the consensus thread panicked"))??;
+    Ok(ReadFigures {
+        idle: Latency::of(idle),
+        committing: Latency::of(committing),
+        blocks,
+        txs: final_txs,
+        seconds,
+    })
+}

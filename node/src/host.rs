@@ -1,0 +1,697 @@
+//! The consensus host: feeds the pure consensus engine and carries out its effects,
+//! synchronously, through the [`Ledger`] (execute, keep, finalize), the [`ConsensusStore`]
+//! (safety data with fsync, epoch proofs), a [`Network`] and a [`Clock`] it is handed. It has
+//! no thread, task or wall clock of its own: production runs it on a dedicated thread
+//! ([`run_blocking`]), the seeded simulation calls it step by step on virtual time.
+//!
+//! After each step that changes what readers see (a block accepted, certified or final, an
+//! epoch started) the host publishes a new [`ChainView`]; RPC, metrics and the network
+//! server read that and never wait on the host.
+//!
+//! Durability: every block built or validated is kept in the consensus column (by the
+//! ledger) before the fsynced safety data that a vote for it depends on, so a restarted
+//! validator reloads the certified-but-not-final blocks above its final tip; final blocks
+//! are written by [`Ledger::finalize`], one atomic batch per block. The mempool lock is
+//! taken after that write, only to swap the view and drop the committed transactions, so
+//! admission never waits on the disk.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_consensus::{Effect, Engine, Input, TimerKind, ValidatorSet};
+use keel_types::{
+    Address, Block, ConsensusMessage, EpochProof, Hash, PeerRequest, PeerResponse,
+    QuorumCertificate,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::chain::Chain;
+use crate::clock::Clock;
+use crate::ledger::{BlockTemplate, Finalized, Ledger, LedgerError};
+use crate::net::{Channel, Network, PeerId, Report};
+use crate::view::{ChainView, TipInfo};
+use crate::Result;
+
+/// What reaches the host from outside.
+// Commands are moved once, through a bounded queue: boxing the large ones would only add an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Command {
+    /// Stop (handled by the runner, after the current step).
+    Shutdown,
+    /// A consensus message from a peer (decoded, signatures not checked).
+    Message(ConsensusMessage),
+    /// The answer to request `id` (`None`: it failed or did not decode).
+    Response {
+        /// The request's id.
+        id: u64,
+        /// Who answered.
+        peer: PeerId,
+        /// The answer.
+        response: Option<PeerResponse>,
+    },
+}
+
+/// What the host did, for an observer (the simulation's checks); production passes none.
+#[derive(Debug)]
+pub enum HostEvent<'a> {
+    /// This node built a block.
+    Built(&'a Block),
+    /// A block from a peer was refused.
+    Refused {
+        /// The block.
+        block: &'a Block,
+        /// Why.
+        error: &'a LedgerError,
+    },
+    /// Blocks from a sync answer were accepted.
+    Synced {
+        /// Who sent them.
+        peer: PeerId,
+        /// How many.
+        blocks: usize,
+    },
+    /// Blocks kept by a previous run were accepted again at start.
+    Reloaded(usize),
+    /// An epoch started with this validator set.
+    EpochStarted {
+        /// The epoch.
+        epoch: u64,
+        /// Its set.
+        validators: &'a ValidatorSet,
+    },
+    /// A block was written as final.
+    Finalized(&'a Finalized),
+}
+
+/// Receives [`HostEvent`]s.
+pub type Observer = Box<dyn FnMut(&HostEvent<'_>) + Send>;
+
+/// Blocks and an epoch proof from a peer.
+type SyncAnswer = (Vec<Block>, Option<EpochProof>);
+
+/// Requests of one sync round, by the height each starts above; filled as answers arrive.
+struct SyncRound {
+    target: Hash,
+    sent_ms: u64,
+    parts: BTreeMap<u64, Option<(PeerId, Option<SyncAnswer>)>>,
+    /// Request id -> the height its part starts above.
+    requests: HashMap<u64, u64>,
+}
+
+/// Most peers asked at once when far behind.
+const SYNC_PEERS: usize = 3;
+/// Blocks asked for in one request.
+const SYNC_BATCH: u32 = 32;
+/// A request unanswered for this long no longer blocks the next one.
+const SYNC_TIMEOUT_MS: u64 = 5_000;
+
+/// The consensus host of one node.
+pub struct Host {
+    chain: Arc<Chain>,
+    engine: Engine,
+    ledger: Ledger,
+    network: Arc<dyn Network>,
+    clock: Arc<dyn Clock>,
+    observer: Option<Observer>,
+    timers: HashMap<TimerKind, u64>,
+    /// The sync round in flight.
+    sync: Option<SyncRound>,
+    /// Id of the next request.
+    next_request: u64,
+    /// Spreads block requests over peers.
+    sync_salt: u64,
+    /// Whether the view is behind the ledger.
+    dirty: bool,
+}
+
+impl Host {
+    pub(crate) fn new(
+        chain: Arc<Chain>,
+        engine: Engine,
+        ledger: Ledger,
+        network: Arc<dyn Network>,
+        clock: Arc<dyn Clock>,
+    ) -> Host {
+        Host {
+            chain,
+            engine,
+            ledger,
+            network,
+            clock,
+            observer: None,
+            timers: HashMap::new(),
+            sync: None,
+            next_request: 0,
+            sync_salt: 0,
+            dirty: true,
+        }
+    }
+
+    /// Hands every [`HostEvent`] to `observer`.
+    pub fn with_observer(mut self, observer: Observer) -> Host {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The node context the host updates.
+    pub fn chain(&self) -> &Arc<Chain> {
+        &self.chain
+    }
+
+    /// The consensus engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The block tree.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    fn observe(&mut self, event: HostEvent<'_>) {
+        if let Some(observer) = self.observer.as_mut() {
+            observer(&event);
+        }
+    }
+
+    /// Starts consensus and reloads the non-final blocks of a previous run. Called before the
+    /// RPC server opens, so clients never see the chain rewound to its final tip.
+    pub fn start(&mut self) -> Result<()> {
+        self.input(Input::Start)?;
+        let reloaded = self.ledger.reload_pending()?;
+        self.dirty = true;
+        if !reloaded.is_empty() {
+            info!(blocks = reloaded.len(), "reloaded non-final blocks");
+            self.observe(HostEvent::Reloaded(reloaded.len()));
+            self.input(Input::Synced(reloaded))?;
+        }
+        self.publish_if_dirty();
+        Ok(())
+    }
+
+    /// Handles one command. An error means the node must stop: it could not make its votes
+    /// or blocks durable.
+    pub fn handle(&mut self, command: Command) -> Result<()> {
+        match command {
+            Command::Shutdown => {}
+            Command::Message(message) => self.input(Input::Message(message))?,
+            Command::Response { id, peer, response } => self.on_response(id, peer, response)?,
+        }
+        self.publish_if_dirty();
+        Ok(())
+    }
+
+    /// When the next timer is due, if one is set.
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.timers.values().min().copied()
+    }
+
+    /// Fires every timer due at the clock's time, earliest first.
+    pub fn fire_due_timers(&mut self) -> Result<()> {
+        loop {
+            let now = self.clock.now_ms();
+            let due = self
+                .timers
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .min_by_key(|(kind, at)| (**at, **kind as u8))
+                .map(|(kind, _)| *kind);
+            let Some(kind) = due else { break };
+            self.timers.remove(&kind);
+            self.input(Input::Timer(kind))?;
+        }
+        self.publish_if_dirty();
+        Ok(())
+    }
+
+    fn input(&mut self, input: Input) -> Result<()> {
+        let effects = self.engine.handle(self.clock.now_ms(), input);
+        self.carry_out(effects)
+    }
+
+    fn carry_out(&mut self, effects: Vec<Effect>) -> Result<()> {
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            if let Some(input) = self.effect(effect)? {
+                queue.extend(self.engine.handle(self.clock.now_ms(), input));
+            }
+        }
+        Ok(())
+    }
+
+    fn effect(&mut self, effect: Effect) -> Result<Option<Input>> {
+        Ok(match effect {
+            Effect::SetTimer { kind, at_ms } => {
+                self.timers.insert(kind, at_ms);
+                None
+            }
+            Effect::BuildBlock(req) => Some(self.build(req)?),
+            Effect::ValidateBlock(block) => {
+                let hash = block.hash();
+                let started = std::time::Instant::now();
+                let checked = self.ledger.validate_block(&block);
+                self.chain
+                    .metrics
+                    .block_execution_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let valid = match checked {
+                    Ok(()) => {
+                        self.dirty = true;
+                        true
+                    }
+                    Err(e) if e.is_fatal() => return Err(e.into()),
+                    Err(e) => {
+                        warn!(height = block.header.height, %hash, error = %e, "refusing proposed block");
+                        self.observe(HostEvent::Refused {
+                            block: &block,
+                            error: &e,
+                        });
+                        false
+                    }
+                };
+                Some(Input::BlockValidated { hash, valid })
+            }
+            Effect::PersistSafety(safety) => {
+                self.chain.records().save_safety(&safety)?;
+                None
+            }
+            Effect::Broadcast(message) => {
+                self.broadcast(message);
+                None
+            }
+            Effect::SendTo { to, message } => {
+                self.send_to(to, message);
+                None
+            }
+            Effect::RequestSync { qc } => {
+                self.request_sync(qc.block_hash);
+                None
+            }
+            Effect::ReportEvidence(e) => {
+                warn!(offender = %e.offender(), round = e.first.round, "equivocation detected");
+                None
+            }
+            Effect::Certified {
+                hash,
+                height,
+                round,
+            } => {
+                if let Some(header) = self.ledger.mark_certified(&hash) {
+                    debug!(height, round, %hash, "certified");
+                    self.dirty = true;
+                    self.chain.notify_new_head(header);
+                }
+                None
+            }
+            Effect::Finalize { hash, height, qc } => {
+                self.finalize(hash, height, &qc)?;
+                None
+            }
+            Effect::NeedValidatorSet { epoch, height } => Some(self.start_epoch(epoch, height)?),
+        })
+    }
+
+    /// Selects transactions from the mempool (never one already on the parent's branch) and
+    /// builds the block.
+    fn build(&mut self, req: keel_consensus::BuildRequest) -> Result<Input> {
+        let round = req.round;
+        let limits = self.ledger.limits();
+        // A suffix block (above the epoch's end) carries nothing.
+        let txs: Vec<_> = if req.empty {
+            Vec::new()
+        } else {
+            let exclude = self.ledger.branch_tx_hashes(&req.parent_hash);
+            let selected = self.chain.mempool().select(
+                limits.max_txs.saturating_add(exclude.len()),
+                limits.max_bytes,
+            );
+            selected
+                .into_iter()
+                .filter(|t| !exclude.contains(&t.hash))
+                .take(limits.max_txs)
+                .collect()
+        };
+        let template = BlockTemplate::from(&req);
+        let started = std::time::Instant::now();
+        let built = self.ledger.build_block(template, txs, req.evidence);
+        self.chain
+            .metrics
+            .block_execution_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(match built {
+            Ok(block) => {
+                debug!(
+                    height = block.header.height,
+                    round,
+                    txs = block.txs.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "built block"
+                );
+                self.dirty = true;
+                self.observe(HostEvent::Built(&block));
+                Input::BlockBuilt(block)
+            }
+            Err(e) if e.is_fatal() => return Err(e.into()),
+            Err(e) => {
+                error!(round, error = %e, "building block failed");
+                Input::BuildFailed { round }
+            }
+        })
+    }
+
+    /// The epoch-ending block at `height` is final: load the next epoch's validator set, and
+    /// drop the suffix blocks built on top of it (never final, never stored in the ledger).
+    fn start_epoch(&mut self, epoch: u64, height: u64) -> Result<Input> {
+        let validators = self.chain.validator_set(epoch)?;
+        if let Some(ended) = epoch.checked_sub(1) {
+            if let Some(proof) = self.engine.epoch_proof(ended) {
+                self.chain.records().save_epoch_proof(ended, proof)?;
+            }
+        }
+        let dropped = self.ledger.discard_pending()?;
+        self.dirty = true;
+        let stats = self.chain.validator_set_cache_stats();
+        info!(
+            epoch,
+            from_height = height,
+            validators = validators.len(),
+            total_stake = validators.total_stake(),
+            dropped_suffix_blocks = dropped,
+            set_cache_hits = stats.hits,
+            set_cache_misses = stats.misses,
+            "epoch started"
+        );
+        if validators.get(&self.engine.address()).is_none() {
+            warn!(
+                epoch,
+                "this node is not a validator of the new epoch: following only"
+            );
+        }
+        self.observe(HostEvent::EpochStarted {
+            epoch,
+            validators: &validators,
+        });
+        Ok(Input::NewEpoch {
+            epoch,
+            validators: (*validators).clone(),
+        })
+    }
+
+    /// Proposals, evidence and epoch proofs go to everyone by gossip; timeouts straight to
+    /// every connected peer.
+    fn broadcast(&self, message: ConsensusMessage) {
+        let channel = match message {
+            ConsensusMessage::Evidence(_) => Channel::Evidence,
+            _ => Channel::Consensus,
+        };
+        let bytes = message.encode();
+        if let ConsensusMessage::Timeout(_) = message {
+            for peer in self.network.peers() {
+                self.network.send(peer.id, bytes.clone());
+            }
+            return;
+        }
+        self.network.broadcast(channel, bytes);
+    }
+
+    /// Votes go straight to the validator's peer when its binding is known, else by gossip.
+    fn send_to(&self, to: Address, message: ConsensusMessage) {
+        let bytes = message.encode();
+        let peer = self
+            .network
+            .peers()
+            .into_iter()
+            .find(|p| p.validator == Some(to));
+        match peer {
+            Some(peer) => self.network.send(peer.id, bytes),
+            None => self.network.broadcast(Channel::Consensus, bytes),
+        }
+    }
+
+    /// Asks peers for the blocks up to `target` above our final height, answered by
+    /// [`Command::Response`]. Far behind (peers report final heights more than a batch above
+    /// ours), consecutive ranges go to up to [`SYNC_PEERS`] peers at once; the answers are
+    /// applied in height order. One such round at a time.
+    fn request_sync(&mut self, target: Hash) {
+        let now = self.clock.now_ms();
+        if self
+            .sync
+            .as_ref()
+            .is_some_and(|r| now.saturating_sub(r.sent_ms) < SYNC_TIMEOUT_MS)
+        {
+            return;
+        }
+        let peers = self.network.peers();
+        let best = peers.iter().map(|p| p.final_height).max().unwrap_or(0);
+        // Peers close to the best reported height; retries spread over them.
+        let candidates: Vec<PeerId> = peers
+            .iter()
+            .filter(|p| p.final_height.saturating_add(2) >= best)
+            .map(|p| p.id)
+            .collect();
+        if candidates.is_empty() {
+            debug!(block = %target, "missing blocks, and no peers to sync from");
+            return;
+        }
+        let have_height = self.ledger.final_tip().0;
+        let wanted = best
+            .saturating_sub(have_height)
+            .div_ceil(u64::from(SYNC_BATCH))
+            .clamp(1, SYNC_PEERS as u64) as usize;
+        let mut chosen = Vec::new();
+        for _ in 0..SYNC_PEERS * 2 {
+            self.sync_salt = self.sync_salt.wrapping_add(1);
+            let pick = candidates[(self.sync_salt as usize) % candidates.len()];
+            if !chosen.contains(&pick) {
+                chosen.push(pick);
+            }
+            if chosen.len() >= wanted {
+                break;
+            }
+        }
+        let mut round = SyncRound {
+            target,
+            sent_ms: now,
+            parts: BTreeMap::new(),
+            requests: HashMap::new(),
+        };
+        for (i, peer) in chosen.into_iter().enumerate() {
+            let start = have_height + i as u64 * u64::from(SYNC_BATCH);
+            let id = self.next_request;
+            self.next_request = self.next_request.wrapping_add(1);
+            round.parts.insert(start, None);
+            round.requests.insert(id, start);
+            debug!(%peer, block = %target, have_height = start, "requesting blocks");
+            self.network.request(
+                peer,
+                PeerRequest::Blocks {
+                    target,
+                    have_height: start,
+                    max: SYNC_BATCH,
+                },
+                id,
+            );
+        }
+        self.sync = Some(round);
+        self.chain.set_syncing(true);
+    }
+
+    /// Files one answer of the current round and applies every answer that is next in height
+    /// order; when the round is done, asks again if the last answer was full.
+    fn on_response(&mut self, id: u64, peer: PeerId, response: Option<PeerResponse>) -> Result<()> {
+        let Some(r) = self.sync.as_mut() else {
+            return Ok(());
+        };
+        let Some(start) = r.requests.remove(&id) else {
+            return Ok(());
+        };
+        let answer = match response {
+            Some(PeerResponse::Blocks { blocks, proof }) => Some((blocks, proof)),
+            Some(_) => {
+                self.network.report(peer, Report::Invalid);
+                None
+            }
+            None => None,
+        };
+        r.parts.insert(start, Some((peer, answer)));
+        // Apply the answers at the front, in order.
+        let mut more = false;
+        while let Some(r) = self.sync.as_mut() {
+            let Some(entry) = r.parts.first_entry() else {
+                break;
+            };
+            if entry.get().is_none() {
+                return Ok(());
+            }
+            let Some((peer, answer)) = entry.remove() else {
+                break;
+            };
+            let target = r.target;
+            let done = r.parts.is_empty();
+            let (applied, full) = match answer {
+                Some((blocks, proof)) => {
+                    let full = blocks.len() >= SYNC_BATCH as usize;
+                    (self.apply_synced(peer, blocks, proof)?, full)
+                }
+                None => (false, false),
+            };
+            if !applied {
+                // A gap: later answers no longer connect; start over later.
+                self.sync = None;
+                break;
+            }
+            if done {
+                self.sync = None;
+                more = full;
+                if more {
+                    self.request_sync(target);
+                }
+                break;
+            }
+        }
+        if !more && self.sync.is_none() {
+            self.chain.set_syncing(false);
+        }
+        Ok(())
+    }
+
+    /// Validates synced blocks (oldest first, stopping at the first that does not hold),
+    /// hands them to consensus, then the epoch proof. Whether anything new was applied or
+    /// the answer was consistent (known blocks only).
+    fn apply_synced(
+        &mut self,
+        peer: PeerId,
+        blocks: Vec<Block>,
+        proof: Option<EpochProof>,
+    ) -> Result<bool> {
+        let mut valid = Vec::new();
+        let mut refused = false;
+        for block in blocks {
+            if self.ledger.has_block(&block.hash()) {
+                continue;
+            }
+            match self.ledger.validate_block(&block) {
+                Ok(()) => valid.push(block),
+                Err(e) if e.is_fatal() => return Err(e.into()),
+                Err(e) => {
+                    debug!(%peer, height = block.header.height, error = %e, "synced block refused");
+                    self.network.report(peer, Report::Invalid);
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        if !valid.is_empty() {
+            self.dirty = true;
+            self.network.report(peer, Report::Useful);
+            info!(%peer, blocks = valid.len(), from = valid[0].header.height, "synced blocks");
+            self.observe(HostEvent::Synced {
+                peer,
+                blocks: valid.len(),
+            });
+            self.input(Input::Synced(valid))?;
+        }
+        if let Some(proof) = proof {
+            self.input(Input::Message(ConsensusMessage::EpochProof(proof)))?;
+        }
+        Ok(!refused)
+    }
+
+    fn finalize(&mut self, hash: Hash, height: u64, qc: &QuorumCertificate) -> Result<()> {
+        let written = match self.ledger.finalize(&hash, qc) {
+            Ok(w) => w,
+            // A store or state failure: what is final on disk is no longer known here.
+            Err(e) if e.is_fatal() || matches!(e, LedgerError::State(_)) => return Err(e.into()),
+            Err(e) => {
+                error!(height, %hash, error = %e, "cannot finalize block");
+                return Ok(());
+            }
+        };
+        if written.is_empty() {
+            return Ok(());
+        }
+        {
+            // After the write: admission reads the final height from the view under this
+            // lock, so it sees either the old height (and its transactions are pruned right
+            // below) or the new one.
+            let chain = self.chain.clone();
+            let mut pool = chain.mempool();
+            self.publish();
+            for f in &written {
+                let hashes = f.block.tx_hashes();
+                pool.remove_committed(&hashes, &f.new_nonces);
+                // A final transaction is never executed again: free its cache slot.
+                self.chain.sig_cache().remove_all(&hashes);
+            }
+        }
+        for f in &written {
+            self.chain
+                .metrics
+                .txs_committed
+                .inc_by(f.block.txs.len() as u64);
+            let failed = f.receipts.iter().filter(|r| !r.success).count();
+            info!(height = f.block.header.height, round = f.block.header.round, hash = %f.block.hash(),
+                  txs = f.block.txs.len(), failed, "finalized block");
+            self.chain.notify_finalized_head(f.block.header.clone());
+            self.observe(HostEvent::Finalized(f));
+        }
+        Ok(())
+    }
+
+    fn publish_if_dirty(&mut self) {
+        if self.dirty {
+            self.publish();
+        }
+    }
+
+    /// Swaps in a view of the ledger as it is now.
+    fn publish(&mut self) {
+        let finalized = self.ledger.final_tip();
+        let certified = self.ledger.certified().clone();
+        let latest = certified
+            .last_key_value()
+            .map(|(h, b)| (*h, b.hash))
+            .filter(|(h, _)| *h > finalized.0)
+            .unwrap_or(finalized);
+        self.chain.publish(ChainView {
+            tip: TipInfo { latest, finalized },
+            epoch: self.engine.epoch(),
+            certified,
+            blocks: self
+                .ledger
+                .pending_blocks()
+                .map(|(h, b)| (*h, b.clone()))
+                .collect(),
+        });
+        self.dirty = false;
+    }
+}
+
+/// Runs a host on the current thread until [`Command::Shutdown`], the queue's end, or a
+/// storage failure (after which the node must not continue: it could not make its votes or
+/// blocks durable). `clock` times the timers.
+pub fn run_blocking(
+    mut host: Host,
+    commands: Receiver<Command>,
+    clock: Arc<dyn Clock>,
+) -> Result<()> {
+    loop {
+        let wait = match host.next_timer_ms() {
+            Some(at) => Duration::from_millis(at.saturating_sub(clock.now_ms())),
+            None => Duration::from_secs(3600),
+        };
+        match commands.recv_timeout(wait) {
+            Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                info!("consensus host stopped");
+                return Ok(());
+            }
+            Ok(command) => host.handle(command)?,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        host.fire_due_timers()?;
+    }
+}

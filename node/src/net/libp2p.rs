@@ -1,0 +1,468 @@
+//! The libp2p [`Network`]: the `keel-p2p` service, and the node's server task on top of it,
+//! which decodes what peers send at the edge (bad senders lose score), feeds consensus
+//! messages and answers to requests to the host's queue, admits gossiped transactions to the
+//! mempool (in batches of whatever arrived together, their signatures verified in parallel),
+//! answers status and block requests, and keeps the binding of validator keys to peers (from
+//! signed statuses) so votes go straight to the next leader.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
+
+use keel_p2p::frame::ByteCounts;
+use keel_p2p::peers::Limits;
+use keel_p2p::{Event, Multiaddr, NetworkHandle};
+use keel_types::{Address, Hash, Keypair, PeerRequest, PeerResponse, Status};
+use tokio::sync::mpsc::Receiver;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{serve_blocks, Channel, Network, PeerId, PeerInfo, Report};
+use crate::chain::{Chain, SubmitError};
+use crate::config::Config;
+use crate::host::Command;
+use crate::{Error, Result};
+
+/// The libp2p peer id of a node key, as written in `/p2p/<peer id>` multiaddrs.
+pub fn peer_id(node_key: &Keypair) -> Result<PeerId> {
+    keel_p2p::peer_id_of(node_key.secret()).map_err(Error::Network)
+}
+
+/// Most gossiped transactions admitted together: those already queued when one arrives are
+/// verified in one call (parallel batches of `keel_state::SIGNATURE_CHUNK`).
+pub const TX_ADMISSION_BATCH: usize = 256;
+
+/// What the server task learned of each peer.
+#[derive(Default)]
+struct PeerTable {
+    /// Validators' addresses and the peers they are bound to.
+    validators: HashMap<PeerId, Address>,
+    /// Final heights peers reported.
+    heights: HashMap<PeerId, u64>,
+}
+
+/// The libp2p network as the host uses it. Cheap to clone.
+#[derive(Clone)]
+pub struct Libp2pNetwork {
+    handle: NetworkHandle,
+    table: Arc<RwLock<PeerTable>>,
+    runtime: tokio::runtime::Handle,
+    /// Where answers to requests go: the host's queue.
+    commands: SyncSender<Command>,
+}
+
+impl Libp2pNetwork {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.handle.local_peer_id()
+    }
+}
+
+impl Network for Libp2pNetwork {
+    fn peers(&self) -> Vec<PeerInfo> {
+        let table = self.table.read().ok();
+        self.handle
+            .peers()
+            .into_iter()
+            .map(|id| PeerInfo {
+                id,
+                final_height: table
+                    .as_ref()
+                    .and_then(|t| t.heights.get(&id).copied())
+                    .unwrap_or(0),
+                validator: table.as_ref().and_then(|t| t.validators.get(&id).copied()),
+            })
+            .collect()
+    }
+
+    fn broadcast(&self, channel: Channel, message: Vec<u8>) {
+        if let Err(e) = self.handle.publish(channel, message) {
+            debug!(?channel, error = %e, "broadcast not sent");
+        }
+    }
+
+    fn send(&self, peer: PeerId, message: Vec<u8>) {
+        if let Err(e) = self.handle.send_direct(peer, message) {
+            debug!(%peer, error = %e, "message not sent");
+        }
+    }
+
+    fn request(&self, peer: PeerId, request: PeerRequest, id: u64) {
+        let (handle, commands) = (self.handle.clone(), self.commands.clone());
+        self.runtime.spawn(async move {
+            let response = match handle.request(peer, request.encode()).await {
+                Ok(bytes) => match PeerResponse::decode(&bytes) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        debug!(%peer, error = %e, "undecodable response");
+                        handle.report(peer, Report::Invalid);
+                        None
+                    }
+                },
+                Err(e) => {
+                    debug!(%peer, error = %e, "request failed");
+                    None
+                }
+            };
+            let _ = commands.try_send(Command::Response { id, peer, response });
+        });
+    }
+
+    fn report(&self, peer: PeerId, report: Report) {
+        self.handle.report(peer, report);
+    }
+
+    fn byte_counts(&self) -> ByteCounts {
+        self.handle.byte_stats()
+    }
+}
+
+fn parse_addr(key: &'static str, text: &str) -> Result<Multiaddr> {
+    text.parse::<Multiaddr>().map_err(|e| Error::BadAddress {
+        key,
+        value: text.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn parse_addrs(key: &'static str, list: &[String]) -> Result<Vec<Multiaddr>> {
+    list.iter().map(|s| parse_addr(key, s)).collect()
+}
+
+/// The running libp2p side of a node: the network for the host and the two tasks to join at
+/// shutdown.
+pub struct Started {
+    /// The network, for the host.
+    pub network: Libp2pNetwork,
+    /// The p2p service (ends, after saving the peer book, once the server has stopped).
+    pub service: JoinHandle<()>,
+    /// The node's server task (ends when `shutdown` is cancelled).
+    pub server: JoinHandle<()>,
+}
+
+/// Starts the p2p service and the server task on the current runtime.
+pub fn start(
+    chain: Arc<Chain>,
+    config: &Config,
+    node_key: &Keypair,
+    validator_key: &Keypair,
+    genesis_hash: Hash,
+    commands: SyncSender<Command>,
+    shutdown: CancellationToken,
+) -> Result<Started> {
+    let p2p = &config.p2p;
+    let listen = parse_addr("p2p.listen_addr", &p2p.listen_addr)?;
+    let (handle, events, service) = keel_p2p::start_service(keel_p2p::Config {
+        chain_id: chain.chain_id.clone(),
+        secret: node_key.secret(),
+        listen,
+        persistent_peers: parse_addrs("p2p.persistent_peers", &p2p.persistent_peers)?,
+        seeds: parse_addrs("p2p.seeds", &p2p.seeds)?,
+        limits: Limits {
+            max_peers: p2p.max_peers as usize,
+            target_peers: p2p.target_peers as usize,
+            inbound_per_sec: p2p.inbound_connections_per_sec,
+        },
+        compression_threshold_bytes: p2p.compression_threshold_bytes as usize,
+        store: Some(Box::new(chain.records().peer_book())),
+    })
+    .map_err(Error::Network)?;
+    let network = Libp2pNetwork {
+        handle: handle.clone(),
+        table: Arc::new(RwLock::new(PeerTable::default())),
+        runtime: tokio::runtime::Handle::current(),
+        commands: commands.clone(),
+    };
+    let binding = Status::bind(
+        validator_key,
+        &chain.chain_id,
+        &handle.local_peer_id().to_bytes(),
+    );
+    info!(peer_id = %handle.local_peer_id(), "p2p identity");
+    let server = Server {
+        chain,
+        net: network.clone(),
+        host: commands,
+        binding,
+        genesis_hash,
+    };
+    let server = tokio::spawn(server.run(events, shutdown));
+    Ok(Started {
+        network,
+        service,
+        server,
+    })
+}
+
+struct Server {
+    chain: Arc<Chain>,
+    net: Libp2pNetwork,
+    host: SyncSender<Command>,
+    binding: (keel_types::PublicKey, keel_types::Signature),
+    genesis_hash: Hash,
+}
+
+impl Server {
+    fn status(&self) -> Status {
+        let tip = self.chain.tip();
+        Status {
+            chain_id: self.chain.chain_id.clone(),
+            genesis_hash: self.genesis_hash,
+            final_height: tip.finalized.0,
+            final_hash: tip.finalized.1,
+            validator: Some(self.binding),
+        }
+    }
+
+    fn to_host(&self, command: Command) {
+        match self.host.try_send(command) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => debug!("consensus is busy: dropping a message"),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn consensus(&self, peer: PeerId, data: &[u8]) {
+        match keel_types::ConsensusMessage::decode(data) {
+            Ok(message) => self.to_host(Command::Message(message)),
+            Err(e) => {
+                debug!(%peer, error = %e, "undecodable consensus message");
+                self.net.report(peer, Report::Invalid);
+            }
+        }
+    }
+
+    /// Admits gossiped transactions together and scores each sender by its own message:
+    /// undecodable or badly signed lowers it, admitted raises it, a mempool refusal (duplicate,
+    /// nonce, fee...) leaves it.
+    async fn admit_transactions(&self, batch: Vec<(PeerId, Vec<u8>)>) {
+        let (peers, items): (Vec<PeerId>, Vec<Vec<u8>>) = batch.into_iter().unzip();
+        let chain = self.chain.clone();
+        // Signature checks run on rayon and admission takes the mempool lock: keep both off
+        // the async workers. The loop waits for the verdicts, so admission stays in arrival
+        // order and the next batch forms from what queued meanwhile.
+        let results =
+            match tokio::task::spawn_blocking(move || chain.admit_batch_from_peer(&items)).await {
+                Ok(results) => results,
+                Err(e) => {
+                    warn!(error = %e, "transaction admission failed");
+                    return;
+                }
+            };
+        for (peer, result) in peers.into_iter().zip(results) {
+            match result {
+                Ok(_) => self.net.report(peer, Report::Useful),
+                Err(SubmitError::Malformed(_) | SubmitError::BadSignature) => {
+                    self.net.report(peer, Report::Invalid)
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    async fn run(self, mut events: Receiver<Event>, shutdown: CancellationToken) {
+        let server = Arc::new(self);
+        // An event taken from the queue while collecting a batch of transactions: handled next.
+        let mut next: Option<Event> = None;
+        loop {
+            let event = match next.take() {
+                Some(event) => event,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    event = events.recv() => match event {
+                        Some(event) => event,
+                        None => break,
+                    },
+                },
+            };
+            match event {
+                Event::Gossip {
+                    peer,
+                    channel: Channel::Transactions,
+                    data,
+                } => {
+                    let (batch, after) =
+                        drain_transactions((peer, data), &mut events, TX_ADMISSION_BATCH);
+                    next = after;
+                    server.admit_transactions(batch).await;
+                }
+                Event::Gossip { peer, data, .. } | Event::Direct { peer, data } => {
+                    server.consensus(peer, &data)
+                }
+                Event::Request { peer, id, data } => {
+                    let s = server.clone();
+                    // Storage reads: off the event loop.
+                    tokio::task::spawn_blocking(move || s.answer(peer, id, &data));
+                }
+                Event::Connected(peer) => {
+                    let s = server.clone();
+                    tokio::spawn(async move { s.learn_status(peer).await });
+                }
+                Event::Disconnected(peer) => {
+                    if let Ok(mut t) = server.net.table.write() {
+                        t.validators.remove(&peer);
+                        t.heights.remove(&peer);
+                    }
+                    server.update_reserved();
+                }
+            }
+            server.chain.set_peers(server.net.handle.peer_count());
+        }
+        debug!("network server stopped");
+        // Dropping `events` tells the p2p service to save the peer book and stop.
+    }
+
+    fn update_reserved(&self) {
+        if let Ok(t) = self.net.table.read() {
+            self.net
+                .handle
+                .set_validator_peers(t.validators.keys().copied().collect());
+        }
+    }
+
+    /// Asks a new peer its status: same chain and genesis, or it is dropped; a validator
+    /// binding signed for this very peer id makes it the address of that validator.
+    async fn learn_status(&self, peer: PeerId) {
+        let answer = self
+            .net
+            .handle
+            .request(peer, PeerRequest::Status.encode())
+            .await;
+        let status = match answer.map(|b| PeerResponse::decode(&b)) {
+            Ok(Ok(PeerResponse::Status(s))) => s,
+            Ok(_) => {
+                self.net.report(peer, Report::Invalid);
+                return;
+            }
+            Err(e) => {
+                debug!(%peer, error = %e, "status request failed");
+                return;
+            }
+        };
+        if status.chain_id != self.chain.chain_id || status.genesis_hash != self.genesis_hash {
+            warn!(%peer, chain_id = %status.chain_id, "peer is on another chain");
+            self.net.report(peer, Report::Malicious);
+            self.net.report(peer, Report::Malicious);
+            return;
+        }
+        let validator = status.bound_validator(&peer.to_bytes());
+        if let Ok(mut t) = self.net.table.write() {
+            t.heights.insert(peer, status.final_height);
+            if let Some(key) = &validator {
+                // One peer per validator: a newer binding replaces an older one.
+                let address = key.address();
+                t.validators.retain(|_, a| *a != address);
+                t.validators.insert(peer, address);
+            }
+        }
+        if let Some(key) = validator {
+            debug!(%peer, validator = %key.address(), "validator peer");
+            self.update_reserved();
+        }
+    }
+
+    fn answer(&self, peer: PeerId, id: u64, data: &[u8]) {
+        let response = match PeerRequest::decode(data) {
+            Ok(PeerRequest::Status) => PeerResponse::Status(self.status()),
+            Ok(PeerRequest::Blocks {
+                target,
+                have_height,
+                max,
+            }) => match serve_blocks(&self.chain, target, have_height, max) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "cannot serve blocks");
+                    return;
+                }
+            },
+            Err(e) => {
+                debug!(%peer, error = %e, "undecodable request");
+                self.net.report(peer, Report::Invalid);
+                return;
+            }
+        };
+        if let Err(e) = self.net.handle.respond(id, response.encode()) {
+            debug!(%peer, error = %e, "response not sent");
+        }
+    }
+}
+
+/// `first` and the transaction gossip already queued behind it, at most `max` in all, without
+/// waiting. Stops at the first event of another kind and returns it to be handled next, so
+/// events are still handled in arrival order.
+fn drain_transactions(
+    first: (PeerId, Vec<u8>),
+    events: &mut Receiver<Event>,
+    max: usize,
+) -> (Vec<(PeerId, Vec<u8>)>, Option<Event>) {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match events.try_recv() {
+            Ok(Event::Gossip {
+                peer,
+                channel: Channel::Transactions,
+                data,
+            }) => batch.push((peer, data)),
+            Ok(other) => return (batch, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (batch, None)
+}
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn peer(seed: u64) -> PeerId {
+        keel_p2p::peer_id_of(Keypair::from_seed(seed).secret()).unwrap()
+    }
+
+    fn tx_gossip(peer: PeerId, n: u8) -> Event {
+        Event::Gossip {
+            peer,
+            channel: Channel::Transactions,
+            data: vec![n],
+        }
+    }
+
+    #[test]
+    fn queued_transaction_gossip_is_taken_in_one_batch_up_to_the_limit() {
+        let (sender, mut events) = tokio::sync::mpsc::channel(64);
+        let (a, b) = (peer(1), peer(2));
+        for n in 1..=10u8 {
+            sender
+                .try_send(tx_gossip(if n % 2 == 0 { a } else { b }, n))
+                .unwrap();
+        }
+        let (batch, next) = drain_transactions((a, vec![0]), &mut events, 4);
+        assert!(next.is_none());
+        let got: Vec<(PeerId, u8)> = batch.iter().map(|(p, d)| (*p, d[0])).collect();
+        assert_eq!(got, [(a, 0), (b, 1), (a, 2), (b, 3)]);
+        // The rest is still queued, and an empty queue ends the batch without waiting.
+        let (batch, next) = drain_transactions((a, vec![0]), &mut events, 256);
+        assert_eq!(batch.len(), 8);
+        assert!(next.is_none());
+        assert!(events.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_batch_stops_at_another_event_which_is_handled_next() {
+        let (sender, mut events) = tokio::sync::mpsc::channel(64);
+        let a = peer(1);
+        sender.try_send(tx_gossip(a, 1)).unwrap();
+        sender.try_send(Event::Connected(a)).unwrap();
+        sender.try_send(tx_gossip(a, 2)).unwrap();
+        let (batch, next) = drain_transactions((a, vec![0]), &mut events, 256);
+        assert_eq!(batch.len(), 2);
+        assert!(matches!(next, Some(Event::Connected(p)) if p == a));
+        // The transaction behind it is left for the next batch.
+        assert!(matches!(
+            events.try_recv(),
+            Ok(Event::Gossip { data, .. }) if data == [2]
+        ));
+    }
+}
