@@ -3,13 +3,13 @@
 //!
 //! Loading is one pipeline with one error path:
 //! 1. the file is parsed into a TOML tree;
-//! 2. every key is checked against the tree of [`Config::default`], so an unknown key is
-//!    refused by its dotted path (`unknown key "rpc.listen_adr"`);
-//! 3. `KEEL_<SECTION>_<KEY>` environment variables are applied on the tree (names are resolved
+//! 2. `KEEL_<SECTION>_<KEY>` environment variables are applied on the tree (names are resolved
 //!    against the known keys, so keys with underscores work: `KEEL_CONSENSUS_BLOCK_TIME_MS`);
-//! 4. the tree is deserialized; a bad value is reported with the key and where it came from
-//!    (the file or the environment variable);
-//! 5. [`Config::validate`] checks the semantic rules, again naming the key.
+//! 3. the tree is deserialized through `serde_path_to_error`, so an unknown key
+//!    (`deny_unknown_fields`) or a bad value is reported by its dotted path
+//!    (`unknown key "rpc.listen_adr"`) and where it came from (the file or the environment
+//!    variable);
+//! 4. [`Config::validate`] checks the semantic rules, again naming the key.
 //!
 //! Every key is optional; `docs/configuration.md` lists them with their defaults and rules.
 
@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_path_to_error::Segment;
 use toml::{Table, Value};
 
 pub use crate::units::ByteSize;
@@ -505,7 +506,6 @@ impl Config {
             message: parse_message(text, &e),
         })?;
         let defaults = Config::default().to_table()?;
-        check_keys(&tree, &defaults, &mut Vec::new(), origin)?;
         let env_sources = apply_env(&mut tree, &defaults, env)?;
         let origin_of = |key: &str| match env_sources.get(key) {
             Some(var) => format!("environment {var}"),
@@ -754,36 +754,6 @@ fn env_name(dotted: &str) -> String {
     )
 }
 
-/// Refuses keys absent from `defaults`, and non-tables where a section is expected.
-fn check_keys(tree: &Table, defaults: &Table, path: &mut Vec<String>, origin: &str) -> Result<()> {
-    for (key, value) in tree {
-        path.push(key.clone());
-        match (defaults.get(key), value) {
-            (None, _) => {
-                return Err(ConfigError::UnknownKey {
-                    origin: origin.to_string(),
-                    key: path.join("."),
-                })
-            }
-            (Some(Value::Table(d)), Value::Table(t)) => check_keys(t, d, path, origin)?,
-            (Some(Value::Table(_)), other) => {
-                return Err(ConfigError::InvalidValue {
-                    origin: origin.to_string(),
-                    key: path.join("."),
-                    message: format!(
-                        "expected a table ([{}]), found {}",
-                        path.join("."),
-                        other.type_str()
-                    ),
-                })
-            }
-            (Some(_), _) => {}
-        }
-        path.pop();
-    }
-    Ok(())
-}
-
 /// Dotted paths of every non-table value in `table`, in key order.
 fn leaf_paths(table: &Table) -> Vec<Vec<String>> {
     fn walk(table: &Table, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
@@ -810,7 +780,8 @@ fn get_path<'a>(table: &'a Table, path: &[String]) -> Option<&'a Value> {
     current.get(last)
 }
 
-/// Sets `path` in `table`, creating missing tables and replacing whatever is in the way.
+/// Sets `path` in `table`, creating missing tables. A value where a table should be is left
+/// alone: the deserializer then refuses it, naming the file's key.
 fn set_path(table: &mut Table, path: &[String], value: Value) {
     let Some((last, parents)) = path.split_last() else {
         return;
@@ -820,9 +791,6 @@ fn set_path(table: &mut Table, path: &[String], value: Value) {
         let entry = current
             .entry(key.clone())
             .or_insert_with(|| Value::Table(Table::new()));
-        if !entry.is_table() {
-            *entry = Value::Table(Table::new());
-        }
         match entry {
             Value::Table(t) => current = t,
             _ => return,
@@ -902,43 +870,56 @@ fn parse_env_value(raw: &str, default: &Value) -> std::result::Result<Value, Str
     }
 }
 
-/// Deserializes `tree`; on failure finds the key at fault by trying each of the tree's
-/// values alone on top of the defaults, so the message can name it.
+/// Deserializes `tree`. On failure the error names the key at fault by the path
+/// `serde_path_to_error` followed to it, and where its value came from (`origin_of`).
 fn deserialize(
     tree: &Table,
     defaults: &Table,
     origin_of: &dyn Fn(&str) -> String,
     origin: &str,
 ) -> Result<Config> {
-    let error = match Value::Table(tree.clone()).try_into::<Config>() {
+    let error = match serde_path_to_error::deserialize(Value::Table(tree.clone())) {
         Ok(config) => return Ok(config),
-        Err(e) => e,
+        Err(error) => error,
     };
-    for path in leaf_paths(defaults) {
-        let Some(value) = get_path(tree, &path) else {
-            continue;
-        };
-        let mut candidate = defaults.clone();
-        set_path(&mut candidate, &path, value.clone());
-        if let Err(e) = Value::Table(candidate).try_into::<Config>() {
-            let key = path.join(".");
-            let mut message = e.message().trim().to_string();
-            // Messages such as "invalid socket address syntax" do not quote the value.
-            if let Value::String(text) = value {
-                if !message.contains(text.as_str()) {
-                    message.push_str(&format!(" (got \"{text}\")"));
-                }
-            }
-            return Err(ConfigError::InvalidValue {
+    // The key is the path's table keys: an error inside an array is reported on the array.
+    let path: Vec<String> = error
+        .path()
+        .iter()
+        .map_while(|segment| match segment {
+            Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let message = error.inner().message().trim().to_string();
+    if path.is_empty() {
+        return Err(ConfigError::Parse {
+            origin: origin.to_string(),
+            message,
+        });
+    }
+    let key = path.join(".");
+    let message = match (get_path(defaults, &path), get_path(tree, &path)) {
+        // Every known key has a default: a path without one ends at a key keel does not know.
+        (None, _) => {
+            return Err(ConfigError::UnknownKey {
                 origin: origin_of(&key),
                 key,
-                message,
-            });
+            })
         }
-    }
-    Err(ConfigError::Parse {
-        origin: origin.to_string(),
-        message: error.message().trim().to_string(),
+        (Some(Value::Table(_)), Some(found)) if !found.is_table() => {
+            format!("expected a table ([{key}]), found {}", found.type_str())
+        }
+        // Messages such as "invalid socket address syntax" do not quote the value.
+        (_, Some(Value::String(text))) if !message.contains(text.as_str()) => {
+            format!("{message} (got \"{text}\")")
+        }
+        _ => message,
+    };
+    Err(ConfigError::InvalidValue {
+        origin: origin_of(&key),
+        key,
+        message,
     })
 }
 
@@ -1208,9 +1189,25 @@ format = "json"
             "config.toml: unknown key \"storage.rocksdb.cache\""
         );
         assert_eq!(err("[rpcc]\n", &[]), "config.toml: unknown key \"rpcc\"");
+        assert_eq!(
+            err("[storage.pruning]\nmode = \"archive\"\nkeep = 5", &[]),
+            "config.toml: unknown key \"storage.pruning.keep\""
+        );
         let e = Config::from_toml_str("[storage]\nrocksdb = 5", no_env()).unwrap_err();
         assert_eq!(e.key(), Some("storage.rocksdb"));
-        assert!(e.to_string().contains("expected a table"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "config.toml: invalid value for \"storage.rocksdb\": expected a table \
+             ([storage.rocksdb]), found integer"
+        );
+        // An override below it does not hide the file's mistake.
+        assert_eq!(
+            err(
+                "[storage]\nrocksdb = 5",
+                &[("KEEL_STORAGE_ROCKSDB_BLOCK_CACHE_SIZE", "2GiB")]
+            ),
+            e.to_string()
+        );
     }
 
     #[test]
@@ -1255,6 +1252,19 @@ format = "json"
         assert!(
             e.starts_with("config.toml: invalid value for \"log.format\": "),
             "{e}"
+        );
+        // A bad element is reported on its list.
+        let e = err("[p2p]\nseeds = [\"/ip4/1.2.3.4/tcp/1\", 7]", &[]);
+        assert!(
+            e.starts_with(
+                "config.toml: invalid value for \"p2p.seeds\": invalid type: integer `7`"
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            err("[rpc]\nlisten_addr = \"localhost\"", &[]),
+            "config.toml: invalid value for \"rpc.listen_addr\": invalid socket address syntax \
+             (got \"localhost\")"
         );
     }
 
