@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_path_to_error::Segment;
 use toml::{Table, Value};
+use tracing_subscriber::filter::{Directive, LevelFilter};
+use tracing_subscriber::EnvFilter;
 
 pub use crate::units::ByteSize;
 
@@ -380,6 +382,46 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    /// `level` as a tracing filter, each directive parsed by `tracing_subscriber`'s own
+    /// parser and the filter built by [`EnvFilter`] itself; errors name `log.level`.
+    ///
+    /// Blanks around a directive are ignored. Beyond the parser's rules a lone word (no `=`
+    /// or `[`) must be a level: the parser would take `"verbose"` for a target to log at
+    /// every level, and so silence everything else.
+    pub fn filter(&self) -> Result<EnvFilter> {
+        let fail = |message: String| ConfigError::Invalid {
+            key: "log.level".to_string(),
+            message,
+        };
+        let directives: Vec<&str> = self
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect();
+        if directives.is_empty() {
+            return Err(fail(
+                "must not be empty (e.g. \"info\" or \"keel_node=debug,info\")".to_string(),
+            ));
+        }
+        for directive in &directives {
+            if !directive.contains(['=', '[']) && directive.parse::<LevelFilter>().is_err() {
+                return Err(fail(format!(
+                    "\"{directive}\" is not a level (trace, debug, info, warn, error, off); \
+                     to name a target give its level too (\"{directive}=debug\")"
+                )));
+            }
+            if let Err(e) = directive.parse::<Directive>() {
+                return Err(fail(format!("bad directive \"{directive}\": {e}")));
+            }
+        }
+        EnvFilter::builder()
+            .parse(directives.join(","))
+            .map_err(|e| fail(e.to_string()))
+    }
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -705,9 +747,7 @@ impl Config {
             }
         }
 
-        if let Err(message) = check_log_filter(&self.log.level) {
-            return fail("log.level", message);
-        }
+        self.log.filter()?;
         Ok(())
     }
 
@@ -921,38 +961,6 @@ fn deserialize(
         key,
         message,
     })
-}
-
-/// Checks a tracing filter: comma-separated `level` or `target=level` directives.
-fn check_log_filter(filter: &str) -> std::result::Result<(), String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    if filter.trim().is_empty() {
-        return Err("must not be empty (e.g. \"info\" or \"keel_node=debug,info\")".to_string());
-    }
-    for directive in filter.split(',').map(str::trim) {
-        let (target, level) = match directive.split_once('=') {
-            Some((target, level)) => (Some(target.trim()), level.trim()),
-            None => (None, directive),
-        };
-        if let Some(target) = target {
-            let target_ok = !target.is_empty()
-                && target
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'));
-            if !target_ok {
-                return Err(format!(
-                    "bad target in \"{directive}\" (expected target=level)"
-                ));
-            }
-        }
-        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "bad directive \"{directive}\": expected level or target=level with level one of \
-                 trace, debug, info, warn, error, off"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Writes `table` (a serialized [`Config`]) as `config.toml`, in [`KEY_DOCS`] order with each
@@ -1351,14 +1359,42 @@ format = "json"
             no_env()
         )
         .is_ok());
+        let filter = |level: &str| {
+            LogConfig {
+                level: level.to_string(),
+                ..LogConfig::default()
+            }
+            .filter()
+        };
         for ok in [
             "debug",
             "INFO",
             "keel_node=debug,info",
             "keel_node::rpc=trace, libp2p=off ,warn",
+            "keel_node[block]=debug,info",
+            "keel_node[block{height}]=trace",
+            "info,",
         ] {
-            assert!(check_log_filter(ok).is_ok(), "{ok}");
+            assert!(filter(ok).is_ok(), "{ok}: {:?}", filter(ok).err());
         }
+        assert_eq!(
+            filter("keel_node=loud,info").unwrap_err().to_string(),
+            "invalid value for \"log.level\": bad directive \"keel_node=loud\": error parsing \
+             level filter: expected one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \
+             \"trace\", or a number 0-5"
+        );
+        assert_eq!(
+            filter("warning").unwrap_err().to_string(),
+            "invalid value for \"log.level\": \"warning\" is not a level (trace, debug, info, \
+             warn, error, off); to name a target give its level too (\"warning=debug\")"
+        );
+        let e = filter("info, keel_node[block=debug").unwrap_err();
+        assert_eq!(e.key(), Some("log.level"));
+        assert!(
+            e.to_string()
+                .contains("bad directive \"keel_node[block=debug\""),
+            "{e}"
+        );
         let direct = Config {
             moniker: String::new(),
             ..Config::default()
