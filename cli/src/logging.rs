@@ -1,4 +1,5 @@
-//! tracing setup from the `[log]` section (RUST_LOG, when set, overrides the level).
+//! tracing setup from the `[log]` section. `RUST_LOG`, when set and not blank, replaces
+//! `[log] level`; both are parsed by `tracing_subscriber`'s `EnvFilter`.
 
 use anyhow::{anyhow, Result};
 use keel_node::config::{LogConfig, LogFormat};
@@ -7,10 +8,12 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global subscriber.
 pub fn init(log: &LogConfig) -> Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::try_new(v),
-        _ => EnvFilter::try_new(&log.level),
-    }
-    .map_err(|e| anyhow!("log level: {e}"))?;
+        // RUST_LOG keeps the meaning it has for any tracing program: EnvFilter's syntax as is.
+        Ok(v) if !v.trim().is_empty() => EnvFilter::builder()
+            .parse(&v)
+            .map_err(|e| anyhow!("RUST_LOG \"{v}\": {e}"))?,
+        _ => log.filter()?,
+    };
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -399,6 +399,33 @@ impl Chain {
     }
 }
 
+impl crate::metrics::Source for Chain {
+    fn tip(&self) -> TipInfo {
+        Chain::tip(self)
+    }
+    fn epoch(&self) -> u64 {
+        Chain::epoch(self)
+    }
+    fn mempool_len(&self) -> usize {
+        self.mempool().len()
+    }
+    fn peers(&self) -> usize {
+        Chain::peers(self)
+    }
+    fn db_size_bytes(&self) -> Option<u64> {
+        self.blocks.kv().disk_size_bytes().ok()
+    }
+    fn p2p_bytes(&self) -> keel_p2p::frame::ByteCounts {
+        Chain::p2p_bytes(self)
+    }
+    fn validator_set_cache_stats(&self) -> CacheStats {
+        Chain::validator_set_cache_stats(self)
+    }
+    fn sig_cache_stats(&self) -> (u64, u64) {
+        (self.sig_cache.hits(), self.sig_cache.misses())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -3,13 +3,13 @@
 //!
 //! Loading is one pipeline with one error path:
 //! 1. the file is parsed into a TOML tree;
-//! 2. every key is checked against the tree of [`Config::default`], so an unknown key is
-//!    refused by its dotted path (`unknown key "rpc.listen_adr"`);
-//! 3. `KEEL_<SECTION>_<KEY>` environment variables are applied on the tree (names are resolved
+//! 2. `KEEL_<SECTION>_<KEY>` environment variables are applied on the tree (names are resolved
 //!    against the known keys, so keys with underscores work: `KEEL_CONSENSUS_BLOCK_TIME_MS`);
-//! 4. the tree is deserialized; a bad value is reported with the key and where it came from
-//!    (the file or the environment variable);
-//! 5. [`Config::validate`] checks the semantic rules, again naming the key.
+//! 3. the tree is deserialized through `serde_path_to_error`, so an unknown key
+//!    (`deny_unknown_fields`) or a bad value is reported by its dotted path
+//!    (`unknown key "rpc.listen_adr"`) and where it came from (the file or the environment
+//!    variable);
+//! 4. [`Config::validate`] checks the semantic rules, again naming the key.
 //!
 //! Every key is optional; `docs/configuration.md` lists them with their defaults and rules.
 
@@ -18,7 +18,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_path_to_error::Segment;
 use toml::{Table, Value};
+use tracing_subscriber::filter::{Directive, LevelFilter};
+use tracing_subscriber::EnvFilter;
 
 pub use crate::units::ByteSize;
 
@@ -388,6 +391,46 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    /// `level` as a tracing filter, each directive parsed by `tracing_subscriber`'s own
+    /// parser and the filter built by [`EnvFilter`] itself; errors name `log.level`.
+    ///
+    /// Blanks around a directive are ignored. Beyond the parser's rules a lone word (no `=`
+    /// or `[`) must be a level: the parser would take `"verbose"` for a target to log at
+    /// every level, and so silence everything else.
+    pub fn filter(&self) -> Result<EnvFilter> {
+        let fail = |message: String| ConfigError::Invalid {
+            key: "log.level".to_string(),
+            message,
+        };
+        let directives: Vec<&str> = self
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect();
+        if directives.is_empty() {
+            return Err(fail(
+                "must not be empty (e.g. \"info\" or \"keel_node=debug,info\")".to_string(),
+            ));
+        }
+        for directive in &directives {
+            if !directive.contains(['=', '[']) && directive.parse::<LevelFilter>().is_err() {
+                return Err(fail(format!(
+                    "\"{directive}\" is not a level (trace, debug, info, warn, error, off); \
+                     to name a target give its level too (\"{directive}=debug\")"
+                )));
+            }
+            if let Err(e) = directive.parse::<Directive>() {
+                return Err(fail(format!("bad directive \"{directive}\": {e}")));
+            }
+        }
+        EnvFilter::builder()
+            .parse(directives.join(","))
+            .map_err(|e| fail(e.to_string()))
+    }
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -514,7 +557,6 @@ impl Config {
             message: parse_message(text, &e),
         })?;
         let defaults = Config::default().to_table()?;
-        check_keys(&tree, &defaults, &mut Vec::new(), origin)?;
         let env_sources = apply_env(&mut tree, &defaults, env)?;
         let origin_of = |key: &str| match env_sources.get(key) {
             Some(var) => format!("environment {var}"),
@@ -714,9 +756,7 @@ impl Config {
             }
         }
 
-        if let Err(message) = check_log_filter(&self.log.level) {
-            return fail("log.level", message);
-        }
+        self.log.filter()?;
         Ok(())
     }
 
@@ -763,36 +803,6 @@ fn env_name(dotted: &str) -> String {
     )
 }
 
-/// Refuses keys absent from `defaults`, and non-tables where a section is expected.
-fn check_keys(tree: &Table, defaults: &Table, path: &mut Vec<String>, origin: &str) -> Result<()> {
-    for (key, value) in tree {
-        path.push(key.clone());
-        match (defaults.get(key), value) {
-            (None, _) => {
-                return Err(ConfigError::UnknownKey {
-                    origin: origin.to_string(),
-                    key: path.join("."),
-                })
-            }
-            (Some(Value::Table(d)), Value::Table(t)) => check_keys(t, d, path, origin)?,
-            (Some(Value::Table(_)), other) => {
-                return Err(ConfigError::InvalidValue {
-                    origin: origin.to_string(),
-                    key: path.join("."),
-                    message: format!(
-                        "expected a table ([{}]), found {}",
-                        path.join("."),
-                        other.type_str()
-                    ),
-                })
-            }
-            (Some(_), _) => {}
-        }
-        path.pop();
-    }
-    Ok(())
-}
-
 /// Dotted paths of every non-table value in `table`, in key order.
 fn leaf_paths(table: &Table) -> Vec<Vec<String>> {
     fn walk(table: &Table, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
@@ -819,7 +829,8 @@ fn get_path<'a>(table: &'a Table, path: &[String]) -> Option<&'a Value> {
     current.get(last)
 }
 
-/// Sets `path` in `table`, creating missing tables and replacing whatever is in the way.
+/// Sets `path` in `table`, creating missing tables. A value where a table should be is left
+/// alone: the deserializer then refuses it, naming the file's key.
 fn set_path(table: &mut Table, path: &[String], value: Value) {
     let Some((last, parents)) = path.split_last() else {
         return;
@@ -829,9 +840,6 @@ fn set_path(table: &mut Table, path: &[String], value: Value) {
         let entry = current
             .entry(key.clone())
             .or_insert_with(|| Value::Table(Table::new()));
-        if !entry.is_table() {
-            *entry = Value::Table(Table::new());
-        }
         match entry {
             Value::Table(t) => current = t,
             _ => return,
@@ -911,76 +919,57 @@ fn parse_env_value(raw: &str, default: &Value) -> std::result::Result<Value, Str
     }
 }
 
-/// Deserializes `tree`; on failure finds the key at fault by trying each of the tree's
-/// values alone on top of the defaults, so the message can name it.
+/// Deserializes `tree`. On failure the error names the key at fault by the path
+/// `serde_path_to_error` followed to it, and where its value came from (`origin_of`).
 fn deserialize(
     tree: &Table,
     defaults: &Table,
     origin_of: &dyn Fn(&str) -> String,
     origin: &str,
 ) -> Result<Config> {
-    let error = match Value::Table(tree.clone()).try_into::<Config>() {
+    let error = match serde_path_to_error::deserialize(Value::Table(tree.clone())) {
         Ok(config) => return Ok(config),
-        Err(e) => e,
+        Err(error) => error,
     };
-    for path in leaf_paths(defaults) {
-        let Some(value) = get_path(tree, &path) else {
-            continue;
-        };
-        let mut candidate = defaults.clone();
-        set_path(&mut candidate, &path, value.clone());
-        if let Err(e) = Value::Table(candidate).try_into::<Config>() {
-            let key = path.join(".");
-            let mut message = e.message().trim().to_string();
-            // Messages such as "invalid socket address syntax" do not quote the value.
-            if let Value::String(text) = value {
-                if !message.contains(text.as_str()) {
-                    message.push_str(&format!(" (got \"{text}\")"));
-                }
-            }
-            return Err(ConfigError::InvalidValue {
+    // The key is the path's table keys: an error inside an array is reported on the array.
+    let path: Vec<String> = error
+        .path()
+        .iter()
+        .map_while(|segment| match segment {
+            Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let message = error.inner().message().trim().to_string();
+    if path.is_empty() {
+        return Err(ConfigError::Parse {
+            origin: origin.to_string(),
+            message,
+        });
+    }
+    let key = path.join(".");
+    let message = match (get_path(defaults, &path), get_path(tree, &path)) {
+        // Every known key has a default: a path without one ends at a key keel does not know.
+        (None, _) => {
+            return Err(ConfigError::UnknownKey {
                 origin: origin_of(&key),
                 key,
-                message,
-            });
+            })
         }
-    }
-    Err(ConfigError::Parse {
-        origin: origin.to_string(),
-        message: error.message().trim().to_string(),
+        (Some(Value::Table(_)), Some(found)) if !found.is_table() => {
+            format!("expected a table ([{key}]), found {}", found.type_str())
+        }
+        // Messages such as "invalid socket address syntax" do not quote the value.
+        (_, Some(Value::String(text))) if !message.contains(text.as_str()) => {
+            format!("{message} (got \"{text}\")")
+        }
+        _ => message,
+    };
+    Err(ConfigError::InvalidValue {
+        origin: origin_of(&key),
+        key,
+        message,
     })
-}
-
-/// Checks a tracing filter: comma-separated `level` or `target=level` directives.
-fn check_log_filter(filter: &str) -> std::result::Result<(), String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    if filter.trim().is_empty() {
-        return Err("must not be empty (e.g. \"info\" or \"keel_node=debug,info\")".to_string());
-    }
-    for directive in filter.split(',').map(str::trim) {
-        let (target, level) = match directive.split_once('=') {
-            Some((target, level)) => (Some(target.trim()), level.trim()),
-            None => (None, directive),
-        };
-        if let Some(target) = target {
-            let target_ok = !target.is_empty()
-                && target
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'));
-            if !target_ok {
-                return Err(format!(
-                    "bad target in \"{directive}\" (expected target=level)"
-                ));
-            }
-        }
-        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "bad directive \"{directive}\": expected level or target=level with level one of \
-                 trace, debug, info, warn, error, off"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Writes `table` (a serialized [`Config`]) as `config.toml`, in [`KEY_DOCS`] order with each
@@ -1217,9 +1206,25 @@ format = "json"
             "config.toml: unknown key \"storage.rocksdb.cache\""
         );
         assert_eq!(err("[rpcc]\n", &[]), "config.toml: unknown key \"rpcc\"");
+        assert_eq!(
+            err("[storage.pruning]\nmode = \"archive\"\nkeep = 5", &[]),
+            "config.toml: unknown key \"storage.pruning.keep\""
+        );
         let e = Config::from_toml_str("[storage]\nrocksdb = 5", no_env()).unwrap_err();
         assert_eq!(e.key(), Some("storage.rocksdb"));
-        assert!(e.to_string().contains("expected a table"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "config.toml: invalid value for \"storage.rocksdb\": expected a table \
+             ([storage.rocksdb]), found integer"
+        );
+        // An override below it does not hide the file's mistake.
+        assert_eq!(
+            err(
+                "[storage]\nrocksdb = 5",
+                &[("KEEL_STORAGE_ROCKSDB_BLOCK_CACHE_SIZE", "2GiB")]
+            ),
+            e.to_string()
+        );
     }
 
     #[test]
@@ -1264,6 +1269,19 @@ format = "json"
         assert!(
             e.starts_with("config.toml: invalid value for \"log.format\": "),
             "{e}"
+        );
+        // A bad element is reported on its list.
+        let e = err("[p2p]\nseeds = [\"/ip4/1.2.3.4/tcp/1\", 7]", &[]);
+        assert!(
+            e.starts_with(
+                "config.toml: invalid value for \"p2p.seeds\": invalid type: integer `7`"
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            err("[rpc]\nlisten_addr = \"localhost\"", &[]),
+            "config.toml: invalid value for \"rpc.listen_addr\": invalid socket address syntax \
+             (got \"localhost\")"
         );
     }
 
@@ -1350,14 +1368,42 @@ format = "json"
             no_env()
         )
         .is_ok());
+        let filter = |level: &str| {
+            LogConfig {
+                level: level.to_string(),
+                ..LogConfig::default()
+            }
+            .filter()
+        };
         for ok in [
             "debug",
             "INFO",
             "keel_node=debug,info",
             "keel_node::rpc=trace, libp2p=off ,warn",
+            "keel_node[block]=debug,info",
+            "keel_node[block{height}]=trace",
+            "info,",
         ] {
-            assert!(check_log_filter(ok).is_ok(), "{ok}");
+            assert!(filter(ok).is_ok(), "{ok}: {:?}", filter(ok).err());
         }
+        assert_eq!(
+            filter("keel_node=loud,info").unwrap_err().to_string(),
+            "invalid value for \"log.level\": bad directive \"keel_node=loud\": error parsing \
+             level filter: expected one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \
+             \"trace\", or a number 0-5"
+        );
+        assert_eq!(
+            filter("warning").unwrap_err().to_string(),
+            "invalid value for \"log.level\": \"warning\" is not a level (trace, debug, info, \
+             warn, error, off); to name a target give its level too (\"warning=debug\")"
+        );
+        let e = filter("info, keel_node[block=debug").unwrap_err();
+        assert_eq!(e.key(), Some("log.level"));
+        assert!(
+            e.to_string()
+                .contains("bad directive \"keel_node[block=debug\""),
+            "{e}"
+        );
         let direct = Config {
             moniker: String::new(),
             ..Config::default()

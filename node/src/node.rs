@@ -103,7 +103,14 @@ impl Node {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let mut host = booted.into_host(network, clock.clone());
         host.start()?;
-        crate::metrics::serve(chain.clone(), config.metrics.listen_addr).await?;
+        let scraped = chain.clone();
+        let (_, metrics) = crate::metrics::serve_metrics(
+            config.metrics.listen_addr,
+            Arc::new(move || scraped.metrics.render(&*scraped)),
+            tasks.token(),
+        )
+        .await?;
+        tasks.add_task("metrics server", metrics);
         let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
 
@@ -153,7 +160,7 @@ impl Node {
     }
 
     /// Stops everything, in order: the RPC server (no new requests), the network server and
-    /// metrics, the consensus host (after the block it is committing, if any), the p2p
+    /// the metrics server, the consensus host (after the block it is committing, if any), the p2p
     /// service (which saves the peer book); then flushes RocksDB. Tasks still running after
     /// [`SHUTDOWN_LIMIT`] are named in the log and abandoned.
     pub async fn shutdown(self) -> Result<()> {
