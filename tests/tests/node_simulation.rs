@@ -35,7 +35,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_enum_variant)]
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use keel_consensus::{epoch_of_next_block, Validator, ValidatorSet};
@@ -48,6 +48,7 @@ use keel_node::mempool::{MempoolLimits, MAX_NONCE_GAP};
 use keel_node::net::sim::{Outgoing, SimNetwork};
 use keel_node::net::{Channel, PeerId, PeerInfo};
 use keel_node::store::ConsensusStore;
+use keel_simkit::{check, run_seeds, seeds, Crash, Faults, Next, Partition, World};
 use keel_state::{ExecParams, State};
 use keel_storage::{BlockStore, KvStore, MemStore};
 use keel_types::{
@@ -75,12 +76,8 @@ struct Scenario {
     /// The validator whose blocks carry a corrupted state root.
     byzantine: Option<usize>,
     duration_ms: u64,
-    latency_ms: (u64, u64),
-    loss: f64,
-    /// Start, end, and the validators on one side.
-    partition: (u64, u64, Vec<usize>),
-    /// Crash time, restart time, validator.
-    crash: Option<(u64, u64, usize)>,
+    /// Latency, loss, the partition and the crash.
+    faults: Faults,
     /// Whether a restarted validator still has the non-final blocks it kept, or lost them
     /// and must sync them.
     reload_pending: bool,
@@ -91,13 +88,6 @@ struct Scenario {
     /// Stake transactions: (time, validator, kind), e.g. a bond, or an unbond of all stake
     /// that takes the validator out of the next epoch's set.
     stake_txs: Vec<(u64, usize, TxKind)>,
-}
-
-impl Scenario {
-    /// When the network is whole and every validator is up again.
-    fn healed_at(&self) -> u64 {
-        self.partition.1.max(self.crash.map_or(0, |c| c.1))
-    }
 }
 
 /// What a node's host reported (its observer).
@@ -190,12 +180,10 @@ enum Event {
 
 struct Sim {
     seed: u64,
-    rng: ChaCha8Rng,
+    /// Virtual time, the seeded RNG, the events and the fault model.
+    world: World<Event>,
+    /// The clock every host reads: the world's time.
     clock: ManualClock,
-    now: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: HashMap<u64, Event>,
     nodes: Vec<Node>,
     validators: ValidatorSet,
     genesis: Genesis,
@@ -267,12 +255,8 @@ impl Sim {
             .collect();
         let mut sim = Sim {
             seed,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            world: World::new(seed, scenario.faults.clone()),
             clock: ManualClock::new(0),
-            now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
             nodes,
             validators,
             params: genesis.exec_params(),
@@ -297,24 +281,23 @@ impl Sim {
             let hash = sim.boot(i);
             assert_eq!(*genesis_hash.get_or_insert(hash), hash);
         }
-        if let Some((at, back, node)) = sim.scenario.crash {
-            sim.schedule(at, Event::Crash(node));
-            sim.schedule(back, Event::Restart(node));
+        let world = &mut sim.world;
+        if let Some(c) = world.faults.crash {
+            world.schedule(c.at, Event::Crash(c.node));
+            world.schedule(c.back, Event::Restart(c.node));
         }
         // After a restart at the same instant (events at one time run in schedule order).
-        sim.schedule(sim.scenario.healed_at(), Event::Healed);
-        sim.schedule(0, Event::Submit);
-        sim.schedule(RESUBMIT_EVERY_MS, Event::Resubmit);
+        world.schedule(world.faults.healed_at(), Event::Healed);
+        world.schedule(0, Event::Submit);
+        world.schedule(RESUBMIT_EVERY_MS, Event::Resubmit);
         for k in 0..sim.scenario.stake_txs.len() {
-            sim.schedule(sim.scenario.stake_txs[k].0, Event::Stake(k));
+            world.schedule(sim.scenario.stake_txs[k].0, Event::Stake(k));
         }
         sim
     }
 
-    fn schedule(&mut self, at: u64, e: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq)));
-        self.events.insert(self.seq, e);
+    fn now(&self) -> u64 {
+        self.world.now()
     }
 
     fn log(&self, i: usize, what: impl FnOnce() -> String) {
@@ -323,7 +306,7 @@ impl Sim {
                 .host
                 .as_ref()
                 .map_or(0, |h| h.engine().round());
-            eprintln!("{:>7} n{i} (round {round}): {}", self.now, what());
+            eprintln!("{:>7} n{i} (round {round}): {}", self.now(), what());
         }
     }
 
@@ -353,11 +336,12 @@ impl Sim {
         genesis_hash
     }
 
-    /// Whether `a` and `b` can reach each other now.
+    /// Whether `a` and `b` are both up and can reach each other now.
     fn linked(&self, a: usize, b: usize) -> bool {
-        let (start, end, side) = &self.scenario.partition;
-        let split = self.now >= *start && self.now < *end && side.contains(&a) != side.contains(&b);
-        a != b && !split && self.nodes[a].host.is_some() && self.nodes[b].host.is_some()
+        a != b
+            && !self.world.faults.split(self.now(), a, b)
+            && self.nodes[a].host.is_some()
+            && self.nodes[b].host.is_some()
     }
 
     /// Runs one step of node `i`'s host (if it is up) with its current peers, then sends
@@ -386,17 +370,14 @@ impl Sim {
         }
     }
 
-    fn latency(&mut self) -> u64 {
-        let (lo, hi) = self.scenario.latency_ms;
-        self.rng.gen_range(lo..=hi)
-    }
-
     fn send(&mut self, from: usize, to: usize, message: Vec<u8>) {
-        if !self.linked(from, to) || self.rng.gen_bool(self.scenario.loss) {
+        if !self.linked(from, to) {
             return;
         }
-        let at = self.now + self.latency();
-        self.schedule(at, Event::Deliver { to, message });
+        if let Some(delay) = self.world.transit(from, to) {
+            self.world
+                .schedule_in(delay, Event::Deliver { to, message });
+        }
     }
 
     fn node_of(&self, peer: &PeerId) -> Option<usize> {
@@ -422,8 +403,8 @@ impl Sim {
             }
             Outgoing::Request { to, request, id } => {
                 let Some(j) = self.node_of(&to) else { return };
-                let reachable = self.linked(i, j) && !self.rng.gen_bool(self.scenario.loss);
-                let (at, response) = match (reachable, request) {
+                let reachable = self.linked(i, j) && self.world.transit(i, j).is_some();
+                let (delay, response) = match (reachable, request) {
                     (
                         true,
                         PeerRequest::Blocks {
@@ -436,12 +417,12 @@ impl Sim {
                         // The node's own serving code, on the peer's store and view.
                         let answer =
                             keel_node::net::serve_blocks(chain, target, have_height, max).unwrap();
-                        (self.now + 2 * self.latency(), Some(answer))
+                        (2 * self.world.latency(), Some(answer))
                     }
-                    _ => (self.now + REQUEST_TIMEOUT_MS, None),
+                    _ => (REQUEST_TIMEOUT_MS, None),
                 };
-                self.schedule(
-                    at,
+                self.world.schedule_in(
+                    delay,
                     Event::Response {
                         to: i,
                         id,
@@ -477,8 +458,9 @@ impl Sim {
 
     fn deliver_tx(&mut self, tx: &Transaction) {
         for to in 0..self.nodes.len() {
-            let at = self.now + self.latency();
-            self.schedule(at, Event::Tx { to, tx: tx.clone() });
+            let delay = self.world.latency();
+            self.world
+                .schedule_in(delay, Event::Tx { to, tx: tx.clone() });
         }
     }
 
@@ -503,7 +485,7 @@ impl Sim {
     /// One transfer from a random user to a random other account, to every node's mempool;
     /// a user with too many transfers not final yet waits.
     fn submit(&mut self) {
-        let u = self.rng.gen_range(0..USERS as usize);
+        let u = self.world.rng.gen_range(0..USERS as usize);
         let recipients: Vec<Address> = self
             .users
             .iter()
@@ -511,12 +493,13 @@ impl Sim {
             .chain(self.receivers.iter().copied())
             .filter(|a| *a != self.users[u].address())
             .collect();
-        let to = recipients[self.rng.gen_range(0..recipients.len())];
+        let to = recipients[self.world.rng.gen_range(0..recipients.len())];
         let nonce = self.submitted[u].len() as u64;
         let fee = self
+            .world
             .rng
             .gen_range(self.params.min_fee..=self.params.min_fee + 4);
-        let amount = self.rng.gen_range(1..=10_000);
+        let amount = self.world.rng.gen_range(1..=10_000);
         if nonce < self.final_nonce(u) + MAX_IN_FLIGHT {
             let tx = Transaction::sign(
                 &self.users[u],
@@ -525,13 +508,14 @@ impl Sim {
                 fee,
                 TxKind::Transfer { to, amount },
             );
-            self.submitted[u].push(self.now);
+            let now = self.now();
+            self.submitted[u].push(now);
             self.sent[u].push(tx.clone());
             self.deliver_tx(&tx);
         }
         let (lo, hi) = self.scenario.tx_gap_ms;
-        let next = self.now + self.rng.gen_range(lo..=hi);
-        self.schedule(next, Event::Submit);
+        let gap = self.world.rng.gen_range(lo..=hi);
+        self.world.schedule_in(gap, Event::Submit);
     }
 
     /// Every user sends its transfers that are not final yet again (a node that crashed lost
@@ -554,8 +538,7 @@ impl Sim {
         for tx in &stake {
             self.deliver_tx(tx);
         }
-        let next = self.now + RESUBMIT_EVERY_MS;
-        self.schedule(next, Event::Resubmit);
+        self.world.schedule_in(RESUBMIT_EVERY_MS, Event::Resubmit);
     }
 
     fn run(&mut self) {
@@ -570,32 +553,16 @@ impl Sim {
                 .enumerate()
                 .filter_map(|(i, n)| Some((n.host.as_ref()?.next_timer_ms()?, i)))
                 .min();
-            let next_event = self.queue.peek().map(|Reverse((at, seq))| (*at, *seq));
-            let take_timer = match (next_timer, next_event) {
-                (Some((t, _)), Some((e, _))) => t <= e,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (None, None) => break,
-            };
-            if take_timer {
-                let (at, i) = next_timer.expect("timer");
-                if at > end {
-                    break;
+            let event = match self.world.next(next_timer, end) {
+                Next::End => break,
+                Next::Timer { node } => {
+                    self.clock.set(self.now());
+                    self.step(node, Host::fire_due_timers);
+                    continue;
                 }
-                self.advance(at);
-                self.step(i, Host::fire_due_timers);
-                continue;
-            }
-            let Some(Reverse((at, seq))) = self.queue.pop() else {
-                break;
+                Next::Event(event) => event,
             };
-            if at > end {
-                break;
-            }
-            self.advance(at);
-            let Some(event) = self.events.remove(&seq) else {
-                continue;
-            };
+            self.clock.set(self.now());
             match event {
                 Event::Deliver { to, message } => match ConsensusMessage::decode(&message) {
                     Ok(m) => self.step(to, |h| h.handle(Command::Message(m))),
@@ -625,7 +592,8 @@ impl Sim {
                         .count() as u64;
                     let tx = Transaction::sign(&key, CHAIN, nonce, self.params.min_fee, kind);
                     self.log(v, || format!("submits {:?}", tx.kind));
-                    self.stake_sent.push((self.now, tx.clone()));
+                    let now = self.now();
+                    self.stake_sent.push((now, tx.clone()));
                     self.deliver_tx(&tx);
                 }
                 Event::Crash(i) => {
@@ -652,11 +620,6 @@ impl Sim {
         }
     }
 
-    fn advance(&mut self, at: u64) {
-        self.now = self.now.max(at);
-        self.clock.set(self.now);
-    }
-
     fn honest(&self) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|i| !self.nodes[*i].byzantine)
@@ -681,26 +644,15 @@ impl Sim {
         let ref_blocks = self.nodes[reference].blocks();
 
         // 1 and 2: one final chain, one state root per height.
-        for i in &honest {
-            let blocks = self.nodes[*i].blocks();
-            for h in 0..=self.nodes[*i].final_height() {
-                let hash = blocks.hash_at(h).unwrap();
-                assert!(
-                    hash.is_some(),
-                    "seed {seed}: node {i} has no final block at h{h}"
-                );
-                assert_eq!(
-                    hash,
-                    ref_blocks.hash_at(h).unwrap(),
-                    "seed {seed}: nodes {i} and {reference} finalized different blocks at h{h}"
-                );
-                assert_eq!(
-                    blocks.header_at(h).unwrap().map(|x| x.state_root),
-                    ref_blocks.header_at(h).unwrap().map(|x| x.state_root),
-                    "seed {seed}: nodes {i} and {reference} differ in state root at h{h}"
-                );
-            }
-        }
+        check::one_final_chain(
+            seed,
+            &honest,
+            |i| self.nodes[i].final_height(),
+            |i, h| {
+                let header = self.nodes[i].blocks().header_at(h).unwrap()?;
+                Some((header.hash(), header.state_root))
+            },
+        );
 
         // The final chain: linked, no byzantine block, every transfer succeeded, each once;
         // replayed by hand into the expected accounts at the common height.
@@ -892,11 +844,11 @@ impl Sim {
                 "seed {seed}: honest node {i} stayed at final height {} after the heal at {} ms \
                  ({:?})",
                 at_heal[*i],
-                self.scenario.healed_at(),
+                self.scenario.faults.healed_at(),
                 self.scenario
             );
         }
-        let healed = self.scenario.healed_at();
+        let healed = self.scenario.faults.healed_at();
         let ref_state = State::new(self.nodes[reference].kv(), self.params.clone());
         let ref_height = self.nodes[reference].final_height();
         for (u, times) in self.submitted.iter().enumerate() {
@@ -956,27 +908,35 @@ fn scenario_for(seed: u64) -> Scenario {
     if side.is_empty() || side.len() == validators {
         side = vec![rng.gen_range(0..validators)];
     }
-    let partition = (start, start + rng.gen_range(5_000..25_000), side);
+    let partition = Partition {
+        start,
+        end: start + rng.gen_range(5_000..25_000),
+        side,
+    };
     let crash = rng.gen_bool(0.5).then(|| {
         let at = rng.gen_range(5_000..40_000);
-        (
+        Crash {
             at,
-            at + rng.gen_range(1_000..20_000),
-            rng.gen_range(0..validators),
-        )
+            back: at + rng.gen_range(1_000..20_000),
+            node: rng.gen_range(0..validators),
+        }
     });
+    let latency_ms = (5, rng.gen_range(20..300));
+    let loss = if rng.gen_bool(0.5) {
+        rng.gen_range(0.0..0.05)
+    } else {
+        0.0
+    };
     Scenario {
         validators,
         byzantine,
         duration_ms: 110_000,
-        latency_ms: (5, rng.gen_range(20..300)),
-        loss: if rng.gen_bool(0.5) {
-            rng.gen_range(0.0..0.05)
-        } else {
-            0.0
+        faults: Faults {
+            latency_ms,
+            loss,
+            partition: Some(partition),
+            crash,
         },
-        partition,
-        crash,
         reload_pending: rng.gen_bool(0.7),
         tx_gap_ms: (20, rng.gen_range(100..600)),
         epoch_length: rng.gen_range(3..=12),
@@ -1065,40 +1025,9 @@ fn run_seed(seed: u64) {
     );
 }
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("SIM_SEED") {
-        return vec![s.parse().expect("SIM_SEED is a number")];
-    }
-    let n: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    (0..n).collect()
-}
-
-/// Runs the seeds, printing how to replay a failing one; with `SIM_KEEP_GOING` set, runs
-/// them all and lists the failures.
-fn run_seeds(seeds: Vec<u64>) {
-    let keep_going = std::env::var("SIM_KEEP_GOING").is_ok();
-    let mut failed = Vec::new();
-    for seed in seeds {
-        let result = std::panic::catch_unwind(|| run_seed(seed));
-        if let Err(e) = result {
-            eprintln!(
-                "node simulation failed: rerun with SIM_SEED={seed} (SIM_TRACE=1 for a trace)"
-            );
-            if !keep_going {
-                std::panic::resume_unwind(e);
-            }
-            failed.push(seed);
-        }
-    }
-    assert!(failed.is_empty(), "failing seeds: {failed:?}");
-}
-
 #[test]
 fn random_faults_keep_one_final_chain_with_the_same_state_and_supply() {
-    run_seeds(seeds());
+    run_seeds("node simulation", seeds(20), run_seed);
 }
 
 /// Known consensus bug. A timeout certificate reaches others only inside the next leader's
@@ -1109,7 +1038,7 @@ fn random_faults_keep_one_final_chain_with_the_same_state_and_supply() {
 /// joining rule never fires and the chain stops for good, network whole and all validators up.
 #[test]
 fn validators_spread_over_rounds_after_a_lost_tc_still_progress() {
-    run_seeds(vec![50, 333]);
+    run_seeds("node simulation", vec![50, 333], run_seed);
 }
 
 /// Known consensus defect: a leader that restarts in a round it already proposed in (its
@@ -1134,10 +1063,7 @@ fn honest_validators_refuse_blocks_with_a_corrupted_state_root() {
         validators: 4,
         byzantine: Some(0),
         duration_ms: 40_000,
-        latency_ms: (5, 50),
-        loss: 0.0,
-        partition: (0, 0, vec![0]),
-        crash: None,
+        faults: Faults::calm((5, 50)),
         reload_pending: true,
         tx_gap_ms: (20, 200),
         epoch_length: 5,
