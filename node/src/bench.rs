@@ -2,9 +2,11 @@
 //!
 //! A one-validator chain over RocksDB in a temporary folder, booted and run exactly as a
 //! node is (`boot::open`, the consensus host on its own thread, the wall clock), with no
-//! network. `state_getAccount` is called through the node's RPC module (the same handler the
-//! HTTP server runs, without the socket) at a fixed rate, first while the chain commits empty
-//! blocks, then while it commits blocks of `txs` transfers each. The two latency
+//! network. `blocks` x `txs` signed transfers are admitted to the mempool first (every sender
+//! once per block, so every block is full); then `state_getAccount` is called through the
+//! node's RPC module (the same handler the HTTP server runs, without the socket) at a fixed
+//! rate, first for 5 s with consensus not yet started (no commit at all), then while the host
+//! runs and commits the blocks of `txs` transfers, until the mempool is empty. The two latency
 //! distributions, side by side, show whether a read waits on the commit path.
 
 use std::sync::mpsc::sync_channel;
@@ -73,7 +75,7 @@ impl Latency {
 /// What a run measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReadFigures {
-    /// Reads while only empty blocks commit.
+    /// Reads while nothing commits.
     pub idle: Latency,
     /// Reads while blocks of transfers commit.
     pub committing: Latency,
@@ -132,12 +134,30 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
     let chain = booted.chain.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut host = booted.into_host(Arc::new(NoNetwork), clock.clone());
-    host.start()?;
-    let (commands, receiver) = sync_channel(16);
-    let thread = std::thread::Builder::new()
-        .name("keel-consensus".into())
-        .spawn(move || run_blocking(host, receiver, clock))
-        .map_err(|e| Error::io("consensus thread", e))?;
+
+    // Every block's transfers, admitted before consensus starts.
+    for nonce in 0..opts.blocks as u64 {
+        let txs: Vec<Vec<u8>> = senders
+            .par_iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let to = addresses[(i + 1) % addresses.len()];
+                Transaction::sign(
+                    key,
+                    CHAIN,
+                    nonce,
+                    min_fee,
+                    TxKind::Transfer { to, amount: 1 },
+                )
+                .bytes
+            })
+            .collect();
+        for chunk in txs.chunks(1024) {
+            for verdict in chain.admit_batch_from_peer(chunk) {
+                verdict.map_err(|e| bench_error(&format!("admission: {e}")))?;
+            }
+        }
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -165,39 +185,19 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
         Ok(samples)
     };
 
-    // Phase 1: empty blocks.
+    // Phase 1: nothing commits (consensus not started).
     let idle_until = Instant::now() + Duration::from_secs(5);
     let idle = read(&mut || Instant::now() >= idle_until)?;
 
-    // Phase 2: blocks of transfers, every sender once per block.
-    let txs: Vec<Vec<Vec<u8>>> = (0..opts.blocks as u64)
-        .map(|nonce| {
-            senders
-                .par_iter()
-                .enumerate()
-                .map(|(i, key)| {
-                    let to = addresses[(i + 1) % addresses.len()];
-                    Transaction::sign(
-                        key,
-                        CHAIN,
-                        nonce,
-                        min_fee,
-                        TxKind::Transfer { to, amount: 1 },
-                    )
-                    .bytes
-                })
-                .collect()
-        })
-        .collect();
+    // Phase 2: the host commits the blocks of transfers.
     let start_height = chain.tip().finalized.0;
+    host.start()?;
+    let (commands, receiver) = sync_channel(16);
+    let thread = std::thread::Builder::new()
+        .name("keel-consensus".into())
+        .spawn(move || run_blocking(host, receiver, clock))
+        .map_err(|e| Error::io("consensus thread", e))?;
     let started = Instant::now();
-    for block in &txs {
-        for chunk in block.chunks(1024) {
-            for verdict in chain.admit_batch_from_peer(chunk) {
-                verdict.map_err(|e| bench_error(&format!("admission: {e}")))?;
-            }
-        }
-    }
     let deadline = started + Duration::from_secs(600);
     let done = || chain.mempool().is_empty();
     let committing = read(&mut || done() || Instant::now() >= deadline)?;
