@@ -577,6 +577,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "rocksdb")]
     fn block_store_works_over_rocksdb() {
         let dir = tempfile::tempdir().unwrap();
         let b = block(9, 3);

@@ -3,8 +3,9 @@
 //! - [`KvStore`] is the boundary every other crate uses: columns, point reads, ordered range
 //!   iteration and atomic [`WriteBatch`]es (puts, deletes, range deletes). It does not mention
 //!   RocksDB.
-//! - [`RocksStore`] is the real engine, [`MemStore`] the in-memory one for tests and
-//!   simulations. Both pass one shared test suite (`suite`, test builds only).
+//! - `RocksStore` is the real engine (feature `rocksdb`, on by default), [`MemStore`] the
+//!   in-memory one for tests and simulations. Both pass one shared test suite (`suite`, test
+//!   builds only).
 //! - [`BlockStore`] keeps headers, bodies, the height and transaction indexes and receipts,
 //!   and stages a whole block commit into one batch so a crash leaves the last committed
 //!   block whole.
@@ -14,6 +15,7 @@ mod error;
 mod kv;
 mod mem;
 mod overlay;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 #[cfg(test)]
 mod suite;
@@ -23,4 +25,5 @@ pub use error::{Error, Result};
 pub use kv::{Column, Direction, KvIter, KvStore, Op, WriteBatch};
 pub use mem::MemStore;
 pub use overlay::{Layer, OverlayStore};
+#[cfg(feature = "rocksdb")]
 pub use rocks::{Compression, RocksConfig, RocksStore};

@@ -521,12 +521,14 @@ pub(crate) fn mem_fixture() -> MemFixture {
 }
 
 /// A fresh [`crate::RocksStore`] in a temporary directory removed on drop.
+#[cfg(feature = "rocksdb")]
 pub(crate) struct RocksFixture {
     // Declared first so it is dropped (closing the database) before the directory goes.
     store: crate::RocksStore,
     _dir: tempfile::TempDir,
 }
 
+#[cfg(feature = "rocksdb")]
 impl RocksFixture {
     pub(crate) fn store(&self) -> &dyn KvStore {
         &self.store
@@ -534,6 +536,7 @@ impl RocksFixture {
 }
 
 /// Small sizes so tests stay light; the options themselves are tested in `rocks`.
+#[cfg(feature = "rocksdb")]
 pub(crate) fn small_rocks_config() -> crate::RocksConfig {
     crate::RocksConfig {
         block_cache_size: 8 << 20,
@@ -542,6 +545,7 @@ pub(crate) fn small_rocks_config() -> crate::RocksConfig {
     }
 }
 
+#[cfg(feature = "rocksdb")]
 pub(crate) fn rocks_fixture() -> RocksFixture {
     let dir = tempfile::tempdir().unwrap();
     let store = crate::RocksStore::open(dir.path(), &small_rocks_config()).unwrap();
@@ -549,4 +553,5 @@ pub(crate) fn rocks_fixture() -> RocksFixture {
 }
 
 run_suite!(mem_store, crate::suite::mem_fixture);
+#[cfg(feature = "rocksdb")]
 run_suite!(rocks_store, crate::suite::rocks_fixture);
