@@ -14,20 +14,30 @@
 //! honest validators; honest validators agree on every final state root; every final chain is
 //! linked by its certificates, each signed by a quorum of its epoch's set, each block proposed
 //! by its round's leader in that set and never above the end of its epoch (suffix blocks are
-//! never final); and progress. A failing run prints its seed; `SIM_SEED=<n>` replays one
-//! seed, `SIM_SEEDS=<n>` runs more, `SIM_TRACE=1` prints every node's actions,
-//! `SIM_KEEP_GOING=1` runs every seed and lists the failing ones, `SIM_STATS=1` prints where
-//! every node ended.
+//! never final); and progress.
+//!
+//! The machinery shared with the node simulation comes from `keel-simkit`: its `World` holds
+//! virtual time, the seeded RNG (every random decision of a run draws from it, in order) and
+//! the event queue, merged with the engines' timers; its `Faults` (latency with jitter, loss,
+//! a partition that heals, a crash and restart) decide whether and when a message arrives.
+//! The safety check is the kit's `check::one_final_chain` (hash and state root per height),
+//! progress after healing its `check::progress_after`. This file holds what is particular to
+//! consensus: the engines, the toy application, the byzantine behaviours, the epoch sets and
+//! the checks of each final chain's shape.
+//!
+//! A failing run prints its seed; `SIM_SEED=<n>` replays one seed, `SIM_SEEDS=<n>` runs seeds
+//! `0..n` (default 200), `SIM_TRACE=1` prints every node's actions, `SIM_KEEP_GOING=1` runs
+//! every seed and lists the failing ones, `SIM_STATS=1` prints where every node ended.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_enum_variant)]
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use keel_consensus::{
     epoch_end_height, epoch_of_next_block, Config, Effect, Engine, Input, SafetyData, TimerKind,
     Tip, Validator, ValidatorSet,
 };
+use keel_simkit::{check, run_seeds, seeds, Crash, Faults, Next, Partition, World};
 use keel_types::{
     round_epoch, Address, Block, ConsensusMessage, Hash, Header, Keypair, QuorumCertificate, Vote,
 };
@@ -60,10 +70,8 @@ struct Scenario {
     byzantine: Vec<Behaviour>,
     block_time_ms: u64,
     duration_ms: u64,
-    latency_ms: (u64, u64),
-    loss: f64,
-    partition: Option<(u64, u64, Vec<usize>)>,
-    crash: Option<(u64, u64, usize)>,
+    /// Latency, loss, the partition and the crash.
+    faults: Faults,
     /// Blocks per epoch.
     epoch_length: u64,
     sets: SetRule,
@@ -175,11 +183,8 @@ enum Event {
 
 struct Sim {
     seed: u64,
-    rng: ChaCha8Rng,
-    now: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: HashMap<u64, Event>,
+    /// Virtual time, the seeded RNG, the events and the fault model.
+    world: World<Event>,
     nodes: Vec<Node>,
     genesis: Block,
     scenario: Scenario,
@@ -214,11 +219,7 @@ impl Sim {
             .collect();
         let mut sim = Sim {
             seed,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
+            world: World::new(seed, scenario.faults.clone()),
             nodes,
             genesis: Block {
                 header: Header::default(),
@@ -227,7 +228,7 @@ impl Sim {
             },
             scenario,
             trace: Vec::new(),
-            tracing: std::env::var("SIM_TRACE").is_ok(),
+            tracing: keel_simkit::tracing(),
         };
         sim.genesis.header = Header {
             chain_id: CHAIN.into(),
@@ -248,9 +249,9 @@ impl Sim {
                 .insert(gh, QuorumCertificate::genesis(gh));
             sim.boot(i);
         }
-        if let Some((at, back, node)) = sim.scenario.crash {
-            sim.schedule(at, Event::Crash(node));
-            sim.schedule(back, Event::Restart(node));
+        if let Some(c) = sim.world.faults.crash {
+            sim.world.schedule(c.at, Event::Crash(c.node));
+            sim.world.schedule(c.back, Event::Restart(c.node));
         }
         sim
     }
@@ -277,13 +278,13 @@ impl Sim {
         self.scenario.epoch_length
     }
 
-    fn schedule(&mut self, at: u64, e: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq)));
-        self.events.insert(self.seq, e);
+    /// The virtual time, in ms.
+    fn now(&self) -> u64 {
+        self.world.now()
     }
 
     fn boot(&mut self, i: usize) {
+        let now = self.now();
         let gh = self.genesis.hash();
         let length = self.epoch_length();
         let (&height, _) = self.nodes[i]
@@ -364,15 +365,16 @@ impl Sim {
         );
         assert_eq!(engine.validators().hash(), set_hash);
         node.engine = Some(engine);
-        node.epoch_starts.push((epoch, self.now));
+        node.epoch_starts.push((epoch, now));
         self.input(i, Input::Start);
     }
 
     fn input(&mut self, i: usize, input: Input) {
+        let now = self.now();
         let Some(engine) = self.nodes[i].engine.as_mut() else {
             return;
         };
-        let effects = engine.handle(self.now, input);
+        let effects = engine.handle(now, input);
         // The next validator set is computed once the effects before and after the request
         // are carried out (the Finalize before it stores the epoch-ending block).
         let mut next_epoch = None;
@@ -381,7 +383,7 @@ impl Sim {
                 if self.tracing {
                     eprintln!(
                         "{:>7} n{i}: need validator set of epoch {epoch} (end h{height})",
-                        self.now
+                        self.now()
                     );
                 }
                 assert!(next_epoch.is_none(), "seed {}: two set requests", self.seed);
@@ -422,7 +424,7 @@ impl Sim {
         let set = self.set_for_epoch(epoch);
         let set_hash = set.hash();
         if self.tracing {
-            eprintln!("{:>7} n{i}: new epoch {epoch}", self.now);
+            eprintln!("{:>7} n{i}: new epoch {epoch}", self.now());
         }
         self.input(
             i,
@@ -444,24 +446,17 @@ impl Sim {
             "seed {seed}: node {i} runs epoch {epoch} with another set"
         );
         assert_eq!(engine.final_tip().height, height);
-        self.nodes[i].epoch_starts.push((epoch, self.now));
+        let now = self.now();
+        self.nodes[i].epoch_starts.push((epoch, now));
     }
 
     fn send(&mut self, from: usize, to: usize, msg: ConsensusMessage) {
-        if from == to || self.nodes[from].behaviour == Behaviour::Silent {
+        if self.nodes[from].behaviour == Behaviour::Silent {
             return;
         }
-        if let Some((start, end, side)) = &self.scenario.partition {
-            if self.now >= *start && self.now < *end && side.contains(&from) != side.contains(&to) {
-                return;
-            }
+        if let Some(delay) = self.world.transit(from, to) {
+            self.world.schedule_in(delay, Event::Deliver { to, msg });
         }
-        if self.rng.gen_bool(self.scenario.loss) {
-            return;
-        }
-        let (lo, hi) = self.scenario.latency_ms;
-        let delay = self.rng.gen_range(lo..=hi);
-        self.schedule(self.now + delay, Event::Deliver { to, msg });
     }
 
     fn index_of(&self, addr: &Address) -> Option<usize> {
@@ -513,7 +508,7 @@ impl Sim {
             other => format!("{:?}", std::mem::discriminant(other)),
         };
         if !what.is_empty() {
-            eprintln!("{:>7} n{i} (round {}): {what}", self.now, rr(r));
+            eprintln!("{:>7} n{i} (round {}): {what}", self.now(), rr(r));
         }
     }
 
@@ -620,7 +615,7 @@ impl Sim {
                 if holders.is_empty() {
                     return;
                 }
-                let peer = holders[self.rng.gen_range(0..holders.len())];
+                let peer = holders[self.world.rng.gen_range(0..holders.len())];
                 let mut chain = Vec::new();
                 let mut cursor = qc.block_hash;
                 while let Some(b) = self.nodes[peer].blocks.get(&cursor) {
@@ -635,10 +630,9 @@ impl Sim {
                 }
                 if !chain.is_empty() && self.nodes[i].roots.contains_key(&cursor) {
                     chain.reverse();
-                    let (lo, hi) = self.scenario.latency_ms;
-                    let delay = 2 * self.rng.gen_range(lo..=hi);
-                    self.schedule(
-                        self.now + delay,
+                    let delay = 2 * self.world.latency();
+                    self.world.schedule_in(
+                        delay,
                         Event::Synced {
                             to: i,
                             blocks: chain,
@@ -679,6 +673,7 @@ impl Sim {
 
     fn finalize(&mut self, i: usize, hash: Hash, height: u64, qc: QuorumCertificate) {
         let final_height = self.final_height(i);
+        let now = self.now();
         let node = &mut self.nodes[i];
         let mut cursor = hash;
         let mut newly = Vec::new();
@@ -704,7 +699,7 @@ impl Sim {
             node.disk.final_blocks.insert(h, (hash, header));
         }
         node.disk.final_qc.insert(hash, qc);
-        node.final_times.push(self.now);
+        node.final_times.push(now);
     }
 
     fn run(&mut self) {
@@ -716,52 +711,35 @@ impl Sim {
                 .enumerate()
                 .flat_map(|(i, n)| n.timers.iter().map(move |(k, at)| (*at, i, *k)))
                 .min_by_key(|(at, i, k)| (*at, *i, *k as u8));
-            let next_event = self.queue.peek().map(|Reverse((at, seq))| (*at, *seq));
-            let take_timer = match (next_timer, next_event) {
-                (Some((t, _, _)), Some((e, _))) => t <= e,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (None, None) => break,
-            };
-            if take_timer {
-                let (at, i, kind) = next_timer.expect("timer");
-                if at > end {
-                    break;
-                }
-                self.now = self.now.max(at);
-                self.nodes[i].timers.remove(&kind);
-                self.input(i, Input::Timer(kind));
-            } else {
-                let Some(Reverse((at, seq))) = self.queue.pop() else {
-                    break;
-                };
-                if at > end {
-                    break;
-                }
-                self.now = self.now.max(at);
-                let Some(event) = self.events.remove(&seq) else {
+            let event = match self.world.next(next_timer.map(|(at, i, _)| (at, i)), end) {
+                Next::End => break,
+                Next::Timer { node } => {
+                    let (_, _, kind) = next_timer.expect("the timer that is due");
+                    self.nodes[node].timers.remove(&kind);
+                    self.input(node, Input::Timer(kind));
                     continue;
-                };
-                match event {
-                    Event::Deliver { to, msg } => self.input(to, Input::Message(msg)),
-                    Event::Synced { to, blocks } => {
-                        let valid: Vec<Block> = blocks
-                            .into_iter()
-                            .take_while(|b| self.validate(to, b))
-                            .collect();
-                        if !valid.is_empty() {
-                            self.input(to, Input::Synced(valid));
-                        }
+                }
+                Next::Event(event) => event,
+            };
+            match event {
+                Event::Deliver { to, msg } => self.input(to, Input::Message(msg)),
+                Event::Synced { to, blocks } => {
+                    let valid: Vec<Block> = blocks
+                        .into_iter()
+                        .take_while(|b| self.validate(to, b))
+                        .collect();
+                    if !valid.is_empty() {
+                        self.input(to, Input::Synced(valid));
                     }
-                    Event::Crash(i) => {
-                        self.trace.push(format!("{}: crash {i}", self.now));
-                        self.nodes[i].engine = None;
-                        self.nodes[i].timers.clear();
-                    }
-                    Event::Restart(i) => {
-                        self.trace.push(format!("{}: restart {i}", self.now));
-                        self.boot(i);
-                    }
+                }
+                Event::Crash(i) => {
+                    self.trace.push(format!("{}: crash {i}", self.now()));
+                    self.nodes[i].engine = None;
+                    self.nodes[i].timers.clear();
+                }
+                Event::Restart(i) => {
+                    self.trace.push(format!("{}: restart {i}", self.now()));
+                    self.boot(i);
                 }
             }
         }
@@ -820,27 +798,18 @@ impl Sim {
         }
     }
 
-    /// No two different final blocks at one height; agreeing state roots.
+    /// No two different final blocks at one height on any two honest validators; agreeing
+    /// state roots.
     fn check_safety(&self) {
-        let honest = self.honest();
-        for a in &honest {
-            for b in &honest {
-                for (h, (ha, hdr_a)) in &self.nodes[*a].disk.final_blocks {
-                    if let Some((hb, hdr_b)) = self.nodes[*b].disk.final_blocks.get(h) {
-                        assert_eq!(
-                            ha, hb,
-                            "seed {}: nodes {a} and {b} finalized different blocks at height {h}",
-                            self.seed
-                        );
-                        assert_eq!(
-                            hdr_a.state_root, hdr_b.state_root,
-                            "seed {}: state roots differ at {h}",
-                            self.seed
-                        );
-                    }
-                }
-            }
-        }
+        check::one_final_chain(
+            self.seed,
+            &self.honest(),
+            |i| self.final_height(i),
+            |i, h| {
+                let (hash, header) = self.nodes[i].disk.final_blocks.get(&h)?;
+                Some((*hash, header.state_root))
+            },
+        );
     }
 
     /// Node `i`'s final chain: every height from genesis, each block linked to the one below
@@ -949,15 +918,19 @@ fn scenario_for(seed: u64) -> Scenario {
     let partition = rng.gen_bool(0.4).then(|| {
         let start = rng.gen_range(5_000..40_000);
         let side: Vec<usize> = (0..validators).filter(|_| rng.gen_bool(0.5)).collect();
-        (start, start + rng.gen_range(5_000..30_000), side)
+        Partition {
+            start,
+            end: start + rng.gen_range(5_000..30_000),
+            side,
+        }
     });
     let crash = rng.gen_bool(0.4).then(|| {
         let at = rng.gen_range(5_000..50_000);
-        (
+        Crash {
             at,
-            at + rng.gen_range(1_000..20_000),
-            rng.gen_range(0..validators),
-        )
+            back: at + rng.gen_range(1_000..20_000),
+            node: rng.gen_range(0..validators),
+        }
     });
     let latency_ms = (5, rng.gen_range(20..300));
     let loss = if rng.gen_bool(0.5) {
@@ -975,10 +948,12 @@ fn scenario_for(seed: u64) -> Scenario {
         byzantine,
         block_time_ms: 1_000,
         duration_ms,
-        latency_ms,
-        loss,
-        partition,
-        crash,
+        faults: Faults {
+            latency_ms,
+            loss,
+            partition,
+            crash,
+        },
         epoch_length,
         sets,
     }
@@ -1001,29 +976,23 @@ fn check_run(seed: u64, scenario: Scenario, min_epoch: u64) -> Sim {
     // crashed validator is back, every honest validator finalizes a new block within bounded
     // virtual time. (Bounded generously: without leader reputation, a silent validator can be
     // drawn as leader for several rounds in a row.)
-    let healed_at = scenario
-        .partition
-        .as_ref()
-        .map(|p| p.1)
-        .into_iter()
-        .chain(scenario.crash.map(|c| c.1))
-        .max()
-        .unwrap_or(0);
-    let bound = healed_at + LIVENESS_BOUND_MS;
+    let healed_at = scenario.faults.healed_at();
     for i in sim.honest() {
-        let first_after = sim.nodes[i]
-            .final_times
-            .iter()
-            .copied()
-            .find(|t| *t > healed_at);
-        assert!(
-            first_after.is_some_and(|t| t <= bound),
-            "seed {seed}: honest node {i} finalized nothing between {healed_at} ms (healed) and \
-             {bound} ms; final height {}; {} ({scenario:?}) trace {:?}",
-            sim.final_height(i),
-            sim.summary(),
-            sim.trace
+        let progress = check::progress_after(
+            seed,
+            i,
+            &sim.nodes[i].final_times,
+            healed_at,
+            LIVENESS_BOUND_MS,
         );
+        if let Err(stalled) = progress {
+            panic!(
+                "{stalled}; final height {}; {} ({scenario:?}) trace {:?}",
+                sim.final_height(i),
+                sim.summary(),
+                sim.trace
+            );
+        }
     }
     // Epochs keep turning over: every honest validator (members and those left out alike)
     // reached `min_epoch`, never going back.
@@ -1053,33 +1022,12 @@ const LIVENESS_BOUND_MS: u64 = 100_000;
 /// blocks, 200 s of virtual time, one-second blocks).
 const MIN_EPOCH: u64 = 2;
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("SIM_SEED") {
-        return vec![s.parse().expect("SIM_SEED is a number")];
-    }
-    let n: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    (0..n).collect()
-}
+/// Seeds of the random-fault run unless `SIM_SEEDS` says otherwise.
+const DEFAULT_SEEDS: u64 = 200;
 
 #[test]
 fn random_faults_never_break_safety_and_progress_resumes() {
-    // `SIM_KEEP_GOING=1` runs every seed and lists the failing ones at the end.
-    let keep_going = std::env::var("SIM_KEEP_GOING").is_ok();
-    let mut failed = Vec::new();
-    for seed in seeds() {
-        let result = std::panic::catch_unwind(|| run_seed(seed));
-        if let Err(e) = result {
-            eprintln!("simulation failed: rerun with SIM_SEED={seed}");
-            if !keep_going {
-                std::panic::resume_unwind(e);
-            }
-            failed.push(seed);
-        }
-    }
-    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+    run_seeds("consensus simulation", seeds(DEFAULT_SEEDS), run_seed);
 }
 
 #[test]
@@ -1141,10 +1089,7 @@ fn validator_set_changes_take_effect_at_epoch_boundaries() {
         byzantine: vec![],
         block_time_ms: 1_000,
         duration_ms: 60_000,
-        latency_ms: (5, 50),
-        loss: 0.0,
-        partition: None,
-        crash: None,
+        faults: Faults::calm((5, 50)),
         epoch_length: L,
         sets: SetRule::Scripted(stakes),
     };
@@ -1273,10 +1218,14 @@ fn a_left_out_validator_that_missed_the_epoch_end_catches_up() {
         byzantine: vec![],
         block_time_ms: 1_000,
         duration_ms: 90_000,
-        latency_ms: (5, 50),
-        loss: 0.0,
-        partition: Some((8_000, 20_000, vec![3])),
-        crash: None,
+        faults: Faults {
+            partition: Some(Partition {
+                start: 8_000,
+                end: 20_000,
+                side: vec![3],
+            }),
+            ..Faults::calm((5, 50))
+        },
         epoch_length: 5,
         sets: SetRule::Scripted(stakes),
     };
@@ -1302,10 +1251,14 @@ fn a_validator_two_epochs_behind_catches_up() {
         byzantine: vec![],
         block_time_ms: 1_000,
         duration_ms: 90_000,
-        latency_ms: (5, 50),
-        loss: 0.0,
-        partition: None,
-        crash: Some((3_000, 20_000, 3)),
+        faults: Faults {
+            crash: Some(Crash {
+                at: 3_000,
+                back: 20_000,
+                node: 3,
+            }),
+            ..Faults::calm((5, 50))
+        },
         epoch_length: 4,
         sets: SetRule::Scripted(stakes),
     };
@@ -1319,10 +1272,7 @@ fn four_equal_validators_keep_block_time_and_two_block_finality() {
         byzantine: vec![],
         block_time_ms: 3_000,
         duration_ms: 300_000,
-        latency_ms: (10, 80),
-        loss: 0.0,
-        partition: None,
-        crash: None,
+        faults: Faults::calm((10, 80)),
         epoch_length: 25,
         sets: SetRule::Fixed,
     };
@@ -1363,10 +1313,7 @@ fn epoch_changes_cost_at_most_one_round_each() {
         byzantine: vec![],
         block_time_ms: 3_000,
         duration_ms: 300_000,
-        latency_ms: (10, 80),
-        loss: 0.0,
-        partition: None,
-        crash: None,
+        faults: Faults::calm((10, 80)),
         epoch_length: 10,
         sets: SetRule::Drawn { rotate: true },
     };
@@ -1420,10 +1367,7 @@ fn equivocation_is_detected_and_reported() {
         byzantine: vec![Behaviour::Equivocator],
         block_time_ms: 1_000,
         duration_ms: 30_000,
-        latency_ms: (5, 50),
-        loss: 0.0,
-        partition: None,
-        crash: None,
+        faults: Faults::calm((5, 50)),
         epoch_length: 10,
         sets: SetRule::Fixed,
     };
@@ -1504,10 +1448,7 @@ fn a_silent_validator_stops_being_drawn_as_leader() {
         ],
         block_time_ms: 1_000,
         duration_ms: 300_000,
-        latency_ms: (10, 80),
-        loss: 0.0,
-        partition: None,
-        crash: None,
+        faults: Faults::calm((10, 80)),
         epoch_length: 1_000,
         sets: SetRule::Fixed,
     };
