@@ -131,7 +131,7 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
         memory_limit: 0,
     };
     let booted = crate::boot::open(store, &genesis, &validator, "bench".into(), &settings)?;
-    let chain = booted.chain.clone();
+    let chain = booted.context.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut host = booted.into_host(Arc::new(NoNetwork), clock.clone());
 

@@ -16,9 +16,9 @@ use keel_storage::{BlockStore, KvStore, MemStore, WriteBatch};
 use keel_types::{Block, Hash, Header, Keypair, QuorumCertificate};
 use tracing::info;
 
-use crate::chain::{Chain, ChainParts};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::context::{ContextParts, NodeContext};
 use crate::host::Host;
 use crate::ledger::{BlockLimits, Ledger};
 use crate::mempool::{Mempool, MempoolLimits};
@@ -54,7 +54,7 @@ impl Settings {
 /// A node opened from its store, before its network exists.
 pub struct Booted {
     /// The node context.
-    pub chain: Arc<Chain>,
+    pub context: Arc<NodeContext>,
     /// The hash of the genesis block.
     pub genesis_hash: Hash,
     engine: Engine,
@@ -64,7 +64,7 @@ pub struct Booted {
 impl Booted {
     /// The consensus host over `network` and `clock`; [`Host::start`] it next.
     pub fn into_host(self, network: Arc<dyn Network>, clock: Arc<dyn Clock>) -> Host {
-        Host::new(self.chain, self.engine, self.ledger, network, clock)
+        Host::new(self.context, self.engine, self.ledger, network, clock)
     }
 }
 
@@ -130,7 +130,7 @@ pub fn open(
         BlockLimits::of(&genesis.params),
     )?
     .with_signature_cache(sig_cache.clone());
-    let chain = Arc::new(Chain::new(ChainParts {
+    let chain = Arc::new(NodeContext::new(ContextParts {
         chain_id: genesis.chain_id.clone(),
         node_id,
         params: genesis.params.clone(),
@@ -175,7 +175,7 @@ pub fn open(
         engine.set_previous_validators((*chain.validator_set(epoch - 1)?).clone());
     }
     Ok(Booted {
-        chain,
+        context: chain,
         genesis_hash,
         engine,
         ledger,

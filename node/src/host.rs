@@ -27,8 +27,8 @@ use keel_types::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::chain::Chain;
 use crate::clock::Clock;
+use crate::context::NodeContext;
 use crate::ledger::{BlockTemplate, Finalized, Ledger, LedgerError};
 use crate::net::{Channel, Network, PeerId, Report};
 use crate::view::{ChainView, TipInfo};
@@ -111,7 +111,7 @@ const SYNC_TIMEOUT_MS: u64 = 5_000;
 
 /// The consensus host of one node.
 pub struct Host {
-    chain: Arc<Chain>,
+    chain: Arc<NodeContext>,
     engine: Engine,
     ledger: Ledger,
     network: Arc<dyn Network>,
@@ -130,7 +130,7 @@ pub struct Host {
 
 impl Host {
     pub(crate) fn new(
-        chain: Arc<Chain>,
+        chain: Arc<NodeContext>,
         engine: Engine,
         ledger: Ledger,
         network: Arc<dyn Network>,
@@ -158,7 +158,7 @@ impl Host {
     }
 
     /// The node context the host updates.
-    pub fn chain(&self) -> &Arc<Chain> {
+    pub fn context(&self) -> &Arc<NodeContext> {
         &self.chain
     }
 

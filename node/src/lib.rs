@@ -1,6 +1,6 @@
 //! The keel node: wiring only.
 //!
-//! [`boot`] opens a store and genesis into a node context ([`Chain`]) and a consensus
+//! [`boot`] opens a store and genesis into a [`NodeContext`] and a consensus
 //! [`host::Host`]; [`Node`] runs that over RocksDB and libp2p with the JSON-RPC and metrics
 //! servers, every long-lived task owned by one [`tasks::TaskManager`]. The parts:
 //! - [`host`]: feeds the pure `keel-consensus` engine and carries out its effects through the
@@ -20,9 +20,9 @@
 
 pub mod bench;
 pub mod boot;
-pub mod chain;
 pub mod clock;
 pub mod config;
+pub mod context;
 mod error;
 pub mod home;
 pub mod host;
@@ -38,6 +38,6 @@ pub mod testnet;
 pub mod units;
 pub mod view;
 
-pub use chain::{Chain, TxStatus};
+pub use context::{NodeContext, TxStatus};
 pub use error::{Error, Result};
 pub use node::Node;

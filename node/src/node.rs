@@ -13,9 +13,9 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use crate::boot::Settings;
-use crate::chain::Chain;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StorageEngine};
+use crate::context::NodeContext;
 use crate::home::{read_key_file, Home};
 use crate::host::{run_blocking, Command};
 use crate::tasks::TaskManager;
@@ -29,7 +29,7 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(8);
 
 /// A running node.
 pub struct Node {
-    chain: Arc<Chain>,
+    chain: Arc<NodeContext>,
     commands: SyncSender<Command>,
     host_done: Option<oneshot::Receiver<Result<()>>>,
     rpc: jsonrpsee::server::ServerHandle,
@@ -68,7 +68,7 @@ impl Node {
             }
             other => other?,
         };
-        let chain = booted.chain.clone();
+        let chain = booted.context.clone();
         let epoch = chain.epoch();
         let validators = chain.validator_set(epoch)?;
         let me = validators.get(&key.address()).map_or(0, |v| v.stake);
@@ -142,7 +142,7 @@ impl Node {
     }
 
     /// The shared chain.
-    pub fn chain(&self) -> &Arc<Chain> {
+    pub fn context(&self) -> &Arc<NodeContext> {
         &self.chain
     }
 

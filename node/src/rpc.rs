@@ -18,8 +18,8 @@ use keel_types::{Block, Hash, Header, Transaction, TxKind};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::chain::{Chain, SubmitError};
 use crate::config::RpcConfig;
+use crate::context::{NodeContext, SubmitError};
 use crate::mempool::Rejection;
 use crate::{Error, Result};
 
@@ -236,7 +236,7 @@ fn account_json(address: &keel_types::Address, account: &Account, height: u64) -
     })
 }
 
-impl Chain {
+impl NodeContext {
     fn block_by_id(&self, id: &BlockId) -> RpcResult<Block> {
         let stored = match id {
             BlockId::Height(h) => self.blocks.block_at(*h),
@@ -299,11 +299,11 @@ fn submit_error(e: SubmitError) -> ErrorObjectOwned {
 }
 
 /// Builds the RPC module over the shared chain.
-pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
+pub fn module(chain: Arc<NodeContext>) -> RpcModule<Arc<NodeContext>> {
     let mut m = RpcModule::new(chain);
     // Registration only fails on a duplicate name, which the names below never are.
-    let mut reg = |name: &'static str, f: fn(&Chain, &Params<'_>) -> RpcResult<Value>| {
-        let _ = m.register_method(name, move |params, chain: &Arc<Chain>, _| {
+    let mut reg = |name: &'static str, f: fn(&NodeContext, &Params<'_>) -> RpcResult<Value>| {
+        let _ = m.register_method(name, move |params, chain: &Arc<NodeContext>, _| {
             let result = f(chain, &params);
             let code = match &result {
                 Ok(_) => 0,
@@ -499,30 +499,30 @@ pub fn module(chain: Arc<Chain>) -> RpcModule<Arc<Chain>> {
         "chain_subscribeNewHeads",
         "chain_newHead",
         "chain_unsubscribeNewHeads",
-        Chain::subscribe_new_heads,
+        NodeContext::subscribe_new_heads,
     );
     register_head_subscription(
         &mut m,
         "chain_subscribeFinalizedHeads",
         "chain_finalizedHead",
         "chain_unsubscribeFinalizedHeads",
-        Chain::subscribe_finalized_heads,
+        NodeContext::subscribe_finalized_heads,
     );
     m
 }
 
 fn register_head_subscription(
-    m: &mut RpcModule<Arc<Chain>>,
+    m: &mut RpcModule<Arc<NodeContext>>,
     subscribe: &'static str,
     notification: &'static str,
     unsubscribe: &'static str,
-    source: fn(&Chain) -> broadcast::Receiver<Header>,
+    source: fn(&NodeContext) -> broadcast::Receiver<Header>,
 ) {
     let _ = m.register_subscription(
         subscribe,
         notification,
         unsubscribe,
-        move |_params, pending: PendingSubscriptionSink, chain: Arc<Arc<Chain>>, _| async move {
+        move |_params, pending: PendingSubscriptionSink, chain: Arc<Arc<NodeContext>>, _| async move {
             let mut heads = source(&chain);
             let result: SubscriptionResult = async {
                 let sink = pending.accept().await?;
@@ -550,7 +550,10 @@ fn register_head_subscription(
 }
 
 /// Starts the server; returns its handle and bound address.
-pub async fn start(chain: Arc<Chain>, config: &RpcConfig) -> Result<(ServerHandle, SocketAddr)> {
+pub async fn start(
+    chain: Arc<NodeContext>,
+    config: &RpcConfig,
+) -> Result<(ServerHandle, SocketAddr)> {
     let addr = config.listen_addr;
     let rpc_err = |reason: String| Error::Rpc { addr, reason };
     let health = ProxyGetRequestLayer::new([("/health", "system_health")])

@@ -72,7 +72,7 @@ async fn websocket_streams_new_and_finalized_heads_in_order() {
         f2["height"].as_u64().unwrap(),
         f1["height"].as_u64().unwrap() + 1
     );
-    let latest = node.chain().tip().latest.0;
+    let latest = node.context().tip().latest.0;
     assert!(f2["height"].as_u64().unwrap() < latest + 1);
 
     drop(client);

@@ -353,7 +353,7 @@ impl Sim {
                 let n = &self.nodes[j];
                 PeerInfo {
                     id: n.peer,
-                    final_height: n.host.as_ref().map_or(0, |h| h.chain().tip().finalized.0),
+                    final_height: n.host.as_ref().map_or(0, |h| h.context().tip().finalized.0),
                     validator: Some(n.key.address()),
                 }
             })
@@ -413,7 +413,7 @@ impl Sim {
                             max,
                         },
                     ) => {
-                        let chain = self.nodes[j].host.as_ref().expect("linked").chain();
+                        let chain = self.nodes[j].host.as_ref().expect("linked").context();
                         // The node's own serving code, on the peer's store and view.
                         let answer =
                             keel_node::net::serve_blocks(chain, target, have_height, max).unwrap();
@@ -577,7 +577,7 @@ impl Sim {
                 Event::Tx { to, tx } => {
                     if let Some(host) = &self.nodes[to].host {
                         // Refusals (duplicates, nonces too far ahead) are the wallet's concern.
-                        let _ = host.chain().admit_from_peer(&tx.bytes);
+                        let _ = host.context().admit_from_peer(&tx.bytes);
                     }
                 }
                 Event::Submit => self.submit(),

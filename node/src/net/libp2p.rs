@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{serve_blocks, Channel, Network, PeerId, PeerInfo, Report};
-use crate::chain::{Chain, SubmitError};
 use crate::config::Config;
+use crate::context::{NodeContext, SubmitError};
 use crate::host::Command;
 use crate::{Error, Result};
 
@@ -143,7 +143,7 @@ pub struct Started {
 
 /// Starts the p2p service and the server task on the current runtime.
 pub fn start(
-    chain: Arc<Chain>,
+    chain: Arc<NodeContext>,
     config: &Config,
     node_key: &Keypair,
     validator_key: &Keypair,
@@ -196,7 +196,7 @@ pub fn start(
 }
 
 struct Server {
-    chain: Arc<Chain>,
+    chain: Arc<NodeContext>,
     net: Libp2pNetwork,
     host: SyncSender<Command>,
     binding: (keel_types::PublicKey, keel_types::Signature),

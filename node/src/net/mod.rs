@@ -12,7 +12,7 @@ use keel_types::{Address, Hash, PeerRequest, PeerResponse, MAX_SYNC_BLOCKS};
 
 pub use keel_p2p::{Channel, PeerId, Report};
 
-use crate::chain::Chain;
+use crate::context::NodeContext;
 use crate::Result;
 
 /// A connected peer as the host sees it.
@@ -65,7 +65,7 @@ impl Network for NoNetwork {
 /// first, at most `max` (capped at [`MAX_SYNC_BLOCKS`]), and the proof that the asker's
 /// epoch ended if this node has it. Reads the store and the chain view, never the host.
 pub fn serve_blocks(
-    chain: &Chain,
+    chain: &NodeContext,
     target: Hash,
     have_height: u64,
     max: u32,

@@ -95,8 +95,8 @@ pub enum SubmitError {
     Internal(String),
 }
 
-/// What a [`Chain`] is made of.
-pub struct ChainParts {
+/// What a [`NodeContext`] is made of.
+pub struct ContextParts {
     /// Chain id.
     pub chain_id: String,
     /// This node's network identity.
@@ -123,7 +123,7 @@ pub struct ChainParts {
 }
 
 /// The shared chain.
-pub struct Chain {
+pub struct NodeContext {
     /// Chain id.
     pub chain_id: String,
     /// This node's network identity.
@@ -153,10 +153,10 @@ pub struct Chain {
     finalized_heads: broadcast::Sender<Header>,
 }
 
-impl Chain {
+impl NodeContext {
     /// Assembles the shared chain.
-    pub fn new(parts: ChainParts) -> Chain {
-        Chain {
+    pub fn new(parts: ContextParts) -> NodeContext {
+        NodeContext {
             chain_id: parts.chain_id,
             node_id: parts.node_id,
             params: parts.params,
@@ -399,27 +399,27 @@ impl Chain {
     }
 }
 
-impl crate::metrics::Source for Chain {
+impl crate::metrics::Source for NodeContext {
     fn tip(&self) -> TipInfo {
-        Chain::tip(self)
+        NodeContext::tip(self)
     }
     fn epoch(&self) -> u64 {
-        Chain::epoch(self)
+        NodeContext::epoch(self)
     }
     fn mempool_len(&self) -> usize {
         self.mempool().len()
     }
     fn peers(&self) -> usize {
-        Chain::peers(self)
+        NodeContext::peers(self)
     }
     fn db_size_bytes(&self) -> Option<u64> {
         self.blocks.kv().disk_size_bytes().ok()
     }
     fn p2p_bytes(&self) -> keel_p2p::frame::ByteCounts {
-        Chain::p2p_bytes(self)
+        NodeContext::p2p_bytes(self)
     }
     fn validator_set_cache_stats(&self) -> CacheStats {
-        Chain::validator_set_cache_stats(self)
+        NodeContext::validator_set_cache_stats(self)
     }
     fn sig_cache_stats(&self) -> (u64, u64) {
         (self.sig_cache.hits(), self.sig_cache.misses())
@@ -461,7 +461,7 @@ mod tests {
     }
 
     /// A chain over a store holding genesis with senders 1..=8 funded, and the store.
-    fn chain() -> (Chain, Arc<dyn KvStore>) {
+    fn chain() -> (NodeContext, Arc<dyn KvStore>) {
         let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
         let accounts: Vec<(Address, Account)> = (1..=8)
             .map(|s| (Keypair::from_seed(s).address(), funded(1_000_000)))
@@ -470,7 +470,7 @@ mod tests {
         let state = State::new(store.clone(), exec_params());
         let blocks = BlockStore::new(store.clone());
         let validator = Keypair::from_seed(100).public();
-        let chain = Chain::new(ChainParts {
+        let chain = NodeContext::new(ContextParts {
             chain_id: CHAIN.into(),
             node_id: "test".into(),
             params: params(),
