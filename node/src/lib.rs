@@ -8,7 +8,7 @@
 //!   [`store`] (every consensus-side key), a [`net::Network`] and a [`clock::Clock`]; it has
 //!   no thread of its own, so the seeded simulation runs the same code on virtual time;
 //! - [`net`]: the `Network` trait, its libp2p implementation with the server task that
-//!   answers peers, and the simulated one;
+//!   answers peers, and the simulated one; [`sync`]: what a node serves to a peer that syncs;
 //! - [`view`]: the snapshot of the chain the host publishes and readers (RPC, metrics, sync
 //!   serving) load without waiting on it;
 //! - [`mempool`], [`rpc`], [`metrics`], [`config`].
@@ -33,6 +33,7 @@ pub mod net;
 mod node;
 pub mod rpc;
 pub mod store;
+pub mod sync;
 pub mod tasks;
 pub mod testnet;
 pub mod units;

@@ -416,7 +416,7 @@ impl Sim {
                         let chain = self.nodes[j].host.as_ref().expect("linked").context();
                         // The node's own serving code, on the peer's store and view.
                         let answer =
-                            keel_node::net::serve_blocks(chain, target, have_height, max).unwrap();
+                            keel_node::sync::serve_blocks(chain, target, have_height, max).unwrap();
                         (2 * self.world.latency(), Some(answer))
                     }
                     _ => (REQUEST_TIMEOUT_MS, None),

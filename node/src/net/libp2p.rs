@@ -18,10 +18,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{serve_blocks, Channel, Network, PeerId, PeerInfo, Report};
+use super::{Channel, Network, PeerId, PeerInfo, Report};
 use crate::config::Config;
 use crate::context::{NodeContext, SubmitError};
 use crate::host::Command;
+use crate::sync::serve_blocks;
 use crate::{Error, Result};
 
 /// The libp2p peer id of a node key, as written in `/p2p/<peer id>` multiaddrs.
