@@ -90,9 +90,9 @@ pub enum SubmitError {
     /// The mempool refused it.
     #[error(transparent)]
     Rejected(#[from] Rejection),
-    /// The node failed to read state.
+    /// The node failed to read the sender's account.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[from] keel_state::Error),
 }
 
 /// What a [`NodeContext`] is made of.
@@ -324,10 +324,14 @@ impl NodeContext {
     /// Admits a transaction to the mempool without gossiping it (it came from gossip, which
     /// forwards it itself). Its signature is verified through the signature cache.
     pub fn admit_from_peer(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
-        self.admit_batch_from_peer(&[bytes])
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| Err(SubmitError::Internal("no verdict".into())))
+        let tx = Transaction::decode(bytes).map_err(SubmitError::Malformed)?;
+        let hash = tx.hash;
+        let valid = verify_transactions(std::slice::from_ref(&tx), Some(&self.sig_cache));
+        if !valid.first().copied().unwrap_or(false) {
+            return Err(SubmitError::BadSignature);
+        }
+        self.admit_verified(tx)?;
+        Ok(hash)
     }
 
     /// Admits transactions that arrived together, without gossiping them: decodes each,
@@ -374,11 +378,7 @@ impl NodeContext {
         // mempool tolerates nonce gaps for transactions that certified blocks have already
         // included.
         let height = self.tip().finalized.0;
-        let account = self
-            .state
-            .account(&tx.sender, height)
-            .map_err(|e| SubmitError::Internal(e.to_string()))?
-            .unwrap_or_default();
+        let account = self.state.account(&tx.sender, height)?.unwrap_or_default();
         pool.insert(tx, account.nonce, account.balance)?;
         Ok(())
     }
