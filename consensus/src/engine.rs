@@ -670,9 +670,9 @@ impl Engine {
     // ----- rounds -----
 
     fn round_timeout_ms(&self) -> u64 {
-        // Exponential back-off, capped at 4x: enough to outgrow a slow network, short enough
-        // that a crashed leader costs seconds, not minutes.
-        let factor = 1u64 << self.consecutive_timeouts.min(2);
+        // Exponential back-off up to `max_timeout_ms` (the node sets 4x `timeout_ms`: enough
+        // to outgrow a slow network, short enough that a crashed leader costs seconds).
+        let factor = 1u64 << self.consecutive_timeouts.min(16);
         self.config
             .timeout_ms
             .saturating_mul(factor)

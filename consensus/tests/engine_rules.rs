@@ -944,6 +944,37 @@ fn consecutive_timeouts_back_off_up_to_the_cap() {
     }
 }
 
+/// The cap is the configured `max_timeout_ms` whatever it is, not a fixed multiple of the
+/// base: a cap of 10x is reached after four consecutive timeouts.
+#[test]
+fn the_back_off_grows_to_a_configured_cap_above_four_times_the_base() {
+    let net = Net::new();
+    let node = net.bystander(&[1, 2, 3]);
+    let config = Config {
+        max_timeout_ms: 10 * TIMEOUT_MS,
+        ..Net::config()
+    };
+    let mut engine = Engine::new(
+        config,
+        net.keys[node].clone(),
+        net.validators.clone(),
+        net.tip(),
+        None,
+    )
+    .unwrap();
+    let mut now = 0;
+    let mut delays = vec![round_timer_delay(&engine.handle(now, Input::Start), now).unwrap()];
+    for _ in 0..5 {
+        now += delays.last().copied().unwrap();
+        let effects = engine.handle(now, Input::Timer(TimerKind::RoundTimeout));
+        delays.push(round_timer_delay(&effects, now).unwrap());
+    }
+    assert_eq!(
+        delays,
+        [2_000, 4_000, 8_000, 16_000, 20_000, 20_000].map(|d| d * TIMEOUT_MS / 2_000)
+    );
+}
+
 // ----- 6. round synchronisation -----
 
 #[test]

@@ -335,7 +335,7 @@ impl Sim {
             chain_id: CHAIN.into(),
             block_time_ms: self.scenario.block_time_ms,
             timeout_ms: self.scenario.block_time_ms * 2,
-            max_timeout_ms: 60_000,
+            max_timeout_ms: self.scenario.block_time_ms * 8,
             epoch_length: length,
         };
         let set_hash = set.hash();

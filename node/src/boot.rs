@@ -26,6 +26,10 @@ use crate::net::Network;
 use crate::store::ConsensusStore;
 use crate::{Error, Result};
 
+/// After consecutive timeouts a round's timeout doubles, up to this many times
+/// `consensus.timeout_ms`.
+pub const MAX_TIMEOUT_FACTOR: u64 = 4;
+
 /// What a boot needs besides the store and genesis.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -153,7 +157,7 @@ pub fn open(
             chain_id: genesis.chain_id.clone(),
             block_time_ms: settings.block_time_ms,
             timeout_ms: settings.timeout_ms,
-            max_timeout_ms: settings.timeout_ms.saturating_mul(8),
+            max_timeout_ms: settings.timeout_ms.saturating_mul(MAX_TIMEOUT_FACTOR),
             epoch_length: genesis.params.epoch_length,
         },
         key.clone(),

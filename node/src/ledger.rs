@@ -1005,6 +1005,42 @@ pub(crate) mod tests {
         }
     }
 
+    /// Validation is the one door for proposals, synced blocks and blocks reloaded at a
+    /// restart: a block over the genesis limits is refused there, whatever brought it, and
+    /// is not kept (not even in the consensus records a restart reloads).
+    #[test]
+    fn blocks_over_the_limits_are_refused_on_every_path() {
+        let (mut app, _, g) = new_app();
+        let (_, [_, b2, _]) = three_blocks(&mut app, g);
+        let (b1, b2_bytes) = (
+            app.block(&b2.header.parent_hash).unwrap().unwrap(),
+            b2.txs.iter().map(Vec::len).sum::<usize>(),
+        );
+        for limits in [
+            BlockLimits {
+                max_txs: 1,
+                max_bytes: usize::MAX,
+            },
+            BlockLimits {
+                max_txs: usize::MAX,
+                max_bytes: b2_bytes - 1,
+            },
+        ] {
+            let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
+            genesis(&store);
+            let mut strict = Ledger::new(store.clone(), params(), limits).unwrap();
+            strict.validate_block(&b1).unwrap();
+            let err = strict.validate_block(&b2).unwrap_err();
+            assert!(
+                matches!(&err, LedgerError::Invalid(m) if m.contains("exceed the block limits")),
+                "{err}"
+            );
+            assert!(!strict.has_block(&b2.hash()));
+            let kept = ConsensusStore::new(store).pending_blocks().unwrap();
+            assert_eq!(kept, vec![b1.clone()], "only the valid block is kept");
+        }
+    }
+
     #[test]
     fn tampered_blocks_are_refused_and_not_kept() {
         let (mut app, _, g) = new_app();
