@@ -9,7 +9,7 @@
 //! - [`Faults`]: the network model (latency with jitter, loss, a partition that heals) and a
 //!   crash/restart plan, which decide whether and when a message arrives ([`World::transit`]);
 //! - [`seeds`] and [`run_seeds`]: `SIM_SEED=<n>` replays one seed, `SIM_SEEDS=<n>` runs seeds
-//!   `0..n`, `SIM_KEEP_GOING=1` runs them all and lists the failing ones; a failure prints the
+//!   `0..n` (`SIM_FROM=<k>`: `k..n`), `SIM_KEEP_GOING=1` runs them all and lists the failing ones; a failure prints the
 //!   seed that reproduces it;
 //! - [`check`]: invariants shared by both simulations.
 //!
@@ -205,16 +205,15 @@ pub fn tracing() -> bool {
     std::env::var_os("SIM_TRACE").is_some()
 }
 
-/// The seeds to run: `SIM_SEED=<n>` alone, else `0..SIM_SEEDS` (default `default_count`).
+/// The seeds to run: `SIM_SEED=<n>` alone, else `SIM_FROM..SIM_SEEDS` (`SIM_FROM` defaults
+/// to 0, `SIM_SEEDS` to `default_count`; a long run can be split over processes with it).
 pub fn seeds(default_count: u64) -> Vec<u64> {
-    if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    if let Some(seed) = var("SIM_SEED") {
         return vec![seed];
     }
-    let n = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default_count);
-    (0..n).collect()
+    let n = var("SIM_SEEDS").unwrap_or(default_count);
+    (var("SIM_FROM").unwrap_or(0)..n).collect()
 }
 
 /// Runs `run` for every seed, printing how to replay a failing one (`what` names the
