@@ -51,10 +51,10 @@ impl TaskManager {
     /// Cancels the token and joins every task in the order added, until `deadline`; returns
     /// the names of those still running then (they are abandoned: tasks aborted, threads
     /// detached).
-    pub async fn shutdown(self, deadline: Instant) -> Vec<&'static str> {
+    pub async fn shutdown(mut self, deadline: Instant) -> Vec<&'static str> {
         self.token.cancel();
         let mut stuck = Vec::new();
-        for (name, running) in self.running {
+        for (name, running) in std::mem::take(&mut self.running) {
             // Those already finished count as stopped even once the deadline has passed.
             let done = match running {
                 Running::Task(task) if task.is_finished() => true,
@@ -83,6 +83,14 @@ impl TaskManager {
             }
         }
         stuck
+    }
+}
+
+impl Drop for TaskManager {
+    /// A manager dropped without [`TaskManager::shutdown`] (a node whose start failed half
+    /// way) still tells its tasks to stop.
+    fn drop(&mut self) {
+        self.token.cancel();
     }
 }
 
@@ -118,5 +126,24 @@ mod tests {
             .await;
         assert_eq!(stuck, ["stubborn"]);
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_manager_cancels_its_tasks() {
+        let mut tasks = TaskManager::new();
+        let token = tasks.token();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tasks.add_task(
+            "polite",
+            tokio::spawn(async move {
+                token.cancelled().await;
+                let _ = tx.send(());
+            }),
+        );
+        drop(tasks);
+        tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .expect("cancelled within 2 s")
+            .expect("the task saw the cancellation");
     }
 }
