@@ -10,9 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use keel_node::config::{ByteSize, Config};
 use keel_node::home::{self, Home};
-use keel_node::Node;
-use keel_state::{verify_proof, Proof};
-use keel_types::{Address, Hash, Transaction, TxKind};
+use keel_node::{verify_proof, Address, Hash, Keypair, Node, Proof, Transaction, TxKind};
 use serde_json::{json, Value};
 
 use crate::args::{
@@ -61,7 +59,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Keys(KeysCommand::Generate { out }) => {
-            let key = keel_types::Keypair::generate();
+            let key = Keypair::generate();
             home::write_key_file(&out, &key)?;
             println!("{}", key.address());
             Ok(())
@@ -287,7 +285,7 @@ fn devnet_accounts(root: &Path, count: u32, fresh: bool) -> Result<Vec<(PathBuf,
             let key = if p.exists() {
                 home::read_key_file(&p)?
             } else {
-                let k = keel_types::Keypair::generate();
+                let k = Keypair::generate();
                 home::write_key_file(&p, &k)?;
                 k
             };
@@ -507,7 +505,7 @@ async fn query(q: QueryCommand) -> Result<()> {
             };
             verify_proof(
                 &root,
-                &keel_state::account_key(&addr),
+                &keel_node::account_key(&addr),
                 value.as_deref(),
                 &proof,
             )

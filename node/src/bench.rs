@@ -1,7 +1,12 @@
-//! `keel bench reads`: RPC reads while the node commits big blocks.
+//! The workloads of `keel bench`.
 //!
-//! A one-validator chain over RocksDB in a temporary folder, booted and run exactly as a
-//! node is (`boot::open`, the consensus host on its own thread, the wall clock), with no
+//! With the `bench` feature, `blocks` is `keel_state::bench`, the block-application workload
+//! (`keel bench sigverify|execute|trie|commit|all`), re-exported so the binary needs no
+//! dependency on `keel-state`.
+//!
+//! [`reads_while_committing`] is `keel bench reads`: RPC reads while the node commits big
+//! blocks. A one-validator chain over RocksDB in a temporary folder, booted and run exactly
+//! as a node is (`boot::open`, the consensus host on its own thread, the wall clock), with no
 //! network. `blocks` x `txs` signed transfers are admitted to the mempool first (every sender
 //! once per block, so every block is full); then `state_getAccount` is called through the
 //! node's RPC module (the same handler the HTTP server runs, without the socket) at a fixed
@@ -25,6 +30,9 @@ use crate::host::{run_blocking, Command};
 use crate::mempool::MempoolLimits;
 use crate::net::NoNetwork;
 use crate::{Error, Result};
+
+#[cfg(feature = "bench")]
+pub use keel_state::bench as blocks;
 
 const CHAIN: &str = "keel-bench-reads";
 

@@ -11,7 +11,12 @@
 //!   answers peers, and the simulated one; [`sync`]: what a node serves to a peer that syncs;
 //! - [`view`]: the snapshot of the chain the host publishes and readers (RPC, metrics, sync
 //!   serving) load without waiting on it;
-//! - [`mempool`], [`rpc`], [`metrics`], [`config`].
+//! - [`mempool`], [`rpc`], [`metrics`], [`config`];
+//! - [`bench`]: the workloads of `keel bench`.
+//!
+//! The protocol types a client of the node needs (addresses, hashes, keys, transactions) and
+//! offline proof checking are re-exported here, so the `keel` binary depends on this crate and
+//! `keel-genesis` only.
 //!
 //! Invariants: a block's header, body, indexes, receipts, state-tree nodes and the chain tip
 //! are written in one atomic batch; safety data is durable before any vote built from it is
@@ -42,3 +47,9 @@ pub mod view;
 pub use context::{NodeContext, TxStatus};
 pub use error::{Error, Result};
 pub use node::Node;
+
+// What the `keel` binary signs transactions and parses addresses and hashes with.
+pub use keel_types::{Address, Hash, Keypair, Transaction, TxKind};
+
+// Offline checking of a `state_getProof` answer (`keel query account --prove`).
+pub use keel_state::{account_key, verify_proof, Proof};

@@ -22,9 +22,14 @@
 //!   all arithmetic is checked and a bad transaction yields a failed receipt, never a panic;
 //!   invalid evidence is ignored, never an error.
 //!
+//! With the `bench` feature, the `bench` module holds the block-application workload that
+//! `keel bench` runs.
+//!
 //! The hashing rules and the transaction rules are spelled out in this crate's `README.md`.
 
 mod account;
+#[cfg(feature = "bench")]
+pub mod bench;
 mod error;
 mod executor;
 mod registry;

@@ -5,21 +5,29 @@
 
 use std::process::Command;
 
-fn normal_deps(package: &str) -> Vec<String> {
+/// The packages of `package`'s normal dependency tree (itself included), down to `depth`
+/// levels (`None`: all of them).
+fn normal_deps_to(package: &str, depth: Option<u32>) -> Vec<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args: Vec<String> = [
+        "tree",
+        "--offline",
+        "-p",
+        package,
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+    ]
+    .map(String::from)
+    .into();
+    if let Some(depth) = depth {
+        args.extend(["--depth".to_string(), depth.to_string()]);
+    }
     let out = Command::new(cargo)
-        .args([
-            "tree",
-            "--offline",
-            "-p",
-            package,
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--format",
-            "{p}",
-        ])
+        .args(&args)
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .expect("run cargo tree");
@@ -32,6 +40,10 @@ fn normal_deps(package: &str) -> Vec<String> {
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect()
+}
+
+fn normal_deps(package: &str) -> Vec<String> {
+    normal_deps_to(package, None)
 }
 
 fn assert_free_of(package: &str, forbidden: &[&str]) {
@@ -84,6 +96,19 @@ fn types_and_p2p_boundaries_hold() {
         ],
     );
     assert_free_of("keel-storage", &["tokio", "libp2p"]);
+}
+
+/// The binary sits on the node and genesis only (DESIGN.md section 1): protocol types, proof
+/// checking and the `keel bench` workloads reach it through keel-node's re-exports.
+#[test]
+fn cli_depends_among_keel_crates_on_node_and_genesis_only() {
+    let mut keel: Vec<String> = normal_deps_to("keel-cli", Some(1))
+        .into_iter()
+        .filter(|d| d.starts_with("keel-") && d != "keel-cli")
+        .collect();
+    keel.sort();
+    keel.dedup();
+    assert_eq!(keel, ["keel-genesis", "keel-node"]);
 }
 
 #[test]
