@@ -37,7 +37,7 @@ use keel_consensus::{
     epoch_end_height, epoch_of_next_block, Config, Effect, Engine, Input, SafetyData, TimerKind,
     Tip, Validator, ValidatorSet,
 };
-use keel_simkit::{check, run_seeds, seeds, Crash, Faults, Next, Partition, World};
+use keel_simkit::{check, draw_link, run_seeds, seeds, Crash, Faults, Next, Partition, World};
 use keel_types::{
     round_epoch, Address, Block, ConsensusMessage, Hash, Header, Keypair, QuorumCertificate, Vote,
 };
@@ -924,20 +924,10 @@ fn scenario_for(seed: u64) -> Scenario {
             side,
         }
     });
-    let crash = rng.gen_bool(0.4).then(|| {
-        let at = rng.gen_range(5_000..50_000);
-        Crash {
-            at,
-            back: at + rng.gen_range(1_000..20_000),
-            node: rng.gen_range(0..validators),
-        }
-    });
-    let latency_ms = (5, rng.gen_range(20..300));
-    let loss = if rng.gen_bool(0.5) {
-        rng.gen_range(0.0..0.05)
-    } else {
-        0.0
-    };
+    let crash = rng
+        .gen_bool(0.4)
+        .then(|| Crash::draw(&mut rng, validators, 5_000..50_000));
+    let (latency_ms, loss) = draw_link(&mut rng);
     // Drawn last, so the faults above are those of the runs before epochs.
     let epoch_length = rng.gen_range(3..=6);
     let sets = SetRule::Drawn {

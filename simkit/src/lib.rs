@@ -46,6 +46,30 @@ pub struct Crash {
     pub node: usize,
 }
 
+impl Crash {
+    /// A crash of a random one of `nodes` at a time drawn in `at`, back 1 to 20 s later.
+    pub fn draw(rng: &mut impl Rng, nodes: usize, at: std::ops::Range<u64>) -> Crash {
+        let at = rng.gen_range(at);
+        Crash {
+            at,
+            back: at + rng.gen_range(1_000..20_000),
+            node: rng.gen_range(0..nodes),
+        }
+    }
+}
+
+/// A link drawn for a random run: latency from 5 ms to an upper bound drawn in 20..300 ms,
+/// and, half the time, a loss rate below 5% (else none).
+pub fn draw_link(rng: &mut impl Rng) -> ((u64, u64), f64) {
+    let latency_ms = (5, rng.gen_range(20..300));
+    let loss = if rng.gen_bool(0.5) {
+        rng.gen_range(0.0..0.05)
+    } else {
+        0.0
+    };
+    (latency_ms, loss)
+}
+
 /// The fault model of one run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Faults {

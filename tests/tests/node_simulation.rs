@@ -48,7 +48,7 @@ use keel_node::mempool::{MempoolLimits, MAX_NONCE_GAP};
 use keel_node::net::sim::{Outgoing, SimNetwork};
 use keel_node::net::{Channel, PeerId, PeerInfo};
 use keel_node::store::ConsensusStore;
-use keel_simkit::{check, run_seeds, seeds, Crash, Faults, Next, Partition, World};
+use keel_simkit::{check, draw_link, run_seeds, seeds, Crash, Faults, Next, Partition, World};
 use keel_state::{ExecParams, State};
 use keel_storage::{BlockStore, KvStore, MemStore};
 use keel_types::{
@@ -913,20 +913,10 @@ fn scenario_for(seed: u64) -> Scenario {
         end: start + rng.gen_range(5_000..25_000),
         side,
     };
-    let crash = rng.gen_bool(0.5).then(|| {
-        let at = rng.gen_range(5_000..40_000);
-        Crash {
-            at,
-            back: at + rng.gen_range(1_000..20_000),
-            node: rng.gen_range(0..validators),
-        }
-    });
-    let latency_ms = (5, rng.gen_range(20..300));
-    let loss = if rng.gen_bool(0.5) {
-        rng.gen_range(0.0..0.05)
-    } else {
-        0.0
-    };
+    let crash = rng
+        .gen_bool(0.5)
+        .then(|| Crash::draw(&mut rng, validators, 5_000..40_000));
+    let (latency_ms, loss) = draw_link(&mut rng);
     Scenario {
         validators,
         byzantine,

@@ -97,16 +97,19 @@ fn testnet(dir: &std::path::Path) -> Vec<TestNode> {
         .collect()
 }
 
-#[test]
-fn four_validator_processes_agree_survive_a_crash_and_resync() {
-    let dir = tempfile::Builder::new()
-        .prefix("keel-net-")
-        .tempdir()
-        .unwrap();
+/// A testnet in a temporary folder (named with `prefix`), every node started.
+fn started_testnet(prefix: &str) -> (tempfile::TempDir, Vec<TestNode>) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
     let mut nodes = testnet(dir.path());
     for n in nodes.iter_mut() {
         n.start().unwrap();
     }
+    (dir, nodes)
+}
+
+#[test]
+fn four_validator_processes_agree_survive_a_crash_and_resync() {
+    let (_dir, mut nodes) = started_testnet("keel-net-");
     wait_until(
         "all four finalize 5 blocks",
         Duration::from_secs(90),
@@ -228,14 +231,7 @@ fn four_validator_processes_agree_survive_a_crash_and_resync() {
 /// shutdown can have written it).
 #[test]
 fn sigterm_stops_every_validator_within_ten_seconds_and_keeps_the_peer_book() {
-    let dir = tempfile::Builder::new()
-        .prefix("keel-term-")
-        .tempdir()
-        .unwrap();
-    let mut nodes = testnet(dir.path());
-    for n in nodes.iter_mut() {
-        n.start().unwrap();
-    }
+    let (_dir, mut nodes) = started_testnet("keel-term-");
     wait_until(
         "all four connect and finalize 3 blocks",
         Duration::from_secs(60),
