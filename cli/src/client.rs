@@ -1,10 +1,12 @@
-//! A small JSON-RPC client for the node's HTTP endpoint.
+//! The node's JSON-RPC API over HTTP: the typed client keel-node generates from its `KeelApi`
+//! trait ([`KeelApiClient`]), with errors turned into one clear line.
+
+use std::future::Future;
 
 use anyhow::{anyhow, Context, Result};
-use jsonrpsee::core::client::ClientT;
-use jsonrpsee::core::params::ArrayParams;
+use jsonrpsee::core::ClientError;
 use jsonrpsee::http_client::{HttpClient, HttpClientBuilder};
-use serde_json::Value;
+pub use keel_node::rpc::KeelApiClient;
 
 /// A connection to one node.
 pub struct Rpc {
@@ -25,19 +27,21 @@ impl Rpc {
         })
     }
 
-    /// Calls `method` with positional `params`.
-    pub async fn call(&self, method: &str, params: Vec<Value>) -> Result<Value> {
-        let mut p = ArrayParams::new();
-        for v in params {
-            p.insert(v).map_err(|e| anyhow!("encoding params: {e}"))?;
-        }
-        self.client.request(method, p).await.map_err(|e| match e {
-            jsonrpsee::core::ClientError::Call(obj) => {
-                anyhow!("{} (code {})", obj.message(), obj.code())
-            }
-            jsonrpsee::core::ClientError::Transport(t) => {
-                anyhow!("cannot reach node at {}: {t}", self.url)
-            }
+    /// The typed API: `rpc.call("chain_status", rpc.api().chain_status())`.
+    pub fn api(&self) -> &HttpClient {
+        &self.client
+    }
+
+    /// Awaits `request`, a call of `method` through [`Rpc::api`], turning a failure into one
+    /// line: the node's error with its code, an unreachable node, or what else went wrong.
+    pub async fn call<T>(
+        &self,
+        method: &str,
+        request: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T> {
+        request.await.map_err(|e| match e {
+            ClientError::Call(obj) => anyhow!("{} (code {})", obj.message(), obj.code()),
+            ClientError::Transport(t) => anyhow!("cannot reach node at {}: {t}", self.url),
             other => anyhow!("{method} via {}: {other}", self.url),
         })
     }

@@ -10,14 +10,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use keel_node::config::{ByteSize, Config};
 use keel_node::home::{self, Home};
-use keel_node::{verify_proof, Address, Hash, Keypair, Node, Proof, Transaction, TxKind};
-use serde_json::{json, Value};
+use keel_node::rpc::types::{AccountInfo, BlockId, Height, SignedTxHex, TxStatus};
+use keel_node::{verify_proof, Address, Hash, Keypair, Node, Transaction, TxKind};
+use serde::Serialize;
 
 use crate::args::{
     Cli, Command, DevnetArgs, KeysCommand, QueryCommand, TestnetArgs, TxCommand, TxOptions,
     DEFAULT_RPC,
 };
-use crate::client::Rpc;
+use crate::client::{KeelApiClient, Rpc};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -33,11 +34,16 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn print_json(v: &Value) {
+/// Prints `v` as indented JSON. It goes through a `serde_json::Value` on the way, whose
+/// objects sort their keys: the output lists keys alphabetically whatever the field order of
+/// the type.
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    let v = serde_json::to_value(v).context("encoding the output")?;
     println!(
         "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+        serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
     );
+    Ok(())
 }
 
 /// Runs one parsed command line.
@@ -79,8 +85,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Testnet(args) => testnet(args),
         Command::Bench(args) => crate::bench::run(args),
         Command::Status { rpc } => runtime()?.block_on(async {
-            print_json(&Rpc::new(&rpc)?.call("chain_status", vec![]).await?);
-            Ok(())
+            let rpc = Rpc::new(&rpc)?;
+            print_json(&rpc.call("chain_status", rpc.api().chain_status()).await?)
         }),
         Command::Query(q) => runtime()?.block_on(query(q)),
         Command::Tx(t) => runtime()?.block_on(tx(t)),
@@ -474,6 +480,15 @@ async fn stop_nodes(nodes: Vec<Node>) -> bool {
     clean
 }
 
+/// What `keel query account --prove` prints once the proof checks out.
+#[derive(Serialize)]
+struct ProvedAccount {
+    account: Option<AccountInfo>,
+    height: u64,
+    state_root: Hash,
+    proof_verified: bool,
+}
+
 async fn query(q: QueryCommand) -> Result<()> {
     match q {
         QueryCommand::Account {
@@ -486,60 +501,68 @@ async fn query(q: QueryCommand) -> Result<()> {
                 .parse()
                 .with_context(|| format!("address {address:?}"))?;
             let rpc = Rpc::new(&rpc)?;
-            let h = height.map(|h| json!(h)).unwrap_or(Value::Null);
+            let height = height.map(Height);
             if !prove {
-                print_json(&rpc.call("state_getAccount", vec![json!(addr), h]).await?);
-                return Ok(());
+                let account = rpc
+                    .call(
+                        "state_getAccount",
+                        rpc.api().state_get_account(addr, height),
+                    )
+                    .await?;
+                return print_json(&account);
             }
-            let result = rpc.call("state_getProof", vec![json!(addr), h]).await?;
-            let at = result["height"]
-                .as_u64()
-                .ok_or_else(|| anyhow!("node returned no height"))?;
-            let header = rpc.call("chain_getHeader", vec![json!(at)]).await?;
-            let root: Hash = serde_json::from_value(header["state_root"].clone())
-                .context("header state_root")?;
-            let proof: Proof = serde_json::from_value(result["proof"].clone()).context("proof")?;
-            let value = match result["value"].as_str() {
-                Some(v) => Some(hex::decode(v.trim_start_matches("0x")).context("proof value")?),
-                None => None,
-            };
+            let result = rpc
+                .call("state_getProof", rpc.api().state_get_proof(addr, height))
+                .await?;
+            let at = result.height;
+            let header = rpc
+                .call(
+                    "chain_getHeader",
+                    rpc.api().chain_get_header(BlockId::Height(at)),
+                )
+                .await?;
+            let root = header.state_root;
             verify_proof(
                 &root,
                 &keel_node::account_key(&addr),
-                value.as_deref(),
-                &proof,
+                result.value.as_ref().map(|v| v.0.as_slice()),
+                &result.proof,
             )
             .map_err(|e| {
                 anyhow!("proof does NOT verify against the state root of block {at}: {e}")
             })?;
-            print_json(&json!({
-                "account": result["account"],
-                "height": at,
-                "state_root": root,
-                "proof_verified": true,
-            }));
-            Ok(())
+            print_json(&ProvedAccount {
+                account: result.account,
+                height: at,
+                state_root: root,
+                proof_verified: true,
+            })
         }
         QueryCommand::Block { height, full, rpc } => {
-            print_json(
-                &Rpc::new(&rpc)?
-                    .call("chain_getBlock", vec![json!(height), json!(full)])
-                    .await?,
-            );
-            Ok(())
+            let rpc = Rpc::new(&rpc)?;
+            let block = rpc
+                .call(
+                    "chain_getBlock",
+                    rpc.api()
+                        .chain_get_block(BlockId::Height(height), Some(full)),
+                )
+                .await?;
+            print_json(&block)
         }
         QueryCommand::Tx { hash, rpc } => {
             let h: Hash = hash.parse().with_context(|| format!("hash {hash:?}"))?;
-            print_json(
-                &Rpc::new(&rpc)?
-                    .call("chain_getTransaction", vec![json!(h)])
-                    .await?,
-            );
-            Ok(())
+            let rpc = Rpc::new(&rpc)?;
+            let tx = rpc
+                .call("chain_getTransaction", rpc.api().chain_get_transaction(h))
+                .await?;
+            print_json(&tx)
         }
         QueryCommand::Validators { rpc } => {
-            print_json(&Rpc::new(&rpc)?.call("state_getValidators", vec![]).await?);
-            Ok(())
+            let rpc = Rpc::new(&rpc)?;
+            let validators = rpc
+                .call("state_getValidators", rpc.api().state_get_validators(None))
+                .await?;
+            print_json(&validators)
         }
     }
 }
@@ -559,67 +582,59 @@ async fn tx(t: TxCommand) -> Result<()> {
 async fn send(kind: TxKind, opts: TxOptions) -> Result<()> {
     let key = home::read_key_file(&opts.key)?;
     let rpc = Rpc::new(&opts.rpc)?;
-    let status = rpc.call("chain_status", vec![]).await?;
-    let chain_id = status["chain_id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("node returned no chain_id"))?
-        .to_string();
+    let status = rpc.call("chain_status", rpc.api().chain_status()).await?;
     let nonce = match opts.nonce {
         Some(n) => n,
         None => {
             let acc = rpc
-                .call("state_getAccount", vec![json!(key.address())])
+                .call(
+                    "state_getAccount",
+                    rpc.api().state_get_account(key.address(), None),
+                )
                 .await?;
-            acc["next_nonce"]
-                .as_u64()
-                .or_else(|| acc["nonce"].as_u64())
-                .ok_or_else(|| anyhow!("node returned no nonce"))?
+            acc.next_nonce.unwrap_or(acc.nonce)
         }
     };
-    let fee = match opts.fee {
-        Some(f) => f,
-        None => status["min_fee"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1),
-    };
-    let tx = Transaction::sign(&key, &chain_id, nonce, fee, kind);
+    let fee = opts.fee.unwrap_or(status.min_fee);
+    let tx = Transaction::sign(&key, &status.chain_id, nonce, fee, kind);
     let hash = rpc
         .call(
             "tx_submit",
-            vec![json!(format!("0x{}", hex::encode(&tx.bytes)))],
+            rpc.api().tx_submit(SignedTxHex::from_bytes(&tx.bytes)),
         )
         .await?;
-    println!("submitted {}", hash.as_str().unwrap_or_default());
+    println!("submitted {hash}");
     if !opts.wait {
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(opts.wait_timeout_s);
     loop {
-        let s = rpc.call("tx_status", vec![json!(tx.hash)]).await?;
-        match s.as_str() {
-            Some("finalized") => break,
-            Some("unknown") => bail!("transaction {} was dropped by the node", tx.hash),
+        let s = rpc.call("tx_status", rpc.api().tx_status(tx.hash)).await?;
+        match s {
+            TxStatus::Finalized => break,
+            TxStatus::Unknown => bail!("transaction {} was dropped by the node", tx.hash),
             _ if Instant::now() > deadline => {
                 bail!(
-                    "transaction {} not final after {} s (status {s})",
+                    "transaction {} not final after {} s (status \"{}\")",
                     tx.hash,
-                    opts.wait_timeout_s
+                    opts.wait_timeout_s,
+                    s.as_str()
                 )
             }
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
     let result = rpc
-        .call("chain_getTransaction", vec![json!(tx.hash)])
+        .call(
+            "chain_getTransaction",
+            rpc.api().chain_get_transaction(tx.hash),
+        )
         .await?;
-    print_json(&result);
-    if result["receipt"]["success"] == json!(false) {
+    print_json(&result)?;
+    if let Some(receipt) = result.receipt.filter(|r| !r.success) {
         bail!(
             "transaction failed: {}",
-            result["receipt"]["error"]
-                .as_str()
-                .unwrap_or("unknown reason")
+            receipt.error.as_deref().unwrap_or("unknown reason")
         );
     }
     Ok(())

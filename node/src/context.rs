@@ -53,8 +53,9 @@ pub fn epoch_validator_set(
 /// boundary) and a few for `state_getValidators` at recent heights.
 pub const VALIDATOR_SET_CACHE_EPOCHS: usize = 8;
 
-/// Where a transaction stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a transaction stands; on the wire (`tx_status`), its lower-case name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TxStatus {
     /// Waiting in the mempool.
     Pending,
@@ -427,7 +428,7 @@ impl crate::metrics::Source for NodeContext {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use keel_consensus::Validator;
@@ -440,8 +441,8 @@ mod tests {
     use crate::ledger::{BlockLimits, BlockTemplate, Ledger};
     use crate::mempool::MempoolLimits;
 
-    const CHAIN: &str = "chain-test";
-    const FEE: u64 = 10;
+    pub(crate) const CHAIN: &str = "chain-test";
+    pub(crate) const FEE: u64 = 10;
 
     fn params() -> Params {
         Params {
@@ -461,7 +462,7 @@ mod tests {
     }
 
     /// A chain over a store holding genesis with senders 1..=8 funded, and the store.
-    fn chain() -> (NodeContext, Arc<dyn KvStore>) {
+    pub(crate) fn chain() -> (NodeContext, Arc<dyn KvStore>) {
         let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
         let accounts: Vec<(Address, Account)> = (1..=8)
             .map(|s| (Keypair::from_seed(s).address(), funded(1_000_000)))
@@ -498,7 +499,7 @@ mod tests {
         (chain, store)
     }
 
-    fn transfer(from: u64, nonce: u64) -> Transaction {
+    pub(crate) fn transfer(from: u64, nonce: u64) -> Transaction {
         Transaction::sign(
             &Keypair::from_seed(from),
             CHAIN,
