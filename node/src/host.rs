@@ -196,6 +196,7 @@ impl Host {
     /// Handles one command. An error means the node must stop: it could not make its votes
     /// or blocks durable.
     pub fn handle(&mut self, command: Command) -> Result<()> {
+        self.expire_sync();
         match command {
             Command::Shutdown => {}
             Command::Message(message) => self.input(Input::Message(message))?,
@@ -205,6 +206,22 @@ impl Host {
         Ok(())
     }
 
+    /// Forgets a sync round unanswered for [`SYNC_TIMEOUT_MS`] (an answer lost on the way, a
+    /// peer gone): the node no longer reports itself syncing because of it, and the next
+    /// missing block starts a new round.
+    fn expire_sync(&mut self) {
+        let now = self.clock.now_ms();
+        if self
+            .sync
+            .as_ref()
+            .is_some_and(|r| now.saturating_sub(r.sent_ms) >= SYNC_TIMEOUT_MS)
+        {
+            debug!("sync round timed out");
+            self.sync = None;
+            self.chain.set_syncing(false);
+        }
+    }
+
     /// When the next timer is due, if one is set.
     pub fn next_timer_ms(&self) -> Option<u64> {
         self.timers.values().min().copied()
@@ -212,6 +229,7 @@ impl Host {
 
     /// Fires every timer due at the clock's time, earliest first.
     pub fn fire_due_timers(&mut self) -> Result<()> {
+        self.expire_sync();
         loop {
             let now = self.clock.now_ms();
             let due = self
