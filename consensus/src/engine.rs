@@ -41,6 +41,8 @@ use crate::{Error, Result, ValidatorSet};
 const MAX_FUTURE_ROUNDS: u64 = 64;
 /// Most pieces of evidence held for inclusion.
 const MAX_EVIDENCE_POOL: usize = 256;
+/// Most votes of the next epoch held until this node switches to it.
+const MAX_NEXT_EPOCH_VOTES: usize = 256;
 /// Most proposals held while the node validates them.
 const MAX_PENDING_PROPOSALS: usize = 16;
 /// Largest allowed lead of a proposal's timestamp over our clock.
@@ -49,15 +51,30 @@ const MAX_CLOCK_DRIFT_MS: u64 = 10_000;
 const MAX_PROOF_REPLIES: usize = 1024;
 /// Epoch proofs kept for validators several epochs behind.
 const KEPT_EPOCH_PROOFS: usize = 16;
-/// Leader reputation: the final blocks looked at (their proposers and the signers of their
-/// parents' certificates are the active validators).
-const REPUTATION_WINDOW: usize = 10;
+/// Leader reputation: the final blocks looked at (their proposers, the signers of their
+/// parents' certificates and the failed leaders they list), across epoch boundaries.
+const REPUTATION_WINDOW: usize = 20;
 /// How many of the newest final headers [`Engine::restore_history`] keeps: a restarted node
 /// hands it that many so its leader schedule agrees with the other validators' at once.
-pub const HISTORY_HEADERS: usize = 4 * REPUTATION_WINDOW;
+pub const HISTORY_HEADERS: usize = 2 * REPUTATION_WINDOW;
 /// Leader reputation: only final blocks of rounds at least this far below the round are
-/// looked at, so that validators in that round have all committed them and agree.
-const REPUTATION_LAG: u64 = 10;
+/// looked at, so that validators in that round have all committed them and agree. In a
+/// round `r` that started with a certificate every validator holds the final blocks up to
+/// round `r - 2`, and votes name the leader of `r + 1`: 3 is the least that agrees without
+/// a fault, 5 leaves two rounds for a late certificate.
+const REPUTATION_LAG: u64 = 5;
+/// Leader reputation: fewer final blocks than this (at the start of a chain) and the
+/// validators lead in turn, as a window of one or two blocks would name few of them active.
+const REPUTATION_MIN_HISTORY: usize = 5;
+/// Leader reputation: the weight (times stake) of a validator that proposed or voted in the
+/// window and did not fail as leader since it last proposed.
+const ACTIVE_WEIGHT: u64 = 1000;
+/// ... of one that neither proposed nor voted in the window (a new or returning validator:
+/// drawn now and then, so it can show it is back).
+const INACTIVE_WEIGHT: u64 = 10;
+/// ... of one whose latest round as leader in the window failed (a crashed, silent or
+/// faulty leader: drawn about once in a thousand rounds while it stays in the window).
+const FAILED_WEIGHT: u64 = 1;
 
 /// What leader reputation remembers of a final block.
 #[derive(Clone, Debug)]
@@ -66,6 +83,9 @@ struct Participation {
     proposer: Address,
     /// Signers of the certificate the block carries (of its parent).
     signers: Vec<Address>,
+    /// The leaders of the rounds just below it that certified no block, oldest first: the
+    /// last of them led round `round - 1`.
+    failed: Vec<Address>,
 }
 
 /// Height of the block that ends `epoch`: `(epoch + 1) * epoch_length`.
@@ -171,6 +191,9 @@ pub struct BuildRequest {
     pub validators_hash: Hash,
     /// Evidence to include.
     pub evidence: Vec<Evidence>,
+    /// The leaders of the rounds since the parent's certificate that certified nothing, for
+    /// the header (oldest first, the newest [`keel_types::MAX_FAILED_PROPOSERS`]).
+    pub failed_proposers: Vec<Address>,
     /// A suffix block (above the block ending the epoch): build it with no transactions and
     /// no evidence.
     pub empty: bool,
@@ -317,14 +340,24 @@ pub struct Engine {
     /// Proofs that recent epochs ended (by the epoch ended), served to validators still in
     /// them; the last [`KEPT_EPOCH_PROOFS`].
     epoch_proofs: BTreeMap<u64, EpochProof>,
-    /// Final blocks of this epoch, oldest first (at most a few windows), for leader
-    /// reputation.
+    /// The newest final blocks, oldest first (at most [`HISTORY_HEADERS`], across epochs),
+    /// for leader reputation.
     history: std::collections::VecDeque<Participation>,
-    /// The active validators of the last reputation window, keyed by (epoch, newest round).
+    /// Reputation weights of the current set's validators (in set order) for the last
+    /// window looked at, keyed by (epoch, the window's newest round).
     #[allow(clippy::type_complexity)]
-    active_memo: std::cell::RefCell<Option<((u64, u64), Option<HashSet<Address>>)>>,
+    weights_memo: std::cell::RefCell<Option<((u64, u64), Vec<u64>)>>,
+    /// Validators this node saw fail as leader or as the collector of its vote (see
+    /// [`Engine::back_off`]), since they last proposed a valid block.
+    suspects: HashSet<Address>,
+    /// The round this node voted for a proposal in (not a timeout).
+    voted_round: u64,
     /// Proposals of the next epoch received before switching to it (bounded).
     next_epoch_proposals: Vec<Proposal>,
+    /// Votes of the next epoch received before switching to it (bounded): a validator that
+    /// saw the epoch end a moment earlier votes for its first block and, unlike a timeout,
+    /// never sends that vote again.
+    next_epoch_votes: Vec<Vote>,
     /// A proof waiting for the blocks below it to be synced.
     stashed_proof: Option<EpochProof>,
     /// Validators sent the epoch proof in the current round.
@@ -419,8 +452,11 @@ impl Engine {
             epoch_proofs: BTreeMap::new(),
             stashed_proof: None,
             next_epoch_proposals: Vec::new(),
+            next_epoch_votes: Vec::new(),
             history: std::collections::VecDeque::new(),
-            active_memo: std::cell::RefCell::new(None),
+            weights_memo: std::cell::RefCell::new(None),
+            suspects: HashSet::new(),
+            voted_round: 0,
             proof_replies: HashMap::new(),
             safety,
             round,
@@ -492,56 +528,79 @@ impl Engine {
         self.validators.get(&self.key.address()).is_some()
     }
 
-    /// The leader of `round` (leader reputation, as DiemBFT v4): drawn by stake among the
-    /// validators active in the last [`REPUTATION_WINDOW`] final blocks of this epoch with
-    /// rounds at least [`REPUTATION_LAG`] below `round` (proposers, and signers of the
-    /// certificates they carry), so a crashed or silent validator stops being drawn. With
-    /// too little history, or an active stake that is no quorum, the whole set.
+    /// The leader of `round`: drawn by stake times reputation weight (as Aptos's proposer
+    /// election, after DiemBFT v4), the weights read from the last [`REPUTATION_WINDOW`]
+    /// final blocks of rounds at least [`REPUTATION_LAG`] below `round`, whatever their
+    /// epoch. A validator whose latest round as leader failed (listed in a header's
+    /// `failed_proposers` after it last proposed) weighs [`FAILED_WEIGHT`], one that
+    /// proposed or voted [`ACTIVE_WEIGHT`], any other [`INACTIVE_WEIGHT`]. With fewer than
+    /// [`REPUTATION_MIN_HISTORY`] such blocks (the start of a chain), the validators in turn
+    /// ([`ValidatorSet::leader_in_turn`]).
     fn leader(&self, round: u64) -> &crate::Validator {
         let cutoff = round.saturating_sub(REPUTATION_LAG);
-        // The window is fixed by its newest block (history only grows within an epoch), so
-        // the active set is computed once per window, not once per vote.
-        let Some(newest) = self.history.iter().rev().find(|p| p.round <= cutoff) else {
-            return self.validators.leader(round);
+        // The window is fixed by its newest block (history only grows), so the weights are
+        // computed once per window, not once per vote.
+        let mut looked_at = self.history.iter().rev().filter(|p| p.round <= cutoff);
+        let Some(newest) = looked_at.next() else {
+            return self.validators.leader_in_turn(round);
         };
+        if looked_at.take(REPUTATION_MIN_HISTORY - 1).count() < REPUTATION_MIN_HISTORY - 1 {
+            return self.validators.leader_in_turn(round);
+        }
         let key = (self.epoch, newest.round);
-        let mut memo = self.active_memo.borrow_mut();
+        let mut memo = self.weights_memo.borrow_mut();
         if memo.as_ref().map(|m| m.0) != Some(key) {
-            *memo = Some((key, self.active_set(cutoff)));
+            *memo = Some((key, self.reputation(cutoff)));
         }
-        match memo.as_ref().and_then(|m| m.1.as_ref()) {
-            Some(active) => self
-                .validators
-                .leader_among(round, &|v| active.contains(&v.address)),
-            None => self.validators.leader(round),
-        }
+        let weights = memo.as_ref().map(|m| m.1.as_slice()).unwrap_or_default();
+        self.validators.leader_weighted(round, weights)
     }
 
-    /// Validators that proposed, or signed the certificates carried by, the last
-    /// [`REPUTATION_WINDOW`] final blocks of rounds up to `cutoff`; `None` with too little
-    /// history or when they hold no quorum.
-    fn active_set(&self, cutoff: u64) -> Option<HashSet<Address>> {
-        let window: Vec<&Participation> = self
+    /// Reputation weights of the current set (in set order) from the last
+    /// [`REPUTATION_WINDOW`] final blocks of rounds up to `cutoff`.
+    fn reputation(&self, cutoff: u64) -> Vec<u64> {
+        let mut proposed: HashMap<Address, u64> = HashMap::new();
+        let mut failed: HashMap<Address, u64> = HashMap::new();
+        let mut voted: HashSet<Address> = HashSet::new();
+        for p in self
             .history
             .iter()
             .rev()
             .filter(|p| p.round <= cutoff)
             .take(REPUTATION_WINDOW)
-            .collect();
-        if window.len() < REPUTATION_WINDOW {
-            return None;
+        {
+            let at = proposed.entry(p.proposer).or_default();
+            *at = (*at).max(p.round);
+            voted.extend(p.signers.iter().copied());
+            // The failed leaders led the rounds just below the block's, the last `round - 1`.
+            let first = p.round.saturating_sub(p.failed.len() as u64);
+            for (i, leader) in p.failed.iter().enumerate() {
+                let at = failed.entry(*leader).or_default();
+                *at = (*at).max(first.saturating_add(i as u64));
+            }
         }
-        let mut active: HashSet<Address> = HashSet::new();
-        for p in window {
-            active.insert(p.proposer);
-            active.extend(p.signers.iter().copied());
-        }
-        let stake: u64 = active
+        self.validators
+            .validators()
             .iter()
-            .filter_map(|a| self.validators.get(a))
-            .map(|v| v.stake)
-            .sum();
-        self.validators.is_quorum(stake).then_some(active)
+            .map(|v| {
+                let last_proposed = proposed.get(&v.address);
+                match failed.get(&v.address) {
+                    Some(f) if last_proposed.is_none_or(|p| f > p) => FAILED_WEIGHT,
+                    _ if last_proposed.is_some() || voted.contains(&v.address) => ACTIVE_WEIGHT,
+                    _ => INACTIVE_WEIGHT,
+                }
+            })
+            .collect()
+    }
+
+    /// The leaders of the rounds after `qc_round` and before `round` (which certified no
+    /// block on the branch a proposal extends), the newest
+    /// [`keel_types::MAX_FAILED_PROPOSERS`] of them, oldest first.
+    fn failed_leaders(&self, qc_round: u64, round: u64) -> Vec<Address> {
+        let first = qc_round
+            .saturating_add(1)
+            .max(round.saturating_sub(keel_types::MAX_FAILED_PROPOSERS as u64));
+        (first..round).map(|r| self.leader(r).address).collect()
     }
 
     /// The address of the leader of `round`, as this engine computes it.
@@ -549,8 +608,8 @@ impl Engine {
         self.leader(round).address
     }
 
-    /// Gives the final headers of this epoch (oldest first) after a restart, so the leader
-    /// schedule agrees with the other validators' at once.
+    /// Gives the newest final headers (oldest first, at most [`HISTORY_HEADERS`] are kept)
+    /// after a restart, so the leader schedule agrees with the other validators' at once.
     pub fn restore_history(&mut self, headers: &[keel_types::Header]) {
         for h in headers {
             self.remember(h);
@@ -558,7 +617,7 @@ impl Engine {
     }
 
     fn remember(&mut self, h: &keel_types::Header) {
-        if h.epoch != self.epoch || round_epoch(h.round) != self.epoch {
+        if round_epoch(h.round) != h.epoch || h.epoch > self.epoch {
             return;
         }
         if self.history.back().is_some_and(|p| p.round >= h.round) {
@@ -568,6 +627,7 @@ impl Engine {
             round: h.round,
             proposer: h.proposer,
             signers: h.parent_qc.signatures.iter().map(|s| s.validator).collect(),
+            failed: h.failed_proposers.clone(),
         });
         while self.history.len() > HISTORY_HEADERS {
             self.history.pop_front();
@@ -660,6 +720,15 @@ impl Engine {
                     && self.blocks.contains_key(&persisted.block_hash)
                 {
                     self.on_qc(now_ms, persisted, &mut out);
+                }
+                // The highest certificate may have come (in a timeout, say) before the block
+                // it certifies: now that the block is here, it can make its parent final.
+                let high = self.high_qc.clone();
+                if self.blocks.contains_key(&high.block_hash) {
+                    self.on_qc(now_ms, high, &mut out);
+                    if self.awaiting_set {
+                        return out;
+                    }
                 }
                 self.try_propose(now_ms, &mut out);
             }
@@ -755,6 +824,7 @@ impl Engine {
         self.building = Some(round);
         let height = parent.height.saturating_add(1);
         let empty = height > self.epoch_end();
+        let failed_proposers = self.failed_leaders(self.qc_round(&self.high_qc), round);
         out.push(Effect::BuildBlock(BuildRequest {
             height,
             round,
@@ -765,6 +835,7 @@ impl Engine {
             timestamp_ms: now_ms.max(parent.timestamp_ms.saturating_add(1)),
             proposer: self.key.address(),
             validators_hash: self.validators.hash(),
+            failed_proposers,
             evidence: if empty {
                 Vec::new()
             } else {
@@ -882,6 +953,10 @@ impl Engine {
         if round != self.round {
             return;
         }
+        // The failed leaders it lists are what leader reputation reads once it is final.
+        if header.failed_proposers != self.failed_leaders(self.qc_round(&header.parent_qc), round) {
+            return;
+        }
         if !self.blocks.contains_key(&header.parent_hash) {
             out.push(Effect::RequestSync {
                 qc: header.parent_qc.clone(),
@@ -913,6 +988,8 @@ impl Engine {
         self.insert_block(&p.block);
         let header = &p.block.header;
         let round = header.round;
+        // It led its round: no longer suspected of failing.
+        self.suspects.remove(&header.proposer);
         if round != self.round
             || round <= self.safety.last_voted_round
             || !self.is_member()
@@ -921,6 +998,7 @@ impl Engine {
             return;
         }
         self.safety.last_voted_round = round;
+        self.voted_round = round;
         if self.high_qc.round > self.safety.highest_qc.round {
             self.safety.highest_qc = self.high_qc.clone();
         }
@@ -958,6 +1036,18 @@ impl Engine {
         let round = vote.round;
         if round_epoch(round) < self.epoch {
             self.send_epoch_proof(now_ms, vote.voter, round_epoch(round), out);
+            return;
+        }
+        if round_epoch(round) == self.epoch.saturating_add(1)
+            && round
+                < epoch_base_round(self.epoch.saturating_add(1)).saturating_add(MAX_FUTURE_ROUNDS)
+        {
+            // Checked once the set of that epoch is known.
+            if self.next_epoch_votes.len() < MAX_NEXT_EPOCH_VOTES
+                && !self.next_epoch_votes.contains(&vote)
+            {
+                self.next_epoch_votes.push(vote);
+            }
             return;
         }
         if vote.chain_id != self.config.chain_id
@@ -1256,7 +1346,6 @@ impl Engine {
         }
         let round = self.round;
         self.last_timeout_round = round;
-        self.consecutive_timeouts = self.consecutive_timeouts.saturating_add(1);
         self.safety.last_voted_round = self.safety.last_voted_round.max(round);
         if self.high_qc.round > self.safety.highest_qc.round {
             self.safety.highest_qc = self.high_qc.clone();
@@ -1427,10 +1516,31 @@ impl Engine {
     fn on_tc(&mut self, now_ms: u64, tc: TimeoutCertificate, out: &mut Vec<Effect>) {
         let round = tc.round;
         self.on_qc(now_ms, tc.high_qc.clone(), out);
+        if round >= self.round {
+            self.back_off(round);
+        }
         if self.high_tc.as_ref().is_none_or(|t| t.round < round) {
             self.high_tc = Some(tc);
         }
         self.advance_to(now_ms, round.saturating_add(1), out);
+    }
+
+    /// A TC ended `round`: more than two thirds of the stake is live, yet the round certified
+    /// nothing. Who failed it: its leader, or, if its proposal got our vote, the next leader
+    /// that was to collect the votes. The round timeout doubles (up to the cap) only when that
+    /// validator was not already seen failing: the network may be too slow for the timeout.
+    /// A known failed validator says nothing of the network, so its rounds keep the timeout
+    /// short, and a round that ends in no TC at all (no quorum is live) grows nothing either:
+    /// its timer only repeats the timeout message.
+    fn back_off(&mut self, round: u64) {
+        let culprit = if self.voted_round == round {
+            self.leader(round.saturating_add(1)).address
+        } else {
+            self.leader(round).address
+        };
+        if self.suspects.insert(culprit) {
+            self.consecutive_timeouts = self.consecutive_timeouts.saturating_add(1);
+        }
     }
 
     /// 2-chain commit: a certified block whose parent is from the previous round makes the
@@ -1568,7 +1678,8 @@ impl Engine {
         }
         self.awaiting_set = false;
         self.epoch = epoch;
-        self.history.clear();
+        // Leader reputation keeps the history of the epochs before: it is final, so every
+        // validator agrees on it, and a failed validator stays skipped from the first round.
         let tip = self.final_tip.clone();
         self.epoch_genesis = (tip.height, tip.hash, tip.round);
         self.epoch_genesis_qc = tip.qc.clone();
@@ -1593,6 +1704,9 @@ impl Engine {
         // Proposals of this epoch that arrived before the switch: judged now, by its set.
         for p in std::mem::take(&mut self.next_epoch_proposals) {
             self.on_proposal(now_ms, p, out);
+        }
+        for v in std::mem::take(&mut self.next_epoch_votes) {
+            self.on_vote(now_ms, v, out);
         }
     }
 

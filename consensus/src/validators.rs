@@ -107,20 +107,29 @@ impl ValidatorSet {
     /// The leader of `round`: drawn with probability proportional to stake, by a hash of the
     /// round, so every node computes the same schedule.
     pub fn leader(&self, round: u64) -> &Validator {
-        self.leader_among(round, &|_| true)
+        self.leader_weighted(round, &[])
     }
 
-    /// The leader of `round` among the validators `eligible` accepts (stake-weighted, by a
-    /// hash of the round); the whole set if it accepts none.
-    pub fn leader_among(&self, round: u64, eligible: &dyn Fn(&Validator) -> bool) -> &Validator {
-        let total: u64 = self
-            .validators
-            .iter()
-            .filter(|v| eligible(v))
-            .map(|v| v.stake)
-            .sum();
+    /// The leader of `round` in turn: the validators one after the other in set order,
+    /// whatever their stake. Used while a chain has too little history for leader
+    /// reputation: a failed validator then costs its turn and no more, where a draw can
+    /// name it for several rounds in a row and keep a 2-chain from forming.
+    pub fn leader_in_turn(&self, round: u64) -> &Validator {
+        let n = self.validators.len().max(1) as u64;
+        &self.validators[usize::try_from(round % n).unwrap_or(0)]
+    }
+
+    /// The leader of `round`, drawn by a hash of the round with chances proportional to
+    /// `stake * weights[i]` for the i-th validator of [`ValidatorSet::validators`] (leader
+    /// reputation hands in the weights; a missing weight counts as 1); by stake alone if
+    /// every weight is zero.
+    pub fn leader_weighted(&self, round: u64, weights: &[u64]) -> &Validator {
+        let chance = |i: usize| {
+            u128::from(self.validators[i].stake) * u128::from(*weights.get(i).unwrap_or(&1))
+        };
+        let total: u128 = (0..self.validators.len()).map(chance).sum();
         if total == 0 {
-            return self.leader_among(round, &|_| true);
+            return self.leader(round);
         }
         let mut h = blake3::Hasher::new_derive_key("keel 2026-11 leader election v1");
         h.update(self.hash.as_bytes());
@@ -128,10 +137,10 @@ impl ValidatorSet {
         let digest = h.finalize();
         let mut word = [0u8; 16];
         word.copy_from_slice(&digest.as_bytes()[..16]);
-        let ticket = u128::from_le_bytes(word) % u128::from(total);
+        let ticket = u128::from_le_bytes(word) % total;
         let mut acc: u128 = 0;
-        for v in self.validators.iter().filter(|v| eligible(v)) {
-            acc += u128::from(v.stake);
+        for (i, v) in self.validators.iter().enumerate() {
+            acc += chance(i);
             if ticket < acc {
                 return v;
             }
@@ -192,6 +201,38 @@ mod tests {
             "heavy validator led {wins} of 4000 rounds"
         );
         assert_eq!(s.leader(17), s.leader(17));
+    }
+
+    #[test]
+    fn leaders_in_turn_take_every_validator_once_per_cycle() {
+        let s = set(&[1, 5, 9]);
+        let cycle: Vec<Address> = (6..9).map(|r| s.leader_in_turn(r).address).collect();
+        let mut all: Vec<Address> = s.validators().iter().map(|v| v.address).collect();
+        all.sort();
+        let mut sorted = cycle.clone();
+        sorted.sort();
+        assert_eq!(sorted, all);
+        assert_eq!(s.leader_in_turn(9).address, cycle[0]);
+    }
+
+    #[test]
+    fn weights_scale_the_chances_and_zero_weights_fall_back_to_stake() {
+        let s = set(&[1, 1, 1]);
+        let [a, b, c] = [0, 1, 2].map(|i| s.validators()[i].address);
+        let weights = [1, 1000, 0];
+        let wins = |who: Address| {
+            (0..4000)
+                .filter(|r| s.leader_weighted(*r, &weights).address == who)
+                .count()
+        };
+        assert_eq!(wins(c), 0, "weight zero never leads");
+        assert!(
+            wins(a) < 20,
+            "weight 1 against 1000 leads rarely: {}",
+            wins(a)
+        );
+        assert!(wins(b) > 3980);
+        assert_eq!(s.leader_weighted(5, &[0, 0, 0]), s.leader(5));
     }
 
     #[test]

@@ -531,6 +531,7 @@ impl Sim {
                     proposer: req.proposer,
                     validators_hash: req.validators_hash,
                     parent_qc: req.parent_qc,
+                    failed_proposers: req.failed_proposers,
                     ..Header::default()
                 };
                 // A suffix block (above the epoch end) only certifies the end: no txs, no
@@ -1007,7 +1008,7 @@ fn check_run(seed: u64, scenario: Scenario, min_epoch: u64) -> Sim {
 }
 
 /// How long after healing progress must resume.
-const LIVENESS_BOUND_MS: u64 = 100_000;
+const LIVENESS_BOUND_MS: u64 = 30_000;
 /// The epoch every honest validator reaches in a random-fault run (epochs of at most 6
 /// blocks, 200 s of virtual time, one-second blocks).
 const MIN_EPOCH: u64 = 2;

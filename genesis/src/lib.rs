@@ -287,6 +287,7 @@ impl Genesis {
             validators_hash,
             parent_qc: QuorumCertificate::default(),
             evidence_root: Hash::ZERO,
+            failed_proposers: Vec::new(),
         }
     }
 }

@@ -528,6 +528,7 @@ pub(crate) mod tests {
             timestamp_ms: 1_000 * round,
             proposer: Address([9; 20]),
             validators_hash: Hash::digest(b"validators"),
+            failed_proposers: Vec::new(),
         }
     }
 

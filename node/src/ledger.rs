@@ -95,6 +95,8 @@ pub struct BlockTemplate {
     pub proposer: Address,
     /// Hash of the validator set proposing it.
     pub validators_hash: Hash,
+    /// Leaders of the rounds since the parent's certificate that certified no block.
+    pub failed_proposers: Vec<Address>,
 }
 
 impl From<&keel_consensus::BuildRequest> for BlockTemplate {
@@ -109,6 +111,7 @@ impl From<&keel_consensus::BuildRequest> for BlockTemplate {
             timestamp_ms: req.timestamp_ms,
             proposer: req.proposer,
             validators_hash: req.validators_hash,
+            failed_proposers: req.failed_proposers.clone(),
         }
     }
 }
@@ -363,6 +366,7 @@ impl Ledger {
                 validators_hash: template.validators_hash,
                 parent_qc: template.parent_qc,
                 evidence_root: Hash::ZERO,
+                failed_proposers: template.failed_proposers,
             },
             txs: txs.into_iter().map(|t| t.bytes).collect(),
             evidence,
@@ -895,6 +899,7 @@ pub(crate) mod tests {
             timestamp_ms: 1_000 * round,
             proposer: addr(9),
             validators_hash: Hash::digest(b"validators"),
+            failed_proposers: Vec::new(),
         }
     }
 

@@ -31,7 +31,14 @@ pub struct Header {
     pub parent_qc: QuorumCertificate,
     /// Merkle root of the ids of the block's evidence ([`Evidence::id`]).
     pub evidence_root: Hash,
+    /// Leaders of the rounds between the parent's certificate and this block's round, which
+    /// certified no block (oldest first, at most [`MAX_FAILED_PROPOSERS`]: the newest). Leader
+    /// reputation reads them from final blocks, so every validator agrees on who failed.
+    pub failed_proposers: Vec<Address>,
 }
+
+/// Most failed leaders a header lists.
+pub const MAX_FAILED_PROPOSERS: usize = 10;
 
 impl Header {
     pub(crate) fn to_proto(&self) -> proto::Header {
@@ -48,6 +55,7 @@ impl Header {
             parent_qc: Some(self.parent_qc.to_proto()),
             epoch: self.epoch,
             evidence_root: self.evidence_root.0.to_vec(),
+            failed_proposers: self.failed_proposers.iter().map(|a| a.0.to_vec()).collect(),
         }
     }
 
@@ -67,6 +75,19 @@ impl Header {
                 p.parent_qc.ok_or(Error::Missing("header.parent_qc"))?,
             )?,
             evidence_root: Hash::from_slice("header.evidence_root", &p.evidence_root)?,
+            failed_proposers: {
+                if p.failed_proposers.len() > MAX_FAILED_PROPOSERS {
+                    return Err(Error::TooMany {
+                        what: "header.failed_proposers",
+                        len: p.failed_proposers.len(),
+                        max: MAX_FAILED_PROPOSERS,
+                    });
+                }
+                p.failed_proposers
+                    .iter()
+                    .map(|a| Address::from_slice("header.failed_proposers", a))
+                    .collect::<Result<_>>()?
+            },
         })
     }
 
@@ -263,10 +284,18 @@ mod tests {
             any::<(u64, u64, u64, u64)>(),
             any::<([u8; 32], [u8; 20], [u8; 32], [u8; 32], [u8; 32])>(),
             proptest::collection::vec(any::<([u8; 20], u8)>(), 0..4),
+            proptest::collection::vec(any::<[u8; 20]>(), 0..=MAX_FAILED_PROPOSERS),
         )
             .prop_map(
-                |(chain_id, (height, round, epoch, ts), (parent, proposer, txr, sr, vh), sigs)| {
+                |(
+                    chain_id,
+                    (height, round, epoch, ts),
+                    (parent, proposer, txr, sr, vh),
+                    sigs,
+                    failed,
+                )| {
                     Header {
+                        failed_proposers: failed.into_iter().map(Address).collect(),
                         chain_id,
                         height,
                         round,
@@ -315,6 +344,20 @@ mod tests {
         fn block_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = Block::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn a_header_listing_too_many_failed_proposers_is_refused() {
+        let mut header = Header {
+            failed_proposers: vec![Address([7; 20]); MAX_FAILED_PROPOSERS],
+            ..Header::default()
+        };
+        assert_eq!(Header::decode(&header.encode()).unwrap(), header);
+        header.failed_proposers.push(Address([8; 20]));
+        assert!(matches!(
+            Header::decode(&header.encode()),
+            Err(Error::TooMany { len, .. }) if len == MAX_FAILED_PROPOSERS + 1
+        ));
     }
 
     #[test]

@@ -21,6 +21,16 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// A list with more entries than the protocol allows.
+    #[error("{what} has {len} entries, more than the limit of {max}")]
+    TooMany {
+        /// The list.
+        what: &'static str,
+        /// Its entries.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A fixed-length field of the wrong length.
     #[error("{field} must be {expected} bytes, got {got}")]
     Length {

@@ -18,7 +18,7 @@ pub mod proto;
 mod tx;
 mod vote;
 
-pub use block::{merkle_root, Block, Header, Receipt};
+pub use block::{merkle_root, Block, Header, Receipt, MAX_FAILED_PROPOSERS};
 pub use codec::MAX_MESSAGE_BYTES;
 pub use crypto::{verify_batch, Keypair, PublicKey, Signature};
 pub use error::{Error, Result};

@@ -124,6 +124,8 @@ pub struct Header {
     pub epoch: u64,
     #[prost(bytes = "vec", tag = "12")]
     pub evidence_root: Vec<u8>,
+    #[prost(bytes = "vec", repeated, tag = "13")]
+    pub failed_proposers: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
