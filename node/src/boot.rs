@@ -148,7 +148,6 @@ pub fn open(
             genesis.params.min_fee,
         ),
         sig_cache,
-        memory_limit: settings.memory_limit,
         finalized,
     }));
     let validators = chain.validator_set(epoch)?;

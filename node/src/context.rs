@@ -1,18 +1,27 @@
 //! The node context that the RPC server, the network server and the consensus host share:
 //! storage, state, the mempool, the signature cache, the validator sets, the current
 //! [`ChainView`] (which only the host publishes), and the head notifications.
+//!
+//! [`NodeContext::register_metrics`] registers the metrics of the parts it holds: the view's
+//! heights and epoch, the mempool's size, the hits and misses of the validator-set and
+//! signature caches, and the database's size, each read where it is kept.
 
-use std::sync::atomic::Ordering;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use keel_consensus::{epoch_of_next_block, CacheStats, Validator, ValidatorSet, ValidatorSetCache};
 use keel_genesis::Params;
 use keel_state::{verify_transactions, SigCache, State};
-use keel_storage::BlockStore;
+use keel_storage::{BlockStore, KvStore};
 use keel_types::{Block, Hash, Header, Transaction};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 
 use crate::mempool::{Mempool, Rejection};
+use crate::metrics::{encode_counter, encode_gauge};
 use crate::net::Network;
 use crate::store::ConsensusStore;
 pub use crate::view::TipInfo;
@@ -117,8 +126,6 @@ pub struct ContextParts {
     /// Transactions whose signatures are verified: filled at admission, read by block
     /// execution (the node's one cache, shared with its [`crate::ledger::Ledger`]).
     pub sig_cache: Arc<SigCache>,
-    /// `memory.limit` in bytes (0: none), for the metrics.
-    pub memory_limit: u64,
     /// The final block at start.
     pub finalized: (u64, Hash),
 }
@@ -137,19 +144,17 @@ pub struct NodeContext {
     pub state: State,
     /// The validator set of genesis (epoch 0).
     genesis_validators: ValidatorSet,
-    /// Validator sets by epoch.
-    validator_sets: ValidatorSetCache,
+    /// Validator sets by epoch (shared with its metrics collector).
+    validator_sets: Arc<ValidatorSetCache>,
     /// Consensus-side records (safety data, kept blocks, epoch proofs, peer book).
     records: ConsensusStore,
-    /// Prometheus metrics.
-    pub metrics: crate::metrics::Metrics,
     /// Where transactions submitted over RPC are gossiped (none without networking).
     gossip: std::sync::OnceLock<Arc<dyn Network>>,
     peers: std::sync::atomic::AtomicUsize,
     syncing: std::sync::atomic::AtomicBool,
     mempool: Mutex<Mempool>,
     sig_cache: Arc<SigCache>,
-    view: ViewCell,
+    view: Arc<ViewCell>,
     new_heads: broadcast::Sender<Header>,
     finalized_heads: broadcast::Sender<Header>,
 }
@@ -165,14 +170,16 @@ impl NodeContext {
             blocks: parts.blocks,
             state: parts.state,
             genesis_validators: parts.validators,
-            validator_sets: ValidatorSetCache::new(VALIDATOR_SET_CACHE_EPOCHS),
-            metrics: crate::metrics::Metrics::new(parts.memory_limit),
+            validator_sets: Arc::new(ValidatorSetCache::new(VALIDATOR_SET_CACHE_EPOCHS)),
             gossip: std::sync::OnceLock::new(),
             peers: std::sync::atomic::AtomicUsize::new(0),
             syncing: std::sync::atomic::AtomicBool::new(false),
             mempool: Mutex::new(parts.mempool),
             sig_cache: parts.sig_cache,
-            view: ViewCell::new(ChainView::at_final(parts.finalized, parts.epoch)),
+            view: Arc::new(ViewCell::new(ChainView::at_final(
+                parts.finalized,
+                parts.epoch,
+            ))),
             new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
             finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
         }
@@ -181,6 +188,23 @@ impl NodeContext {
     /// The current view of the chain: tip, final block, epoch, non-final blocks.
     pub fn view(&self) -> Arc<ChainView> {
         self.view.load()
+    }
+
+    /// Registers the metrics of the parts the context holds, each read where it is kept at
+    /// scrape time without waiting on the host: `keel_block_height`, `keel_finalized_height`
+    /// and `keel_epoch` (the view), `keel_mempool_txs`, `keel_validator_set_cache_*` and
+    /// `keel_sig_cache_*` (hits and misses), `keel_db_size_bytes` and `keel_pruned_height`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register_collector(Box::new(self.view.clone()));
+        self.mempool().register_metrics(registry);
+        registry.register_collector(Box::new(CacheMetrics {
+            validator_sets: self.validator_sets.clone(),
+            signatures: self.sig_cache.clone(),
+        }));
+        registry.register_collector(Box::new(DatabaseMetrics {
+            store: self.blocks.kv().clone(),
+            size: AtomicU64::new(0),
+        }));
     }
 
     /// Replaces the view (the consensus host, after each step that changes it).
@@ -201,14 +225,6 @@ impl NodeContext {
     /// Gossips transactions submitted over RPC through `net` from now on.
     pub fn set_gossip(&self, net: Arc<dyn Network>) {
         let _ = self.gossip.set(net);
-    }
-
-    /// Peer-to-peer bytes so far (zero without networking).
-    pub fn p2p_bytes(&self) -> keel_p2p::frame::ByteCounts {
-        self.gossip
-            .get()
-            .map(|n| n.byte_counts())
-            .unwrap_or_default()
     }
 
     /// Connected peers.
@@ -400,30 +416,82 @@ impl NodeContext {
     }
 }
 
-impl crate::metrics::Source for NodeContext {
-    fn tip(&self) -> TipInfo {
-        NodeContext::tip(self)
+/// Hits and misses of the validator-set cache and of the signature cache, counted by the
+/// caches themselves (they only grow).
+struct CacheMetrics {
+    validator_sets: Arc<ValidatorSetCache>,
+    signatures: Arc<SigCache>,
+}
+
+impl fmt::Debug for CacheMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheMetrics").finish_non_exhaustive()
     }
-    fn epoch(&self) -> u64 {
-        NodeContext::epoch(self)
+}
+
+impl Collector for CacheMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let sets = self.validator_sets.stats();
+        encode_counter(
+            &mut encoder,
+            "keel_validator_set_cache_hits",
+            "Validator set lookups served by the per-epoch cache",
+            sets.hits,
+        )?;
+        encode_counter(
+            &mut encoder,
+            "keel_validator_set_cache_misses",
+            "Validator set lookups that computed the set",
+            sets.misses,
+        )?;
+        encode_counter(
+            &mut encoder,
+            "keel_sig_cache_hits",
+            "Signature cache lookups that found the transaction already verified (admission, block execution)",
+            self.signatures.hits(),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "keel_sig_cache_misses",
+            "Signature cache lookups that had to verify the transaction (admission, block execution)",
+            self.signatures.misses(),
+        )
     }
-    fn mempool_len(&self) -> usize {
-        self.mempool().len()
+}
+
+/// The database's size on disk and the height below which it is pruned.
+struct DatabaseMetrics {
+    store: Arc<dyn KvStore>,
+    /// The last size the store told, kept when it cannot tell.
+    size: AtomicU64,
+}
+
+impl fmt::Debug for DatabaseMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseMetrics")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
-    fn peers(&self) -> usize {
-        NodeContext::peers(self)
-    }
-    fn db_size_bytes(&self) -> Option<u64> {
-        self.blocks.kv().disk_size_bytes().ok()
-    }
-    fn p2p_bytes(&self) -> keel_p2p::frame::ByteCounts {
-        NodeContext::p2p_bytes(self)
-    }
-    fn validator_set_cache_stats(&self) -> CacheStats {
-        NodeContext::validator_set_cache_stats(self)
-    }
-    fn sig_cache_stats(&self) -> (u64, u64) {
-        (self.sig_cache.hits(), self.sig_cache.misses())
+}
+
+impl Collector for DatabaseMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        if let Ok(size) = self.store.disk_size_bytes() {
+            self.size.store(size, Ordering::Relaxed);
+        }
+        encode_gauge(
+            &mut encoder,
+            "keel_db_size_bytes",
+            "Database size on disk",
+            self.size.load(Ordering::Relaxed),
+        )?;
+        // The node runs no pruner yet: every block is kept, so none is pruned.
+        encode_gauge(
+            &mut encoder,
+            "keel_pruned_height",
+            "Blocks at or below this height are pruned",
+            0,
+        )
     }
 }
 
@@ -493,7 +561,6 @@ pub(crate) mod tests {
                 FEE,
             ),
             sig_cache: Arc::new(SigCache::new(1_000)),
-            memory_limit: 0,
             finalized: (0, hash),
         });
         (chain, store)
@@ -572,9 +639,62 @@ pub(crate) mod tests {
         assert_eq!((cache.hits(), cache.misses()), (2, 3));
         assert!(cache.contains(&third.hash));
 
-        let text = chain.metrics.render(&chain);
+        let mut registry = Registry::default();
+        chain.register_metrics(&mut registry);
+        let text = crate::metrics::render(&registry);
         assert_eq!(metric(&text, "keel_sig_cache_hits_total"), "2");
         assert_eq!(metric(&text, "keel_sig_cache_misses_total"), "3");
+    }
+
+    #[test]
+    fn the_context_exports_the_metrics_of_its_parts_as_they_change() {
+        let (chain, _) = chain();
+        let mut registry = Registry::default();
+        chain.register_metrics(&mut registry);
+        let text = crate::metrics::render(&registry);
+        for (name, kind, help) in [
+            ("keel_block_height", "gauge", "Height of the latest certified block"),
+            ("keel_finalized_height", "gauge", "Height of the latest final block"),
+            ("keel_epoch", "gauge", "Current consensus epoch"),
+            ("keel_mempool_txs", "gauge", "Transactions in the mempool"),
+            ("keel_validator_set_cache_hits", "counter", "Validator set lookups served by the per-epoch cache"),
+            ("keel_validator_set_cache_misses", "counter", "Validator set lookups that computed the set"),
+            ("keel_sig_cache_hits", "counter", "Signature cache lookups that found the transaction already verified (admission, block execution)"),
+            ("keel_sig_cache_misses", "counter", "Signature cache lookups that had to verify the transaction (admission, block execution)"),
+            ("keel_db_size_bytes", "gauge", "Database size on disk"),
+            ("keel_pruned_height", "gauge", "Blocks at or below this height are pruned"),
+        ] {
+            let head = format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n");
+            assert!(text.contains(&head), "{head} missing from\n{text}");
+        }
+        assert_eq!(metric(&text, "keel_mempool_txs"), "0");
+        assert_eq!(metric(&text, "keel_validator_set_cache_misses_total"), "0");
+
+        // Each scrape reads the parts as they are then.
+        for s in 1..=3 {
+            chain.submit(&transfer(s, 0).bytes).unwrap();
+        }
+        chain.validator_set(0).unwrap();
+        chain.validator_set(0).unwrap();
+        let mut view = ChainView::at_final((5, Hash::digest(b"5")), 2);
+        view.tip.latest = (6, Hash::digest(b"6"));
+        chain.publish(view);
+        let text = crate::metrics::render(&registry);
+        for (series, value) in [
+            ("keel_block_height", "6"),
+            ("keel_finalized_height", "5"),
+            ("keel_epoch", "2"),
+            ("keel_mempool_txs", "3"),
+            ("keel_validator_set_cache_hits_total", "1"),
+            ("keel_validator_set_cache_misses_total", "1"),
+            ("keel_sig_cache_hits_total", "0"),
+            ("keel_sig_cache_misses_total", "3"),
+            // A `MemStore` takes no disk.
+            ("keel_db_size_bytes", "0"),
+            ("keel_pruned_height", "0"),
+        ] {
+            assert_eq!(metric(&text, series), value, "{series}\n{text}");
+        }
     }
 
     #[test]

@@ -25,6 +25,9 @@ use keel_types::{
     Address, Block, ConsensusMessage, EpochProof, Hash, PeerRequest, PeerResponse,
     QuorumCertificate,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::Clock;
@@ -126,6 +129,7 @@ pub struct Host {
     sync_salt: u64,
     /// Whether the view is behind the ledger.
     dirty: bool,
+    metrics: HostMetrics,
 }
 
 impl Host {
@@ -148,6 +152,7 @@ impl Host {
             next_request: 0,
             sync_salt: 0,
             dirty: true,
+            metrics: HostMetrics::default(),
         }
     }
 
@@ -170,6 +175,12 @@ impl Host {
     /// The block tree.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Registers the metrics the host updates as it goes: `keel_txs_committed` and
+    /// `keel_block_execution_seconds`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
     }
 
     fn observe(&mut self, event: HostEvent<'_>) {
@@ -272,8 +283,7 @@ impl Host {
                 let hash = block.hash();
                 let started = std::time::Instant::now();
                 let checked = self.ledger.validate_block(&block);
-                self.chain
-                    .metrics
+                self.metrics
                     .block_execution_seconds
                     .observe(started.elapsed().as_secs_f64());
                 let valid = match checked {
@@ -356,8 +366,7 @@ impl Host {
         let template = BlockTemplate::from(&req);
         let started = std::time::Instant::now();
         let built = self.ledger.build_block(template, txs, req.evidence);
-        self.chain
-            .metrics
+        self.metrics
             .block_execution_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(match built {
@@ -647,10 +656,7 @@ impl Host {
             }
         }
         for f in &written {
-            self.chain
-                .metrics
-                .txs_committed
-                .inc_by(f.block.txs.len() as u64);
+            self.metrics.txs_committed.inc_by(f.block.txs.len() as u64);
             let failed = f.receipts.iter().filter(|r| !r.success).count();
             info!(height = f.block.header.height, round = f.block.header.round, hash = %f.block.hash(),
                   txs = f.block.txs.len(), failed, "finalized block");
@@ -711,5 +717,39 @@ pub fn run_blocking(
             Err(RecvTimeoutError::Timeout) => {}
         }
         host.fire_due_timers()?;
+    }
+}
+
+/// What the host counts as it goes. Clones update the same metrics.
+#[derive(Clone, Debug)]
+struct HostMetrics {
+    /// Transactions in final blocks.
+    txs_committed: Counter,
+    /// Time to build or re-execute a block.
+    block_execution_seconds: Histogram,
+}
+
+impl Default for HostMetrics {
+    fn default() -> HostMetrics {
+        HostMetrics {
+            txs_committed: Counter::default(),
+            // 0.5 ms to about 16 s.
+            block_execution_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        }
+    }
+}
+
+impl HostMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "keel_txs_committed",
+            "Transactions in final blocks",
+            self.txs_committed.clone(),
+        );
+        registry.register(
+            "keel_block_execution_seconds",
+            "Time to build or re-execute a block",
+            self.block_execution_seconds.clone(),
+        );
     }
 }

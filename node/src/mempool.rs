@@ -15,12 +15,17 @@
 //! carry) from [`Mempool::insert`]'s `account_nonce` and [`Mempool::remove_committed`]'s
 //! `new_nonces`, keeping the highest seen, since committed nonces only grow. It forgets a
 //! sender when none of its transactions is left.
+//!
+//! The pool exports its size as `keel_mempool_txs`, a gauge it sets whenever a transaction
+//! comes or goes, so a scrape reads it without taking the node's mempool lock.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
 
 use keel_types::{Address, Hash, Transaction, TxKind};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Largest accepted transaction (its `SignedTx` bytes).
 pub const MAX_TX_BYTES: usize = 64 * 1024;
@@ -149,6 +154,8 @@ pub struct Mempool {
     /// `(fee, hash)` of every sender's highest-nonce transaction: the eviction candidates.
     tails: BTreeSet<(u64, Hash)>,
     bytes: u64,
+    /// `keel_mempool_txs`: the number of transactions held, set at every change.
+    txs_gauge: Gauge,
 }
 
 impl fmt::Debug for Mempool {
@@ -184,7 +191,17 @@ impl Mempool {
             by_hash: HashMap::new(),
             tails: BTreeSet::new(),
             bytes: 0,
+            txs_gauge: Gauge::default(),
         }
+    }
+
+    /// Registers `keel_mempool_txs`, the number of transactions held.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "keel_mempool_txs",
+            "Transactions in the mempool",
+            self.txs_gauge.clone(),
+        );
     }
 
     /// Admits `tx`, whose signature the caller has verified. `account_nonce` and `balance`
@@ -433,6 +450,7 @@ impl Mempool {
         self.bytes = self.bytes.saturating_add(tx.bytes.len() as u64);
         queue.txs.insert(tx.nonce, Entry { tx, cost });
         retail(&mut self.tails, old_tail, queue.tail_key());
+        self.txs_gauge.set(self.len() as i64);
     }
 
     fn remove_tx(&mut self, hash: &Hash) -> Option<Transaction> {
@@ -445,6 +463,7 @@ impl Mempool {
             self.senders.remove(&sender);
         }
         self.bytes = self.bytes.saturating_sub(entry.tx.bytes.len() as u64);
+        self.txs_gauge.set(self.len() as i64);
         Some(entry.tx)
     }
 
@@ -513,6 +532,7 @@ impl Mempool {
             tails.extend(queue.tail_key());
         }
         assert_eq!(count, self.by_hash.len());
+        assert_eq!(self.txs_gauge.get(), count as i64, "keel_mempool_txs");
         assert_eq!(bytes, self.bytes);
         assert_eq!(tails, self.tails);
         assert!(self.len() <= self.limits.max_txs);
@@ -583,6 +603,31 @@ mod tests {
 
     fn hashes(txs: &[Transaction]) -> Vec<Hash> {
         txs.iter().map(|t| t.hash).collect()
+    }
+
+    #[test]
+    fn the_exported_size_follows_admission_eviction_and_commit() {
+        let mut pool = new_pool(2);
+        let mut registry = Registry::default();
+        pool.register_metrics(&mut registry);
+        let exported = |registry: &Registry| {
+            let text = crate::metrics::render(registry);
+            let head = "# HELP keel_mempool_txs Transactions in the mempool.\n\
+                        # TYPE keel_mempool_txs gauge\nkeel_mempool_txs ";
+            let at = text.find(head).unwrap_or_else(|| panic!("{text}")) + head.len();
+            text[at..].lines().next().unwrap().parse::<u64>().unwrap()
+        };
+        assert_eq!(exported(&registry), 0);
+        let (a, b) = (transfer(1, 0, 5, 10), transfer(2, 0, 5, 10));
+        pool.insert(a.clone(), 0, RICH).unwrap();
+        pool.insert(b, 0, RICH).unwrap();
+        assert_eq!(exported(&registry), 2);
+        // Full: a higher fee evicts one, the count stays at the limit.
+        pool.insert(transfer(3, 0, 50, 10), 0, RICH).unwrap();
+        assert_eq!(exported(&registry), 2);
+        pool.remove_committed(&[a.hash], &[(addr(1), 1)]);
+        assert_eq!(exported(&registry), pool.len() as u64);
+        pool.check_invariants();
     }
 
     #[test]

@@ -1,14 +1,26 @@
 //! Prometheus metrics (`GET /metrics` on `metrics.listen_addr`), prefix `keel_`.
 //!
-//! Counters the driver and RPC update as things happen live here; values other parts keep
-//! (tip, mempool size, peers, p2p byte counts, database size, memory, set cache, signature
-//! cache) are read at scrape time.
+//! Each component exports its own metrics into the one [`Registry`] the node builds at start
+//! (see `Node::start`): a component that counts as things happen owns live handles and
+//! registers clones of them (the consensus host: transactions committed, block execution
+//! time; the RPC layer: calls by method and result; the mempool: its size), and one that
+//! keeps a value anyway implements [`Collector`] to read it at scrape time (the chain view:
+//! heights and epoch; the p2p service: bytes and peers; the caches, the database, the
+//! allocator). This module holds what they share, so it depends on none of them: the
+//! encoding helpers ([`encode_gauge`], [`encode_counter`], [`encode_counters`]), the process
+//! memory collector ([`register_memory`]), [`render`], and the listener.
+//!
+//! A scrape encodes the registry as it is: no lock of the registry's own, and collectors read
+//! atomics or the published chain view, never a lock the consensus host holds across a disk
+//! write. Counters read from elsewhere are counts that only grow there, so they stay
+//! monotonic here.
 //!
 //! The listener ([`serve_metrics`]) is hyper's HTTP/1.1 server with bounds of its own: a
 //! fixed number of connections, a deadline for each request head and for each connection,
 //! and a cancellation token that stops it within a couple of seconds.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Ready;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,11 +34,11 @@ use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -34,224 +46,95 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::view::TipInfo;
 use crate::{Error, Result};
 
-/// Labels of `keel_p2p_bytes_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BytesLabels {
-    /// `sent` or `received`.
-    pub direction: String,
-    /// `true` for compressed frames.
-    pub compressed: String,
+/// The text exposition of every metric in `registry`, as a scrape gets it (empty if a
+/// collector failed to encode).
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
 }
 
-/// Labels of `keel_rpc_requests_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RpcLabels {
-    /// The method.
-    pub method: String,
-    /// 0 for success, else the JSON-RPC error code.
-    pub code: String,
+/// Writes the descriptor of a metric a collector encodes. `help` is written as
+/// [`Registry::register`] writes it for the metrics it holds (with a full stop), so a metric
+/// reads the same whichever way it is exported.
+fn describe<'a>(
+    encoder: &'a mut DescriptorEncoder<'_>,
+    name: &'a str,
+    help: &str,
+    kind: MetricType,
+) -> std::result::Result<prometheus_client::encoding::MetricEncoder<'a>, fmt::Error> {
+    encoder.encode_descriptor(name, &format!("{help}."), None, kind)
 }
 
-/// The values the metrics read at scrape time from the parts that keep them (the node
-/// context implements it), so this module depends on none of them.
-pub trait Source {
-    /// The chain's tip.
-    fn tip(&self) -> TipInfo;
-    /// The consensus epoch.
-    fn epoch(&self) -> u64;
-    /// Transactions in the mempool.
-    fn mempool_len(&self) -> usize;
-    /// Connected peers.
-    fn peers(&self) -> usize;
-    /// Bytes the database takes on disk, if it can tell.
-    fn db_size_bytes(&self) -> Option<u64>;
-    /// Peer-to-peer bytes so far.
-    fn p2p_bytes(&self) -> keel_p2p::frame::ByteCounts;
-    /// Hits and misses of the validator set cache.
-    fn validator_set_cache_stats(&self) -> keel_consensus::CacheStats;
-    /// Hits and misses of the signature cache.
-    fn sig_cache_stats(&self) -> (u64, u64);
+/// Writes gauge `name` with one sample, `value` (saturated at `i64::MAX`).
+pub fn encode_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> fmt::Result {
+    let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    gauge.encode(describe(encoder, name, help, gauge.metric_type())?)
 }
 
-/// Every metric of the node.
-pub struct Metrics {
-    registry: Registry,
-    block_height: Gauge,
-    finalized_height: Gauge,
-    epoch: Gauge,
-    /// Transactions in final blocks.
-    pub txs_committed: Counter,
-    /// Time to build or re-execute a block.
-    pub block_execution_seconds: Histogram,
-    mempool_txs: Gauge,
-    peers: Gauge,
-    p2p_bytes: Family<BytesLabels, Counter>,
-    /// RPC calls by method and result.
-    pub rpc_requests: Family<RpcLabels, Counter>,
-    memory_allocated: Gauge,
-    memory_limit: Gauge,
-    db_size: Gauge,
-    pruned_height: Gauge,
-    set_cache_hits: Counter,
-    set_cache_misses: Counter,
-    sig_cache_hits: Counter,
-    sig_cache_misses: Counter,
+/// Writes counter `name` (its sample is `name_total`) with `value`, a count that only grows
+/// where it is kept.
+pub fn encode_counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(describe(encoder, name, help, counter.metric_type())?)
 }
 
-impl Metrics {
-    /// A registry with every metric, `memory_limit` as configured (0: none).
-    pub fn new(memory_limit: u64) -> Metrics {
-        let mut registry = Registry::default();
-        let m = Metrics {
-            block_height: Gauge::default(),
-            finalized_height: Gauge::default(),
-            epoch: Gauge::default(),
-            txs_committed: Counter::default(),
-            block_execution_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-            mempool_txs: Gauge::default(),
-            peers: Gauge::default(),
-            p2p_bytes: Family::default(),
-            rpc_requests: Family::default(),
-            memory_allocated: Gauge::default(),
-            memory_limit: Gauge::default(),
-            db_size: Gauge::default(),
-            pruned_height: Gauge::default(),
-            set_cache_hits: Counter::default(),
-            set_cache_misses: Counter::default(),
-            sig_cache_hits: Counter::default(),
-            sig_cache_misses: Counter::default(),
-            registry: Registry::default(),
-        };
-        m.memory_limit.set(memory_limit as i64);
-        registry.register(
-            "keel_block_height",
-            "Height of the latest certified block",
-            m.block_height.clone(),
-        );
-        registry.register(
-            "keel_finalized_height",
-            "Height of the latest final block",
-            m.finalized_height.clone(),
-        );
-        registry.register("keel_epoch", "Current consensus epoch", m.epoch.clone());
-        registry.register(
-            "keel_txs_committed",
-            "Transactions in final blocks",
-            m.txs_committed.clone(),
-        );
-        registry.register(
-            "keel_block_execution_seconds",
-            "Time to build or re-execute a block",
-            m.block_execution_seconds.clone(),
-        );
-        registry.register(
-            "keel_mempool_txs",
-            "Transactions in the mempool",
-            m.mempool_txs.clone(),
-        );
-        registry.register("keel_peers", "Connected peers", m.peers.clone());
-        registry.register(
-            "keel_p2p_bytes",
-            "Peer-to-peer frame bytes by direction and compression",
-            m.p2p_bytes.clone(),
-        );
-        registry.register(
-            "keel_rpc_requests",
-            "JSON-RPC calls by method and result code (0 = success)",
-            m.rpc_requests.clone(),
-        );
-        registry.register(
+/// Writes counter `name` with one sample per label set, each a count that only grows where it
+/// is kept.
+pub fn encode_counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: &[(L, u64)],
+) -> fmt::Result {
+    let mut family = describe(encoder, name, help, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// Registers the process's memory: `keel_memory_allocated_bytes` (jemalloc's count, read at
+/// scrape time) and `keel_memory_limit_bytes` (`memory.limit`, 0 for none).
+pub fn register_memory(registry: &mut Registry, limit: u64) {
+    registry.register_collector(Box::new(MemoryMetrics { limit }));
+}
+
+/// The collector of [`register_memory`].
+#[derive(Debug)]
+struct MemoryMetrics {
+    limit: u64,
+}
+
+impl Collector for MemoryMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        encode_gauge(
+            &mut encoder,
             "keel_memory_allocated_bytes",
             "Bytes allocated through jemalloc",
-            m.memory_allocated.clone(),
-        );
-        registry.register(
+            allocated_bytes(),
+        )?;
+        encode_gauge(
+            &mut encoder,
             "keel_memory_limit_bytes",
             "Configured memory limit (0 = none)",
-            m.memory_limit.clone(),
-        );
-        registry.register(
-            "keel_db_size_bytes",
-            "Database size on disk",
-            m.db_size.clone(),
-        );
-        registry.register(
-            "keel_pruned_height",
-            "Blocks at or below this height are pruned",
-            m.pruned_height.clone(),
-        );
-        registry.register(
-            "keel_validator_set_cache_hits",
-            "Validator set lookups served by the per-epoch cache",
-            m.set_cache_hits.clone(),
-        );
-        registry.register(
-            "keel_validator_set_cache_misses",
-            "Validator set lookups that computed the set",
-            m.set_cache_misses.clone(),
-        );
-        registry.register(
-            "keel_sig_cache_hits",
-            "Signature cache lookups that found the transaction already verified (admission, block execution)",
-            m.sig_cache_hits.clone(),
-        );
-        registry.register(
-            "keel_sig_cache_misses",
-            "Signature cache lookups that had to verify the transaction (admission, block execution)",
-            m.sig_cache_misses.clone(),
-        );
-        Metrics { registry, ..m }
+            self.limit,
+        )
     }
-
-    /// Reads the values kept elsewhere and renders the text exposition format.
-    pub fn render(&self, chain: &dyn Source) -> String {
-        let tip = chain.tip();
-        self.block_height.set(tip.latest.0 as i64);
-        self.finalized_height.set(tip.finalized.0 as i64);
-        self.epoch.set(chain.epoch() as i64);
-        self.mempool_txs.set(chain.mempool_len() as i64);
-        self.peers.set(chain.peers() as i64);
-        if let Some(size) = chain.db_size_bytes() {
-            self.db_size.set(size as i64);
-        }
-        self.memory_allocated.set(allocated_bytes() as i64);
-        // Counters kept elsewhere (the p2p service, the caches) are copied in: they only grow,
-        // so storing their current value keeps the Prometheus counter monotonic.
-        let bytes = chain.p2p_bytes();
-        for (direction, compressed, value) in [
-            ("sent", false, bytes.sent_raw),
-            ("sent", true, bytes.sent_compressed),
-            ("received", false, bytes.received_raw),
-            ("received", true, bytes.received_compressed),
-        ] {
-            let labels = BytesLabels {
-                direction: direction.into(),
-                compressed: compressed.to_string(),
-            };
-            mirror(&self.p2p_bytes.get_or_create(&labels), value);
-        }
-        let stats = chain.validator_set_cache_stats();
-        mirror(&self.set_cache_hits, stats.hits);
-        mirror(&self.set_cache_misses, stats.misses);
-        let (hits, misses) = chain.sig_cache_stats();
-        mirror(&self.sig_cache_hits, hits);
-        mirror(&self.sig_cache_misses, misses);
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
-    }
-}
-
-/// Sets `counter` to `value`, a count kept elsewhere that only grows.
-fn mirror(counter: &Counter, value: u64) {
-    counter
-        .inner()
-        .fetch_max(value, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Bytes allocated, as jemalloc counts them (0 if it cannot tell).
@@ -458,6 +341,79 @@ mod tests {
     use super::*;
 
     const BODY: &str = "# TYPE keel_test_total counter\nkeel_test_total 7\n";
+
+    /// Encodes fixed values through the helpers, as a component's collector does.
+    #[derive(Debug)]
+    struct Fixed;
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            encode_gauge(&mut encoder, "keel_b", "Same help", u64::MAX)?;
+            encode_counter(&mut encoder, "keel_d", "Same help", 4)?;
+            encode_counters(
+                &mut encoder,
+                "keel_f",
+                "Same help",
+                &[([("kind", "x")], 5), ([("kind", "y")], 6)],
+            )
+        }
+    }
+
+    #[test]
+    fn a_collected_metric_reads_like_a_registered_one() {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+
+        let mut registry = Registry::default();
+        let gauge: Gauge = Gauge::default();
+        gauge.set(3);
+        registry.register("keel_a", "Same help", gauge);
+        let counter: Counter = Counter::default();
+        counter.inc();
+        registry.register("keel_c", "Same help", counter);
+        let family = Family::<[(&str, &str); 1], Counter>::default();
+        family.get_or_create(&[("kind", "x")]).inc();
+        registry.register("keel_e", "Same help", family);
+        registry.register_collector(Box::new(Fixed));
+        let text = render(&registry);
+        // Registered and collected metrics of a kind differ only in name and values.
+        let expected = [
+            "# HELP keel_a Same help.\n# TYPE keel_a gauge\nkeel_a 3\n",
+            "# HELP keel_c Same help.\n# TYPE keel_c counter\nkeel_c_total 1\n",
+            "# HELP keel_e Same help.\n# TYPE keel_e counter\nkeel_e_total{kind=\"x\"} 1\n",
+            // A value beyond i64 is saturated, not an error that empties the scrape.
+            "# HELP keel_b Same help.\n# TYPE keel_b gauge\nkeel_b 9223372036854775807\n",
+            "# HELP keel_d Same help.\n# TYPE keel_d counter\nkeel_d_total 4\n",
+            "# HELP keel_f Same help.\n# TYPE keel_f counter\n\
+             keel_f_total{kind=\"x\"} 5\nkeel_f_total{kind=\"y\"} 6\n",
+        ];
+        for part in expected {
+            assert!(text.contains(part), "{part} missing from\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn memory_metrics_report_the_configured_limit_and_the_allocator() {
+        let mut registry = Registry::default();
+        register_memory(&mut registry, 64 << 20);
+        let text = render(&registry);
+        assert!(
+            text.contains(
+                "# HELP keel_memory_limit_bytes Configured memory limit (0 = none).\n\
+                 # TYPE keel_memory_limit_bytes gauge\nkeel_memory_limit_bytes 67108864\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "# HELP keel_memory_allocated_bytes Bytes allocated through jemalloc.\n\
+                 # TYPE keel_memory_allocated_bytes gauge\nkeel_memory_allocated_bytes "
+            ),
+            "{text}"
+        );
+    }
 
     async fn start(
         limits: Limits,

@@ -1,6 +1,10 @@
 //! Node assembly: open the store, boot ([`crate::boot`]), start the network, the consensus
 //! host, the metrics and RPC servers, every long-lived one named and owned by a
 //! [`TaskManager`]; and stop them all, in order, within a bounded time.
+//!
+//! The metrics registry is built here, once: every component registers the metrics it keeps
+//! (the node context's parts, the network, the host, the RPC layer, the process memory)
+//! before the metrics server serves it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_storage::{KvStore, MemStore, RocksConfig, RocksStore};
+use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
@@ -34,6 +39,7 @@ pub struct Node {
     host_done: Option<oneshot::Receiver<Result<()>>>,
     rpc: jsonrpsee::server::ServerHandle,
     rpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     tasks: TaskManager,
     /// The RocksDB store, flushed at shutdown (none for the memory engine).
     rocks: Option<Arc<RocksStore>>,
@@ -55,8 +61,8 @@ impl Node {
             StorageEngine::Memory => (Arc::new(MemStore::new()), None),
         };
         let node_id = crate::net::libp2p::peer_id(&node_key)?.to_string();
-        let booted = match crate::boot::open(store, &genesis, &key, node_id, &Settings::of(&config))
-        {
+        let settings = Settings::of(&config);
+        let booted = match crate::boot::open(store, &genesis, &key, node_id, &settings) {
             Err(Error::WrongGenesis {
                 stored, expected, ..
             }) => {
@@ -101,17 +107,24 @@ impl Node {
         let network = Arc::new(net.network);
         chain.set_gossip(network.clone());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let mut host = booted.into_host(network, clock.clone());
+        let mut host = booted.into_host(network.clone(), clock.clone());
         host.start()?;
-        let scraped = chain.clone();
-        let (_, metrics) = crate::metrics::serve_metrics(
+        let rpc_metrics = crate::rpc::RpcMetrics::default();
+        let mut registry = Registry::default();
+        chain.register_metrics(&mut registry);
+        network.register_metrics(&mut registry);
+        host.register_metrics(&mut registry);
+        rpc_metrics.register(&mut registry);
+        crate::metrics::register_memory(&mut registry, settings.memory_limit);
+        let registry = Arc::new(registry);
+        let (metrics_addr, metrics) = crate::metrics::serve_metrics(
             config.metrics.listen_addr,
-            Arc::new(move || scraped.metrics.render(&*scraped)),
+            Arc::new(move || crate::metrics::render(&registry)),
             tasks.token(),
         )
         .await?;
         tasks.add_task("metrics server", metrics);
-        let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc).await?;
+        let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc, rpc_metrics).await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
 
         // The moniker labels consensus logs, so nodes sharing a process (devnet) are told apart.
@@ -136,6 +149,7 @@ impl Node {
             host_done: Some(done_rx),
             rpc,
             rpc_addr,
+            metrics_addr,
             tasks,
             rocks,
         })
@@ -149,6 +163,11 @@ impl Node {
     /// The address the RPC server listens on.
     pub fn rpc_addr(&self) -> SocketAddr {
         self.rpc_addr
+    }
+
+    /// The address the metrics server listens on.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// Resolves if the consensus host stops on its own, with its error.
@@ -196,5 +215,162 @@ fn rocks_config(config: &Config) -> RocksConfig {
         write_buffer_size: r.write_buffer_size.0,
         max_open_files: r.max_open_files,
         compression: r.compression,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use jsonrpsee::http_client::HttpClientBuilder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::config::ByteSize;
+    use crate::rpc::api::KeelApiClient;
+    use crate::rpc::types::{SignedTxHex, TxStatus};
+    use crate::{Address, Transaction, TxKind};
+
+    /// `(name, type, help)` of every metric the node exports, as written on `/metrics`: a public
+    /// contract (DESIGN.md), names, types and help texts alike.
+    const CONTRACT: [(&str, &str, &str); 17] = [
+        ("keel_block_height", "gauge", "Height of the latest certified block."),
+        ("keel_finalized_height", "gauge", "Height of the latest final block."),
+        ("keel_epoch", "gauge", "Current consensus epoch."),
+        ("keel_txs_committed", "counter", "Transactions in final blocks."),
+        ("keel_block_execution_seconds", "histogram", "Time to build or re-execute a block."),
+        ("keel_mempool_txs", "gauge", "Transactions in the mempool."),
+        ("keel_peers", "gauge", "Connected peers."),
+        ("keel_p2p_bytes", "counter", "Peer-to-peer frame bytes by direction and compression."),
+        ("keel_rpc_requests", "counter", "JSON-RPC calls by method and result code (0 = success)."),
+        ("keel_memory_allocated_bytes", "gauge", "Bytes allocated through jemalloc."),
+        ("keel_memory_limit_bytes", "gauge", "Configured memory limit (0 = none)."),
+        ("keel_db_size_bytes", "gauge", "Database size on disk."),
+        ("keel_pruned_height", "gauge", "Blocks at or below this height are pruned."),
+        ("keel_validator_set_cache_hits", "counter", "Validator set lookups served by the per-epoch cache."),
+        ("keel_validator_set_cache_misses", "counter", "Validator set lookups that computed the set."),
+        ("keel_sig_cache_hits", "counter", "Signature cache lookups that found the transaction already verified (admission, block execution)."),
+        ("keel_sig_cache_misses", "counter", "Signature cache lookups that had to verify the transaction (admission, block execution)."),
+    ];
+
+    async fn scrape(addr: SocketAddr) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: keel\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text.split_once("\r\n\r\n").unwrap().1.to_string()
+    }
+
+    /// The value of the sample whose name and labels are exactly `series`.
+    fn sample(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_node_serves_every_metric_of_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let now_ms = SystemClock.now_ms();
+        crate::home::init(dir.path(), "m0", "keel-metrics", now_ms).unwrap();
+        let home = Home::new(dir.path());
+        let mut config = Config::load(&home.config()).unwrap();
+        config.p2p.listen_addr = "/ip4/127.0.0.1/tcp/0".into();
+        config.rpc.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.metrics.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.consensus.block_time_ms = 50;
+        config.memory.limit = ByteSize(1 << 30);
+        let node = Node::start(dir.path(), config).await.unwrap();
+
+        let client = HttpClientBuilder::default()
+            .build(format!("http://{}", node.rpc_addr()))
+            .unwrap();
+        let status = client.chain_status().await.unwrap();
+        let key = read_key_file(&home.validator_key()).unwrap();
+        let tx = Transaction::sign(
+            &key,
+            &status.chain_id,
+            0,
+            status.min_fee,
+            TxKind::Transfer {
+                to: Address([7; 20]),
+                amount: 1,
+            },
+        );
+        let hash = client
+            .tx_submit(SignedTxHex::from_bytes(&tx.bytes))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while client.tx_status(hash).await.unwrap() != TxStatus::Finalized {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "transfer not final in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let text = scrape(node.metrics_addr()).await;
+        for (name, kind, help) in CONTRACT {
+            let head = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            assert!(text.contains(&head), "{head} missing from\n{text}");
+        }
+        // The one transfer; the other blocks are empty.
+        assert_eq!(sample(&text, "keel_txs_committed_total"), 1.0, "{text}");
+        assert!(sample(&text, "keel_finalized_height") >= 1.0, "{text}");
+        assert!(sample(&text, "keel_block_height") >= sample(&text, "keel_finalized_height"));
+        assert!(
+            sample(&text, "keel_block_execution_seconds_count") >= 1.0,
+            "{text}"
+        );
+        assert_eq!(sample(&text, "keel_mempool_txs"), 0.0, "{text}");
+        assert_eq!(sample(&text, "keel_peers"), 0.0, "{text}");
+        assert_eq!(sample(&text, "keel_epoch"), 0.0, "{text}");
+        for series in [
+            "keel_p2p_bytes_total{direction=\"sent\",compressed=\"false\"}",
+            "keel_p2p_bytes_total{direction=\"sent\",compressed=\"true\"}",
+            "keel_p2p_bytes_total{direction=\"received\",compressed=\"false\"}",
+            "keel_p2p_bytes_total{direction=\"received\",compressed=\"true\"}",
+        ] {
+            assert_eq!(sample(&text, series), 0.0, "{text}");
+        }
+        assert_eq!(
+            sample(
+                &text,
+                "keel_rpc_requests_total{method=\"chain_status\",code=\"0\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "keel_rpc_requests_total{method=\"tx_submit\",code=\"0\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "keel_memory_limit_bytes"),
+            f64::from(1u32 << 30)
+        );
+        sample(&text, "keel_memory_allocated_bytes");
+        assert!(sample(&text, "keel_db_size_bytes") > 0.0, "{text}");
+        assert_eq!(sample(&text, "keel_pruned_height"), 0.0);
+        assert!(
+            sample(&text, "keel_validator_set_cache_hits_total") >= 1.0,
+            "{text}"
+        );
+        assert!(
+            sample(&text, "keel_validator_set_cache_misses_total") >= 1.0,
+            "{text}"
+        );
+        // Verified at admission, found in the cache when its block executed.
+        assert_eq!(sample(&text, "keel_sig_cache_misses_total"), 1.0, "{text}");
+        assert!(sample(&text, "keel_sig_cache_hits_total") >= 1.0, "{text}");
+        node.shutdown().await.unwrap();
     }
 }

@@ -1,12 +1,18 @@
 //! The read-only view of the chain that RPC, metrics and the network server read: the tip,
 //! the final block, the epoch and the non-final blocks. The consensus host builds a new view
 //! after each step that changes it and swaps it in; readers clone an `Arc` and never wait on
-//! the host, whatever it is writing to disk.
+//! the host, whatever it is writing to disk. The cell exports the view's heights and epoch as
+//! metrics, read the same way at scrape time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use keel_types::{Block, Hash};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use crate::metrics::encode_gauge;
 
 /// A certified, not yet final block with what RPC reads of it computed once: its hash and
 /// the hashes of its transactions (`tx_status` is polled by wallets and load generators).
@@ -94,5 +100,62 @@ impl ViewCell {
             Ok(mut v) => std::mem::replace(&mut *v, view),
             Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), view),
         };
+    }
+}
+
+/// `keel_block_height`, `keel_finalized_height` and `keel_epoch` of the current view.
+impl Collector for ViewCell {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let view = self.load();
+        encode_gauge(
+            &mut encoder,
+            "keel_block_height",
+            "Height of the latest certified block",
+            view.tip.latest.0,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "keel_finalized_height",
+            "Height of the latest final block",
+            view.tip.finalized.0,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "keel_epoch",
+            "Current consensus epoch",
+            view.epoch,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::metrics::render;
+
+    #[test]
+    fn the_view_cell_exports_the_heights_and_epoch_of_the_view_it_holds() {
+        let cell = Arc::new(ViewCell::new(ChainView::at_final(
+            (4, Hash::digest(b"4")),
+            1,
+        )));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(cell.clone()));
+        let mut view = ChainView::at_final((7, Hash::digest(b"7")), 2);
+        view.tip.latest = (9, Hash::digest(b"9"));
+        // A scrape reads the view published last.
+        cell.store(view);
+        let text = render(&registry);
+        for part in [
+            "# HELP keel_block_height Height of the latest certified block.\n\
+             # TYPE keel_block_height gauge\nkeel_block_height 9\n",
+            "# HELP keel_finalized_height Height of the latest final block.\n\
+             # TYPE keel_finalized_height gauge\nkeel_finalized_height 7\n",
+            "# HELP keel_epoch Current consensus epoch.\n# TYPE keel_epoch gauge\nkeel_epoch 2\n",
+        ] {
+            assert!(text.contains(part), "{part} missing from\n{text}");
+        }
     }
 }

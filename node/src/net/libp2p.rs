@@ -4,8 +4,12 @@
 //! mempool (in batches of whatever arrived together, their signatures verified in parallel),
 //! answers status and block requests, and keeps the binding of validator keys to peers (from
 //! signed statuses) so votes go straight to the next leader.
+//!
+//! The network exports what the p2p service counts, read at scrape time from its atomics:
+//! `keel_p2p_bytes_total{direction,compressed}` and `keel_peers`.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 
@@ -13,6 +17,9 @@ use keel_p2p::frame::ByteCounts;
 use keel_p2p::peers::Limits;
 use keel_p2p::{Event, Multiaddr, NetworkHandle};
 use keel_types::{Address, Hash, Keypair, PeerRequest, PeerResponse, Status};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc::Receiver;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +29,7 @@ use super::{Channel, Network, PeerId, PeerInfo, Report};
 use crate::config::Config;
 use crate::context::{NodeContext, SubmitError};
 use crate::host::Command;
+use crate::metrics::{encode_counters, encode_gauge};
 use crate::sync::serve_blocks;
 use crate::{Error, Result};
 
@@ -58,6 +66,55 @@ impl Libp2pNetwork {
     pub fn local_peer_id(&self) -> PeerId {
         self.handle.local_peer_id()
     }
+
+    /// Registers `keel_p2p_bytes` and `keel_peers`, read from the p2p service at each scrape.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register_collector(Box::new(P2pMetrics(self.handle.clone())));
+    }
+}
+
+/// The collector of [`Libp2pNetwork::register_metrics`].
+struct P2pMetrics(NetworkHandle);
+
+impl fmt::Debug for P2pMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("P2pMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Collector for P2pMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        encode_p2p(&mut encoder, self.0.byte_stats(), self.0.peer_count())
+    }
+}
+
+/// Writes `keel_p2p_bytes` (wire bytes by direction and compression, counts that only grow)
+/// and `keel_peers`.
+fn encode_p2p(encoder: &mut DescriptorEncoder<'_>, bytes: ByteCounts, peers: usize) -> fmt::Result {
+    encode_counters(
+        encoder,
+        "keel_p2p_bytes",
+        "Peer-to-peer frame bytes by direction and compression",
+        &[
+            (
+                [("direction", "sent"), ("compressed", "false")],
+                bytes.sent_raw,
+            ),
+            (
+                [("direction", "sent"), ("compressed", "true")],
+                bytes.sent_compressed,
+            ),
+            (
+                [("direction", "received"), ("compressed", "false")],
+                bytes.received_raw,
+            ),
+            (
+                [("direction", "received"), ("compressed", "true")],
+                bytes.received_compressed,
+            ),
+        ],
+    )?;
+    encode_gauge(encoder, "keel_peers", "Connected peers", peers as u64)
 }
 
 impl Network for Libp2pNetwork {
@@ -112,10 +169,6 @@ impl Network for Libp2pNetwork {
 
     fn report(&self, peer: PeerId, report: Report) {
         self.handle.report(peer, report);
-    }
-
-    fn byte_counts(&self) -> ByteCounts {
-        self.handle.byte_stats()
     }
 }
 
@@ -420,6 +473,42 @@ mod tests {
 
     fn peer(seed: u64) -> PeerId {
         keel_p2p::peer_id_of(Keypair::from_seed(seed).secret()).unwrap()
+    }
+
+    /// What a p2p service with these counts exports.
+    #[derive(Debug)]
+    struct Counted(ByteCounts, usize);
+
+    impl Collector for Counted {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            encode_p2p(&mut encoder, self.0, self.1)
+        }
+    }
+
+    #[test]
+    fn p2p_metrics_export_bytes_by_direction_and_compression_and_the_peer_count() {
+        let mut registry = Registry::default();
+        let counts = ByteCounts {
+            sent_raw: 1,
+            sent_compressed: 2,
+            received_raw: 3,
+            received_compressed: 4,
+            sent_compressed_payload: 99,
+        };
+        registry.register_collector(Box::new(Counted(counts, 5)));
+        let text = crate::metrics::render(&registry);
+        let expected = "\
+            # HELP keel_p2p_bytes Peer-to-peer frame bytes by direction and compression.\n\
+            # TYPE keel_p2p_bytes counter\n\
+            keel_p2p_bytes_total{direction=\"sent\",compressed=\"false\"} 1\n\
+            keel_p2p_bytes_total{direction=\"sent\",compressed=\"true\"} 2\n\
+            keel_p2p_bytes_total{direction=\"received\",compressed=\"false\"} 3\n\
+            keel_p2p_bytes_total{direction=\"received\",compressed=\"true\"} 4\n\
+            # HELP keel_peers Connected peers.\n\
+            # TYPE keel_peers gauge\n\
+            keel_peers 5\n\
+            # EOF\n";
+        assert_eq!(text, expected);
     }
 
     fn tx_gossip(peer: PeerId, n: u8) -> Event {

@@ -6,7 +6,6 @@
 pub mod libp2p;
 pub mod sim;
 
-use keel_p2p::frame::ByteCounts;
 use keel_types::{Address, PeerRequest};
 
 pub use keel_p2p::{Channel, PeerId, Report};
@@ -36,10 +35,6 @@ pub trait Network: Send + Sync {
     fn request(&self, peer: PeerId, request: PeerRequest, id: u64);
     /// Tells the peer manager how a peer behaved.
     fn report(&self, peer: PeerId, report: Report);
-    /// Bytes sent and received so far.
-    fn byte_counts(&self) -> ByteCounts {
-        ByteCounts::default()
-    }
 }
 
 /// A network of one: nothing is sent, no peer answers. For a node run alone.

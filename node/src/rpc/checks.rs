@@ -5,8 +5,9 @@
 //! parameter (`invalid params: address: ...`) where jsonrpsee's decoder would say only
 //! "Invalid params"; it also refuses what that decoder lets through: unknown named
 //! parameters, too many positional ones, and params that are neither an array nor an
-//! object. Then it counts the call in `keel_rpc_requests_total{method,code}`. Calls inside a
-//! batch get the same treatment; subscriptions and unknown methods pass through uncounted.
+//! object. Then it counts the call in `keel_rpc_requests_total{method,code}` ([`RpcMetrics`],
+//! the RPC layer's metrics). Calls inside a batch get the same treatment; subscriptions and
+//! unknown methods pass through uncounted.
 
 use std::future::Future;
 
@@ -15,13 +16,49 @@ use jsonrpsee::server::middleware::rpc::{
 };
 use jsonrpsee::server::BatchResponseBuilder;
 use jsonrpsee::types::ErrorObjectOwned;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde_json::Value;
 
 use super::api::{params_of, Param};
 use super::invalid;
-use crate::metrics::RpcLabels;
+
+/// Labels of `keel_rpc_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// The method.
+    pub method: String,
+    /// 0 for success, else the JSON-RPC error code.
+    pub code: String,
+}
+
+/// The RPC layer's metrics: `keel_rpc_requests_total{method,code}`, counted by [`CallChecks`]
+/// as calls are answered. Clones count into the same series.
+#[derive(Clone, Debug, Default)]
+pub struct RpcMetrics {
+    requests: Family<RpcLabels, Counter>,
+}
+
+impl RpcMetrics {
+    /// Registers `keel_rpc_requests` (a series appears with its first call).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "keel_rpc_requests",
+            "JSON-RPC calls by method and result code (0 = success)",
+            self.requests.clone(),
+        );
+    }
+
+    fn count(&self, method: &str, code: i32) {
+        let labels = RpcLabels {
+            method: method.to_string(),
+            code: code.to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
+}
 
 /// Checks `raw` (the call's params as sent, if any) against `params`: an array of at most
 /// `params.len()` values, or an object with no other names, or nothing (or null); every
@@ -68,16 +105,16 @@ pub fn check_params(params: &[Param], raw: Option<&str>) -> Result<(), ErrorObje
 /// Wraps the server's RPC service in [`CallChecks`].
 #[derive(Clone)]
 pub struct CallChecksLayer {
-    requests: Family<RpcLabels, Counter>,
+    metrics: RpcMetrics,
     max_response_bytes: usize,
 }
 
 impl CallChecksLayer {
-    /// Counting into `requests`; a batch's responses together may take `max_response_bytes`
+    /// Counting into `metrics`; a batch's responses together may take `max_response_bytes`
     /// (the server's `max_response_body_size`).
-    pub fn new(requests: Family<RpcLabels, Counter>, max_response_bytes: usize) -> Self {
+    pub fn new(metrics: RpcMetrics, max_response_bytes: usize) -> Self {
         CallChecksLayer {
-            requests,
+            metrics,
             max_response_bytes,
         }
     }
@@ -89,7 +126,7 @@ impl<S> tower::Layer<S> for CallChecksLayer {
     fn layer(&self, service: S) -> CallChecks<S> {
         CallChecks {
             service,
-            requests: self.requests.clone(),
+            metrics: self.metrics.clone(),
             max_response_bytes: self.max_response_bytes,
         }
     }
@@ -99,7 +136,7 @@ impl<S> tower::Layer<S> for CallChecksLayer {
 #[derive(Clone)]
 pub struct CallChecks<S> {
     service: S,
-    requests: Family<RpcLabels, Counter>,
+    metrics: RpcMetrics,
     max_response_bytes: usize,
 }
 
@@ -120,12 +157,8 @@ where
             Ok(()) => self.service.call(req).await,
             Err(e) => MethodResponse::error(req.id, e).with_extensions(req.extensions),
         };
-        self.requests
-            .get_or_create(&RpcLabels {
-                method: method.to_string(),
-                code: response.as_error_code().unwrap_or(0).to_string(),
-            })
-            .inc();
+        self.metrics
+            .count(method, response.as_error_code().unwrap_or(0));
         response
     }
 }

@@ -24,6 +24,7 @@ use jsonrpsee::types::ErrorObjectOwned;
 
 pub use api::{KeelApiClient, KeelApiServer};
 use checks::CallChecksLayer;
+pub use checks::RpcMetrics;
 pub use server::RpcApi;
 
 use crate::config::RpcConfig;
@@ -83,10 +84,11 @@ pub fn module(chain: Arc<NodeContext>) -> RpcModule<RpcApi> {
     RpcApi::new(chain).into_rpc()
 }
 
-/// Starts the server; returns its handle and bound address.
+/// Starts the server, counting calls into `metrics`; returns its handle and bound address.
 pub async fn start(
     chain: Arc<NodeContext>,
     config: &RpcConfig,
+    metrics: RpcMetrics,
 ) -> Result<(ServerHandle, SocketAddr)> {
     let addr = config.listen_addr;
     let rpc_err = |reason: String| Error::Rpc { addr, reason };
@@ -101,10 +103,10 @@ pub async fn start(
                 .build(),
         )
         .set_http_middleware(tower::ServiceBuilder::new().layer(health))
-        .set_rpc_middleware(RpcServiceBuilder::new().layer(CallChecksLayer::new(
-            chain.metrics.rpc_requests.clone(),
-            MAX_RESPONSE_BYTES as usize,
-        )))
+        .set_rpc_middleware(
+            RpcServiceBuilder::new()
+                .layer(CallChecksLayer::new(metrics, MAX_RESPONSE_BYTES as usize)),
+        )
         .build(addr)
         .await
         .map_err(|e| rpc_err(e.to_string()))?;
@@ -126,36 +128,51 @@ mod tests {
     use jsonrpsee::ws_client::WsClientBuilder;
     use keel_state::verify_proof;
     use keel_types::{Hash, Keypair};
+    use prometheus_client::registry::Registry;
     use serde_json::Value;
 
     use super::types::{BlockBody, BlockId, HeaderInfo, Height, SignedTxHex, TxInfo, TxStatus};
     use super::*;
     use crate::context::tests::{chain, transfer, CHAIN, FEE};
-    use crate::metrics::RpcLabels;
 
-    /// A server on a free port over the test chain, and an HTTP client of it.
-    async fn serve() -> (Arc<NodeContext>, ServerHandle, SocketAddr, HttpClient) {
+    /// A server on a free port over the test chain, an HTTP client of it, and a registry
+    /// holding the server's metrics.
+    async fn serve() -> (
+        Arc<NodeContext>,
+        ServerHandle,
+        SocketAddr,
+        HttpClient,
+        Registry,
+    ) {
         let chain = Arc::new(chain().0);
         let config = RpcConfig {
             listen_addr: "127.0.0.1:0".parse().unwrap(),
             ..RpcConfig::default()
         };
-        let (handle, addr) = start(chain.clone(), &config).await.unwrap();
+        let metrics = RpcMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let (handle, addr) = start(chain.clone(), &config, metrics).await.unwrap();
         let client = HttpClientBuilder::default()
             .build(format!("http://{addr}"))
             .unwrap();
-        (chain, handle, addr, client)
+        (chain, handle, addr, client, registry)
     }
 
-    fn counted(chain: &NodeContext, method: &str, code: i32) -> u64 {
-        chain
-            .metrics
-            .rpc_requests
-            .get_or_create(&RpcLabels {
-                method: method.into(),
-                code: code.to_string(),
-            })
-            .get()
+    /// `keel_rpc_requests_total{method,code}` as a scrape reads it (0 if not there).
+    fn counted(registry: &Registry, method: &str, code: i32) -> u64 {
+        let text = crate::metrics::render(registry);
+        assert!(
+            text.contains(
+                "# HELP keel_rpc_requests JSON-RPC calls by method and result code \
+                 (0 = success).\n# TYPE keel_rpc_requests counter\n"
+            ),
+            "{text}"
+        );
+        let series = format!("keel_rpc_requests_total{{method=\"{method}\",code=\"{code}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |v| v.parse().unwrap())
     }
 
     fn call_error<T: std::fmt::Debug>(
@@ -192,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_typed_client_reads_what_the_server_serves() {
-        let (chain, handle, _, client) = serve().await;
+        let (_, handle, _, client, registry) = serve().await;
         let status = client.chain_status().await.unwrap();
         assert_eq!(status.chain_id, CHAIN);
         assert_eq!(status.min_fee, FEE);
@@ -264,14 +281,14 @@ mod tests {
             validators
         );
 
-        assert_eq!(counted(&chain, "chain_status", 0), 1);
-        assert_eq!(counted(&chain, "state_getAccount", 0), 2);
+        assert_eq!(counted(&registry, "chain_status", 0), 1);
+        assert_eq!(counted(&registry, "state_getAccount", 0), 2);
         handle.stop().unwrap();
     }
 
     #[tokio::test]
     async fn bad_calls_get_their_codes_and_every_call_is_counted() {
-        let (chain, handle, _, client) = serve().await;
+        let (_, handle, _, client, registry) = serve().await;
         let somebody = Keypair::from_seed(1).address();
 
         let (code, message) = call_error(
@@ -347,7 +364,7 @@ mod tests {
             ("tx_status", codes::INVALID_PARAMS, 1),
             ("no_such_method", -32601, 0),
         ] {
-            assert_eq!(counted(&chain, method, code), n, "{method} {code}");
+            assert_eq!(counted(&registry, method, code), n, "{method} {code}");
         }
         handle.stop().unwrap();
     }
@@ -362,7 +379,7 @@ mod tests {
 
     #[tokio::test]
     async fn subscribers_get_new_and_final_heads_as_header_fields() {
-        let (chain, handle, addr, _) = serve().await;
+        let (chain, handle, addr, _, _) = serve().await;
         let ws = WsClientBuilder::default()
             .build(format!("ws://{addr}"))
             .await
