@@ -161,6 +161,16 @@ impl SafetyData {
     }
 }
 
+/// Who sent a message, as the node names it (a peer): consensus hands it back in
+/// [`Effect::Invalid`] when the message proves its sender faulty.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Origin(pub u64);
+
+impl Origin {
+    /// This node itself, or a source that is no peer (the node's own store, a test).
+    pub const LOCAL: Origin = Origin(0);
+}
+
 /// Timers the engine asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TimerKind {
@@ -207,7 +217,12 @@ pub enum Input {
     /// A timer set by [`Effect::SetTimer`] fired.
     Timer(TimerKind),
     /// A message from the network (signatures not yet checked).
-    Message(ConsensusMessage),
+    Message {
+        /// Who sent it.
+        from: Origin,
+        /// The message.
+        message: ConsensusMessage,
+    },
     /// The node built and executed the block asked for by [`Effect::BuildBlock`].
     BlockBuilt(Block),
     /// Building failed (e.g. a storage error).
@@ -288,6 +303,16 @@ pub enum Effect {
     },
     /// Equivocation was detected or learnt: keep it for inclusion and gossip it.
     ReportEvidence(Evidence),
+    /// A message was invalid in a way no honest validator's ever is (a bad signature, a signer
+    /// outside the set, a certificate that does not verify, a round or epoch that cannot
+    /// exist): score its sender down. Messages that are only late, early or for a leader this
+    /// node does not expect are ignored without it, since honest validators send those too.
+    Invalid {
+        /// Who sent it (never [`Origin::LOCAL`]).
+        from: Origin,
+        /// What was wrong.
+        reason: &'static str,
+    },
     /// The block ending the epoch is final (the [`Effect::Finalize`] before this one): compute
     /// the validator set of `epoch` from the final state at `height` and answer with
     /// [`Input::NewEpoch`]. Until then the engine ignores every other input.
@@ -319,6 +344,8 @@ struct BlockMeta {
 struct VoteSet {
     votes: BTreeMap<Address, Vote>,
     verified: HashSet<Address>,
+    /// Who sent each vote not verified yet, to score it if its signature turns out bad.
+    origins: HashMap<Address, Origin>,
 }
 
 /// The consensus state machine.
@@ -352,6 +379,8 @@ pub struct Engine {
     suspects: HashSet<Address>,
     /// The round this node voted for a proposal in (not a timeout).
     voted_round: u64,
+    /// The sender of the message being handled ([`Origin::LOCAL`] for any other input).
+    origin: Origin,
     /// Proposals of the next epoch received before switching to it (bounded).
     next_epoch_proposals: Vec<Proposal>,
     /// Votes of the next epoch received before switching to it (bounded): a validator that
@@ -457,6 +486,7 @@ impl Engine {
             weights_memo: std::cell::RefCell::new(None),
             suspects: HashSet::new(),
             voted_round: 0,
+            origin: Origin::LOCAL,
             proof_replies: HashMap::new(),
             safety,
             round,
@@ -643,6 +673,16 @@ impl Engine {
         &self.high_qc
     }
 
+    /// Reports the message being handled as invalid (see [`Effect::Invalid`]).
+    fn invalid(&self, reason: &'static str, out: &mut Vec<Effect>) {
+        if self.origin != Origin::LOCAL {
+            out.push(Effect::Invalid {
+                from: self.origin,
+                reason,
+            });
+        }
+    }
+
     /// Evidence waiting for inclusion.
     pub fn evidence_pool(&self) -> impl Iterator<Item = &Evidence> {
         self.evidence.values()
@@ -670,7 +710,11 @@ impl Engine {
             }
             Input::Timer(TimerKind::Propose) => self.try_propose(now_ms, &mut out),
             Input::Timer(TimerKind::RoundTimeout) => self.on_round_timeout(now_ms, &mut out),
-            Input::Message(msg) => self.on_message(now_ms, msg, &mut out),
+            Input::Message { from, message } => {
+                self.origin = from;
+                self.on_message(now_ms, message, &mut out);
+                self.origin = Origin::LOCAL;
+            }
             Input::BlockBuilt(block) => self.on_block_built(now_ms, block, &mut out),
             Input::BuildFailed { round } => {
                 if self.building == Some(round) {
@@ -886,11 +930,28 @@ impl Engine {
         let header = &p.block.header;
         let round = header.round;
         let hash = p.block.hash();
-        if header.chain_id != self.config.chain_id || self.pending.contains_key(&hash) {
+        if self.pending.contains_key(&hash) {
             return;
         }
         let epoch = round_epoch(round);
-        if epoch != self.epoch || header.epoch != epoch {
+        // What no honest proposer ever sends, whatever round this node is in.
+        let malformed = if header.chain_id != self.config.chain_id {
+            Some("proposal for another chain")
+        } else if header.epoch != epoch || round == epoch_base_round(epoch) {
+            Some("proposal in a round that does not exist in its epoch")
+        } else if header.parent_qc.block_hash != header.parent_hash
+            || header.parent_qc.height.saturating_add(1) != header.height
+        {
+            // The voting rule would judge the block by another block's certificate.
+            Some("proposal whose certificate is not its parent's")
+        } else {
+            None
+        };
+        if let Some(reason) = malformed {
+            self.invalid(reason, out);
+            return;
+        }
+        if epoch != self.epoch {
             if epoch < self.epoch {
                 self.send_epoch_proof(now_ms, header.proposer, epoch, out);
             } else if header.epoch == epoch {
@@ -919,26 +980,30 @@ impl Engine {
         if header.height > self.epoch_end()
             && (!p.block.txs.is_empty() || !p.block.evidence.is_empty())
         {
+            self.invalid("suffix block with transactions or evidence", out);
             return;
         }
-        let leader = self.leader(round).clone();
-        // The certificate in the header must be the parent's, or the voting rule would judge
-        // the block by another block's certificate.
-        if header.proposer != leader.address
-            || header.parent_qc.block_hash != header.parent_hash
-            || header.parent_qc.height.saturating_add(1) != header.height
-        {
+        let Some(proposer) = self.validators.get(&header.proposer).cloned() else {
+            self.invalid("proposal by a validator outside the set", out);
             return;
-        }
+        };
         let msg = Proposal::signing_hash(&self.config.chain_id, &hash, round);
-        if leader.public_key.verify(&msg, &p.signature).is_err() {
+        if proposer.public_key.verify(&msg, &p.signature).is_err() {
+            self.invalid("badly signed proposal", out);
+            return;
+        }
+        // Another leader than ours: an honest validator whose view of the final blocks
+        // differs for a moment draws another, so this is not scored.
+        if header.proposer != self.leader(round).address {
             return;
         }
         if !self.verify_qc(&header.parent_qc) {
+            self.invalid("proposal with an invalid certificate", out);
             return;
         }
         if let Some(tc) = &p.tc {
             if !self.verify_tc(tc) {
+                self.invalid("proposal with an invalid timeout certificate", out);
                 return;
             }
         }
@@ -1034,6 +1099,14 @@ impl Engine {
 
     fn on_vote(&mut self, now_ms: u64, vote: Vote, out: &mut Vec<Effect>) {
         let round = vote.round;
+        if vote.chain_id != self.config.chain_id {
+            self.invalid("vote for another chain", out);
+            return;
+        }
+        if round == epoch_base_round(round_epoch(round)) {
+            self.invalid("vote in a round that does not exist in its epoch", out);
+            return;
+        }
         if round_epoch(round) < self.epoch {
             self.send_epoch_proof(now_ms, vote.voter, round_epoch(round), out);
             return;
@@ -1050,16 +1123,19 @@ impl Engine {
             }
             return;
         }
-        if vote.chain_id != self.config.chain_id
-            || round.saturating_add(1) < self.round
+        if round_epoch(round) != self.epoch {
+            return;
+        }
+        let Some(validator) = self.validators.get(&vote.voter).cloned() else {
+            self.invalid("vote by a validator outside the set", out);
+            return;
+        };
+        if round.saturating_add(1) < self.round
             || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
             || self.leader(round.saturating_add(1)).address != self.key.address()
         {
             return;
         }
-        let Some(validator) = self.validators.get(&vote.voter).cloned() else {
-            return;
-        };
         let msg = Vote::signing_hash(&self.config.chain_id, &vote.block_hash, vote.height, round);
         // `voters` holds only votes whose signatures were checked, so a forged vote can neither
         // make an honest validator look like an equivocator nor shadow its real vote.
@@ -1082,16 +1158,19 @@ impl Engine {
         let mut verified = own;
         if !own && !self.blocks.contains_key(&hash) {
             if validator.public_key.verify(&msg, &vote.signature).is_err() {
+                self.invalid("badly signed vote", out);
                 return;
             }
             verified = true;
         }
+        let origin = self.origin;
         let set = self.votes.entry((round, hash)).or_default();
         match set.votes.get(&vote.voter) {
             Some(held) if held.signature == vote.signature => return,
             // Two different signatures for one block: keep whichever verifies.
             Some(_) => {
                 if !verified && validator.public_key.verify(&msg, &vote.signature).is_err() {
+                    self.invalid("badly signed vote", out);
                     return;
                 }
                 verified = true;
@@ -1100,6 +1179,9 @@ impl Engine {
         }
         if verified {
             set.verified.insert(vote.voter);
+            set.origins.remove(&vote.voter);
+        } else {
+            set.origins.insert(vote.voter, origin);
         }
         set.votes.insert(vote.voter, vote.clone());
         if verified {
@@ -1209,6 +1291,15 @@ impl Engine {
                         set.verified.insert(*addr);
                     } else {
                         set.votes.remove(addr);
+                        // Its sender, not the sender of the message that completed the quorum.
+                        if let Some(from) = set.origins.remove(addr) {
+                            if from != Origin::LOCAL {
+                                out.push(Effect::Invalid {
+                                    from,
+                                    reason: "badly signed vote",
+                                });
+                            }
+                        }
                         dropped = true;
                     }
                 }
@@ -1248,27 +1339,34 @@ impl Engine {
     }
 
     fn on_timeout(&mut self, now_ms: u64, t: Timeout, out: &mut Vec<Effect>) {
+        let round = t.round;
+        if t.chain_id != self.config.chain_id {
+            self.invalid("timeout for another chain", out);
+            return;
+        }
+        if round == epoch_base_round(round_epoch(round)) {
+            self.invalid("timeout of a round that does not exist in its epoch", out);
+            return;
+        }
         // A TC carried along moves a lagging validator forward first, so that this timeout
         // (for a round it had not reached) then counts. Verified like any certificate.
         if let Some(tc) = t.last_tc.clone() {
-            if tc.round >= self.round
-                && tc.round < self.round.saturating_add(MAX_FUTURE_ROUNDS)
-                && self.verify_tc(&tc)
-            {
+            if tc.round >= self.round && tc.round < self.round.saturating_add(MAX_FUTURE_ROUNDS) {
+                if !self.verify_tc(&tc) {
+                    self.invalid("timeout carrying an invalid timeout certificate", out);
+                    return;
+                }
                 self.on_tc(now_ms, tc, out);
             }
         }
-        let round = t.round;
         if round_epoch(round) < self.epoch {
             self.send_epoch_proof(now_ms, t.voter, round_epoch(round), out);
             return;
         }
-        if t.chain_id != self.config.chain_id
-            || round < self.round
-            || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
-        {
+        if round < self.round || round > self.round.saturating_add(MAX_FUTURE_ROUNDS) {
             return;
         }
+        // Validators left out of the set time out too (see `on_round_timeout`): not scored.
         let Some(validator) = self.validators.get(&t.voter).cloned() else {
             return;
         };
@@ -1280,7 +1378,12 @@ impl Engine {
             return;
         }
         let msg = Timeout::signing_hash(&self.config.chain_id, round, t.high_qc.round);
-        if validator.public_key.verify(&msg, &t.signature).is_err() || !self.verify_qc(&t.high_qc) {
+        if validator.public_key.verify(&msg, &t.signature).is_err() {
+            self.invalid("badly signed timeout", out);
+            return;
+        }
+        if !self.verify_qc(&t.high_qc) {
+            self.invalid("timeout carrying an invalid certificate", out);
             return;
         }
         self.on_qc(now_ms, t.high_qc.clone(), out);
@@ -1373,14 +1476,16 @@ impl Engine {
     }
 
     fn on_evidence(&mut self, e: Evidence, out: &mut Vec<Effect>) {
+        if e.check_form().is_err() || e.first.chain_id != self.config.chain_id {
+            self.invalid("malformed evidence", out);
+            return;
+        }
         // Votes are checked against this epoch's keys: evidence of an earlier epoch is dropped.
-        if e.check_form().is_err()
-            || e.first.chain_id != self.config.chain_id
-            || round_epoch(e.first.round) != self.epoch
-        {
+        if round_epoch(e.first.round) != self.epoch {
             return;
         }
         let Some(v) = self.validators.get(&e.offender()) else {
+            self.invalid("evidence against a validator outside the set", out);
             return;
         };
         let ok = [&e.first, &e.second].iter().all(|vote| {
@@ -1394,6 +1499,8 @@ impl Engine {
         });
         if ok {
             self.add_evidence(e, out);
+        } else {
+            self.invalid("evidence with a bad signature", out);
         }
     }
 
@@ -1743,6 +1850,7 @@ impl Engine {
             return;
         }
         if !self.verify_qc(&p.qc) || !self.verify_qc(&first.parent_qc) {
+            self.invalid("epoch proof with an invalid certificate", out);
             return;
         }
         let end_hash = first.parent_hash;

@@ -15,8 +15,8 @@
 use std::collections::HashSet;
 
 use keel_consensus::{
-    epoch_end_height, BuildRequest, Config, Effect, Engine, Input, SafetyData, TimerKind, Tip,
-    Validator, ValidatorSet,
+    epoch_end_height, BuildRequest, Config, Effect, Engine, Input, Origin, SafetyData, TimerKind,
+    Tip, Validator, ValidatorSet,
 };
 use keel_types::{
     epoch_base_round, round_epoch, Address, Block, ConsensusMessage, EpochProof, Evidence, Hash,
@@ -260,7 +260,13 @@ fn at(round: u64) -> u64 {
 }
 
 fn message(engine: &mut Engine, now: u64, msg: ConsensusMessage) -> Vec<Effect> {
-    engine.handle(now, Input::Message(msg))
+    engine.handle(
+        now,
+        Input::Message {
+            from: Origin(1),
+            message: msg,
+        },
+    )
 }
 
 /// Delivers a proposal and, if the engine asks for the block to be validated, reports it
@@ -1249,6 +1255,117 @@ fn forged_vote_does_not_silence_the_real_one() {
     assert_eq!(engine.round(), 2);
 }
 
+/// The senders a node was told to score down, and why.
+fn scored(effects: &[Effect]) -> Vec<(Origin, &'static str)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Invalid { from, reason } => Some((*from, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Messages no honest validator sends are reported with their sender, so the node scores that
+/// peer down; messages that are only late or for another leader are not.
+#[test]
+fn invalid_messages_are_reported_with_their_sender() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let node = net.leader(2);
+    let [a, b, c] = <[usize; 3]>::try_from(net.others(node)).unwrap();
+    let from = |engine: &mut Engine, who: u64, msg: ConsensusMessage| {
+        engine.handle(
+            at(1),
+            Input::Message {
+                from: Origin(who),
+                message: msg,
+            },
+        )
+    };
+    // A vote whose signature is only checked with the quorum: reported with its own sender
+    // (7), not with the sender of the vote that completed the quorum (9).
+    let mut engine = net.started(node);
+    engine.handle(at(1), Input::Synced(vec![b1.clone()]));
+    assert!(scored(&from(
+        &mut engine,
+        7,
+        ConsensusMessage::Vote(net.forged_vote(c, &b1))
+    ))
+    .is_empty());
+    from(&mut engine, 8, ConsensusMessage::Vote(net.vote(a, &b1)));
+    let effects = from(&mut engine, 9, ConsensusMessage::Vote(net.vote(b, &b1)));
+    assert_eq!(scored(&effects), vec![(Origin(7), "badly signed vote")]);
+
+    let mut other_chain = net.vote(a, &b1);
+    other_chain.chain_id = "elsewhere".into();
+    let mut badly_signed_timeout = net.timeout(a, 1, net.genesis_qc());
+    badly_signed_timeout.signature = net.timeout(b, 1, net.genesis_qc()).signature;
+    let mut badly_signed_proposal = net.propose(b1.clone(), None);
+    badly_signed_proposal.signature = net.forged_vote(a, &b1).signature;
+    let base_round = net.vote(a, &b1);
+    let base_round = Vote::sign(
+        &net.keys[a],
+        CHAIN,
+        base_round.block_hash,
+        1,
+        epoch_base_round(1),
+    );
+    let cases = [
+        (
+            "vote for another chain",
+            ConsensusMessage::Vote(other_chain),
+        ),
+        (
+            "badly signed timeout",
+            ConsensusMessage::Timeout(badly_signed_timeout),
+        ),
+        (
+            "badly signed proposal",
+            ConsensusMessage::Proposal(badly_signed_proposal),
+        ),
+        (
+            "vote in a round that does not exist in its epoch",
+            ConsensusMessage::Vote(base_round),
+        ),
+    ];
+    for (reason, msg) in cases {
+        let mut engine = net.started(node);
+        let effects = from(&mut engine, 5, msg);
+        assert_eq!(scored(&effects), vec![(Origin(5), reason)], "{effects:?}");
+    }
+    // Honest but useless: a late vote, a vote sent to a validator that does not lead next, a
+    // timeout of a past round. Not scored.
+    let mut engine = net.started(net.bystander(&[2]));
+    let effects = from(&mut engine, 5, ConsensusMessage::Vote(net.vote(a, &b1)));
+    assert!(scored(&effects).is_empty(), "{effects:?}");
+    let mut engine = net.started(node);
+    engine.handle(at(1), Input::Synced(vec![b1.clone()]));
+    for i in [a, b, c] {
+        from(&mut engine, 5, ConsensusMessage::Vote(net.vote(i, &b1)));
+    }
+    assert_eq!(engine.round(), 2);
+    let effects = from(
+        &mut engine,
+        5,
+        ConsensusMessage::Timeout(net.timeout(a, 1, net.genesis_qc())),
+    );
+    assert!(scored(&effects).is_empty(), "{effects:?}");
+    // Messages from the node itself are never reported.
+    let mut engine = net.started(node);
+    let effects = engine.handle(
+        at(1),
+        Input::Message {
+            from: Origin::LOCAL,
+            message: ConsensusMessage::Vote(Vote {
+                chain_id: "elsewhere".into(),
+                ..net.vote(a, &b1)
+            }),
+        },
+    );
+    assert!(scored(&effects).is_empty());
+}
+
 #[test]
 fn forged_first_vote_never_becomes_evidence() {
     let net = Net::new();
@@ -1930,22 +2047,27 @@ fn a_suffix_certificate_finalizes_the_epoch_end_and_asks_for_the_next_set() {
             ("propose timer", Input::Timer(TimerKind::Propose)),
             (
                 "a vote",
-                Input::Message(ConsensusMessage::Vote(net.vote(0, &end.s4))),
+                Input::Message {
+                    from: Origin(1),
+                    message: ConsensusMessage::Vote(net.vote(0, &end.s4)),
+                },
             ),
             (
                 "a timeout",
-                Input::Message(ConsensusMessage::Timeout(net.timeout(
-                    0,
-                    round,
-                    end.qc_s3.clone(),
-                ))),
+                Input::Message {
+                    from: Origin(1),
+                    message: ConsensusMessage::Timeout(net.timeout(0, round, end.qc_s3.clone())),
+                },
             ),
             (
                 "a proposal",
-                Input::Message(ConsensusMessage::Proposal(net.propose(
-                    net.block(round, &end.s4, net.qc(&end.s4, &[0, 1, 2]), 20),
-                    None,
-                ))),
+                Input::Message {
+                    from: Origin(1),
+                    message: ConsensusMessage::Proposal(net.propose(
+                        net.block(round, &end.s4, net.qc(&end.s4, &[0, 1, 2]), 20),
+                        None,
+                    )),
+                },
             ),
             ("synced blocks", Input::Synced(vec![end.s3.clone()])),
             (

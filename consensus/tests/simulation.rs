@@ -34,8 +34,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use keel_consensus::{
-    epoch_end_height, epoch_of_next_block, Config, Effect, Engine, Input, SafetyData, TimerKind,
-    Tip, Validator, ValidatorSet,
+    epoch_end_height, epoch_of_next_block, Config, Effect, Engine, Input, Origin, SafetyData,
+    TimerKind, Tip, Validator, ValidatorSet,
 };
 use keel_simkit::{check, draw_link, run_seeds, seeds, Crash, Faults, Next, Partition, World};
 use keel_types::{
@@ -172,11 +172,20 @@ struct Node {
     epoch_starts: Vec<(u64, u64)>,
     /// Rounds of the proposals, votes and timeouts this node sent.
     signed_rounds: Vec<u64>,
+    /// Validators this node scored down for invalid messages, and why.
+    scored_down: Vec<(usize, &'static str)>,
 }
 
 enum Event {
-    Deliver { to: usize, msg: ConsensusMessage },
-    Synced { to: usize, blocks: Vec<Block> },
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: ConsensusMessage,
+    },
+    Synced {
+        to: usize,
+        blocks: Vec<Block>,
+    },
     Crash(usize),
     Restart(usize),
 }
@@ -215,6 +224,7 @@ impl Sim {
                 final_times: Vec::new(),
                 epoch_starts: Vec::new(),
                 signed_rounds: Vec::new(),
+                scored_down: Vec::new(),
             })
             .collect();
         let mut sim = Sim {
@@ -455,7 +465,8 @@ impl Sim {
             return;
         }
         if let Some(delay) = self.world.transit(from, to) {
-            self.world.schedule_in(delay, Event::Deliver { to, msg });
+            self.world
+                .schedule_in(delay, Event::Deliver { from, to, msg });
         }
     }
 
@@ -642,6 +653,10 @@ impl Sim {
                 }
             }
             Effect::ReportEvidence(_) => self.nodes[i].evidence_seen += 1,
+            Effect::Invalid { from, reason } => {
+                let sender = usize::try_from(from.0 - 1).expect("a validator's origin");
+                self.nodes[i].scored_down.push((sender, reason));
+            }
             Effect::NeedValidatorSet { .. } => {
                 unreachable!("answered in `input` after the other effects")
             }
@@ -723,7 +738,14 @@ impl Sim {
                 Next::Event(event) => event,
             };
             match event {
-                Event::Deliver { to, msg } => self.input(to, Input::Message(msg)),
+                Event::Deliver { from, to, msg } => self.input(
+                    to,
+                    Input::Message {
+                        // Origin 0 is the node itself: validator i is origin i + 1.
+                        from: Origin(from as u64 + 1),
+                        message: msg,
+                    },
+                ),
                 Event::Synced { to, blocks } => {
                     let valid: Vec<Block> = blocks
                         .into_iter()
@@ -796,6 +818,17 @@ impl Sim {
         let mut sets: HashMap<u64, ValidatorSet> = HashMap::new();
         for i in self.honest() {
             self.check_chain(i, &mut sets);
+        }
+        // Scoring a peer down is for faults: no honest validator is ever scored down.
+        let honest = self.honest();
+        for i in &honest {
+            for (sender, reason) in &self.nodes[*i].scored_down {
+                assert!(
+                    !honest.contains(sender),
+                    "seed {}: node {i} scored honest node {sender} down: {reason}",
+                    self.seed
+                );
+            }
         }
     }
 

@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_consensus::{Effect, Engine, Input, TimerKind, ValidatorSet};
+use keel_consensus::{Effect, Engine, Input, Origin, TimerKind, ValidatorSet};
 use keel_types::{
     Address, Block, ConsensusMessage, EpochProof, Hash, PeerRequest, PeerResponse,
     QuorumCertificate,
@@ -45,8 +45,14 @@ use crate::Result;
 pub enum Command {
     /// Stop (handled by the runner, after the current step).
     Shutdown,
-    /// A consensus message from a peer (decoded, signatures not checked).
-    Message(ConsensusMessage),
+    /// A consensus message (decoded, signatures not checked) and the peer that wrote it: the
+    /// one scored down if it proves invalid.
+    Message {
+        /// Its author (for gossip, the signed source, not the relay).
+        peer: PeerId,
+        /// The message.
+        message: ConsensusMessage,
+    },
     /// The answer to request `id` (`None`: it failed or did not decode).
     Response {
         /// The request's id.
@@ -130,6 +136,42 @@ pub struct Host {
     /// Whether the view is behind the ledger.
     dirty: bool,
     metrics: HostMetrics,
+    /// The names consensus knows senders by ([`Origin`]) and back, so that an invalid
+    /// message reported later (a vote checked with its quorum) still reaches its peer.
+    origins: Origins,
+}
+
+/// Peers and the [`Origin`]s consensus knows them by; forgotten all at once past
+/// [`Origins::MAX`] peers, so a stream of new peer ids cannot grow it.
+#[derive(Default)]
+struct Origins {
+    by_peer: HashMap<PeerId, Origin>,
+    by_origin: HashMap<Origin, PeerId>,
+    next: u64,
+}
+
+impl Origins {
+    const MAX: usize = 4096;
+
+    fn of(&mut self, peer: PeerId) -> Origin {
+        if let Some(origin) = self.by_peer.get(&peer) {
+            return *origin;
+        }
+        if self.by_peer.len() >= Origins::MAX {
+            self.by_peer.clear();
+            self.by_origin.clear();
+        }
+        // Origin 0 is the node itself.
+        self.next = self.next.saturating_add(1);
+        let origin = Origin(self.next);
+        self.by_peer.insert(peer, origin);
+        self.by_origin.insert(origin, peer);
+        origin
+    }
+
+    fn peer(&self, origin: Origin) -> Option<PeerId> {
+        self.by_origin.get(&origin).copied()
+    }
 }
 
 impl Host {
@@ -152,6 +194,7 @@ impl Host {
             next_request: 0,
             sync_salt: 0,
             dirty: true,
+            origins: Origins::default(),
             metrics: HostMetrics::default(),
         }
     }
@@ -210,7 +253,10 @@ impl Host {
         self.expire_sync();
         match command {
             Command::Shutdown => {}
-            Command::Message(message) => self.input(Input::Message(message))?,
+            Command::Message { peer, message } => {
+                let from = self.origins.of(peer);
+                self.input(Input::Message { from, message })?
+            }
             Command::Response { id, peer, response } => self.on_response(id, peer, response)?,
         }
         self.publish_if_dirty();
@@ -294,6 +340,20 @@ impl Host {
                     Err(e) if e.is_fatal() => return Err(e.into()),
                     Err(e) => {
                         warn!(height = block.header.height, %hash, error = %e, "refusing proposed block");
+                        // A block that breaks a rule was signed by its proposer (consensus checked
+                        // the signature before asking): score the proposer's peer, whoever
+                        // relayed the proposal and whenever consensus looks at it.
+                        if matches!(e, LedgerError::Invalid(_)) {
+                            let proposer = Some(block.header.proposer);
+                            if let Some(peer) = self
+                                .network
+                                .peers()
+                                .iter()
+                                .find(|p| p.validator == proposer)
+                            {
+                                self.network.report(peer.id, Report::Invalid);
+                            }
+                        }
                         self.observe(HostEvent::Refused {
                             block: &block,
                             error: &e,
@@ -317,6 +377,13 @@ impl Host {
             }
             Effect::RequestSync { qc } => {
                 self.request_sync(qc.block_hash);
+                None
+            }
+            Effect::Invalid { from, reason } => {
+                if let Some(peer) = self.origins.peer(from) {
+                    debug!(%peer, reason, "invalid consensus message");
+                    self.network.report(peer, Report::Invalid);
+                }
                 None
             }
             Effect::ReportEvidence(e) => {
@@ -623,7 +690,11 @@ impl Host {
             self.input(Input::Synced(valid))?;
         }
         if let Some(proof) = proof {
-            self.input(Input::Message(ConsensusMessage::EpochProof(proof)))?;
+            let from = self.origins.of(peer);
+            self.input(Input::Message {
+                from,
+                message: ConsensusMessage::EpochProof(proof),
+            })?;
         }
         Ok(!refused)
     }

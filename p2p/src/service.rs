@@ -73,6 +73,9 @@ pub enum Event {
     Gossip {
         /// Who relayed it.
         peer: PeerId,
+        /// Who wrote it (the signed gossipsub source): the one to score for its content,
+        /// since relays forward a message before this node has checked it.
+        author: Option<PeerId>,
         /// Its channel.
         channel: Channel,
         /// The payload.
@@ -619,6 +622,7 @@ impl Service {
                 if let Some(data) = self.unframe(propagation_source, &message.data, channel) {
                     self.emit(Event::Gossip {
                         peer: propagation_source,
+                        author: message.source,
                         channel,
                         data,
                     });

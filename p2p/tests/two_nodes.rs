@@ -91,7 +91,7 @@ async fn two_peers_gossip_send_directly_and_answer_requests() {
             b.publish(Channel::Consensus, big.clone()).unwrap();
             tokio::select! {
                 e = a_events.recv() => {
-                    if let Some(Event::Gossip { peer, channel, data }) = e {
+                    if let Some(Event::Gossip { peer, channel, data, .. }) = e {
                         return (peer, channel, data);
                     }
                 }

@@ -46,7 +46,7 @@ use keel_node::config::MempoolConfig;
 use keel_node::host::{Command, Host, HostEvent};
 use keel_node::mempool::{MempoolLimits, MAX_NONCE_GAP};
 use keel_node::net::sim::{Outgoing, SimNetwork};
-use keel_node::net::{Channel, PeerId, PeerInfo};
+use keel_node::net::{Channel, PeerId, PeerInfo, Report};
 use keel_node::store::ConsensusStore;
 use keel_simkit::{check, draw_link, run_seeds, seeds, Crash, Faults, Next, Partition, World};
 use keel_state::{ExecParams, State};
@@ -64,6 +64,9 @@ const USERS: u64 = 5;
 const RECEIVERS: u64 = 3;
 /// How long a request to an unreachable peer takes to fail.
 const REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// How long after healing every honest node must finalize again (as the consensus
+/// simulation's bound).
+const LIVENESS_BOUND_MS: u64 = 30_000;
 /// How often users resubmit their transfers that are not final yet.
 const RESUBMIT_EVERY_MS: u64 = 3_000;
 /// A user keeps at most this many transfers above its final nonce (the mempool refuses
@@ -124,6 +127,10 @@ struct Node {
     key: Keypair,
     peer: PeerId,
     byzantine: bool,
+    /// Peers (node indexes) this node scored down as invalid, once per report.
+    scored_down: Vec<usize>,
+    /// When its final height grew (virtual ms).
+    final_times: Vec<u64>,
     /// The node's database: survives a crash (clones of a `MemStore` share its data).
     store: MemStore,
     /// The running host (none while crashed).
@@ -157,6 +164,7 @@ impl Node {
 
 enum Event {
     Deliver {
+        from: usize,
         to: usize,
         message: Vec<u8>,
     },
@@ -245,6 +253,8 @@ impl Sim {
                     .unwrap(),
                 key,
                 byzantine: scenario.byzantine == Some(i),
+                scored_down: Vec::new(),
+                final_times: Vec::new(),
                 store: MemStore::new(),
                 host: None,
                 net: SimNetwork::new(),
@@ -364,7 +374,12 @@ impl Sim {
         };
         node.net.set_peers(peers);
         let seed = self.seed;
+        let now = self.world.now();
+        let before = host.context().tip().finalized.0;
         f(host).unwrap_or_else(|e| panic!("seed {seed}: node {i}'s host failed: {e}"));
+        if host.context().tip().finalized.0 > before {
+            node.final_times.push(now);
+        }
         for out in node.net.take_outbox() {
             self.route(i, out);
         }
@@ -376,7 +391,7 @@ impl Sim {
         }
         if let Some(delay) = self.world.transit(from, to) {
             self.world
-                .schedule_in(delay, Event::Deliver { to, message });
+                .schedule_in(delay, Event::Deliver { from, to, message });
         }
     }
 
@@ -431,7 +446,13 @@ impl Sim {
                     },
                 );
             }
-            Outgoing::Report { .. } => {}
+            Outgoing::Report { peer, report } => {
+                if report == Report::Invalid {
+                    if let Some(j) = self.node_of(&peer) {
+                        self.nodes[i].scored_down.push(j);
+                    }
+                }
+            }
         }
     }
 
@@ -564,8 +585,11 @@ impl Sim {
             };
             self.clock.set(self.now());
             match event {
-                Event::Deliver { to, message } => match ConsensusMessage::decode(&message) {
-                    Ok(m) => self.step(to, |h| h.handle(Command::Message(m))),
+                Event::Deliver { from, to, message } => match ConsensusMessage::decode(&message) {
+                    Ok(m) => {
+                        let peer = self.nodes[from].peer;
+                        self.step(to, |h| h.handle(Command::Message { peer, message: m }))
+                    }
                     Err(e) => panic!("seed {}: undecodable message: {e}", self.seed),
                 },
                 Event::Response {
@@ -630,6 +654,15 @@ impl Sim {
     fn check(&self) {
         let seed = self.seed;
         let honest = self.honest();
+        // Scoring down is for faults: no honest node reports an honest one invalid.
+        for i in &honest {
+            for j in &self.nodes[*i].scored_down {
+                assert!(
+                    !honest.contains(j),
+                    "seed {seed}: node {i} scored honest node {j} down"
+                );
+            }
+        }
         let heights: Vec<u64> = honest
             .iter()
             .map(|i| self.nodes[*i].final_height())
@@ -839,6 +872,15 @@ impl Sim {
             .as_ref()
             .expect("the run reached the heal time");
         for i in &honest {
+            if let Err(stalled) = check::progress_after(
+                seed,
+                *i,
+                &self.nodes[*i].final_times,
+                self.scenario.faults.healed_at(),
+                LIVENESS_BOUND_MS,
+            ) {
+                panic!("{stalled} ({:?})", self.scenario);
+            }
             assert!(
                 self.nodes[*i].final_height() > at_heal[*i],
                 "seed {seed}: honest node {i} stayed at final height {} after the heal at {} ms \
@@ -1075,6 +1117,11 @@ fn honest_validators_refuse_blocks_with_a_corrupted_state_root() {
             .filter(|(p, reason)| *p == bad && reason.contains("state root"))
             .count();
         assert!(refusals > 0, "node {i} never refused a corrupted block");
+        // ... and scored the proposer's peer down for it (`check` made sure no honest peer was).
+        assert!(
+            sim.nodes[i].scored_down.contains(&0),
+            "node {i} never scored the byzantine validator down"
+        );
     }
 }
 

@@ -277,9 +277,10 @@ impl Server {
         }
     }
 
+    /// A consensus message from `peer`, its author.
     fn consensus(&self, peer: PeerId, data: &[u8]) {
         match keel_types::ConsensusMessage::decode(data) {
-            Ok(message) => self.to_host(Command::Message(message)),
+            Ok(message) => self.to_host(Command::Message { peer, message }),
             Err(e) => {
                 debug!(%peer, error = %e, "undecodable consensus message");
                 self.net.report(peer, Report::Invalid);
@@ -336,15 +337,17 @@ impl Server {
                     peer,
                     channel: Channel::Transactions,
                     data,
+                    ..
                 } => {
                     let (batch, after) =
                         drain_transactions((peer, data), &mut events, TX_ADMISSION_BATCH);
                     next = after;
                     server.admit_transactions(batch).await;
                 }
-                Event::Gossip { peer, data, .. } | Event::Direct { peer, data } => {
-                    server.consensus(peer, &data)
-                }
+                Event::Gossip {
+                    peer, author, data, ..
+                } => server.consensus(author.unwrap_or(peer), &data),
+                Event::Direct { peer, data } => server.consensus(peer, &data),
                 Event::Request { peer, id, data } => {
                     let s = server.clone();
                     // Storage reads: off the event loop.
@@ -458,6 +461,7 @@ fn drain_transactions(
                 peer,
                 channel: Channel::Transactions,
                 data,
+                ..
             }) => batch.push((peer, data)),
             Ok(other) => return (batch, Some(other)),
             Err(_) => break,
@@ -514,6 +518,7 @@ mod tests {
     fn tx_gossip(peer: PeerId, n: u8) -> Event {
         Event::Gossip {
             peer,
+            author: Some(peer),
             channel: Channel::Transactions,
             data: vec![n],
         }
