@@ -64,8 +64,11 @@ pub const HISTORY_HEADERS: usize = 2 * REPUTATION_WINDOW;
 /// a fault, 5 leaves two rounds for a late certificate.
 const REPUTATION_LAG: u64 = 5;
 /// Leader reputation: fewer final blocks than this (at the start of a chain) and the
-/// validators lead in turn, as a window of one or two blocks would name few of them active.
-const REPUTATION_MIN_HISTORY: usize = 5;
+/// validators lead in turn. Two is the least that holds a certificate signed by a quorum (the
+/// first block carries the genesis certificate, signed by no one), so that the active
+/// validators hold more than two thirds of the stake and a dead one among them cannot leave
+/// only dead leaders to choose from; three holds two such certificates.
+const REPUTATION_MIN_HISTORY: usize = 3;
 /// Leader reputation: the weight (times stake) of a validator that proposed or voted in the
 /// window and did not fail as leader since it last proposed.
 const ACTIVE_WEIGHT: u64 = 1000;
@@ -1069,14 +1072,35 @@ impl Engine {
         }
         let vote = Vote::sign(&self.key, &self.config.chain_id, hash, header.height, round);
         out.push(Effect::PersistSafety(self.safety.clone()));
-        let next_leader = self.leader(round.saturating_add(1)).address;
-        if next_leader == self.key.address() {
+        // To the next leader, which certifies the block in its proposal, and to the leader
+        // after it: if the next one is dead, the one after still certifies the block, and
+        // its certificate (carried by its timeouts and proposal) makes the block's parent
+        // final instead of leaving it to a later 2-chain.
+        let mut own = false;
+        for collector in self.vote_collectors(round) {
+            if collector == self.key.address() {
+                own = true;
+            } else {
+                out.push(Effect::SendTo {
+                    to: collector,
+                    message: ConsensusMessage::Vote(vote.clone()),
+                });
+            }
+        }
+        if own {
             self.on_vote(now_ms, vote, out);
+        }
+    }
+
+    /// Who collects the votes of `round`: the leaders of the next two rounds (one validator
+    /// if it leads both).
+    fn vote_collectors(&self, round: u64) -> Vec<Address> {
+        let next = self.leader(round.saturating_add(1)).address;
+        let after = self.leader(round.saturating_add(2)).address;
+        if next == after {
+            vec![next]
         } else {
-            out.push(Effect::SendTo {
-                to: next_leader,
-                message: ConsensusMessage::Vote(vote),
-            });
+            vec![next, after]
         }
     }
 
@@ -1132,7 +1156,7 @@ impl Engine {
         };
         if round.saturating_add(1) < self.round
             || round > self.round.saturating_add(MAX_FUTURE_ROUNDS)
-            || self.leader(round.saturating_add(1)).address != self.key.address()
+            || !self.vote_collectors(round).contains(&self.key.address())
         {
             return;
         }

@@ -308,17 +308,21 @@ fn validates(effects: &[Effect], hash: &Hash) -> bool {
 }
 
 /// The votes the engine sends out.
+/// The votes the engine sends out, each once however many collectors it goes to.
 fn votes(effects: &[Effect]) -> Vec<&Vote> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::SendTo {
-                message: ConsensusMessage::Vote(v),
-                ..
-            } => Some(v),
-            _ => None,
-        })
-        .collect()
+    let mut out: Vec<&Vote> = Vec::new();
+    for e in effects {
+        if let Effect::SendTo {
+            message: ConsensusMessage::Vote(v),
+            ..
+        } = e
+        {
+            if !out.iter().any(|w| w.signature == v.signature) {
+                out.push(v);
+            }
+        }
+    }
+    out
 }
 
 fn certified(effects: &[Effect], hash: &Hash) -> bool {
@@ -456,6 +460,49 @@ fn persist_safety_precedes_every_vote() {
             "{desc}: persisted at {persist}, used at {first_use}: {effects:?}"
         );
     }
+}
+
+/// A vote goes to the next two leaders, and the leader after next certifies the block when
+/// the next leader is dead: the block's parent can still become final.
+#[test]
+fn votes_go_to_the_next_two_leaders_and_the_second_certifies_alone() {
+    let net = Net::new();
+    let (next, after) = (net.leader(2), net.leader(3));
+    assert_ne!(next, after, "fixture assumption");
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let p1 = net.propose(b1.clone(), None);
+    let voter = net.bystander(&[1, 2, 3]);
+    let mut engine = net.started(voter);
+    let effects = deliver(&mut engine, at(1), &p1);
+    let mut to: Vec<Address> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SendTo {
+                to,
+                message: ConsensusMessage::Vote(_),
+            } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    to.sort();
+    let mut expected = vec![net.keys[next].address(), net.keys[after].address()];
+    expected.sort();
+    assert_eq!(to, expected);
+
+    // The leader of round 3 forms the certificate of round 1 from three votes, without the
+    // leader of round 2.
+    let mut engine = net.started(after);
+    engine.handle(at(1), Input::Synced(vec![b1.clone()]));
+    let mut effects = Vec::new();
+    for i in net.others(next) {
+        effects.extend(message(
+            &mut engine,
+            at(1),
+            ConsensusMessage::Vote(net.vote(i, &b1)),
+        ));
+    }
+    assert!(certified(&effects, &b1.hash()), "{effects:?}");
+    assert_eq!(engine.round(), 2);
 }
 
 // ----- 2. one vote per round -----
@@ -2495,6 +2542,8 @@ fn leader_reputation_weighs_proposers_voters_and_failed_leaders() {
     let mut recovered = net.engine(0, None);
     recovered.restore_history(&back);
     assert!(led(&recovered, failed) > 500);
-    // Rounds whose window holds fewer than five final blocks fall back to stake alone.
-    assert_eq!(engine.leader_of(9), fresh.leader_of(9));
+    // Rounds whose window holds fewer than three final blocks (round 7 looks at rounds up
+    // to 2) fall back to the validators in turn, like a fresh engine.
+    assert_eq!(engine.leader_of(7), fresh.leader_of(7));
+    assert!((8..20).any(|r| engine.leader_of(r) != fresh.leader_of(r)));
 }

@@ -962,3 +962,45 @@ pub fn check_one_line_error(out: &CmdOutput) -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes a `keel testnet` of `validators` homes in `dir` (loopback ports picked free, blocks
+/// every `block_time_ms`), lets `tune` change each node's config, and returns the nodes, not
+/// started. RocksDB memory is kept small so several processes fit on a test machine.
+pub fn testnet_nodes(
+    dir: &Path,
+    validators: usize,
+    block_time_ms: u64,
+    chain_id: &str,
+    tune: impl Fn(&mut keel_node::config::Config),
+) -> Result<Vec<TestNode>> {
+    let count = u16::try_from(validators).context("validator count")?;
+    let base = free_port_range(3 * count);
+    let out = run_keel([
+        "testnet",
+        "--validators",
+        &validators.to_string(),
+        "--out",
+        &dir.to_string_lossy(),
+        "--base-port",
+        &base.to_string(),
+        "--block-time-ms",
+        &block_time_ms.to_string(),
+        "--chain-id",
+        chain_id,
+    ])?;
+    if !out.success() {
+        bail!("keel testnet failed:\n{out}");
+    }
+    (0..validators)
+        .map(|i| {
+            let home = dir.join(format!("node{i}"));
+            let path = home.join("config.toml");
+            let mut config = keel_node::config::Config::load(&path)?;
+            config.storage.rocksdb.block_cache_size = keel_node::config::ByteSize::mib(16);
+            config.storage.rocksdb.write_buffer_size = keel_node::config::ByteSize::mib(4);
+            tune(&mut config);
+            fs::write(&path, config.to_toml_string())?;
+            TestNode::existing(home)
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use keel_node::config::Config;
-use keel_tests::{free_port_range, run_keel, transfer, u64_field, TestNode};
+use keel_tests::{testnet_nodes, transfer, u64_field, TestNode};
 use keel_types::Keypair;
 use serde_json::{json, Value};
 
@@ -66,35 +66,11 @@ fn metric(text: &str, series: &str) -> f64 {
 }
 
 fn testnet(dir: &std::path::Path) -> Vec<TestNode> {
-    let base = free_port_range(3 * VALIDATORS as u16);
-    let out = run_keel([
-        "testnet",
-        "--validators",
-        &VALIDATORS.to_string(),
-        "--out",
-        dir.to_str().unwrap(),
-        "--base-port",
-        &base.to_string(),
-        "--block-time-ms",
-        &BLOCK_TIME_MS.to_string(),
-        "--chain-id",
-        "keel-net-test",
-    ])
-    .unwrap();
-    assert!(out.success(), "keel testnet failed:\n{out}");
-    (0..VALIDATORS)
-        .map(|i| {
-            let home = dir.join(format!("node{i}"));
-            let path = home.join("config.toml");
-            let mut config = Config::load(&path).unwrap();
-            // A dead leader costs one short timeout; RocksDB kept small for 4 processes.
-            config.consensus.timeout_ms = 1_200;
-            config.storage.rocksdb.block_cache_size = keel_node::config::ByteSize::mib(16);
-            config.storage.rocksdb.write_buffer_size = keel_node::config::ByteSize::mib(4);
-            std::fs::write(&path, config.to_toml_string()).unwrap();
-            TestNode::existing(home).unwrap()
-        })
-        .collect()
+    testnet_nodes(dir, VALIDATORS, BLOCK_TIME_MS, "keel-net-test", |config| {
+        // A dead leader costs one short timeout.
+        config.consensus.timeout_ms = 1_200;
+    })
+    .unwrap()
 }
 
 /// A testnet in a temporary folder (named with `prefix`), every node started.
