@@ -246,6 +246,11 @@ pub struct HeaderInfo {
     pub validators_hash: Hash,
     /// Certificate of the parent block.
     pub parent_qc: QcInfo,
+    /// Merkle root of the ids of the block's evidence.
+    pub evidence_root: Hash,
+    /// Leaders of the rounds between the parent's certificate and this block's round, which
+    /// certified no block (oldest first, at most 10): what leader reputation reads.
+    pub failed_proposers: Vec<Address>,
 }
 
 impl From<&Header> for HeaderInfo {
@@ -262,6 +267,8 @@ impl From<&Header> for HeaderInfo {
             tx_root: h.tx_root,
             state_root: h.state_root,
             validators_hash: h.validators_hash,
+            evidence_root: h.evidence_root,
+            failed_proposers: h.failed_proposers.clone(),
             parent_qc: QcInfo {
                 block_hash: h.parent_qc.block_hash,
                 height: h.parent_qc.height,
@@ -630,6 +637,8 @@ mod tests {
                     signature: HexBytes(vec![0xab; 64]),
                 }],
             },
+            evidence_root: Hash([10; 32]),
+            failed_proposers: vec![Address([11; 20])],
         }
     }
 
