@@ -134,6 +134,25 @@ impl Net {
             .unwrap()
     }
 
+    /// The engine of validator `node` with the round timeout capped at `max_timeout_ms`,
+    /// started at time 0.
+    fn started_with_cap(&self, node: usize, max_timeout_ms: u64) -> Engine {
+        let config = Config {
+            max_timeout_ms,
+            ..Net::config()
+        };
+        let mut engine = Engine::new(
+            config,
+            self.keys[node].clone(),
+            self.validators.clone(),
+            self.tip(),
+            None,
+        )
+        .unwrap();
+        engine.handle(0, Input::Start);
+        engine
+    }
+
     /// The validators other than `node`.
     fn others(&self, node: usize) -> Vec<usize> {
         (0..VALIDATORS).filter(|i| *i != node).collect()
@@ -1065,19 +1084,7 @@ fn the_back_off_grows_to_a_configured_cap_above_four_times_the_base() {
     let node = net.bystander(&[1, 2, 3]);
     let leaders: HashSet<usize> = [1, 2, 3].iter().map(|r| net.leader(*r)).collect();
     assert_eq!(leaders.len(), 3, "fixture assumption: three leaders");
-    let config = Config {
-        max_timeout_ms: 6 * TIMEOUT_MS,
-        ..Net::config()
-    };
-    let mut engine = Engine::new(
-        config,
-        net.keys[node].clone(),
-        net.validators.clone(),
-        net.tip(),
-        None,
-    )
-    .unwrap();
-    engine.handle(0, Input::Start);
+    let mut engine = net.started_with_cap(node, 6 * TIMEOUT_MS);
     assert_eq!(
         time_out_rounds(&net, &mut engine, node, &[1, 2, 3]),
         [4_000, 8_000, 12_000].map(|d| d * TIMEOUT_MS / 2_000)
@@ -1092,19 +1099,7 @@ fn a_known_failed_leader_does_not_grow_the_timeout() {
     let node = net.bystander(&[1]);
     let failing = net.leader(1);
     let again = (3..60u64).find(|r| net.leader(*r) == failing).unwrap();
-    let config = Config {
-        max_timeout_ms: 64 * TIMEOUT_MS,
-        ..Net::config()
-    };
-    let mut engine = Engine::new(
-        config,
-        net.keys[node].clone(),
-        net.validators.clone(),
-        net.tip(),
-        None,
-    )
-    .unwrap();
-    engine.handle(0, Input::Start);
+    let mut engine = net.started_with_cap(node, 64 * TIMEOUT_MS);
     assert_eq!(time_out_rounds(&net, &mut engine, node, &[1]), [4_000]);
     // Three others time out the round before `again`: the engine joins them and moves on by
     // their TC, without timing out the rounds in between.
