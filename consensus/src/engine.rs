@@ -686,6 +686,16 @@ impl Engine {
         }
     }
 
+    /// Reports the message being handled for carrying `qc`, which did not verify; unless the
+    /// certificate is of a block at or below the final tip: a restarted engine cannot check
+    /// every old certificate (the one of its epoch's first block was signed by the previous
+    /// set), and an honest validator that lags may still send one.
+    fn invalid_qc(&self, qc: &QuorumCertificate, reason: &'static str, out: &mut Vec<Effect>) {
+        if qc.height > self.final_tip.height {
+            self.invalid(reason, out);
+        }
+    }
+
     /// Evidence waiting for inclusion.
     pub fn evidence_pool(&self) -> impl Iterator<Item = &Evidence> {
         self.evidence.values()
@@ -1001,7 +1011,11 @@ impl Engine {
             return;
         }
         if !self.verify_qc(&header.parent_qc) {
-            self.invalid("proposal with an invalid certificate", out);
+            self.invalid_qc(
+                &header.parent_qc,
+                "proposal with an invalid certificate",
+                out,
+            );
             return;
         }
         if let Some(tc) = &p.tc {
@@ -1407,7 +1421,7 @@ impl Engine {
             return;
         }
         if !self.verify_qc(&t.high_qc) {
-            self.invalid("timeout carrying an invalid certificate", out);
+            self.invalid_qc(&t.high_qc, "timeout carrying an invalid certificate", out);
             return;
         }
         self.on_qc(now_ms, t.high_qc.clone(), out);
