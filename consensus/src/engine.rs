@@ -392,6 +392,11 @@ pub struct Engine {
     next_epoch_votes: Vec<Vote>,
     /// A proof waiting for the blocks below it to be synced.
     stashed_proof: Option<EpochProof>,
+    /// The certificate that made the final tip final (see [`Timeout::commit_qc`]); none
+    /// after a restart or an epoch change.
+    commit_qc: Option<QuorumCertificate>,
+    /// A commit certificate learnt from a timeout, waiting for its block to be synced.
+    stashed_commit: Option<QuorumCertificate>,
     /// Validators sent the epoch proof in the current round.
     proof_replies: HashMap<Address, u64>,
     safety: SafetyData,
@@ -483,6 +488,8 @@ impl Engine {
             awaiting_set: false,
             epoch_proofs: BTreeMap::new(),
             stashed_proof: None,
+            commit_qc: None,
+            stashed_commit: None,
             next_epoch_proposals: Vec::new(),
             next_epoch_votes: Vec::new(),
             history: std::collections::VecDeque::new(),
@@ -777,6 +784,17 @@ impl Engine {
                     && self.blocks.contains_key(&persisted.block_hash)
                 {
                     self.on_qc(now_ms, persisted, &mut out);
+                }
+                // A commit certificate from a timeout whose block just came.
+                if let Some(qc) = self.stashed_commit.take() {
+                    if self.blocks.contains_key(&qc.block_hash) {
+                        self.on_qc(now_ms, qc, &mut out);
+                        if self.awaiting_set {
+                            return out;
+                        }
+                    } else {
+                        self.stashed_commit = Some(qc);
+                    }
                 }
                 // The highest certificate may have come (in a timeout, say) before the block
                 // it certifies: now that the block is here, it can make its parent final.
@@ -1397,6 +1415,12 @@ impl Engine {
                 self.on_tc(now_ms, tc, out);
             }
         }
+        if let Some(qc) = t.commit_qc.clone() {
+            self.on_commit_qc(now_ms, qc, out);
+            if self.awaiting_set {
+                return;
+            }
+        }
         if round_epoch(round) < self.epoch {
             self.send_epoch_proof(now_ms, t.voter, round_epoch(round), out);
             return;
@@ -1499,8 +1523,10 @@ impl Engine {
             round,
             self.safety.highest_qc.clone(),
         );
-        // Carry our latest TC so validators still in an earlier round can catch up.
+        // Carry our latest TC so validators still in an earlier round can catch up, and the
+        // certificate of our latest commit so they agree on what is final.
         timeout.last_tc = self.high_tc.clone();
+        timeout.commit_qc = self.commit_qc.clone();
         out.push(Effect::PersistSafety(self.safety.clone()));
         out.push(Effect::Broadcast(ConsensusMessage::Timeout(
             timeout.clone(),
@@ -1737,7 +1763,39 @@ impl Engine {
         } else {
             None
         };
+        let before = self.final_tip.height;
         self.finalize_block(hash, final_qc, proof.map(|p| (p, true)), out);
+        if self.final_tip.height > before && !self.awaiting_set {
+            self.commit_qc = Some(qc.clone());
+        }
+    }
+
+    /// A certificate another validator says made a block final ([`Timeout::commit_qc`]): if
+    /// it would make a block above our final tip final, check it and apply the commit rule,
+    /// fetching its block first if we lack it. Without this a validator that missed the one
+    /// proposal carrying it would not know that block is final until the next 2-chain, and
+    /// leader reputation, which reads final blocks, would name other leaders than everyone
+    /// else's for as long.
+    fn on_commit_qc(&mut self, now_ms: u64, qc: QuorumCertificate, out: &mut Vec<Effect>) {
+        if round_epoch(qc.round) != self.epoch
+            || qc.height <= self.final_tip.height.saturating_add(1)
+            || self
+                .stashed_commit
+                .as_ref()
+                .is_some_and(|s| s.height >= qc.height && !self.blocks.contains_key(&s.block_hash))
+        {
+            return;
+        }
+        if !self.verify_qc(&qc) {
+            self.invalid_qc(&qc, "timeout carrying an invalid commit certificate", out);
+            return;
+        }
+        if self.blocks.contains_key(&qc.block_hash) {
+            self.on_qc(now_ms, qc, out);
+        } else {
+            out.push(Effect::RequestSync { qc: qc.clone() });
+            self.stashed_commit = Some(qc);
+        }
     }
 
     /// Makes `hash` (a block held, certified by `qc`) and its ancestors final. When it ends
@@ -1841,6 +1899,8 @@ impl Engine {
         self.pending.clear();
         self.verified_qcs.clear();
         self.stashed_proof = None;
+        self.commit_qc = None;
+        self.stashed_commit = None;
         self.building = None;
         self.consecutive_timeouts = 0;
         // Votes and timeouts carry the epoch in their round: the new epoch's rounds are above

@@ -524,6 +524,55 @@ fn votes_go_to_the_next_two_leaders_and_the_second_certifies_alone() {
     assert_eq!(engine.round(), 2);
 }
 
+/// A timeout carries the certificate of the sender's latest commit: a validator that never
+/// saw it learns which block is final (fetching the certified block first if it lacks it),
+/// so that leader reputation reads the same final blocks everywhere.
+#[test]
+fn a_timeout_tells_which_block_is_final() {
+    let net = Net::new();
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let qc1 = net.qc(&b1, &[0, 1, 2]);
+    let b2 = net.block(2, &b1, qc1.clone(), 2);
+    // QC(B2) makes B1 final (a 2-chain); the sender's highest certificate is of a fork.
+    let qc2 = net.qc(&b2, &[0, 1, 2]);
+    let fork = net.block(3, &b1, qc1.clone(), 3);
+    let qc_fork = net.qc(&fork, &[0, 1, 2]);
+    let node = net.bystander(&[4]);
+    let sender = net.others(node)[0];
+    let plain = net.timeout(sender, 4, qc_fork.clone());
+    let carrying = Timeout {
+        commit_qc: Some(qc2.clone()),
+        ..plain.clone()
+    };
+    let synced = |blocks: Vec<Block>| {
+        let mut engine = net.started(node);
+        engine.handle(at(1), Input::Synced(blocks));
+        assert_eq!(engine.final_tip().height, 0);
+        engine
+    };
+    let mut engine = synced(vec![b1.clone(), b2.clone()]);
+    let effects = message(&mut engine, at(4), ConsensusMessage::Timeout(plain));
+    assert!(finalized(&effects).is_empty(), "{effects:?}");
+    let mut engine = synced(vec![b1.clone(), b2.clone()]);
+    let effects = message(
+        &mut engine,
+        at(4),
+        ConsensusMessage::Timeout(carrying.clone()),
+    );
+    assert_eq!(finalized(&effects), vec![(b1.hash(), 1)]);
+    // Without B2 it asks for it, and commits once it arrives.
+    let mut engine = synced(vec![b1.clone()]);
+    let effects = message(&mut engine, at(4), ConsensusMessage::Timeout(carrying));
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::RequestSync { qc } if *qc == qc2)),
+        "{effects:?}"
+    );
+    let effects = engine.handle(at(4), Input::Synced(vec![b2.clone()]));
+    assert_eq!(finalized(&effects), vec![(b1.hash(), 1)]);
+}
+
 // ----- 2. one vote per round -----
 
 #[test]

@@ -77,6 +77,11 @@ pub struct Timeout {
     /// The sender's latest timeout certificate, so validators a round behind catch up. Not
     /// covered by the signature: a certificate stands on its own signatures.
     pub last_tc: Option<TimeoutCertificate>,
+    /// The certificate that made the sender's latest final block final (of its child, in the
+    /// next round), so validators that missed it learn that block is final: leader
+    /// reputation reads final blocks, and must read the same ones everywhere. Not covered by
+    /// the signature either.
+    pub commit_qc: Option<QuorumCertificate>,
 }
 
 impl Timeout {
@@ -100,6 +105,7 @@ impl Timeout {
             voter: key.address(),
             signature,
             last_tc: None,
+            commit_qc: None,
         }
     }
 
@@ -111,6 +117,7 @@ impl Timeout {
             voter: self.voter.0.to_vec(),
             signature: self.signature.0.to_vec(),
             last_tc: self.last_tc.as_ref().map(TimeoutCertificate::to_proto),
+            commit_qc: self.commit_qc.as_ref().map(QuorumCertificate::to_proto),
         }
     }
 
@@ -124,6 +131,7 @@ impl Timeout {
             voter: Address::from_slice("timeout.voter", &p.voter)?,
             signature: Signature::from_slice(&p.signature)?,
             last_tc: p.last_tc.map(TimeoutCertificate::from_proto).transpose()?,
+            commit_qc: p.commit_qc.map(QuorumCertificate::from_proto).transpose()?,
         })
     }
 }
@@ -398,6 +406,7 @@ mod tests {
                     high_qc: qc(7),
                     signatures: vec![],
                 }),
+                commit_qc: Some(qc(6)),
                 ..Timeout::sign(&key, "c", 9, qc(8))
             }),
             ConsensusMessage::Evidence(Evidence {

@@ -180,6 +180,8 @@ pub struct Timeout {
     pub signature: Vec<u8>,
     #[prost(message, optional, tag = "6")]
     pub last_tc: Option<TimeoutCertificate>,
+    #[prost(message, optional, tag = "7")]
+    pub commit_qc: Option<QuorumCertificate>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
