@@ -168,6 +168,8 @@ struct Node {
     evidence_seen: usize,
     /// Virtual times at which this node finalized something.
     final_times: Vec<u64>,
+    /// (virtual ms, final height) at each finalization.
+    final_heights: Vec<(u64, u64)>,
     /// (epoch, virtual time) of every epoch this node's engine switched to.
     epoch_starts: Vec<(u64, u64)>,
     /// Rounds of the proposals, votes and timeouts this node sent.
@@ -222,6 +224,7 @@ impl Sim {
                 disk: Disk::default(),
                 evidence_seen: 0,
                 final_times: Vec::new(),
+                final_heights: Vec::new(),
                 epoch_starts: Vec::new(),
                 signed_rounds: Vec::new(),
                 scored_down: Vec::new(),
@@ -716,6 +719,7 @@ impl Sim {
         }
         node.disk.final_qc.insert(hash, qc);
         node.final_times.push(now);
+        node.final_heights.push((now, height));
     }
 
     fn run(&mut self) {
@@ -1052,6 +1056,72 @@ const DEFAULT_SEEDS: u64 = 200;
 #[test]
 fn random_faults_never_break_safety_and_progress_resumes() {
     run_seeds("consensus simulation", seeds(DEFAULT_SEEDS), run_seed);
+}
+
+/// Seconds after `kill_ms` until node `i`'s block rate over windows of 20 block times is
+/// back to 90% of its rate in the 60 s before the kill, and holds for three windows (the
+/// measure of `tests/tests/liveness.rs`, on virtual time).
+fn recovery_after(sim: &Sim, i: usize, kill_ms: u64, block_time_ms: u64) -> Option<u64> {
+    let heights = &sim.nodes[i].final_heights;
+    let height_at = |t: u64| {
+        heights
+            .iter()
+            .take_while(|(at, _)| *at <= t)
+            .last()
+            .map_or(0, |(_, h)| *h)
+    };
+    let blocks = |from: u64, to: u64| height_at(to).saturating_sub(height_at(from));
+    let before = 60_000;
+    let rate = blocks(kill_ms - before, kill_ms) as f64 / before as f64;
+    let window = 20 * block_time_ms;
+    let good = |t: u64| blocks(t, t + window) as f64 >= 0.9 * rate * window as f64;
+    let end = sim.scenario.duration_ms;
+    let step = block_time_ms.max(50) / 2;
+    (kill_ms..end.saturating_sub(4 * window))
+        .step_by(step as usize)
+        .find(|t| (0..=3 * window).step_by(step as usize).all(|d| good(t + d)))
+        .map(|t| t - kill_ms)
+}
+
+/// One of four equal validators dies for good: the others are back to 90% of their block
+/// rate within 10 s, at block times from 50 ms to 3 s, in short epochs as in long ones.
+#[test]
+fn killing_one_of_four_validators_costs_seconds_at_any_block_time() {
+    for block_time_ms in [50, 300, 1_000, 3_000] {
+        for epoch_length in [5, 1_000] {
+            let kill_ms = 90 * block_time_ms.max(1_000);
+            let duration_ms = kill_ms + 100 * block_time_ms.max(600);
+            let scenario = Scenario {
+                validators: 4,
+                byzantine: vec![],
+                block_time_ms,
+                duration_ms,
+                faults: Faults {
+                    crash: Some(Crash {
+                        at: kill_ms,
+                        back: duration_ms,
+                        node: 3,
+                    }),
+                    ..Faults::calm((5, 20))
+                },
+                epoch_length,
+                sets: SetRule::Fixed,
+            };
+            let mut sim = Sim::new(7, scenario);
+            sim.run();
+            sim.check_invariants();
+            let recovery = recovery_after(&sim, 0, kill_ms, block_time_ms);
+            eprintln!(
+                "block_time_ms {block_time_ms}, epoch_length {epoch_length}: back to 90% after \
+                 {recovery:?} ms"
+            );
+            let ms = recovery.expect("the block rate came back");
+            assert!(
+                ms <= 10_000,
+                "block_time_ms {block_time_ms}, epoch_length {epoch_length}: {ms} ms"
+            );
+        }
+    }
 }
 
 // Two seeds of the random run that used to stall for more than 100 s (of 1,000 seeds, with
