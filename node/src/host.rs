@@ -133,6 +133,8 @@ pub struct Host {
     next_request: u64,
     /// Spreads block requests over peers.
     sync_salt: u64,
+    /// The target asked for again after answers without it, and how many times.
+    sync_retry: Option<(Hash, usize)>,
     /// Whether the view is behind the ledger.
     dirty: bool,
     metrics: HostMetrics,
@@ -193,6 +195,7 @@ impl Host {
             sync: None,
             next_request: 0,
             sync_salt: 0,
+            sync_retry: None,
             dirty: true,
             origins: Origins::default(),
             metrics: HostMetrics::default(),
@@ -596,6 +599,21 @@ impl Host {
 
     /// Files one answer of the current round and applies every answer that is next in height
     /// order; when the round is done, asks again if the last answer was full.
+    /// Asks another peer for `target` after an answer without it, at most [`SYNC_PEERS`]
+    /// times for one target in a row. Whether a request went out.
+    fn retry_sync(&mut self, target: Hash) -> bool {
+        let tries = match self.sync_retry {
+            Some((t, n)) if t == target => n.saturating_add(1),
+            _ => 1,
+        };
+        if tries > SYNC_PEERS {
+            return false;
+        }
+        self.sync_retry = Some((target, tries));
+        self.request_sync(target);
+        self.sync.is_some()
+    }
+
     fn on_response(&mut self, id: u64, peer: PeerId, response: Option<PeerResponse>) -> Result<()> {
         let Some(r) = self.sync.as_mut() else {
             return Ok(());
@@ -643,6 +661,11 @@ impl Host {
                 more = full;
                 if more {
                     self.request_sync(target);
+                } else if !self.ledger.has_block(&target) {
+                    // The peer did not have it (a block certified a moment ago, held by
+                    // the few that saw its proposal): ask the next one now, not when
+                    // consensus next asks, which may be a whole round later.
+                    more = self.retry_sync(target);
                 }
                 break;
             }
