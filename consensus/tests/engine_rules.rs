@@ -137,10 +137,17 @@ impl Net {
     /// The engine of validator `node` with the round timeout capped at `max_timeout_ms`,
     /// started at time 0.
     fn started_with_cap(&self, node: usize, max_timeout_ms: u64) -> Engine {
-        let config = Config {
-            max_timeout_ms,
-            ..Net::config()
-        };
+        self.started_with(
+            node,
+            Config {
+                max_timeout_ms,
+                ..Net::config()
+            },
+        )
+    }
+
+    /// The engine of validator `node` with `config`, started at time 0.
+    fn started_with(&self, node: usize, config: Config) -> Engine {
         let mut engine = Engine::new(
             config,
             self.keys[node].clone(),
@@ -1783,15 +1790,7 @@ fn epoch_1_round() -> u64 {
 impl Net {
     /// The engine of validator `node` with two-block epochs, started at time 0 (in round 1).
     fn started_in_short_epochs(&self, node: usize) -> Engine {
-        let mut engine = Engine::new(
-            Net::config_with(EPOCH_LENGTH),
-            self.keys[node].clone(),
-            self.validators.clone(),
-            self.tip(),
-            None,
-        )
-        .unwrap();
-        engine.handle(0, Input::Start);
+        let engine = self.started_with(node, Net::config_with(EPOCH_LENGTH));
         assert_eq!((engine.round(), engine.epoch()), (1, 0));
         engine
     }
