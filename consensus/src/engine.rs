@@ -416,6 +416,11 @@ pub struct Engine {
     building: Option<u64>,
     consecutive_timeouts: u32,
     last_timeout_round: u64,
+    /// When the current round's timer first fires (before any rebroadcast).
+    round_deadline_ms: u64,
+    /// The current round kept the previous round's deadline (see `continue_round`): a
+    /// proposal of the round gives it a full timeout again.
+    round_timer_kept: bool,
     started: bool,
 }
 
@@ -514,6 +519,8 @@ impl Engine {
             building: None,
             consecutive_timeouts: 0,
             last_timeout_round: 0,
+            round_deadline_ms: 0,
+            round_timer_kept: false,
             started: false,
         })
     }
@@ -576,6 +583,11 @@ impl Engine {
     /// proposed or voted [`ACTIVE_WEIGHT`], any other [`INACTIVE_WEIGHT`]. With fewer than
     /// [`REPUTATION_MIN_HISTORY`] such blocks (the start of a chain), the validators in turn
     /// ([`ValidatorSet::leader_in_turn`]).
+    /// The address of the leader of `round` as this validator sees it now (for logs).
+    pub fn leader_address(&self, round: u64) -> Address {
+        self.leader(round).address
+    }
+
     fn leader(&self, round: u64) -> &crate::Validator {
         let cutoff = round.saturating_sub(REPUTATION_LAG);
         // The window is fixed by its newest block (history only grows), so the weights are
@@ -813,22 +825,45 @@ impl Engine {
 
     // ----- rounds -----
 
-    fn round_timeout_ms(&self) -> u64 {
-        // Exponential back-off up to `max_timeout_ms` (the node sets 4x `timeout_ms`: enough
-        // to outgrow a slow network, short enough that a crashed leader costs seconds).
+    /// The timeout of `round`. Exponential back-off up to `max_timeout_ms` (the node sets 4x
+    /// `timeout_ms`: enough to outgrow a slow network, short enough that a crashed leader
+    /// costs seconds), except in a round that waits on a validator already seen failing (its
+    /// leader, or the next leader, whose proposal ends it): that round says nothing about the
+    /// network and gets the base timeout, so a dead validator drawn again before reputation
+    /// stops drawing it costs one `timeout_ms`, not the backed-off one.
+    fn round_timeout_ms(&self, round: u64) -> u64 {
+        let base = self.config.timeout_ms;
+        let waits_on_suspect = [round, round.saturating_add(1)]
+            .iter()
+            .any(|r| self.suspects.contains(&self.leader(*r).address));
+        if waits_on_suspect {
+            return base;
+        }
         let factor = 1u64 << self.consecutive_timeouts.min(16);
-        self.config
-            .timeout_ms
-            .saturating_mul(factor)
-            .min(self.config.max_timeout_ms.max(self.config.timeout_ms))
+        base.saturating_mul(factor)
+            .min(self.config.max_timeout_ms.max(base))
     }
 
     fn enter_round(&mut self, now_ms: u64, round: u64, out: &mut Vec<Effect>) {
+        let deadline = now_ms.saturating_add(self.round_timeout_ms(round));
+        self.enter_round_until(now_ms, round, deadline, out);
+    }
+
+    /// Enter `round` with its timer set to fire at `deadline_ms`.
+    fn enter_round_until(
+        &mut self,
+        now_ms: u64,
+        round: u64,
+        deadline_ms: u64,
+        out: &mut Vec<Effect>,
+    ) {
         self.round = round;
+        self.round_deadline_ms = deadline_ms;
+        self.round_timer_kept = false;
         self.prune_rounds();
         out.push(Effect::SetTimer {
             kind: TimerKind::RoundTimeout,
-            at_ms: now_ms.saturating_add(self.round_timeout_ms()),
+            at_ms: deadline_ms,
         });
         if self.leader(round).address == self.key.address() {
             let parent_ts = self
@@ -850,6 +885,32 @@ impl Engine {
         if round > self.round {
             self.enter_round(now_ms, round, out);
         }
+    }
+
+    /// Gives the current round a full timeout from now.
+    fn restart_round_timer(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
+        self.round_timer_kept = false;
+        self.round_deadline_ms = now_ms.saturating_add(self.round_timeout_ms(self.round));
+        out.push(Effect::SetTimer {
+            kind: TimerKind::RoundTimeout,
+            at_ms: self.round_deadline_ms,
+        });
+    }
+
+    /// Move from round `r` to `r + 1` on a certificate of `r` learnt from a timeout, not from
+    /// the proposal of `r + 1`, keeping round `r`'s deadline. Round `r` normally ends when the
+    /// proposal of `r + 1` brings its certificate, so its timer already measured the wait for
+    /// that proposal; starting a fresh one would make a dead leader of `r + 1` cost two
+    /// timeouts. That is the case when the leader of `r + 1` is dead and the leader after it
+    /// collected the votes of `r`: the others hear of the certificate only in its timeout of
+    /// `r + 1`, at about the time their own timer of `r` fires. A proposal of `r + 1` that
+    /// arrives in time restarts the timer as usual.
+    fn continue_round(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
+        let next = self.round.saturating_add(1);
+        let fresh = now_ms.saturating_add(self.round_timeout_ms(next));
+        let deadline = self.round_deadline_ms.clamp(now_ms, fresh);
+        self.enter_round_until(now_ms, next, deadline, out);
+        self.round_timer_kept = deadline < fresh;
     }
 
     fn prune_rounds(&mut self) {
@@ -936,6 +997,12 @@ impl Engine {
             self.high_tc.clone()
         };
         let proposal = Proposal::sign(&self.key, block.clone(), tc);
+        if round == self.round && self.last_timeout_round < round {
+            // The others time the round from this proposal's arrival; so does its leader,
+            // which entered the round earlier (often on the certificate it formed itself) and
+            // would otherwise time out just as the next proposal arrives.
+            self.restart_round_timer(now_ms, out);
+        }
         self.insert_block(&block);
         out.push(Effect::Broadcast(ConsensusMessage::Proposal(
             proposal.clone(),
@@ -1052,6 +1119,10 @@ impl Engine {
         }
         if round != self.round {
             return;
+        }
+        if self.round_timer_kept {
+            // The round kept its predecessor's deadline (`continue_round`); its proposal came.
+            self.restart_round_timer(now_ms, out);
         }
         // The failed leaders it lists are what leader reputation reads once it is final.
         if header.failed_proposers != self.failed_leaders(self.qc_round(&header.parent_qc), round) {
@@ -1448,7 +1519,7 @@ impl Engine {
             self.invalid_qc(&t.high_qc, "timeout carrying an invalid certificate", out);
             return;
         }
-        self.on_qc(now_ms, t.high_qc.clone(), out);
+        self.learn_qc(now_ms, t.high_qc.clone(), true, out);
         let set = self.timeouts.entry(round).or_default();
         set.insert(t.voter, t);
         let stake: u64 = set
@@ -1505,12 +1576,13 @@ impl Engine {
             out.push(Effect::Broadcast(ConsensusMessage::Timeout(timeout)));
             out.push(Effect::SetTimer {
                 kind: TimerKind::RoundTimeout,
-                at_ms: now_ms.saturating_add(self.round_timeout_ms()),
+                at_ms: now_ms.saturating_add(self.round_timeout_ms(self.round)),
             });
             return;
         }
         let round = self.round;
         self.last_timeout_round = round;
+        self.round_timer_kept = false;
         self.safety.last_voted_round = self.safety.last_voted_round.max(round);
         if self.high_qc.round > self.safety.highest_qc.round {
             self.safety.highest_qc = self.high_qc.clone();
@@ -1534,7 +1606,7 @@ impl Engine {
         // Rebroadcast with back-off until the round changes.
         out.push(Effect::SetTimer {
             kind: TimerKind::RoundTimeout,
-            at_ms: now_ms.saturating_add(self.round_timeout_ms()),
+            at_ms: now_ms.saturating_add(self.round_timeout_ms(self.round)),
         });
         self.on_timeout(now_ms, timeout, out);
     }
@@ -1658,6 +1730,17 @@ impl Engine {
 
     /// A verified QC: raise `high_qc`, move to the next round, apply the commit rule.
     fn on_qc(&mut self, now_ms: u64, qc: QuorumCertificate, out: &mut Vec<Effect>) {
+        self.learn_qc(now_ms, qc, false, out);
+    }
+
+    /// A certificate, from a timeout message (`from_timeout`) or anywhere else.
+    fn learn_qc(
+        &mut self,
+        now_ms: u64,
+        qc: QuorumCertificate,
+        from_timeout: bool,
+        out: &mut Vec<Effect>,
+    ) {
         if qc.round > self.high_qc.round {
             self.high_qc = qc.clone();
         }
@@ -1679,7 +1762,11 @@ impl Engine {
         }
         if qc.round >= self.round {
             self.consecutive_timeouts = 0;
-            self.advance_to(now_ms, qc.round.saturating_add(1), out);
+            if from_timeout && qc.round == self.round && self.started {
+                self.continue_round(now_ms, out);
+            } else {
+                self.advance_to(now_ms, qc.round.saturating_add(1), out);
+            }
         }
         self.commit_rule(&qc, out);
     }
@@ -1791,7 +1878,8 @@ impl Engine {
             return;
         }
         if self.blocks.contains_key(&qc.block_hash) {
-            self.on_qc(now_ms, qc, out);
+            // Learnt from a timeout like its high QC: it keeps the deadline (`continue_round`).
+            self.learn_qc(now_ms, qc, true, out);
         } else {
             out.push(Effect::RequestSync { qc: qc.clone() });
             self.stashed_commit = Some(qc);

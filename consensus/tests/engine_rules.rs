@@ -12,8 +12,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashSet;
-
 use keel_consensus::{
     epoch_end_height, BuildRequest, Config, Effect, Engine, Input, Origin, SafetyData, TimerKind,
     Tip, Validator, ValidatorSet,
@@ -529,6 +527,120 @@ fn votes_go_to_the_next_two_leaders_and_the_second_certifies_alone() {
     }
     assert!(certified(&effects, &b1.hash()), "{effects:?}");
     assert_eq!(engine.round(), 2);
+}
+
+/// The leader of round 3 is dead; the leader of round 4 certified block 2 from the votes and
+/// times out round 3 carrying that certificate (as its high QC and as the certificate of its
+/// latest commit, since it made block 1 final). A validator whose round-2 timer already ran
+/// out (it waited a whole timeout for the proposal of round 3, which is what brings round 2's
+/// certificate) joins round 3 and times it out at once, so the dead leader costs one timeout,
+/// not two; one that hears the certificate before its timer fires keeps round 2's deadline.
+/// A proposal of round 3 that does come gives the round a full timeout again.
+#[test]
+fn a_certificate_from_a_timeout_keeps_the_deadline_of_the_round_it_ends() {
+    let net = Net::new();
+    let (dead, after) = (net.leader(3), net.leader(4));
+    let node = net.bystander(&[2, 3, 4]);
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let qc1 = net.qc(&b1, &net.others(dead));
+    let b2 = net.block(2, &b1, qc1.clone(), 2);
+    let qc2 = net.qc(&b2, &net.others(dead));
+    let entered = at(2);
+    let deadline = entered + TIMEOUT_MS;
+    let timeout3 = Timeout {
+        commit_qc: Some(qc2.clone()),
+        ..net.timeout(after, 3, qc2.clone())
+    };
+    let in_round_2 = || {
+        let mut engine = net.started(node);
+        deliver(&mut engine, at(1), &net.propose(b1.clone(), None));
+        let effects = deliver(&mut engine, entered, &net.propose(b2.clone(), None));
+        assert_eq!(engine.round(), 2);
+        assert_eq!(round_timer_delay(&effects, entered), Some(TIMEOUT_MS));
+        engine
+    };
+
+    // Round 2's timer has fired: round 3 is timed out at once.
+    let mut engine = in_round_2();
+    let late = deadline + 50;
+    let effects = engine.handle(late, Input::Timer(TimerKind::RoundTimeout));
+    assert_eq!(broadcast_timeout(&effects).map(|t| t.round), Some(2));
+    let effects = message(
+        &mut engine,
+        late,
+        ConsensusMessage::Timeout(timeout3.clone()),
+    );
+    assert_eq!(engine.round(), 3);
+    assert_eq!(finalized(&effects), vec![(b1.hash(), 1)]);
+    assert_eq!(round_timer_delay(&effects, late), Some(0), "{effects:?}");
+    let effects = engine.handle(late, Input::Timer(TimerKind::RoundTimeout));
+    assert_eq!(broadcast_timeout(&effects).map(|t| t.round), Some(3));
+
+    // Heard before round 2's deadline: round 3 ends at that deadline, not a timeout later.
+    let mut engine = in_round_2();
+    let early = deadline - 300;
+    let effects = message(
+        &mut engine,
+        early,
+        ConsensusMessage::Timeout(timeout3.clone()),
+    );
+    assert_eq!(engine.round(), 3);
+    assert_eq!(round_timer_delay(&effects, early), Some(300), "{effects:?}");
+    // The proposal of round 3 comes after all: a full timeout from its arrival.
+    let b3 = net.block(3, &b2, qc2.clone(), 3);
+    let effects = message(
+        &mut engine,
+        early + 100,
+        ConsensusMessage::Proposal(net.propose(b3.clone(), None)),
+    );
+    assert_eq!(
+        round_timer_delay(&effects, early + 100),
+        Some(TIMEOUT_MS),
+        "{effects:?}"
+    );
+
+    // The same certificate in the proposal of round 3 starts a full timeout, as always.
+    let mut engine = in_round_2();
+    let effects = message(
+        &mut engine,
+        early,
+        ConsensusMessage::Proposal(net.propose(b3, None)),
+    );
+    assert_eq!(engine.round(), 3);
+    assert_eq!(round_timer_delay(&effects, early), Some(TIMEOUT_MS));
+}
+
+/// A leader that formed the previous round's certificate itself enters its round a block time
+/// before it proposes; its round timer runs from its proposal, as everyone else's runs from
+/// that proposal's arrival, or it would time out just as the next proposal arrives.
+#[test]
+fn a_leader_times_its_round_from_its_proposal() {
+    let net = Net::new();
+    let node = net.leader(2);
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let mut engine = net.started(node);
+    for other in net.others(node).into_iter().take(2) {
+        message(
+            &mut engine,
+            at(1),
+            ConsensusMessage::Vote(net.vote(other, &b1)),
+        );
+    }
+    let out = deliver(&mut engine, at(1), &net.propose(b1.clone(), None));
+    assert!(certified(&out, &b1.hash()), "{out:?}");
+    assert_eq!(engine.round(), 2);
+    assert_eq!(round_timer_delay(&out, at(1)), Some(TIMEOUT_MS));
+    // It proposes a block time later; its timer restarts then.
+    let propose_at = at(1) + BLOCK_TIME_MS;
+    let out = engine.handle(propose_at, Input::Timer(TimerKind::Propose));
+    let req = build_request(&out).expect("the leader builds").clone();
+    let out = engine.handle(propose_at + 30, Input::BlockBuilt(built(&req)));
+    assert!(
+        out.iter()
+            .any(|e| matches!(e, Effect::Broadcast(ConsensusMessage::Proposal(_)))),
+        "{out:?}"
+    );
+    assert_eq!(round_timer_delay(&out, propose_at + 30), Some(TIMEOUT_MS));
 }
 
 /// A timeout carries the certificate of the sender's latest commit: a validator that never
@@ -1133,29 +1245,32 @@ fn time_out_rounds(net: &Net, engine: &mut Engine, node: usize, rounds: &[u64]) 
 }
 
 /// The cap is the configured `max_timeout_ms` whatever it is, not a fixed multiple of the
-/// base: a cap of 6x is reached after three leaders failed in a row.
+/// base: a cap of 3x is reached after two leaders failed in a row (the round after them waits
+/// on no validator seen failing, so the back-off applies).
 #[test]
-fn the_back_off_grows_to_a_configured_cap_above_four_times_the_base() {
+fn the_back_off_grows_to_a_configured_cap() {
     let net = Net::new();
     let node = net.bystander(&[1, 2, 3]);
-    let leaders: HashSet<usize> = [1, 2, 3].iter().map(|r| net.leader(*r)).collect();
-    assert_eq!(leaders.len(), 3, "fixture assumption: three leaders");
-    let mut engine = net.started_with_cap(node, 6 * TIMEOUT_MS);
+    assert_eq!(net.leader(4), node, "fixture assumption: leaders in turn");
+    let mut engine = net.started_with_cap(node, 3 * TIMEOUT_MS);
     assert_eq!(
-        time_out_rounds(&net, &mut engine, node, &[1, 2, 3]),
-        [4_000, 8_000, 12_000].map(|d| d * TIMEOUT_MS / 2_000)
+        time_out_rounds(&net, &mut engine, node, &[1, 2]),
+        [2 * TIMEOUT_MS, 3 * TIMEOUT_MS]
     );
 }
 
-/// A leader already seen failing does not grow the timeout again when its round fails: the
-/// chain waits the same short time for it, not twice as long each time it is drawn.
+/// A leader already seen failing does not grow the timeout again when its round fails, and a
+/// round that waits on it (it leads the round, or the next one, whose proposal ends the
+/// round) gets the base timeout whatever the back-off: a dead validator drawn again before
+/// reputation stops drawing it costs one base timeout each time.
 #[test]
-fn a_known_failed_leader_does_not_grow_the_timeout() {
+fn a_known_failed_leader_gets_the_base_timeout() {
     let net = Net::new();
     let node = net.bystander(&[1]);
     let failing = net.leader(1);
     let again = (3..60u64).find(|r| net.leader(*r) == failing).unwrap();
     let mut engine = net.started_with_cap(node, 64 * TIMEOUT_MS);
+    // Round 2 waits on the leader of round 2 and on that of round 3, neither seen failing.
     assert_eq!(time_out_rounds(&net, &mut engine, node, &[1]), [4_000]);
     // Three others time out the round before `again`: the engine joins them and moves on by
     // their TC, without timing out the rounds in between.
@@ -1165,11 +1280,23 @@ fn a_known_failed_leader_does_not_grow_the_timeout() {
         effects.extend(message(&mut engine, 10, ConsensusMessage::Timeout(t)));
     }
     assert_eq!(engine.round(), again);
-    let entered = round_timer_delay(&effects, 10).unwrap();
+    assert_eq!(round_timer_delay(&effects, 10), Some(TIMEOUT_MS));
+    // Its round fails again: no growth. The round after it, if it waits on no suspect, gets
+    // the back-off of the two culprits seen (the leaders of rounds 1 and `again - 1`).
+    assert_ne!(net.leader(again - 1), failing);
     assert_eq!(
         time_out_rounds(&net, &mut engine, node, &[again]),
-        [entered],
-        "the round of a leader known failed kept the timeout"
+        [
+            if [again + 1, again + 2]
+                .iter()
+                .any(|r| net.leader(*r) == failing)
+            {
+                TIMEOUT_MS
+            } else {
+                4 * TIMEOUT_MS
+            }
+        ],
+        "the round of a leader known failed grew the timeout"
     );
 }
 

@@ -831,14 +831,20 @@ impl TestNode {
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
         writeln!(log, "===== keel-tests: start #{} =====", self.starts)?;
-        let child = Command::new(keel_bin())
+        let mut command = Command::new(keel_bin());
+        command
             .arg("start")
             .arg("--home")
             .arg(&self.home)
             // No NO_COLOR here: the node must write plain text to a non-terminal on its own
             // (`logs_written_to_a_file_have_no_colour_codes` checks it).
             .env_remove("NO_COLOR")
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        // KEEL_TEST_LOG=filter: the nodes' RUST_LOG (e.g. `info,keel_node::host=debug`).
+        if let Some(filter) = std::env::var_os("KEEL_TEST_LOG") {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

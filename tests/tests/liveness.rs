@@ -101,9 +101,16 @@ fn measure(block_time_ms: u64, before: f64, after: f64, minute: f64) -> Recovery
         .prefix("keel-liveness-")
         .tempdir()
         .unwrap();
+    // LIVENESS_KEEP=1 keeps the homes and their `node.log`s for a look at the rounds.
+    let (root, _guard) = if std::env::var_os("LIVENESS_KEEP").is_some() {
+        let kept = dir.keep();
+        eprintln!("homes and logs kept in {}", kept.display());
+        (kept, None)
+    } else {
+        (dir.path().to_path_buf(), Some(dir))
+    };
     // `keel testnet`'s own timeouts: what an operator running it gets.
-    let mut nodes =
-        testnet_nodes(dir.path(), VALIDATORS, block_time_ms, "keel-live", |_| {}).unwrap();
+    let mut nodes = testnet_nodes(&root, VALIDATORS, block_time_ms, "keel-live", |_| {}).unwrap();
     for n in nodes.iter_mut() {
         n.start().unwrap();
     }
