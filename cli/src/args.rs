@@ -60,6 +60,46 @@ pub enum Command {
     /// Sign and submit transactions.
     #[command(subcommand)]
     Tx(TxCommand),
+    /// Database tools for a stopped node: sizes, an offline prune, a compaction, a check.
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+/// `keel db ...` (the node must be stopped: RocksDB locks its folder).
+#[derive(Subcommand, Debug)]
+pub enum DbCommand {
+    /// Size per column family, live table bytes, key estimates, and pruning mode and progress.
+    Stats {
+        /// Node home folder.
+        #[arg(long)]
+        home: PathBuf,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prune now what `[storage.pruning]` makes due (or finish an interrupted pass), with a
+    /// progress bar.
+    Prune {
+        /// Node home folder.
+        #[arg(long)]
+        home: PathBuf,
+    },
+    /// Compact every column family, so the space of deleted data comes back.
+    Compact {
+        /// Node home folder.
+        #[arg(long)]
+        home: PathBuf,
+    },
+    /// Walk the retained window: every block, its receipts and index entries, and the state
+    /// root of every retained height recomputed from the tree's nodes.
+    Check {
+        /// Node home folder.
+        #[arg(long)]
+        home: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `keel keys ...`

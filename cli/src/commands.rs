@@ -15,8 +15,8 @@ use keel_node::{verify_proof, Address, Hash, Keypair, Node, Transaction, TxKind}
 use serde::Serialize;
 
 use crate::args::{
-    Cli, Command, DevnetArgs, KeysCommand, QueryCommand, TestnetArgs, TxCommand, TxOptions,
-    DEFAULT_RPC,
+    Cli, Command, DbCommand, DevnetArgs, KeysCommand, QueryCommand, TestnetArgs, TxCommand,
+    TxOptions, DEFAULT_RPC,
 };
 use crate::client::{KeelApiClient, Rpc};
 
@@ -37,6 +37,102 @@ fn now_ms() -> u64 {
 /// Prints `v` as indented JSON. It goes through a `serde_json::Value` on the way, whose
 /// objects sort their keys: the output lists keys alphabetically whatever the field order of
 /// the type.
+/// A progress bar of `total` steps on stderr (hidden when stderr is not a terminal).
+fn progress_bar(what: &'static str) -> impl FnMut(u64, u64) {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    move |done, total| {
+        let bar = bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} heights, {elapsed} elapsed, {eta} left",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_message(what);
+            b
+        });
+        bar.set_length(total);
+        bar.set_position(done);
+        if done >= total {
+            bar.finish();
+        }
+    }
+}
+
+fn db(cmd: DbCommand) -> Result<()> {
+    use keel_node::dbtool::Db;
+    match cmd {
+        DbCommand::Stats { home, json } => {
+            let stats = Db::open(&home)?.stats()?;
+            if json {
+                return print_json(&stats);
+            }
+            println!("database        {}", stats.path);
+            println!("on disk         {} bytes", stats.disk_bytes);
+            println!("live tables     {} bytes", stats.live_sst_bytes);
+            println!("final height    {}", stats.finalized_height);
+            println!("earliest height {}", stats.earliest_height);
+            let window = match (stats.keep_recent, stats.interval) {
+                (Some(k), Some(i)) => format!(" (keep {k}, every {i})"),
+                _ => String::new(),
+            };
+            println!("pruning         {}{window}", stats.pruning_mode);
+            let opt = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
+            println!("pruned up to    {}", opt(stats.pruned_height));
+            println!("last target     {}", opt(stats.prune_target));
+            println!("prune due to    {}", opt(stats.prune_due_to));
+            println!();
+            println!(
+                "{:<14} {:>16} {:>14}",
+                "column", "live bytes", "keys (est.)"
+            );
+            for c in &stats.columns {
+                println!(
+                    "{:<14} {:>16} {:>14}",
+                    c.name, c.live_sst_bytes, c.estimated_keys
+                );
+            }
+            Ok(())
+        }
+        DbCommand::Prune { home } => {
+            let db = Db::open(&home)?;
+            match db.prune(&mut progress_bar("pruning"))? {
+                None => println!("nothing to prune now"),
+                Some(r) => println!(
+                    "pruned heights {}..={}: {} keys deleted in {} batches",
+                    r.from, r.to, r.deleted_keys, r.batches
+                ),
+            }
+            Ok(())
+        }
+        DbCommand::Compact { home } => {
+            let (before, after) = Db::open(&home)?.compact()?;
+            println!("live table bytes: {before} before, {after} after");
+            Ok(())
+        }
+        DbCommand::Check { home, json } => {
+            let report = Db::open(&home)?.check(&mut progress_bar("checking"))?;
+            if json {
+                return print_json(&report);
+            }
+            println!(
+                "ok: heights {}..={}: {} blocks, {} transactions, {} state roots recomputed \
+                 ({} distinct nodes), {} epoch-end headers below the window",
+                report.from_height,
+                report.to_height,
+                report.blocks,
+                report.transactions,
+                report.state_versions,
+                report.state_nodes,
+                report.epoch_headers
+            );
+            Ok(())
+        }
+    }
+}
+
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
     let v = serde_json::to_value(v).context("encoding the output")?;
     println!(
@@ -84,6 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Devnet(args) => devnet(args),
         Command::Testnet(args) => testnet(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Db(cmd) => db(cmd),
         Command::Status { rpc } => runtime()?.block_on(async {
             let rpc = Rpc::new(&rpc)?;
             print_json(&rpc.call("chain_status", rpc.api().chain_status()).await?)

@@ -134,6 +134,7 @@ pub fn open(
         BlockLimits::of(&genesis.params),
     )?
     .with_signature_cache(sig_cache.clone());
+    let prune = Arc::new(crate::pruner::PruneStatus::load(&blocks)?);
     let chain = Arc::new(NodeContext::new(ContextParts {
         chain_id: genesis.chain_id.clone(),
         node_id,
@@ -148,6 +149,7 @@ pub fn open(
             genesis.params.min_fee,
         ),
         sig_cache,
+        prune,
         finalized,
     }));
     let validators = chain.validator_set(epoch)?;

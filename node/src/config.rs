@@ -306,6 +306,11 @@ pub struct PruningConfig {
     pub interval: u64,
 }
 
+/// The fewest blocks `custom` mode may keep: a restarted validator reloads the last
+/// [`keel_consensus::HISTORY_HEADERS`] final headers (leader reputation), with room to spare.
+pub const MIN_KEEP_RECENT: u64 = 64;
+const _: () = assert!(MIN_KEEP_RECENT as usize >= keel_consensus::HISTORY_HEADERS);
+
 /// Blocks kept by [`PruningMode::Default`].
 pub const DEFAULT_KEEP_RECENT: u64 = 100_000;
 /// Pruning interval of [`PruningMode::Default`].
@@ -723,8 +728,16 @@ impl Config {
             if pruning.interval == 0 {
                 return fail("storage.pruning.interval", "must be at least 1");
             }
-            if pruning.keep_recent == 0 {
-                return fail("storage.pruning.keep_recent", "must be at least 1");
+            if pruning.keep_recent < MIN_KEEP_RECENT {
+                return fail(
+                    "storage.pruning.keep_recent",
+                    format!(
+                        "must be at least {MIN_KEEP_RECENT} (a restarted validator reloads the \
+                         last {} final headers for leader reputation) (got {})",
+                        keel_consensus::HISTORY_HEADERS,
+                        pruning.keep_recent
+                    ),
+                );
             }
             if pruning.keep_recent < pruning.interval {
                 return fail(

@@ -21,8 +21,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 
 use crate::mempool::{Mempool, Rejection};
-use crate::metrics::{encode_counter, encode_gauge};
+use crate::metrics::{encode_counter, encode_gauge, encode_gauges};
 use crate::net::Network;
+use crate::pruner::{PruneStatus, Wake};
 use crate::store::ConsensusStore;
 pub use crate::view::TipInfo;
 use crate::view::{ChainView, ViewCell};
@@ -128,6 +129,8 @@ pub struct ContextParts {
     pub sig_cache: Arc<SigCache>,
     /// The final block at start.
     pub finalized: (u64, Hash),
+    /// How far the database is pruned.
+    pub prune: Arc<PruneStatus>,
 }
 
 /// The shared chain.
@@ -157,6 +160,8 @@ pub struct NodeContext {
     view: Arc<ViewCell>,
     new_heads: broadcast::Sender<Header>,
     finalized_heads: broadcast::Sender<Header>,
+    prune: Arc<PruneStatus>,
+    pruner_wake: std::sync::OnceLock<Wake>,
 }
 
 impl NodeContext {
@@ -182,7 +187,19 @@ impl NodeContext {
             ))),
             new_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
             finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
+            prune: parts.prune,
+            pruner_wake: std::sync::OnceLock::new(),
         }
+    }
+
+    /// How far the database is pruned: heights below [`PruneStatus::earliest`] are not served.
+    pub fn prune_status(&self) -> &Arc<PruneStatus> {
+        &self.prune
+    }
+
+    /// Wakes the pruner (if one runs) on each commit.
+    pub fn set_pruner_wake(&self, wake: Wake) {
+        let _ = self.pruner_wake.set(wake);
     }
 
     /// The current view of the chain: tip, final block, epoch, non-final blocks.
@@ -193,7 +210,9 @@ impl NodeContext {
     /// Registers the metrics of the parts the context holds, each read where it is kept at
     /// scrape time without waiting on the host: `keel_block_height`, `keel_finalized_height`
     /// and `keel_epoch` (the view), `keel_mempool_txs`, `keel_validator_set_cache_*` and
-    /// `keel_sig_cache_*` (hits and misses), `keel_db_size_bytes` and `keel_pruned_height`.
+    /// `keel_sig_cache_*` (hits and misses), `keel_db_size_bytes`, `keel_db_live_sst_bytes` and the
+    /// pruner's `keel_pruned_height`, `keel_prune_duration_seconds` and
+    /// `keel_prune_deleted_keys_total`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         registry.register_collector(Box::new(self.view.clone()));
         self.mempool().register_metrics(registry);
@@ -205,6 +224,7 @@ impl NodeContext {
             store: self.blocks.kv().clone(),
             size: AtomicU64::new(0),
         }));
+        self.prune.register(registry);
     }
 
     /// Replaces the view (the consensus host, after each step that changes it).
@@ -260,13 +280,22 @@ impl NodeContext {
     /// chain cannot end itself.
     pub fn validator_set(&self, epoch: u64) -> crate::Result<Arc<ValidatorSet>> {
         self.validator_sets.get_or_load(epoch, || {
-            epoch_validator_set(&self.state, epoch, self.params.epoch_length, &|e| {
+            if epoch == 0 {
+                return Ok(self.genesis_validators.clone());
+            }
+            // Recorded once read from state: the state at an epoch's start may be pruned.
+            if let Some(set) = self.records.validator_set(epoch)? {
+                return Ok(set);
+            }
+            let set = epoch_validator_set(&self.state, epoch, self.params.epoch_length, &|e| {
                 if e == 0 {
                     Ok(self.genesis_validators.clone())
                 } else {
                     Ok((*self.validator_set(e)?).clone())
                 }
-            })
+            })?;
+            self.records.save_validator_set(epoch, &set)?;
+            Ok(set)
         })
     }
 
@@ -326,6 +355,9 @@ impl NodeContext {
 
     pub(crate) fn notify_finalized_head(&self, header: Header) {
         let _ = self.finalized_heads.send(header);
+        if let Some(wake) = self.pruner_wake.get() {
+            wake.wake();
+        }
     }
 
     /// Checks and admits a transaction: decode, signature, then the mempool's rules against
@@ -459,7 +491,7 @@ impl Collector for CacheMetrics {
     }
 }
 
-/// The database's size on disk and the height below which it is pruned.
+/// The database's size on disk and its live table bytes per column family.
 struct DatabaseMetrics {
     store: Arc<dyn KvStore>,
     /// The last size the store told, kept when it cannot tell.
@@ -485,13 +517,20 @@ impl Collector for DatabaseMetrics {
             "Database size on disk",
             self.size.load(Ordering::Relaxed),
         )?;
-        // The node runs no pruner yet: every block is kept, so none is pruned.
-        encode_gauge(
-            &mut encoder,
-            "keel_pruned_height",
-            "Blocks at or below this height are pruned",
-            0,
-        )
+        // Live table bytes per column family (RocksDB only): what pruning gives back.
+        let live: Vec<([(&str, &str); 1], u64)> = keel_storage::Column::ALL
+            .iter()
+            .filter_map(|c| Some(([("cf", c.name())], self.store.live_sst_bytes(*c)?)))
+            .collect();
+        if !live.is_empty() {
+            encode_gauges(
+                &mut encoder,
+                "keel_db_live_sst_bytes",
+                "Bytes of live SST files per column family",
+                &live,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -552,6 +591,7 @@ pub(crate) mod tests {
             }])
             .unwrap(),
             epoch: 0,
+            prune: Arc::default(),
             mempool: Mempool::new(
                 MempoolLimits {
                     max_txs: 1_000,

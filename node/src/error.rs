@@ -79,6 +79,9 @@ pub enum Error {
     /// A testnet that cannot be generated as asked.
     #[error("{0}")]
     Testnet(String),
+    /// A tool was asked for something it cannot do here (`keel db` on a memory store...).
+    #[error("{0}")]
+    Unusable(String),
     /// The RPC server could not start.
     #[error("rpc server on {addr}: {reason}")]
     Rpc {

@@ -371,6 +371,20 @@ impl Host {
                 None
             }
             Effect::Broadcast(message) => {
+                match &message {
+                    ConsensusMessage::Timeout(t) => debug!(
+                        round = t.round,
+                        high_qc = t.high_qc.round,
+                        leader = %self.engine.leader_address(t.round),
+                        "timed out round"
+                    ),
+                    ConsensusMessage::Proposal(p) => debug!(
+                        round = p.block.header.round,
+                        height = p.block.header.height,
+                        "proposed"
+                    ),
+                    _ => {}
+                }
                 self.broadcast(message);
                 None
             }
@@ -623,6 +637,18 @@ impl Host {
         };
         let answer = match response {
             Some(PeerResponse::Blocks { blocks, proof }) => Some((blocks, proof)),
+            Some(PeerResponse::Pruned { earliest }) => {
+                // Honest: it keeps a window. Another peer may have the blocks; state sync (not
+                // built yet) is what a node this far behind every peer would need.
+                warn!(
+                    %peer,
+                    earliest,
+                    need_from = self.ledger.final_tip().0.saturating_add(1),
+                    "peer has pruned the blocks this node needs (it serves heights from \
+                     `earliest` on); asking another peer"
+                );
+                None
+            }
             Some(_) => {
                 self.network.report(peer, Report::Invalid);
                 None

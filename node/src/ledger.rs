@@ -811,7 +811,7 @@ pub(crate) mod tests {
     const FEE: u64 = 10;
     const FUNDS: u64 = 1_000_000;
 
-    fn params() -> ExecParams {
+    pub(crate) fn params() -> ExecParams {
         ExecParams {
             chain_id: CHAIN.into(),
             min_fee: FEE,
@@ -825,7 +825,7 @@ pub(crate) mod tests {
         Keypair::from_seed(seed)
     }
 
-    fn addr(seed: u64) -> Address {
+    pub(crate) fn addr(seed: u64) -> Address {
         key(seed).address()
     }
 
@@ -870,7 +870,7 @@ pub(crate) mod tests {
         hash
     }
 
-    fn new_app() -> (Ledger, Arc<dyn KvStore>, Hash) {
+    pub(crate) fn new_app() -> (Ledger, Arc<dyn KvStore>, Hash) {
         let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
         let g = genesis(&store);
         (
@@ -880,7 +880,7 @@ pub(crate) mod tests {
         )
     }
 
-    fn qc(hash: Hash, height: u64, round: u64) -> QuorumCertificate {
+    pub(crate) fn qc(hash: Hash, height: u64, round: u64) -> QuorumCertificate {
         QuorumCertificate {
             block_hash: hash,
             height,
@@ -903,7 +903,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn transfer(from: u64, nonce: u64, to: u64, amount: u64) -> Transaction {
+    pub(crate) fn transfer(from: u64, nonce: u64, to: u64, amount: u64) -> Transaction {
         Transaction::sign(
             &key(from),
             CHAIN,
@@ -917,7 +917,12 @@ pub(crate) mod tests {
     }
 
     /// Builds a block of `txs` on `parent` (a block of this app) in `round`.
-    fn build(app: &mut Ledger, parent: &Block, round: u64, txs: Vec<Transaction>) -> Block {
+    pub(crate) fn build(
+        app: &mut Ledger,
+        parent: &Block,
+        round: u64,
+        txs: Vec<Transaction>,
+    ) -> Block {
         let t = template(parent.hash(), parent.header.height, round);
         app.build_block(t, txs, Vec::new()).unwrap()
     }

@@ -93,6 +93,21 @@ pub fn encode_counter(
     counter.encode(describe(encoder, name, help, counter.metric_type())?)
 }
 
+/// Writes gauge `name` with one sample per label set.
+pub fn encode_gauges<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: &[(L, u64)],
+) -> fmt::Result {
+    let mut family = describe(encoder, name, help, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX))
+            .encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 /// Writes counter `name` with one sample per label set, each a count that only grows where it
 /// is kept.
 pub fn encode_counters<L: EncodeLabelSet>(

@@ -23,6 +23,7 @@ use crate::config::{Config, StorageEngine};
 use crate::context::NodeContext;
 use crate::home::{read_key_file, Home};
 use crate::host::{run_blocking, Command};
+use crate::pruner::{Pruner, Wake, Window};
 use crate::tasks::TaskManager;
 use crate::{Error, Result};
 
@@ -129,6 +130,35 @@ impl Node {
 
         // The moniker labels consensus logs, so nodes sharing a process (devnet) are told apart.
         let span = tracing::info_span!("node", moniker = %config.moniker);
+
+        // The pruner: its own thread, woken by each commit (it also finishes a pass a kill
+        // interrupted, whatever the mode now).
+        let window = config
+            .storage
+            .pruning
+            .effective()
+            .map(|(keep_recent, interval)| Window {
+                keep_recent,
+                interval,
+            });
+        let (wake, wake_rx) = Wake::channel();
+        chain.set_pruner_wake(wake);
+        let pruner = Pruner::new(
+            chain.blocks.kv().clone(),
+            chain.params.epoch_length,
+            chain.prune_status().clone(),
+        )
+        .resting();
+        let pruner_token = tasks.token();
+        let pruner_span = span.clone();
+        let thread = std::thread::Builder::new()
+            .name("keel-pruner".into())
+            .spawn(move || {
+                let _node = pruner_span.enter();
+                crate::pruner::run(pruner, window, wake_rx, pruner_token);
+            })
+            .map_err(|e| Error::io("pruner thread", e))?;
+        tasks.add_thread("pruner", thread);
         let (done_tx, done_rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("keel-consensus".into())
@@ -208,7 +238,8 @@ impl Node {
     }
 }
 
-fn rocks_config(config: &Config) -> RocksConfig {
+/// The RocksDB settings of `config`.
+pub(crate) fn rocks_config(config: &Config) -> RocksConfig {
     let r = &config.storage.rocksdb;
     RocksConfig {
         block_cache_size: r.block_cache_size.0,
@@ -233,7 +264,7 @@ mod tests {
 
     /// `(name, type, help)` of every metric the node exports, as written on `/metrics`: a public
     /// contract (DESIGN.md), names, types and help texts alike.
-    const CONTRACT: [(&str, &str, &str); 17] = [
+    const CONTRACT: [(&str, &str, &str); 20] = [
         ("keel_block_height", "gauge", "Height of the latest certified block."),
         ("keel_finalized_height", "gauge", "Height of the latest final block."),
         ("keel_epoch", "gauge", "Current consensus epoch."),
@@ -247,6 +278,9 @@ mod tests {
         ("keel_memory_limit_bytes", "gauge", "Configured memory limit (0 = none)."),
         ("keel_db_size_bytes", "gauge", "Database size on disk."),
         ("keel_pruned_height", "gauge", "Blocks at or below this height are pruned."),
+        ("keel_prune_duration_seconds", "histogram", "Duration of prune passes (deletes and compaction)."),
+        ("keel_prune_deleted_keys", "counter", "Keys deleted by the pruner."),
+        ("keel_db_live_sst_bytes", "gauge", "Bytes of live SST files per column family."),
         ("keel_validator_set_cache_hits", "counter", "Validator set lookups served by the per-epoch cache."),
         ("keel_validator_set_cache_misses", "counter", "Validator set lookups that computed the set."),
         ("keel_sig_cache_hits", "counter", "Signature cache lookups that found the transaction already verified (admission, block execution)."),
@@ -330,6 +364,19 @@ mod tests {
         );
         assert_eq!(sample(&text, "keel_mempool_txs"), 0.0, "{text}");
         assert_eq!(sample(&text, "keel_peers"), 0.0, "{text}");
+        // Every column family has its live-bytes series; nothing is pruned this early.
+        for cf in keel_storage::Column::ALL {
+            sample(
+                &text,
+                &format!("keel_db_live_sst_bytes{{cf=\"{}\"}}", cf.name()),
+            );
+        }
+        assert_eq!(sample(&text, "keel_pruned_height"), 0.0, "{text}");
+        assert_eq!(
+            sample(&text, "keel_prune_deleted_keys_total"),
+            0.0,
+            "{text}"
+        );
         assert_eq!(sample(&text, "keel_epoch"), 0.0, "{text}");
         for series in [
             "keel_p2p_bytes_total{direction=\"sent\",compressed=\"false\"}",

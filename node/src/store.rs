@@ -7,17 +7,22 @@
 //! - `consensus`, `safety`: the engine's [`SafetyData`];
 //! - `consensus`, `block/<hash>`: a non-final block this node executed;
 //! - `consensus`, `epoch_proof/<epoch, big-endian>`: the proof that the epoch ended;
+//! - `consensus`, `validator_set/<epoch, big-endian>`: the epoch's validators, each as
+//!   address (20) ++ public key (32) ++ stake (8, big-endian): read from state at the epoch's
+//!   start once and kept, so the sets outlive the pruned state they came from;
 //! - `meta`, `latest_qc`: the certificate of the final tip (written with it, one batch);
 //! - `meta`, `genesis_hash`: the hash of the genesis block the database was made for;
 //! - `peers`, `<peer id bytes>`: score (i32 LE) and ban end (u64 LE, ms).
 
 use std::sync::Arc;
 
-use keel_consensus::SafetyData;
+use keel_consensus::{SafetyData, Validator, ValidatorSet};
 use keel_p2p::peers::PeerRecord;
 use keel_p2p::{PeerId, PeerStore};
 use keel_storage::{BlockStore, Column, KvStore, WriteBatch};
-use keel_types::{Block, ConsensusMessage, EpochProof, Hash, QuorumCertificate};
+use keel_types::{
+    Address, Block, ConsensusMessage, EpochProof, Hash, PublicKey, QuorumCertificate,
+};
 use tracing::warn;
 
 use crate::{Error, Result};
@@ -25,6 +30,9 @@ use crate::{Error, Result};
 const SAFETY_KEY: &[u8] = b"safety";
 const PENDING_BLOCK_PREFIX: &[u8] = b"block/";
 const EPOCH_PROOF_PREFIX: &[u8] = b"epoch_proof/";
+const VALIDATOR_SET_PREFIX: &[u8] = b"validator_set/";
+/// Bytes of one validator in a validator-set record.
+const VALIDATOR_RECORD: usize = 20 + 32 + 8;
 const LATEST_QC_KEY: &str = "latest_qc";
 const GENESIS_HASH_KEY: &str = "genesis_hash";
 
@@ -62,6 +70,53 @@ impl ConsensusStore {
     /// The underlying store.
     pub fn kv(&self) -> &Arc<dyn KvStore> {
         &self.kv
+    }
+
+    /// The recorded validator set of `epoch`, if any.
+    pub fn validator_set(&self, epoch: u64) -> Result<Option<ValidatorSet>> {
+        let key = [VALIDATOR_SET_PREFIX, &epoch.to_be_bytes()].concat();
+        let Some(bytes) = self.kv.get(Column::Consensus, &key)? else {
+            return Ok(None);
+        };
+        if bytes.is_empty() || bytes.len() % VALIDATOR_RECORD != 0 {
+            return Err(corrupt(
+                "validator set record",
+                format!("epoch {epoch}: {} bytes", bytes.len()),
+            ));
+        }
+        let validators = bytes
+            .chunks_exact(VALIDATOR_RECORD)
+            .map(|v| {
+                let (address, rest) = v.split_at(20);
+                let (key, stake) = rest.split_at(32);
+                Ok(Validator {
+                    address: Address::from_slice("address", address)
+                        .map_err(|e| corrupt("validator set record", e))?,
+                    public_key: PublicKey::from_bytes(key)
+                        .map_err(|e| corrupt("validator set record", e))?,
+                    stake: u64::from_be_bytes(
+                        <[u8; 8]>::try_from(stake)
+                            .map_err(|e| corrupt("validator set record", e))?,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(
+            ValidatorSet::new(validators).map_err(|e| corrupt("validator set record", e))?,
+        ))
+    }
+
+    /// Records the validator set of `epoch`.
+    pub fn save_validator_set(&self, epoch: u64, set: &ValidatorSet) -> Result<()> {
+        let key = [VALIDATOR_SET_PREFIX, &epoch.to_be_bytes()].concat();
+        let mut value = Vec::with_capacity(set.validators().len() * VALIDATOR_RECORD);
+        for v in set.validators() {
+            value.extend_from_slice(&v.address.0);
+            value.extend_from_slice(&v.public_key.to_bytes());
+            value.extend_from_slice(&v.stake.to_be_bytes());
+        }
+        self.kv.put(Column::Consensus, &key, &value)?;
+        Ok(())
     }
 
     /// The safety data of the last run, if any.

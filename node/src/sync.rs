@@ -11,7 +11,8 @@ use crate::Result;
 /// Blocks for a peer whose final height is `have_height` and who wants `target`: final
 /// blocks above its height first (by height), then the non-final branch to `target`; oldest
 /// first, at most `max` (capped at [`MAX_SYNC_BLOCKS`]), and the proof that the asker's
-/// epoch ended if this node has it. Reads the store and the chain view, never the host.
+/// epoch ended if this node has it; [`PeerResponse::Pruned`] if the asker needs final blocks
+/// this node has pruned. Reads the store and the chain view, never the host.
 pub fn serve_blocks(
     chain: &NodeContext,
     target: Hash,
@@ -19,6 +20,11 @@ pub fn serve_blocks(
     max: u32,
 ) -> Result<PeerResponse> {
     let max = max.clamp(1, MAX_SYNC_BLOCKS) as usize;
+    // Final blocks it lacks that this node has pruned: say so, the asker tries elsewhere.
+    let earliest = chain.prune_status().earliest();
+    if have_height.saturating_add(1) < earliest {
+        return Ok(PeerResponse::Pruned { earliest });
+    }
     let view = chain.view();
     let finalized = view.tip.finalized.0;
     let mut blocks = Vec::new();

@@ -29,7 +29,7 @@ pub use node::EMPTY_ROOT;
 pub use proof::{verify_proof, Proof, ProofLeaf, MAX_PROOF_SIBLINGS};
 
 use node::{
-    decode_root_pointer, descend, encode_leaf, encode_root_pointer, leaf_hash, nibble,
+    decode_root_pointer, descend, encode_leaf, encode_root_pointer, leaf_hash, nibble, range_hash,
     root_pointer_key, ChildRef, Children, Internal, LeafNode, NibblePath, Node, NodeKey, PathEnd,
     MAX_NIBBLES,
 };
@@ -730,20 +730,84 @@ impl StateTree {
             .for_each(|(key, node)| self.cache.put(key, node));
     }
 
+    /// Recomputes the hash of every node reachable from `version`'s root and checks it
+    /// against the hash its parent (or the root pointer) records, skipping nodes already in
+    /// `checked` (nodes never change once written, so a walk of many versions hashes each
+    /// node once). Returns the root hash and the number of nodes hashed;
+    /// [`Error::VersionNotFound`] for a version not stored, [`Error::Corrupt`] naming the first
+    /// node that is missing or does not hash to what its parent says.
+    pub fn verify_version(
+        &self,
+        version: u64,
+        checked: &mut std::collections::HashSet<Vec<u8>>,
+    ) -> Result<(Hash, usize)> {
+        let Some(root) = self.root_ref(version)? else {
+            return Ok((EMPTY_ROOT, 0));
+        };
+        let mut hashed = 0;
+        let mut stack = vec![(root, NibblePath::ROOT)];
+        while let Some((r, path)) = stack.pop() {
+            let key = NodeKey {
+                version: r.version,
+                path,
+            };
+            let encoded = key.encode();
+            if checked.contains(&encoded) {
+                continue;
+            }
+            let computed = if r.is_leaf {
+                let leaf = self.load_leaf(&key)?;
+                leaf_hash(&leaf.key, &Hash::digest(&leaf.value))
+            } else {
+                let node = self.load_internal(&key)?;
+                for (slot, child) in (0u8..).zip(node.children.iter()) {
+                    if let Some(child) = child {
+                        stack.push((*child, path.child(slot)));
+                    }
+                }
+                range_hash(&node.children, 0, 16)
+            };
+            if computed != r.hash {
+                return Err(Error::Corrupt {
+                    what: "state tree node",
+                    reason: format!(
+                        "node of version {} at depth {} (reached from version {version}) hashes \
+                         to {computed}, its parent records {}",
+                        r.version,
+                        path.len(),
+                        r.hash
+                    ),
+                });
+            }
+            checked.insert(encoded);
+            hashed += 1;
+        }
+        Ok((root.hash, hashed))
+    }
+
     /// Stages the deletion of everything only versions older than `keep_from` need: every
     /// node recorded stale by a version `<= keep_from`, and those records. Afterwards every
     /// version `>= keep_from` still reads in full and older roots answer
     /// [`Error::VersionNotFound`]. Returns the number of nodes deleted.
     pub fn stage_prune(&self, keep_from: u64, batch: &mut WriteBatch) -> Result<usize> {
-        let end = keep_from.saturating_add(1).to_be_bytes();
+        self.stage_prune_stale(0, keep_from, batch)
+    }
+
+    /// Stages the deletion of the nodes recorded stale by versions `from..=to`, and of those
+    /// records (one range delete): a bounded step of [`StateTree::stage_prune`]. Once every
+    /// version up to `keep_from` is done, versions `>= keep_from` still read in full.
+    /// Returns the number of nodes deleted.
+    pub fn stage_prune_stale(&self, from: u64, to: u64, batch: &mut WriteBatch) -> Result<usize> {
+        let start = from.to_be_bytes();
+        let end = to.saturating_add(1).to_be_bytes();
         let mut deleted = 0;
         for item in self.store.iter_range(
             Column::StateStale,
-            &[],
-            Some(end.as_slice()),
+            &start,
+            (to < u64::MAX).then_some(end.as_slice()),
             keel_storage::Direction::Forward,
         ) {
-            let (key, list) = item?;
+            let (_, list) = item?;
             let mut rest = list.as_slice();
             while let Some((&len, tail)) = rest.split_first() {
                 let Some((node_key, tail)) = tail.split_at_checked(usize::from(len)) else {
@@ -756,7 +820,11 @@ impl StateTree {
                 deleted += 1;
                 rest = tail;
             }
-            batch.delete(Column::StateStale, key);
+        }
+        if to == u64::MAX {
+            batch.delete_range(Column::StateStale, start.to_vec(), vec![0xff; 9]);
+        } else {
+            batch.delete_range(Column::StateStale, start.to_vec(), end.to_vec());
         }
         Ok(deleted)
     }

@@ -12,8 +12,10 @@
 //! | `meta` | UTF-8 name | `latest`/`finalized`: height (8) ++ hash (32); others raw |
 //!
 //! `height_index` and `receipts` are height-prefixed, so a pruner range-deletes them by height;
-//! it finds the hash-keyed entries of the same heights (headers, bodies, tx index) by walking
-//! those two columns first.
+//! it finds the hash-keyed entries of the same heights (headers, bodies, tx index) from the
+//! height index and the block body (whose transactions name their index keys): point reads,
+//! never a scan. A pruned height keeps its header and height-index entry when the caller asks
+//! (epoch-end blocks: the chain of validator sets), everything else goes.
 //!
 //! Nothing here writes on its own: `stage_*` add to the caller's [`WriteBatch`] so one block
 //! (with its state-tree nodes, added by the caller) commits in one atomic batch.
@@ -26,6 +28,10 @@ use crate::{Column, Error, KvStore, Result, WriteBatch};
 
 const META_LATEST: &str = "latest";
 const META_FINALIZED: &str = "finalized";
+/// Every height at or below this one is pruned (absent: nothing is).
+const META_PRUNED: &str = "pruned_height";
+/// The height a prune in progress is taking the database to (absent: none ever started).
+const META_PRUNE_TARGET: &str = "prune_target";
 
 /// Where an included transaction sits: block height and position in the block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -299,8 +305,84 @@ impl BlockStore {
         Ok(Some((tx, receipt)))
     }
 
+    /// Stages the deletion of the block at `height` and of everything indexed by it: its
+    /// body, receipts and the transaction-index entries that point at it (an entry repointed
+    /// to a later inclusion stays), and unless `keep_header`, its header and height-index
+    /// entry. Returns the number of keys deleted (0 if no block is stored at `height`).
+    pub fn stage_prune_height(
+        &self,
+        batch: &mut WriteBatch,
+        height: u64,
+        keep_header: bool,
+    ) -> Result<usize> {
+        let Some(hash) = self.hash_at(height)? else {
+            return Ok(0);
+        };
+        let mut deleted = 0;
+        if let Some(block) = self.block_by_hash(&hash)? {
+            let keys: Vec<Vec<u8>> = block.tx_hashes().iter().map(|h| h.0.to_vec()).collect();
+            let locations = self.store.multi_get(Column::TxIndex, &keys)?;
+            for (key, location) in keys.into_iter().zip(locations) {
+                let points_here = location
+                    .map(|v| TxLocation::decode(&v))
+                    .transpose()?
+                    .is_some_and(|l| l.height == height);
+                if points_here {
+                    batch.delete(Column::TxIndex, key);
+                    deleted += 1;
+                }
+            }
+            batch.delete_range(
+                Column::Receipts,
+                receipt_key(height, 0).to_vec(),
+                receipt_key(height.saturating_add(1), 0).to_vec(),
+            );
+            deleted += block.txs.len();
+            batch.delete(Column::Bodies, hash.0.to_vec());
+            deleted += 1;
+        }
+        if !keep_header {
+            batch.delete(Column::Headers, hash.0.to_vec());
+            batch.delete(Column::HeightIndex, height_key(height).to_vec());
+            deleted += 2;
+        }
+        Ok(deleted)
+    }
+
+    /// The height at or below which every block is pruned, `None` if nothing is.
+    pub fn pruned_height(&self) -> Result<Option<u64>> {
+        self.meta_height(META_PRUNED)
+    }
+
+    /// Records, in `batch`, that every height at or below `height` is pruned.
+    pub fn stage_pruned_height(&self, batch: &mut WriteBatch, height: u64) {
+        self.stage_meta(batch, META_PRUNED, &height_key(height));
+    }
+
+    /// The height the latest prune started towards (it may not have finished: compare with
+    /// [`BlockStore::pruned_height`]), `None` if none ever started.
+    pub fn prune_target(&self) -> Result<Option<u64>> {
+        self.meta_height(META_PRUNE_TARGET)
+    }
+
+    /// Records, in `batch`, that a prune towards `height` started.
+    pub fn stage_prune_target(&self, batch: &mut WriteBatch, height: u64) {
+        self.stage_meta(batch, META_PRUNE_TARGET, &height_key(height));
+    }
+
+    fn meta_height(&self, key: &'static str) -> Result<Option<u64>> {
+        self.meta(key)?
+            .map(|v| {
+                <[u8; 8]>::try_from(v.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| corrupt("prune progress", format!("{key} of {} bytes", v.len())))
+            })
+            .transpose()
+    }
+
     /// Stages a small metadata value under `key` in the meta column ("genesis_hash",
-    /// "pruned_height"...). `latest` and `finalized` are reserved for the block pointers.
+    /// "latest_qc"...). `latest`, `finalized`, `pruned_height` and `prune_target` are reserved
+    /// for the block pointers and the pruner's progress.
     pub fn stage_meta(&self, batch: &mut WriteBatch, key: &str, value: &[u8]) {
         batch.put(Column::Meta, key.as_bytes().to_vec(), value.to_vec());
     }

@@ -189,6 +189,16 @@ pub trait KvStore: Send + Sync + 'static {
     /// Asks the engine to reclaim space of deleted keys in `[from, to)` now (after pruning).
     fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()>;
 
+    /// Bytes of live table files of `col`, `None` for engines without table files.
+    fn live_sst_bytes(&self, _col: Column) -> Option<u64> {
+        None
+    }
+
+    /// The engine's estimate of the keys in `col`, `None` if it has none.
+    fn estimate_keys(&self, _col: Column) -> Option<u64> {
+        None
+    }
+
     /// Bytes the store takes on disk (0 for memory stores: see [`KvStore::memory_bytes`]).
     fn disk_size_bytes(&self) -> Result<u64>;
 

@@ -339,6 +339,10 @@ fn column_options(cache: &Cache, compression: Compression, write_buffer_size: us
 
     let mut opts = Options::default();
     opts.set_block_based_table_factory(&table);
+    // Pruning deletes keys spread over the hash-keyed columns and the state nodes: a table
+    // with at least 16,384 deletions in any 32,768 entries (or half its entries deleted) is
+    // marked for compaction, so RocksDB gives the space back on its own.
+    opts.add_compact_on_deletion_collector_factory(32_768, 16_384, 0.5);
     opts.set_write_buffer_size(write_buffer_size);
     opts.set_compression_type(compression.to_rocks());
     opts
@@ -452,9 +456,25 @@ impl KvStore for RocksStore {
         // Rewrite the bottommost files too, otherwise range tombstones over data that already
         // sits in the last level would keep its space until some later compaction.
         opts.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
+        // Files wholly inside the range go at once, without being read.
+        self.db
+            .delete_file_in_range_cf(&cf, from, to)
+            .map_err(|e| engine_error(&self.path, "delete files in range", e))?;
         self.db
             .compact_range_cf_opt(&cf, Some(from), Some(to), &opts);
         Ok(())
+    }
+
+    fn live_sst_bytes(&self, col: Column) -> Option<u64> {
+        self.property(col, "rocksdb.live-sst-files-size")
+            .ok()
+            .flatten()
+    }
+
+    fn estimate_keys(&self, col: Column) -> Option<u64> {
+        self.property(col, "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
     }
 
     fn disk_size_bytes(&self) -> Result<u64> {

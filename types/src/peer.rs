@@ -84,6 +84,11 @@ pub enum PeerResponse {
         /// The end of the asker's epoch, if known.
         proof: Option<EpochProof>,
     },
+    /// The asker needs final blocks this peer has pruned: it serves heights from `earliest`.
+    Pruned {
+        /// The lowest height the peer still serves.
+        earliest: u64,
+    },
 }
 
 impl PeerRequest {
@@ -145,6 +150,9 @@ impl PeerResponse {
                 blocks: blocks.iter().map(Block::to_proto).collect(),
                 proof: proof.as_ref().map(EpochProof::to_proto),
             }),
+            PeerResponse::Pruned { earliest } => Kind::Pruned(proto::Pruned {
+                earliest: *earliest,
+            }),
         };
         proto::PeerResponse { kind: Some(kind) }.encode_to_vec()
     }
@@ -184,6 +192,9 @@ impl PeerResponse {
                     proof: b.proof.map(EpochProof::from_proto).transpose()?,
                 }
             }
+            Kind::Pruned(p) => PeerResponse::Pruned {
+                earliest: p.earliest,
+            },
         })
     }
 }

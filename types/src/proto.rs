@@ -277,7 +277,7 @@ pub struct BlocksRequest {
 /// The answer to a [`PeerRequest`].
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PeerResponse {
-    #[prost(oneof = "peer_response::Kind", tags = "1, 2")]
+    #[prost(oneof = "peer_response::Kind", tags = "1, 2, 3")]
     pub kind: Option<peer_response::Kind>,
 }
 
@@ -289,6 +289,8 @@ pub mod peer_response {
         Status(super::Status),
         #[prost(message, tag = "2")]
         Blocks(super::Blocks),
+        #[prost(message, tag = "3")]
+        Pruned(super::Pruned),
     }
 }
 
@@ -306,6 +308,14 @@ pub struct Status {
     pub validator_key: Vec<u8>,
     #[prost(bytes = "vec", tag = "6")]
     pub binding: Vec<u8>,
+}
+
+/// The answer of a peer that no longer has the blocks asked for.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Pruned {
+    /// The lowest height it still serves.
+    #[prost(uint64, tag = "1")]
+    pub earliest: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -32,11 +32,26 @@ impl RpcApi {
 
     fn block(&self, id: BlockId) -> RpcResult<Block> {
         let c = &self.chain;
-        let stored = match id {
-            BlockId::Height(h) => c.blocks.block_at(h),
-            BlockId::Hash(hash) => c.blocks.block_by_hash(&hash),
+        if let BlockId::Height(h) = id {
+            self.check_retained(h)?;
         }
-        .map_err(internal)?;
+        let stored = match id {
+            BlockId::Height(h) => c.blocks.block_at(h).map_err(|e| self.read_error(h, e)),
+            BlockId::Hash(hash) => match c.blocks.header_by_hash(&hash) {
+                // A kept epoch-end header below the window has no body any more.
+                Ok(Some(header)) => self.check_retained(header.height).and_then(|()| {
+                    c.blocks
+                        .block_by_hash(&hash)
+                        .map_err(|e| self.read_error(header.height, e))
+                }),
+                Ok(None) => Ok(None),
+                Err(e) => Err(internal(e)),
+            },
+        };
+        let stored = match (stored, id) {
+            (Ok(b), _) => b,
+            (Err(e), _) => return Err(e),
+        };
         let found = stored.or_else(|| match id {
             BlockId::Height(h) => c.certified_at(h),
             BlockId::Hash(hash) => c.certified_by_hash(&hash),
@@ -50,6 +65,23 @@ impl RpcApi {
         })
     }
 
+    /// `-32011` naming the earliest retained height if `height` is below it.
+    fn check_retained(&self, height: u64) -> RpcResult<()> {
+        let earliest = self.chain.prune_status().earliest();
+        if height < earliest {
+            return Err(pruned(height, earliest));
+        }
+        Ok(())
+    }
+
+    /// A read at `height` that failed: if the pruner took the height meanwhile, say so.
+    fn read_error(&self, height: u64, e: impl std::fmt::Display) -> ErrorObjectOwned {
+        match self.check_retained(height) {
+            Err(pruned) => pruned,
+            Ok(()) => internal(e),
+        }
+    }
+
     /// State is served at final heights: a certified block above them may still be replaced.
     fn state_height(&self, requested: Option<Height>) -> RpcResult<u64> {
         let finalized = self.chain.tip().finalized.0;
@@ -59,7 +91,10 @@ impl RpcApi {
                 codes::NOT_FOUND,
                 format!("height {h} is above the finalized height {finalized}"),
             )),
-            Some(Height(h)) => Ok(h),
+            Some(Height(h)) => {
+                self.check_retained(h)?;
+                Ok(h)
+            }
         }
     }
 
@@ -91,13 +126,25 @@ impl RpcApi {
     }
 }
 
-fn state_error(height: u64, e: keel_state::Error) -> ErrorObjectOwned {
-    match e {
-        keel_state::Error::VersionNotFound(_) => err(
-            codes::PRUNED,
-            format!("state at height {height} is not available (pruned)"),
-        ),
-        other => internal(other),
+fn pruned(height: u64, earliest: u64) -> ErrorObjectOwned {
+    err(
+        codes::PRUNED,
+        format!("height {height} is pruned: the earliest height this node serves is {earliest}"),
+    )
+}
+
+impl RpcApi {
+    /// A state read at `height` that failed: pruned meanwhile, or a real error.
+    fn state_error(&self, height: u64, e: keel_state::Error) -> ErrorObjectOwned {
+        let earliest = self.chain.prune_status().earliest();
+        match e {
+            _ if height < earliest => pruned(height, earliest),
+            keel_state::Error::VersionNotFound(_) => err(
+                codes::PRUNED,
+                format!("state at height {height} is not available (pruned)"),
+            ),
+            other => internal(other),
+        }
     }
 }
 
@@ -138,6 +185,7 @@ impl KeelApiServer for RpcApi {
             latest_hash: tip.latest.1,
             finalized_height: tip.finalized.0,
             finalized_hash: tip.finalized.1,
+            earliest_height: c.prune_status().earliest(),
             epoch: c.epoch(),
             syncing: c.syncing(),
             peers: c.peers(),
@@ -183,11 +231,29 @@ impl KeelApiServer for RpcApi {
                 receipt: None,
             });
         }
+        let earliest = c.prune_status().earliest();
+        let not_found = || {
+            let kept = if earliest > 0 {
+                format!(" (this node keeps blocks from height {earliest})")
+            } else {
+                String::new()
+            };
+            err(
+                codes::NOT_FOUND,
+                format!("transaction {hash} not found{kept}"),
+            )
+        };
+        let location = c
+            .blocks
+            .tx_location(&hash)
+            .map_err(internal)?
+            .ok_or_else(not_found)?;
+        self.check_retained(location.height)?;
         let (bytes, receipt) = c
             .blocks
             .transaction(&hash)
-            .map_err(internal)?
-            .ok_or_else(|| err(codes::NOT_FOUND, format!("transaction {hash} not found")))?;
+            .map_err(|e| self.read_error(location.height, e))?
+            .ok_or_else(not_found)?;
         let tx = Transaction::decode(&bytes).map_err(internal)?;
         Ok(TxDetail {
             tx: TxInfo::from(&tx),
@@ -206,7 +272,7 @@ impl KeelApiServer for RpcApi {
         let account = c
             .state
             .account(&address, height)
-            .map_err(|e| state_error(height, e))?
+            .map_err(|e| self.state_error(height, e))?
             .unwrap_or_default();
         let mut info = AccountInfo::new(address, &account, height);
         if height == c.tip().finalized.0 {
@@ -227,7 +293,7 @@ impl KeelApiServer for RpcApi {
             .chain
             .state
             .account_with_proof(&address, height)
-            .map_err(|e| state_error(height, e))?;
+            .map_err(|e| self.state_error(height, e))?;
         Ok(AccountProof {
             state_root: root,
             height,

@@ -184,6 +184,8 @@ pub struct ChainStatus {
     pub finalized_height: u64,
     /// Its hash.
     pub finalized_hash: Hash,
+    /// The lowest height whose block, receipts and state this node serves (0 unless pruned).
+    pub earliest_height: u64,
     /// The epoch consensus is in.
     pub epoch: u64,
     /// Whether the node is fetching missing blocks.

@@ -1,0 +1,588 @@
+//! The pruner: drops blocks, receipts, index entries and state-tree versions below the
+//! retention window, in the background, in bounded batches, so a node's disk stays flat.
+//!
+//! - **Window**: with `keep_recent = K` and `interval = I` (`[storage.pruning]`), once the final
+//!   height `f` reaches `P + I + K` (P: the height pruned up to, 0 at first), everything at or
+//!   below `T = floor((f - K) / I) * I` goes, so at least `K` final blocks are always kept and
+//!   prune boundaries fall on multiples of `I` (where a later state sync serves snapshots).
+//!   `archive` prunes nothing and keeps what an earlier window left.
+//! - **Kept below the window**: the headers (and height-index entries) of epoch-ending blocks
+//!   and of genesis, the epoch proofs (their certificates) and the validator-set records: the
+//!   chain of validator sets a light client or state sync walks.
+//! - **Order**: a pass first records its target (`prune_target`) and publishes the new
+//!   earliest height, so readers refuse heights below it from then on; then it deletes in
+//!   batches of about [`BATCH_KEYS`] keys, each batch also recording how far it got
+//!   (`pruned_height`), so a kill at any instant resumes where the last batch ended. After the
+//!   pass it compacts the pruned key ranges so the space really comes back.
+//! - **Never in the way**: its own OS thread, woken by each commit; after each batch it rests as
+//!   long as the batch took, so it takes at most half of one core and one write at a time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_state::StateTree;
+use keel_storage::{BlockStore, Column, KvStore, WriteBatch};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::store::ConsensusStore;
+use crate::Result;
+
+/// About how many keys one prune batch deletes (at least one height's worth).
+pub const BATCH_KEYS: usize = 20_000;
+
+/// How much history is kept: `None` keeps everything (archive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Final blocks always kept.
+    pub keep_recent: u64,
+    /// Prune once this many more blocks can go.
+    pub interval: u64,
+}
+
+impl Window {
+    /// The height to prune up to (inclusive) once the final height is `finalized` and
+    /// everything up to `pruned` is gone; `None` if no whole interval is due yet.
+    pub fn target(&self, finalized: u64, pruned: Option<u64>) -> Option<u64> {
+        let interval = self.interval.max(1);
+        let last_out = finalized.checked_sub(self.keep_recent)?;
+        let target = last_out / interval * interval;
+        (target > 0 && pruned.is_none_or(|p| target > p)).then_some(target)
+    }
+}
+
+/// What readers (RPC, block sync, metrics) see of pruning. Cheap to share.
+#[derive(Debug)]
+pub struct PruneStatus {
+    /// The lowest height still served: heights below are pruned or being pruned.
+    earliest: AtomicU64,
+    /// Every height at or below this one is pruned (0 while nothing is).
+    pruned: AtomicU64,
+    deleted_keys: Counter,
+    duration: Histogram,
+}
+
+impl PruneStatus {
+    /// The status of a database pruned up to `pruned`, with a pass towards `target` perhaps
+    /// under way.
+    pub fn new(pruned: Option<u64>, target: Option<u64>) -> PruneStatus {
+        let status = PruneStatus::default();
+        status.pruned.store(pruned.unwrap_or(0), Ordering::Relaxed);
+        let announced = pruned.max(target);
+        status.earliest.store(
+            announced.map_or(0, |h| h.saturating_add(1)),
+            Ordering::Relaxed,
+        );
+        status
+    }
+
+    /// The status stored in `blocks`.
+    pub fn load(blocks: &BlockStore) -> Result<PruneStatus> {
+        Ok(PruneStatus::new(
+            blocks.pruned_height()?,
+            blocks.prune_target()?,
+        ))
+    }
+
+    /// The lowest height whose block, receipts and state are served (0: nothing pruned).
+    pub fn earliest(&self) -> u64 {
+        self.earliest.load(Ordering::Relaxed)
+    }
+
+    /// Every height at or below this one is pruned (0 while nothing is).
+    pub fn pruned_height(&self) -> u64 {
+        self.pruned.load(Ordering::Relaxed)
+    }
+
+    /// Registers `keel_pruned_height`, `keel_prune_duration_seconds` and
+    /// `keel_prune_deleted_keys_total`.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "keel_prune_duration_seconds",
+            "Duration of prune passes (deletes and compaction)",
+            self.duration.clone(),
+        );
+        registry.register(
+            "keel_prune_deleted_keys",
+            "Keys deleted by the pruner",
+            self.deleted_keys.clone(),
+        );
+        registry.register_collector(Box::new(PrunedHeight(self.clone())));
+    }
+}
+
+#[derive(Debug)]
+struct PrunedHeight(Arc<PruneStatus>);
+
+impl prometheus_client::collector::Collector for PrunedHeight {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        crate::metrics::encode_gauge(
+            &mut encoder,
+            "keel_pruned_height",
+            "Blocks at or below this height are pruned",
+            self.0.pruned_height(),
+        )
+    }
+}
+
+impl Default for PruneStatus {
+    /// Nothing pruned.
+    fn default() -> PruneStatus {
+        PruneStatus {
+            earliest: AtomicU64::new(0),
+            pruned: AtomicU64::new(0),
+            deleted_keys: Counter::default(),
+            duration: Histogram::new([0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0]),
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// The first height it pruned.
+    pub from: u64,
+    /// The last height it pruned.
+    pub to: u64,
+    /// Keys deleted (blocks, receipts, index entries, state nodes).
+    pub deleted_keys: u64,
+    /// Batches written.
+    pub batches: u64,
+    /// Whether it reached its target (false: stopped on request).
+    pub finished: bool,
+}
+
+/// Prunes one database. Used by the background thread and by `keel db prune`.
+pub struct Pruner {
+    blocks: BlockStore,
+    tree: StateTree,
+    records: ConsensusStore,
+    epoch_length: u64,
+    status: Arc<PruneStatus>,
+    /// Rest after each batch for as long as it took (the background thread); not offline.
+    rest: bool,
+    batch_keys: usize,
+}
+
+impl Pruner {
+    /// A pruner of `kv`, whose chain has epochs of `epoch_length` blocks.
+    pub fn new(kv: Arc<dyn KvStore>, epoch_length: u64, status: Arc<PruneStatus>) -> Pruner {
+        Pruner {
+            blocks: BlockStore::new(kv.clone()),
+            tree: StateTree::new(kv.clone()),
+            records: ConsensusStore::new(kv),
+            epoch_length: epoch_length.max(1),
+            status,
+            rest: false,
+            batch_keys: BATCH_KEYS,
+        }
+    }
+
+    /// Batches of about `keys` keys instead of [`BATCH_KEYS`] (tests).
+    pub fn with_batch_keys(mut self, keys: usize) -> Pruner {
+        self.batch_keys = keys.max(1);
+        self
+    }
+
+    /// Rest between batches (for the background thread).
+    pub fn resting(mut self) -> Pruner {
+        self.rest = true;
+        self
+    }
+
+    /// The status it updates.
+    pub fn status(&self) -> &Arc<PruneStatus> {
+        &self.status
+    }
+
+    /// The target this pruner should reach now under `window`: an interrupted pass's target
+    /// first, then what the window allows.
+    pub fn due(&self, window: Option<Window>) -> Result<Option<u64>> {
+        let pruned = self.blocks.pruned_height()?;
+        if let Some(target) = self.blocks.prune_target()? {
+            if pruned.is_none_or(|p| p < target) {
+                return Ok(Some(target));
+            }
+        }
+        let Some(window) = window else {
+            return Ok(None);
+        };
+        let finalized = self.blocks.finalized()?.map_or(0, |(h, _)| h);
+        Ok(window.target(finalized, pruned))
+    }
+
+    /// Prunes every height up to `target` (inclusive) not yet pruned, in bounded batches;
+    /// `progress(done, total)` after each, `stop()` checked between them. Then compacts the
+    /// pruned ranges.
+    pub fn prune_to(
+        &self,
+        target: u64,
+        stop: &dyn Fn() -> bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PassReport> {
+        let started = Instant::now();
+        let pruned = self.blocks.pruned_height()?;
+        let from = pruned.map_or(0, |p| p.saturating_add(1));
+        let finalized = self.blocks.finalized()?.map_or(0, |(h, _)| h);
+        if target < from || target >= finalized {
+            return Ok(PassReport {
+                from,
+                to: pruned.unwrap_or(0),
+                finished: true,
+                ..PassReport::default()
+            });
+        }
+        // Announce first: from here on readers refuse every height up to `target`.
+        let mut batch = WriteBatch::new();
+        self.blocks.stage_prune_target(&mut batch, target);
+        self.blocks.kv().write(batch)?;
+        self.status
+            .earliest
+            .fetch_max(target.saturating_add(1), Ordering::Relaxed);
+        // Non-final blocks left below the target (a branch that lost, kept by a crash).
+        let mut batch = WriteBatch::new();
+        let leftovers: Vec<_> = self
+            .records
+            .pending_blocks()?
+            .into_iter()
+            .filter(|b| b.header.height <= target)
+            .map(|b| b.hash())
+            .collect();
+        let mut deleted = leftovers.len() as u64;
+        self.records.stage_delete_pending(&mut batch, leftovers);
+        if !batch.is_empty() {
+            self.blocks.kv().write(batch)?;
+        }
+
+        let total = target - from + 1;
+        let mut report = PassReport {
+            from,
+            to: from.saturating_sub(1),
+            ..PassReport::default()
+        };
+        let mut height = from;
+        while height <= target {
+            if stop() {
+                report.deleted_keys = deleted;
+                return Ok(report);
+            }
+            let batch_started = Instant::now();
+            let first = height;
+            let mut batch = WriteBatch::new();
+            let mut keys = 0;
+            while height <= target && keys < self.batch_keys {
+                let keep_header = height % self.epoch_length == 0;
+                keys += self
+                    .blocks
+                    .stage_prune_height(&mut batch, height, keep_header)?;
+                height += 1;
+            }
+            let last = height - 1;
+            // A node made stale by version `v` is needed by versions below `v` only: once
+            // `last` is gone (versions from `last + 1` kept), records up to `last + 1` go.
+            keys += self
+                .tree
+                .stage_prune_stale(first, last.saturating_add(1), &mut batch)?;
+            self.blocks.stage_pruned_height(&mut batch, last);
+            self.blocks.kv().write(batch)?;
+            deleted += keys as u64;
+            self.status.deleted_keys.inc_by(keys as u64);
+            self.status.pruned.store(last, Ordering::Relaxed);
+            report.to = last;
+            report.batches += 1;
+            progress(last - from + 1, total);
+            if self.rest {
+                std::thread::sleep(batch_started.elapsed());
+            }
+        }
+        self.compact(target)?;
+        report.deleted_keys = deleted;
+        report.finished = true;
+        self.status
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(report)
+    }
+
+    /// Gives back the space of everything pruned up to `target`: the height-keyed columns and
+    /// the stale-node records by their pruned key range. (Hash-keyed columns and state nodes
+    /// are compacted by RocksDB itself: their tables are marked for compaction once they hold
+    /// many deletions, see `keel_storage::RocksStore`.)
+    pub fn compact(&self, target: u64) -> Result<()> {
+        let kv = self.blocks.kv();
+        let end = target.saturating_add(1).to_be_bytes();
+        kv.compact_range(Column::HeightIndex, &[], &end)?;
+        let mut receipts_end = end.to_vec();
+        receipts_end.extend_from_slice(&[0; 4]);
+        kv.compact_range(Column::Receipts, &[], &receipts_end)?;
+        let stale_end = target.saturating_add(2).to_be_bytes();
+        kv.compact_range(Column::StateStale, &[], &stale_end)?;
+        Ok(())
+    }
+}
+
+/// Runs `pruner` until `token` is cancelled: wakes on each commit (`wake`) or every second,
+/// and prunes whatever `window` makes due. Errors are logged and retried a minute later:
+/// a failed batch changed nothing, so the next attempt starts where the last batch ended.
+pub fn run(pruner: Pruner, window: Option<Window>, wake: Receiver<()>, token: CancellationToken) {
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        match wake.recv_timeout(Duration::from_secs(1)) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if token.is_cancelled() {
+            return;
+        }
+        if retry_at.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        let due = match pruner.due(window) {
+            Ok(due) => due,
+            Err(e) => {
+                error!(error = %e, "pruner cannot read its progress; retrying in a minute");
+                retry_at = Some(Instant::now() + Duration::from_secs(60));
+                continue;
+            }
+        };
+        let Some(target) = due else {
+            continue;
+        };
+        let stop = || token.is_cancelled();
+        match pruner.prune_to(target, &stop, &mut |_, _| {}) {
+            Ok(r) if r.finished => {
+                retry_at = None;
+                info!(
+                    from = r.from,
+                    to = r.to,
+                    deleted_keys = r.deleted_keys,
+                    batches = r.batches,
+                    "pruned"
+                );
+            }
+            Ok(_) => return,
+            Err(e) => {
+                error!(target, error = %e, "pruning failed; retrying in a minute");
+                retry_at = Some(Instant::now() + Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// The sending half of the commit wake-up: never blocks (a wake-up already queued is enough).
+#[derive(Clone, Debug)]
+pub struct Wake(SyncSender<()>);
+
+impl Wake {
+    /// A wake-up channel.
+    pub fn channel() -> (Wake, Receiver<()>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        (Wake(tx), rx)
+    }
+
+    /// Wakes the pruner.
+    pub fn wake(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::cell::Cell;
+
+    use keel_state::{verify_proof, State};
+    use keel_types::Block;
+
+    use super::*;
+    use crate::ledger::tests::{addr, build, new_app, params, qc, transfer};
+    use crate::ledger::Ledger;
+
+    const EPOCH_LENGTH: u64 = 4;
+
+    /// A final chain of `n` blocks on genesis, block `h` moving funds from account 1 to 2
+    /// (and from 2 to 3 every third block); returns the store and every block, genesis first.
+    fn chain(n: u64) -> (Arc<dyn KvStore>, Vec<Block>) {
+        let (mut app, store, g) = new_app();
+        let mut blocks = vec![app.block(&g).unwrap().unwrap()];
+        let (mut n1, mut n2) = (0, 0);
+        for round in 1..=n {
+            let mut txs = vec![transfer(1, n1, 2, 10)];
+            n1 += 1;
+            if round % 3 == 0 {
+                txs.push(transfer(2, n2, 3, 1));
+                n2 += 1;
+            }
+            let parent = blocks.last().unwrap().clone();
+            let b = build(&mut app, &parent, round, txs);
+            blocks.push(b);
+        }
+        let last = blocks.last().unwrap();
+        finalize_all(&mut app, last);
+        (store, blocks)
+    }
+
+    fn finalize_all(app: &mut Ledger, last: &Block) {
+        app.finalize(
+            &last.hash(),
+            &qc(last.hash(), last.header.height, last.header.round),
+        )
+        .unwrap();
+    }
+
+    fn pruner(store: &Arc<dyn KvStore>) -> Pruner {
+        let status = Arc::new(PruneStatus::load(&BlockStore::new(store.clone())).unwrap());
+        Pruner::new(store.clone(), EPOCH_LENGTH, status)
+    }
+
+    fn keys(store: &Arc<dyn KvStore>, col: Column) -> usize {
+        store.iter_prefix(col, &[]).count()
+    }
+
+    /// Everything at or below `pruned` is gone but epoch-end headers; everything above reads
+    /// in full, and every retained version's state proves its accounts against its header.
+    fn check_window(store: &Arc<dyn KvStore>, blocks: &[Block], pruned: u64) {
+        let bs = BlockStore::new(store.clone());
+        let state = State::new(store.clone(), params());
+        for b in blocks {
+            let h = b.header.height;
+            if h <= pruned {
+                let kept_header = h % EPOCH_LENGTH == 0;
+                assert_eq!(
+                    bs.header_by_hash(&b.hash()).unwrap().is_some(),
+                    kept_header,
+                    "{h}"
+                );
+                assert_eq!(bs.hash_at(h).unwrap().is_some(), kept_header, "{h}");
+                assert!(store
+                    .get(Column::Bodies, b.hash().as_bytes())
+                    .unwrap()
+                    .is_none());
+                assert!(bs.receipts_at(h).unwrap().is_empty(), "{h}");
+                for tx in b.tx_hashes() {
+                    assert_eq!(bs.tx_location(&tx).unwrap(), None, "{h}");
+                }
+                assert!(
+                    state.account(&addr(1), h).is_err(),
+                    "state of {h} still reads"
+                );
+            } else {
+                assert_eq!(bs.block_at(h).unwrap().as_ref(), Some(b), "{h}");
+                assert_eq!(bs.receipts_at(h).unwrap().len(), b.txs.len(), "{h}");
+                for (i, tx) in (0u32..).zip(b.tx_hashes()) {
+                    let (_, receipt) = bs.transaction(&tx).unwrap().unwrap();
+                    assert_eq!((receipt.height, receipt.index), (h, i));
+                }
+                for seed in 1..=3 {
+                    let (account, proof, root) = state.account_with_proof(&addr(seed), h).unwrap();
+                    assert_eq!(root, b.header.state_root, "{h}");
+                    let value = account.map(|a| a.encode());
+                    verify_proof(
+                        &root,
+                        &keel_state::account_key(&addr(seed)),
+                        value.as_deref(),
+                        &proof,
+                    )
+                    .unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_window_prunes_whole_intervals_and_keeps_the_most_recent_blocks() {
+        let w = Window {
+            keep_recent: 10,
+            interval: 5,
+        };
+        assert_eq!(w.target(14, None), None);
+        assert_eq!(w.target(15, None), Some(5));
+        assert_eq!(w.target(19, Some(5)), None);
+        assert_eq!(w.target(20, Some(5)), Some(10));
+        // A backlog (archive before, or a long stop) goes in one pass.
+        assert_eq!(w.target(1_000, Some(5)), Some(990));
+        // A window made larger keeps what is left and prunes nothing until it is due.
+        let wider = Window {
+            keep_recent: 100,
+            interval: 5,
+        };
+        assert_eq!(wider.target(50, Some(10)), None);
+    }
+
+    #[test]
+    fn a_pass_drops_everything_below_the_window_and_nothing_in_it() {
+        let (store, blocks) = chain(30);
+        let nodes_before = keys(&store, Column::StateNodes);
+        let p = pruner(&store);
+        let window = Some(Window {
+            keep_recent: 10,
+            interval: 5,
+        });
+        assert_eq!(p.due(window).unwrap(), Some(20));
+        let report = p.prune_to(20, &|| false, &mut |_, _| {}).unwrap();
+        assert!(report.finished);
+        assert_eq!((report.from, report.to), (0, 20));
+        assert!(report.deleted_keys > 0);
+        assert_eq!(p.status().pruned_height(), 20);
+        assert_eq!(p.status().earliest(), 21);
+        assert_eq!(p.due(window).unwrap(), None);
+        check_window(&store, &blocks, 20);
+        assert!(keys(&store, Column::StateNodes) < nodes_before);
+        // What a restart reads back.
+        let status = PruneStatus::load(&BlockStore::new(store.clone())).unwrap();
+        assert_eq!((status.pruned_height(), status.earliest()), (20, 21));
+    }
+
+    #[test]
+    fn an_interrupted_pass_resumes_where_its_last_batch_ended() {
+        let (store, blocks) = chain(30);
+        let p = pruner(&store).with_batch_keys(1);
+        let batches = Cell::new(0);
+        let report = p
+            .prune_to(20, &|| batches.get() >= 3, &mut |_, _| {
+                batches.set(batches.get() + 1)
+            })
+            .unwrap();
+        assert!(!report.finished);
+        // Readers already refuse the whole target; the work is half done.
+        assert_eq!(p.status().earliest(), 21);
+        let done = p.status().pruned_height();
+        assert!(done < 20, "{done}");
+        check_window(&store, &blocks[..=done as usize], done);
+        // After a restart, in archive mode even, the pass is finished first.
+        let p = pruner(&store);
+        assert_eq!(p.status().earliest(), 21);
+        assert_eq!(p.due(None).unwrap(), Some(20));
+        let report = p.prune_to(20, &|| false, &mut |_, _| {}).unwrap();
+        assert!(report.finished);
+        assert_eq!(report.from, done + 1);
+        check_window(&store, &blocks, 20);
+        assert_eq!(p.due(None).unwrap(), None);
+    }
+
+    #[test]
+    fn a_transaction_index_entry_of_a_later_inclusion_is_kept() {
+        let (store, blocks) = chain(30);
+        let bs = BlockStore::new(store.clone());
+        // Point a pruned block's transaction at a retained height, as a re-inclusion does.
+        let moved = blocks[3].tx_hashes()[0];
+        let mut batch = WriteBatch::new();
+        let mut loc = 25u64.to_be_bytes().to_vec();
+        loc.extend_from_slice(&0u32.to_be_bytes());
+        batch.put(Column::TxIndex, moved.0.to_vec(), loc);
+        store.write(batch).unwrap();
+        pruner(&store)
+            .prune_to(20, &|| false, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(bs.tx_location(&moved).unwrap().map(|l| l.height), Some(25));
+    }
+}

@@ -1,0 +1,211 @@
+//! Pruning on a real node (`[storage.pruning]`): a node at 20 ms blocks with a small custom
+//! window serves nothing below it (`-32011` naming the earliest height), proves every retained
+//! height, passes `keel db check` once stopped, and a node switched from archive to custom
+//! prunes its backlog at the next start.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::time::Duration;
+
+use keel_node::config::{Config, PruningMode};
+use keel_tests::{run_keel, transfer, u64_field, TestNode, TEST_CHAIN_ID};
+use keel_types::Keypair;
+use serde_json::{json, Value};
+
+const KEEP: u64 = 64;
+const INTERVAL: u64 = 20;
+const EPOCH_LENGTH: u64 = 30;
+
+/// A stopped node at 20 ms blocks, epochs of [`EPOCH_LENGTH`] blocks, pruning `mode`.
+fn node(mode: PruningMode) -> TestNode {
+    let node = TestNode::init().unwrap();
+    let genesis_path = node.home().join("genesis.json");
+    let mut genesis: Value =
+        serde_json::from_str(&fs::read_to_string(&genesis_path).unwrap()).unwrap();
+    genesis["params"]["epoch_length"] = json!(EPOCH_LENGTH.to_string());
+    fs::write(
+        &genesis_path,
+        serde_json::to_string_pretty(&genesis).unwrap(),
+    )
+    .unwrap();
+    set_pruning(&node, mode);
+    node
+}
+
+fn set_pruning(node: &TestNode, mode: PruningMode) {
+    let path = node.config_path();
+    let mut config = Config::load(&path).unwrap();
+    config.consensus.block_time_ms = 20;
+    config.consensus.timeout_ms = 1_000;
+    config.storage.pruning.mode = mode;
+    config.storage.pruning.keep_recent = KEEP;
+    config.storage.pruning.interval = INTERVAL;
+    config.validate().unwrap();
+    fs::write(&path, config.to_toml_string()).unwrap();
+}
+
+fn keel(args: &[&str]) -> String {
+    let out = run_keel(args).unwrap();
+    assert!(out.success(), "keel {args:?}:\n{out}");
+    out.stdout
+}
+
+fn db_stats(node: &TestNode) -> Value {
+    let home = node.home().to_str().unwrap();
+    serde_json::from_str(&keel(&["db", "stats", "--home", home, "--json"])).unwrap()
+}
+
+#[test]
+fn a_node_serves_nothing_below_its_window_and_proves_everything_in_it() {
+    let mut node = node(PruningMode::Custom);
+    node.start().unwrap();
+    let rpc = node.rpc();
+    let key: Keypair = node.validator_key().unwrap();
+    let to = Keypair::from_seed(77).address();
+    // A transaction in the first blocks, which will be pruned.
+    let early = rpc
+        .submit(&transfer(&key, TEST_CHAIN_ID, 0, 1_000, to, 5))
+        .unwrap();
+    rpc.wait_finalized(&early, Duration::from_secs(30)).unwrap();
+    let early_height = u64_field(
+        &rpc.call("chain_getTransaction", json!([early])).unwrap()["receipt"],
+        "height",
+    )
+    .unwrap();
+
+    // Past four prune intervals beyond the window.
+    let target = early_height + KEEP + 4 * INTERVAL + 5;
+    rpc.wait_for_height(target, Duration::from_secs(120))
+        .unwrap();
+    let mut status = rpc.status().unwrap();
+    for _ in 0..100 {
+        if u64_field(&status, "earliest_height").unwrap() > early_height {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        status = rpc.status().unwrap();
+    }
+    let earliest = u64_field(&status, "earliest_height").unwrap();
+    let finalized = u64_field(&status, "finalized_height").unwrap();
+    assert!(earliest > early_height, "{status}");
+    assert_eq!(
+        (earliest - 1) % INTERVAL,
+        0,
+        "prunes whole intervals: {status}"
+    );
+    assert!(
+        finalized + 1 - earliest >= KEEP,
+        "keeps the window: {status}"
+    );
+
+    // Below the window: -32011 naming the earliest height, for every kind of read.
+    let below = earliest - 1;
+    let addr = key.address().to_string();
+    for (method, params) in [
+        ("chain_getBlock", json!([1])),
+        ("chain_getBlock", json!([below])),
+        ("chain_getHeader", json!([below])),
+        ("state_getAccount", json!([addr, below])),
+        ("state_getProof", json!([addr, below])),
+        ("state_getValidators", json!([below])),
+    ] {
+        let e = rpc.call_err(method, params.clone()).unwrap();
+        assert_eq!(e.code, -32011, "{method} {params}: {e:?}");
+        assert!(
+            e.message.contains(&earliest.to_string()),
+            "{method}: {}",
+            e.message
+        );
+    }
+    let e = rpc
+        .call_err("chain_getTransaction", json!([early]))
+        .unwrap();
+    assert!(
+        e.message.contains(&format!("from height {earliest}")),
+        "{e:?}"
+    );
+    // Every retained height, the oldest included, proves its account state.
+    for h in [
+        earliest,
+        earliest + 1,
+        (earliest + finalized) / 2,
+        finalized,
+    ] {
+        let out = keel(&[
+            "query",
+            "account",
+            &addr,
+            "--height",
+            &h.to_string(),
+            "--prove",
+            "--rpc",
+            &node.rpc_url(),
+        ]);
+        assert!(
+            out.contains("\"proof_verified\": true"),
+            "height {h}: {out}"
+        );
+        let header = rpc.call("chain_getHeader", json!([h])).unwrap();
+        assert_eq!(u64_field(&header, "height").unwrap(), h);
+    }
+
+    node.terminate(Duration::from_secs(10)).unwrap();
+    let stats = db_stats(&node);
+    assert_eq!(u64_field(&stats, "earliest_height").unwrap(), earliest);
+    assert_eq!(stats["pruning_mode"], json!("custom"));
+    let home = node.home().to_str().unwrap();
+    let check = keel(&["db", "check", "--home", home, "--json"]);
+    let check: Value = serde_json::from_str(&check).unwrap();
+    assert_eq!(u64_field(&check, "from_height").unwrap(), earliest);
+    assert!(u64_field(&check, "blocks").unwrap() >= KEEP, "{check}");
+    assert!(u64_field(&check, "epoch_headers").unwrap() >= 2, "{check}");
+}
+
+#[test]
+fn switching_archive_to_custom_prunes_the_backlog_at_the_next_start() {
+    let mut node = node(PruningMode::Archive);
+    node.start().unwrap();
+    let rpc = node.rpc();
+    rpc.wait_for_height(KEEP + 3 * INTERVAL + 5, Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(
+        u64_field(&rpc.status().unwrap(), "earliest_height").unwrap(),
+        0
+    );
+    node.terminate(Duration::from_secs(10)).unwrap();
+    let stats = db_stats(&node);
+    assert_eq!(stats["pruned_height"], Value::Null, "{stats}");
+    assert!(!stats["prune_due_to"].is_null() || stats["pruning_mode"] == json!("archive"));
+
+    set_pruning(&node, PruningMode::Custom);
+    node.start().unwrap();
+    let rpc = node.rpc();
+    let mut earliest = 0;
+    for _ in 0..100 {
+        earliest = u64_field(&rpc.status().unwrap(), "earliest_height").unwrap();
+        if earliest > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        earliest > 2 * INTERVAL,
+        "the backlog was not pruned: earliest {earliest}"
+    );
+    let e = rpc.call_err("chain_getBlock", json!([1])).unwrap();
+    assert_eq!(e.code, -32011, "{e:?}");
+
+    // Back to archive: what is left stays, nothing more goes.
+    node.terminate(Duration::from_secs(10)).unwrap();
+    set_pruning(&node, PruningMode::Archive);
+    node.start().unwrap();
+    let rpc = node.rpc();
+    let h = u64_field(&rpc.status().unwrap(), "finalized_height").unwrap();
+    rpc.wait_for_height(h + 2 * INTERVAL, Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(
+        u64_field(&rpc.status().unwrap(), "earliest_height").unwrap(),
+        earliest
+    );
+}
