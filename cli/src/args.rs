@@ -283,6 +283,9 @@ pub enum BenchStage {
     /// `state_getAccount` latency through the node's RPC handler, first while empty blocks
     /// commit, then while blocks of `--txs` transfers commit (`--blocks` of them).
     Reads,
+    /// Block commit latency and database size over `--blocks` blocks of `--txs` transfers,
+    /// in archive mode and then with the pruner keeping `--keep` blocks every `--interval`.
+    Prune,
 }
 
 /// `keel bench` options.
@@ -306,4 +309,10 @@ pub struct BenchArgs {
     /// Folder for the temporary database (default: the system's temporary folder).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// `prune`: blocks the pruner keeps.
+    #[arg(long, default_value_t = 200)]
+    pub keep: u64,
+    /// `prune`: prune interval (database sizes are sampled half-way through each).
+    #[arg(long, default_value_t = 100)]
+    pub interval: u64,
 }

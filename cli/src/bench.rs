@@ -19,7 +19,7 @@ fn wanted(stage: BenchStage) -> &'static [Stage] {
         BenchStage::Trie => &[Stage::Root],
         BenchStage::Commit => &[Stage::Commit],
         BenchStage::All => &Stage::ALL,
-        BenchStage::Reads => &[],
+        BenchStage::Reads | BenchStage::Prune => &[],
     }
 }
 
@@ -30,6 +30,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     anyhow::ensure!(args.blocks >= 1, "--blocks must be at least 1");
     if args.stage == BenchStage::Reads {
         return reads(&args);
+    }
+    if args.stage == BenchStage::Prune {
+        return prune(&args);
     }
     let config = blocks::Config {
         accounts: args.accounts,
@@ -110,6 +113,76 @@ fn figure_text(f: &Figure) -> String {
         f.median.as_secs_f64() * 1e3,
         raw
     )
+}
+
+/// `keel bench prune`: commit latency and database size, archive against a pruning window.
+/// `--json`: one `{"stage":"prune","mode",...}` object per run, then one
+/// `{"stage":"prune-size","mode","height","live_sst_bytes","disk_bytes"}` per sample.
+fn prune(args: &BenchArgs) -> Result<()> {
+    let runs = keel_node::bench::prune_while_committing(&keel_node::bench::PruneBench {
+        txs: args.txs,
+        blocks: args.blocks,
+        keep_recent: args.keep,
+        interval: args.interval,
+        dir: args.dir.clone(),
+    })?;
+    for run in &runs {
+        let mode = if run.pruning { "pruning" } else { "archive" };
+        let mut pass_ms: Vec<f64> = run.passes.iter().map(|p| p.1 * 1e3).collect();
+        pass_ms.sort_by(f64::total_cmp);
+        let median = pass_ms.get(pass_ms.len() / 2).copied().unwrap_or(0.0);
+        let max = pass_ms.last().copied().unwrap_or(0.0);
+        let ms = |us: f64| (us / 10.0).round() / 100.0;
+        if args.json {
+            println!(
+                "{}",
+                json!({
+                    "stage": "prune",
+                    "mode": mode,
+                    "blocks": args.blocks,
+                    "txs": args.txs,
+                    "keep": args.keep,
+                    "interval": args.interval,
+                    "commit_p50_ms": ms(run.commit.p50_us),
+                    "commit_p99_ms": ms(run.commit.p99_us),
+                    "commit_max_ms": ms(run.commit.max_us),
+                    "block_p50_ms": ms(run.block.p50_us),
+                    "block_p99_ms": ms(run.block.p99_us),
+                    "prune_passes": run.passes.len(),
+                    "prune_pass_median_ms": (median * 100.0).round() / 100.0,
+                    "prune_pass_max_ms": (max * 100.0).round() / 100.0,
+                    "seconds": (run.seconds * 1e3).round() / 1e3,
+                })
+            );
+            for (height, live, disk) in &run.sizes {
+                println!(
+                    "{}",
+                    json!({"stage": "prune-size", "mode": mode, "height": height,
+                           "live_sst_bytes": live, "disk_bytes": disk})
+                );
+            }
+        } else {
+            println!(
+                "prune {mode:<8} commit p50 {:>7.2} ms p99 {:>7.2} ms  block p50 {:>7.2} ms p99 {:>7.2} ms  {} passes (median {median:.1} ms, max {max:.1} ms)  {:.1} s",
+                run.commit.p50_us / 1e3,
+                run.commit.p99_us / 1e3,
+                run.block.p50_us / 1e3,
+                run.block.p99_us / 1e3,
+                run.passes.len(),
+                run.seconds
+            );
+            let sizes: Vec<String> = run
+                .sizes
+                .iter()
+                .map(|(h, live, _)| format!("{h}:{:.1}MiB", *live as f64 / (1 << 20) as f64))
+                .collect();
+            println!(
+                "prune {mode:<8} live table bytes by height: {}",
+                sizes.join(" ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `keel bench reads`: RPC read latency without and with big blocks committing.

@@ -4,6 +4,9 @@
 //! (`keel bench sigverify|execute|trie|commit|all`), re-exported so the binary needs no
 //! dependency on `keel-state`.
 //!
+//! [`prune_while_committing`] is `keel bench prune`: block commit latency and database size
+//! with and without the pruner (see its doc).
+//!
 //! [`reads_while_committing`] is `keel bench reads`: RPC reads while the node commits big
 //! blocks. A one-validator chain over RocksDB in a temporary folder, booted and run exactly
 //! as a node is (`boot::open`, the consensus host on its own thread, the wall clock), with no
@@ -235,6 +238,232 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
         committing: Latency::of(committing),
         blocks,
         txs: final_txs,
+        seconds,
+    })
+}
+
+/// What `keel bench prune` runs.
+#[derive(Clone, Debug)]
+pub struct PruneBench {
+    /// Transfers per block.
+    pub txs: usize,
+    /// Blocks committed per run.
+    pub blocks: usize,
+    /// The pruning window of the second run.
+    pub keep_recent: u64,
+    /// Its interval; database sizes are sampled half-way through each.
+    pub interval: u64,
+    /// Where the temporary databases go (`None`: the system's temporary folder).
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// One run of `keel bench prune`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PruneRun {
+    /// Whether the pruner ran (the window of [`PruneBench`]) or not (archive).
+    pub pruning: bool,
+    /// Time to commit a final block (`Ledger::finalize`: its write batch and bookkeeping).
+    pub commit: Latency,
+    /// Time to build (execute, state root) and commit a block.
+    pub block: Latency,
+    /// Each prune pass: heights pruned and seconds taken.
+    pub passes: Vec<(u64, f64)>,
+    /// Half-way through every interval, after a flush: (height, live table bytes, bytes on
+    /// disk).
+    pub sizes: Vec<(u64, u64, u64)>,
+    /// Wall time of the run.
+    pub seconds: f64,
+}
+
+/// `keel bench prune`: two runs over a fresh RocksDB each (4 MiB memtables, so data reaches
+/// table files early), a one-validator chain built and committed through the ledger as the
+/// consensus host does it (no consensus, no network): `blocks` blocks of `txs` transfers,
+/// first in archive mode, then with the pruner's thread running the window
+/// (`keep_recent`, `interval`) exactly as a node runs it (woken after each commit, resting
+/// between batches). Reports commit and block latency, each prune pass, and the database
+/// size at every interval.
+pub fn prune_while_committing(opts: &PruneBench) -> Result<[PruneRun; 2]> {
+    if opts.txs == 0 || opts.blocks == 0 || opts.interval == 0 || opts.keep_recent < opts.interval {
+        return Err(bench_error(
+            "txs, blocks and interval must be at least 1, keep at least interval",
+        ));
+    }
+    let validator = Keypair::from_seed(1);
+    let senders: Vec<Keypair> = (0..opts.txs as u64)
+        .into_par_iter()
+        .map(|i| Keypair::from_seed(1_000 + i))
+        .collect();
+    let addresses: Vec<Address> = senders.iter().map(Keypair::address).collect();
+    let archive = prune_run(opts, &validator, &senders, &addresses, false)?;
+    let pruning = prune_run(opts, &validator, &senders, &addresses, true)?;
+    Ok([archive, pruning])
+}
+
+fn prune_run(
+    opts: &PruneBench,
+    validator: &Keypair,
+    senders: &[Keypair],
+    addresses: &[Address],
+    pruning: bool,
+) -> Result<PruneRun> {
+    use crate::ledger::BlockTemplate;
+    use crate::pruner::{PassReport, Pruner, Wake, Window};
+    use keel_storage::{Column, KvStore};
+    use keel_types::QuorumCertificate;
+
+    let dir = match &opts.dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .map_err(|e| Error::io("temporary folder", e))?;
+    let store = Arc::new(RocksStore::open(
+        dir.path(),
+        &RocksConfig {
+            block_cache_size: 64 << 20,
+            write_buffer_size: 4 << 20,
+            ..RocksConfig::default()
+        },
+    )?);
+    let mut genesis = Genesis::generate(
+        CHAIN,
+        SystemClock.now_ms(),
+        &[validator.public()],
+        addresses,
+    );
+    genesis.params.max_block_txs = u32::try_from(opts.txs).unwrap_or(u32::MAX);
+    genesis.params.max_block_bytes = u32::MAX;
+    genesis.params.epoch_length = 1_000_000;
+    let min_fee = genesis.params.min_fee;
+    let settings = Settings {
+        block_time_ms: 1_000,
+        timeout_ms: 10_000,
+        mempool: MempoolLimits::from(&MempoolConfig::default()),
+        memory_limit: 0,
+    };
+    let booted = crate::boot::open(
+        store.clone(),
+        &genesis,
+        validator,
+        "bench".into(),
+        &settings,
+    )?;
+    let (chain, mut ledger) = booted.into_ledger();
+
+    let token = tokio_util::sync::CancellationToken::new();
+    let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (wake, thread) = if pruning {
+        let (wake, wake_rx) = Wake::channel();
+        let pruner = Pruner::new(
+            store.clone(),
+            genesis.params.epoch_length,
+            chain.prune_status().clone(),
+        )
+        .resting();
+        let window = Window {
+            keep_recent: opts.keep_recent,
+            interval: opts.interval,
+        };
+        let (token, passes) = (token.clone(), passes.clone());
+        let thread = std::thread::Builder::new()
+            .name("keel-pruner".into())
+            .spawn(move || {
+                crate::pruner::run_observed(
+                    pruner,
+                    Some(window),
+                    wake_rx,
+                    token,
+                    &mut |r: &PassReport, took: Duration| {
+                        if let Ok(mut p) = passes.lock() {
+                            p.push((r.to.saturating_sub(r.from) + 1, took.as_secs_f64()));
+                        }
+                    },
+                );
+            })
+            .map_err(|e| Error::io("pruner thread", e))?;
+        (Some(wake), Some(thread))
+    } else {
+        (None, None)
+    };
+
+    let live = |s: &RocksStore| -> u64 {
+        Column::ALL
+            .iter()
+            .map(|c| s.live_sst_bytes(*c).unwrap_or(0))
+            .sum()
+    };
+    let started = Instant::now();
+    let (mut commits, mut blocks, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut parent_height, mut parent) = chain.tip().finalized;
+    for nonce in 0..opts.blocks as u64 {
+        let txs: Vec<Transaction> = senders
+            .par_iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let to = addresses[(i + 1) % addresses.len()];
+                Transaction::sign(
+                    key,
+                    CHAIN,
+                    nonce,
+                    min_fee,
+                    TxKind::Transfer { to, amount: 1 },
+                )
+            })
+            .collect();
+        let height = parent_height + 1;
+        let template = BlockTemplate {
+            height,
+            round: height,
+            epoch: 0,
+            parent_hash: parent,
+            parent_qc: QuorumCertificate {
+                block_hash: parent,
+                height: parent_height,
+                round: parent_height,
+                signatures: Vec::new(),
+            },
+            timestamp_ms: SystemClock.now_ms(),
+            proposer: validator.address(),
+            validators_hash: chain.validator_set(0)?.hash(),
+            failed_proposers: Vec::new(),
+        };
+        let block_started = Instant::now();
+        let block = ledger.build_block(template, txs, Vec::new())?;
+        let hash = block.hash();
+        let qc = QuorumCertificate {
+            block_hash: hash,
+            height,
+            round: height,
+            signatures: Vec::new(),
+        };
+        let commit_started = Instant::now();
+        ledger.finalize(&hash, &qc)?;
+        commits.push(commit_started.elapsed());
+        blocks.push(block_started.elapsed());
+        if let Some(w) = &wake {
+            w.wake();
+        }
+        if height % opts.interval == opts.interval / 2 {
+            // Half-way through each interval (the pass due at its start has run), flushed
+            // first (in both runs alike) so that the memtables' share counts too.
+            store.flush()?;
+            sizes.push((height, live(&store), store.disk_size_bytes()?));
+        }
+        (parent_height, parent) = (height, hash);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    token.cancel();
+    drop(wake);
+    if let Some(t) = thread {
+        t.join()
+            .map_err(|_| bench_error("the pruner thread panicked"))?;
+    }
+    let passes = passes.lock().map(|p| p.clone()).unwrap_or_default();
+    Ok(PruneRun {
+        pruning,
+        commit: Latency::of(commits),
+        block: Latency::of(blocks),
+        passes,
+        sizes,
         seconds,
     })
 }

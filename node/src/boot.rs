@@ -66,6 +66,11 @@ pub struct Booted {
 }
 
 impl Booted {
+    /// The context and the ledger, without consensus (benchmarks that commit by hand).
+    pub(crate) fn into_ledger(self) -> (Arc<NodeContext>, Ledger) {
+        (self.context, self.ledger)
+    }
+
     /// The consensus host over `network` and `clock`; [`Host::start`] it next.
     pub fn into_host(self, network: Arc<dyn Network>, clock: Arc<dyn Clock>) -> Host {
         Host::new(self.context, self.engine, self.ledger, network, clock)

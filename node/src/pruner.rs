@@ -312,19 +312,21 @@ impl Pruner {
         Ok(report)
     }
 
-    /// Gives back the space of everything pruned up to `target`: the height-keyed columns and
-    /// the stale-node records by their pruned key range. (Hash-keyed columns and state nodes
+    /// Gives back the space of everything pruned up to `target`: the receipts and stale-node
+    /// records by their wholly deleted key ranges (whole table files dropped unread), the
+    /// height index (which keeps epoch-end entries) by a compaction of its range. (Hash-keyed columns and state nodes
     /// are compacted by RocksDB itself: their tables are marked for compaction once they hold
     /// many deletions, see `keel_storage::RocksStore`.)
     pub fn compact(&self, target: u64) -> Result<()> {
         let kv = self.blocks.kv();
         let end = target.saturating_add(1).to_be_bytes();
+        // The height index keeps the epoch-end entries: compacted, never dropped by file.
         kv.compact_range(Column::HeightIndex, &[], &end)?;
         let mut receipts_end = end.to_vec();
         receipts_end.extend_from_slice(&[0; 4]);
-        kv.compact_range(Column::Receipts, &[], &receipts_end)?;
+        kv.drop_deleted_range(Column::Receipts, &[], &receipts_end)?;
         let stale_end = target.saturating_add(2).to_be_bytes();
-        kv.compact_range(Column::StateStale, &[], &stale_end)?;
+        kv.drop_deleted_range(Column::StateStale, &[], &stale_end)?;
         Ok(())
     }
 }
@@ -333,6 +335,17 @@ impl Pruner {
 /// and prunes whatever `window` makes due. Errors are logged and retried a minute later:
 /// a failed batch changed nothing, so the next attempt starts where the last batch ended.
 pub fn run(pruner: Pruner, window: Option<Window>, wake: Receiver<()>, token: CancellationToken) {
+    run_observed(pruner, window, wake, token, &mut |_, _| {});
+}
+
+/// [`run`], telling `observe` each finished pass and how long it took (benchmarks).
+pub fn run_observed(
+    pruner: Pruner,
+    window: Option<Window>,
+    wake: Receiver<()>,
+    token: CancellationToken,
+    observe: &mut dyn FnMut(&PassReport, Duration),
+) {
     let mut retry_at: Option<Instant> = None;
     loop {
         match wake.recv_timeout(Duration::from_secs(1)) {
@@ -357,9 +370,11 @@ pub fn run(pruner: Pruner, window: Option<Window>, wake: Receiver<()>, token: Ca
             continue;
         };
         let stop = || token.is_cancelled();
+        let started = Instant::now();
         match pruner.prune_to(target, &stop, &mut |_, _| {}) {
             Ok(r) if r.finished => {
                 retry_at = None;
+                observe(&r, started.elapsed());
                 info!(
                     from = r.from,
                     to = r.to,

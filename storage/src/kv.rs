@@ -189,6 +189,13 @@ pub trait KvStore: Send + Sync + 'static {
     /// Asks the engine to reclaim space of deleted keys in `[from, to)` now (after pruning).
     fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()>;
 
+    /// Gives back the space of `[from, to)`, a range whose every key the caller has deleted:
+    /// engines may drop whole table files in it unread (RocksDB's `DeleteFilesInRange`, which
+    /// would also drop live keys: never call it on a range that holds any), then compact it.
+    fn drop_deleted_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()> {
+        self.compact_range(col, from, to)
+    }
+
     /// Bytes of live table files of `col`, `None` for engines without table files.
     fn live_sst_bytes(&self, _col: Column) -> Option<u64> {
         None

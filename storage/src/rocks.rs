@@ -456,13 +456,19 @@ impl KvStore for RocksStore {
         // Rewrite the bottommost files too, otherwise range tombstones over data that already
         // sits in the last level would keep its space until some later compaction.
         opts.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
-        // Files wholly inside the range go at once, without being read.
-        self.db
-            .delete_file_in_range_cf(&cf, from, to)
-            .map_err(|e| engine_error(&self.path, "delete files in range", e))?;
         self.db
             .compact_range_cf_opt(&cf, Some(from), Some(to), &opts);
         Ok(())
+    }
+
+    fn drop_deleted_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()> {
+        let cf = self.cf(col)?;
+        // Table files wholly inside the range go without being read: the caller deleted
+        // every key in it, so none of theirs is live.
+        self.db
+            .delete_file_in_range_cf(&cf, from, to)
+            .map_err(|e| engine_error(&self.path, "delete files in range", e))?;
+        self.compact_range(col, from, to)
     }
 
     fn live_sst_bytes(&self, col: Column) -> Option<u64> {

@@ -209,3 +209,47 @@ fn switching_archive_to_custom_prunes_the_backlog_at_the_next_start() {
         earliest
     );
 }
+
+#[test]
+fn keel_db_prunes_compacts_and_checks_a_stopped_node() {
+    let mut node = node(PruningMode::Archive);
+    node.start().unwrap();
+    node.rpc()
+        .wait_for_height(KEEP + 3 * INTERVAL + 5, Duration::from_secs(120))
+        .unwrap();
+    node.terminate(Duration::from_secs(10)).unwrap();
+    let home = node.home().to_str().unwrap().to_string();
+    assert_eq!(
+        keel(&["db", "prune", "--home", &home]).trim(),
+        "nothing to prune now"
+    );
+
+    set_pruning(&node, PruningMode::Custom);
+    let before = db_stats(&node);
+    let due = u64_field(&before, "prune_due_to").unwrap();
+    assert_eq!(due % INTERVAL, 0, "{before}");
+    let out = keel(&["db", "prune", "--home", &home]);
+    assert!(out.contains(&format!("pruned heights 0..={due}")), "{out}");
+    let after = db_stats(&node);
+    assert_eq!(u64_field(&after, "pruned_height").unwrap(), due, "{after}");
+    assert_eq!(u64_field(&after, "earliest_height").unwrap(), due + 1);
+    assert!(after["prune_due_to"].is_null(), "{after}");
+    let out = keel(&["db", "compact", "--home", &home]);
+    assert!(out.starts_with("live table bytes: "), "{out}");
+    let check: Value =
+        serde_json::from_str(&keel(&["db", "check", "--home", &home, "--json"])).unwrap();
+    assert_eq!(
+        u64_field(&check, "from_height").unwrap(),
+        due + 1,
+        "{check}"
+    );
+
+    // The node starts on the pruned database and serves from the new earliest height.
+    node.start().unwrap();
+    let status = node.rpc().status().unwrap();
+    assert_eq!(u64_field(&status, "earliest_height").unwrap(), due + 1);
+    // A database in use is refused with a clear error.
+    let out = run_keel(["db", "stats", "--home", home.as_str()]).unwrap();
+    assert!(!out.success());
+    assert!(out.stderr.contains("in use"), "{out}");
+}
