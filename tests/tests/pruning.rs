@@ -150,6 +150,31 @@ fn a_node_serves_nothing_below_its_window_and_proves_everything_in_it() {
         assert_eq!(u64_field(&header, "height").unwrap(), h);
     }
 
+    // The pruner's metrics on the metrics listener.
+    let metrics_addr = Config::load(&node.config_path())
+        .unwrap()
+        .metrics
+        .listen_addr;
+    let scrape = keel_tests::RpcClient::new(metrics_addr)
+        .get("/metrics")
+        .unwrap();
+    let text = String::from_utf8(scrape.body).unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+    };
+    assert!(
+        value("keel_pruned_height") >= (earliest - 1) as f64,
+        "{text}"
+    );
+    assert!(value("keel_prune_deleted_keys_total") > 0.0, "{text}");
+    assert!(value("keel_prune_duration_seconds_count") >= 1.0, "{text}");
+    assert!(
+        value("keel_db_live_sst_bytes{cf=\"state_nodes\"}") >= 0.0,
+        "{text}"
+    );
+
     node.terminate(Duration::from_secs(10)).unwrap();
     let stats = db_stats(&node);
     assert_eq!(u64_field(&stats, "earliest_height").unwrap(), earliest);
