@@ -570,6 +570,11 @@ pub(crate) mod tests {
 
     /// A chain over a store holding genesis with senders 1..=8 funded, and the store.
     pub(crate) fn chain() -> (NodeContext, Arc<dyn KvStore>) {
+        chain_pruned(Arc::default())
+    }
+
+    /// [`chain`] whose database is pruned as `prune` says.
+    pub(crate) fn chain_pruned(prune: Arc<PruneStatus>) -> (NodeContext, Arc<dyn KvStore>) {
         let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
         let accounts: Vec<(Address, Account)> = (1..=8)
             .map(|s| (Keypair::from_seed(s).address(), funded(1_000_000)))
@@ -591,7 +596,7 @@ pub(crate) mod tests {
             }])
             .unwrap(),
             epoch: 0,
-            prune: Arc::default(),
+            prune,
             mempool: Mempool::new(
                 MempoolLimits {
                     max_txs: 1_000,

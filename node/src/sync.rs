@@ -61,3 +61,42 @@ pub fn serve_blocks(
     let proof = chain.records().epoch_proof(epoch)?;
     Ok(PeerResponse::Blocks { blocks, proof })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use keel_types::Hash;
+
+    use super::*;
+    use crate::context::tests::chain_pruned;
+    use crate::pruner::PruneStatus;
+
+    /// A peer whose final height is below this node's earliest height is told so, with that
+    /// height; one at or above it gets blocks as usual.
+    #[test]
+    fn a_peer_needing_pruned_blocks_is_answered_pruned() {
+        let (chain, _) = chain_pruned(Arc::new(PruneStatus::new(Some(100), None)));
+        let target = Hash::digest(b"wanted");
+        assert_eq!(
+            serve_blocks(&chain, target, 3, 32).unwrap(),
+            PeerResponse::Pruned { earliest: 101 }
+        );
+        assert_eq!(
+            serve_blocks(&chain, target, 99, 32).unwrap(),
+            PeerResponse::Pruned { earliest: 101 }
+        );
+        assert!(matches!(
+            serve_blocks(&chain, target, 100, 32).unwrap(),
+            PeerResponse::Blocks { .. }
+        ));
+        // Nothing pruned: everything is served.
+        let (chain, _) = chain_pruned(Arc::default());
+        assert!(matches!(
+            serve_blocks(&chain, target, 0, 32).unwrap(),
+            PeerResponse::Blocks { .. }
+        ));
+    }
+}

@@ -255,6 +255,7 @@ mod tests {
                 blocks: vec![block.clone(), block],
                 proof: None,
             },
+            PeerResponse::Pruned { earliest: 10_001 },
         ] {
             assert_eq!(PeerResponse::decode(&r.encode()).unwrap(), r);
         }
