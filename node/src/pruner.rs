@@ -419,7 +419,7 @@ mod tests {
     use keel_types::Block;
 
     use super::*;
-    use crate::ledger::tests::{addr, build, new_app, params, qc, transfer};
+    use crate::ledger::tests::{addr, build, new_app, params, qc, transfer, write_genesis};
     use crate::ledger::Ledger;
 
     const EPOCH_LENGTH: u64 = 4;
@@ -427,7 +427,16 @@ mod tests {
     /// A final chain of `n` blocks on genesis, block `h` moving funds from account 1 to 2
     /// (and from 2 to 3 every third block); returns the store and every block, genesis first.
     fn chain(n: u64) -> (Arc<dyn KvStore>, Vec<Block>) {
-        let (mut app, store, g) = new_app();
+        let (app, store, g) = new_app();
+        chain_in(app, store, g, n)
+    }
+
+    fn chain_in(
+        mut app: Ledger,
+        store: Arc<dyn KvStore>,
+        g: keel_types::Hash,
+        n: u64,
+    ) -> (Arc<dyn KvStore>, Vec<Block>) {
         let mut blocks = vec![app.block(&g).unwrap().unwrap()];
         let (mut n1, mut n2) = (0, 0);
         for round in 1..=n {
@@ -599,5 +608,101 @@ mod tests {
             .prune_to(20, &|| false, &mut |_, _| {})
             .unwrap();
         assert_eq!(bs.tx_location(&moved).unwrap().map(|l| l.height), Some(25));
+    }
+
+    // ---- A real kill: a child process (this test binary, re-run on `prune_child` with an
+    // environment variable) prunes a RocksDB database one height per batch; the parent kills
+    // it with SIGKILL mid-pass, then checks the database and finishes the pass.
+
+    const CHILD_ENV: &str = "KEEL_PRUNER_TEST_CHILD";
+
+    fn rocks(path: &std::path::Path) -> Arc<dyn KvStore> {
+        let config = keel_storage::RocksConfig {
+            block_cache_size: 8 << 20,
+            write_buffer_size: 1 << 20,
+            ..keel_storage::RocksConfig::default()
+        };
+        Arc::new(keel_storage::RocksStore::open(path, &config).unwrap())
+    }
+
+    /// Not a test on its own: returns at once unless started by the test below.
+    #[test]
+    fn prune_child() {
+        use std::io::Write;
+        let Ok(path) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let store = rocks(std::path::Path::new(&path));
+        let p = pruner(&store).with_batch_keys(1);
+        let mut out = std::io::stdout();
+        p.prune_to(20, &|| false, &mut |done, _| {
+            writeln!(out, "\npruned batch {done}").unwrap();
+            out.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        })
+        .unwrap();
+        writeln!(out, "\npruned all").unwrap();
+    }
+
+    #[test]
+    fn a_kill_9_mid_pass_loses_nothing_and_the_pass_finishes_after() {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = {
+            let store = rocks(dir.path());
+            let g = write_genesis(
+                &store,
+                params(),
+                &[
+                    (addr(1), crate::ledger::tests::funded(1_000_000)),
+                    (addr(2), crate::ledger::tests::funded(1_000_000)),
+                    (addr(3), crate::ledger::tests::funded(1_000_000)),
+                ],
+            );
+            let app =
+                Ledger::new(store.clone(), params(), crate::ledger::BlockLimits::NONE).unwrap();
+            chain_in(app, store, g, 30).1
+        };
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "pruner::tests::prune_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = 0;
+        for line in lines.map_while(|l| l.ok()) {
+            if line.starts_with("pruned batch") {
+                seen += 1;
+                if seen == 4 {
+                    break;
+                }
+            }
+            assert_ne!(line, "pruned all", "the pass ended before the kill");
+        }
+        assert_eq!(seen, 4, "the child printed no progress");
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let store = rocks(dir.path());
+        let p = pruner(&store);
+        let done = p.status().pruned_height();
+        assert!((3..20).contains(&done), "{done}");
+        assert_eq!(p.status().earliest(), 21);
+        // Everything above the last finished batch is whole, the window most of all.
+        check_window(&store, &blocks, done);
+        assert_eq!(p.due(None).unwrap(), Some(20));
+        let report = p.prune_to(20, &|| false, &mut |_, _| {}).unwrap();
+        assert!(report.finished);
+        assert_eq!(report.from, done + 1);
+        check_window(&store, &blocks, 20);
     }
 }
