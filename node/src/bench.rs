@@ -98,6 +98,18 @@ pub struct ReadFigures {
     pub seconds: f64,
 }
 
+/// One transfer of 1 unit from each sender to the next one, with `nonce`, signed in parallel.
+fn transfers(senders: &[Keypair], addresses: &[Address], nonce: u64, fee: u64) -> Vec<Transaction> {
+    senders
+        .par_iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let to = addresses[(i + 1) % addresses.len()];
+            Transaction::sign(key, CHAIN, nonce, fee, TxKind::Transfer { to, amount: 1 })
+        })
+        .collect()
+}
+
 fn bench_error(what: &str) -> Error {
     Error::Bench(what.to_string())
 }
@@ -148,20 +160,9 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
 
     // Every block's transfers, admitted before consensus starts.
     for nonce in 0..opts.blocks as u64 {
-        let txs: Vec<Vec<u8>> = senders
-            .par_iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let to = addresses[(i + 1) % addresses.len()];
-                Transaction::sign(
-                    key,
-                    CHAIN,
-                    nonce,
-                    min_fee,
-                    TxKind::Transfer { to, amount: 1 },
-                )
-                .bytes
-            })
+        let txs: Vec<Vec<u8>> = transfers(&senders, &addresses, nonce, min_fee)
+            .into_iter()
+            .map(|t| t.bytes)
             .collect();
         for chunk in txs.chunks(1024) {
             for verdict in chain.admit_batch_from_peer(chunk) {
@@ -395,20 +396,7 @@ fn prune_run(
     let (mut commits, mut blocks, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
     let (mut parent_height, mut parent) = chain.tip().finalized;
     for nonce in 0..opts.blocks as u64 {
-        let txs: Vec<Transaction> = senders
-            .par_iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let to = addresses[(i + 1) % addresses.len()];
-                Transaction::sign(
-                    key,
-                    CHAIN,
-                    nonce,
-                    min_fee,
-                    TxKind::Transfer { to, amount: 1 },
-                )
-            })
-            .collect();
+        let txs = transfers(senders, addresses, nonce, min_fee);
         let height = parent_height + 1;
         let template = BlockTemplate {
             height,

@@ -115,14 +115,7 @@ impl Db {
     }
 
     fn window(&self) -> Option<Window> {
-        self.config
-            .storage
-            .pruning
-            .effective()
-            .map(|(keep_recent, interval)| Window {
-                keep_recent,
-                interval,
-            })
+        Window::of(&self.config.storage.pruning)
     }
 
     fn pruner(&self) -> Result<Pruner> {

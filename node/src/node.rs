@@ -133,14 +133,7 @@ impl Node {
 
         // The pruner: its own thread, woken by each commit (it also finishes a pass a kill
         // interrupted, whatever the mode now).
-        let window = config
-            .storage
-            .pruning
-            .effective()
-            .map(|(keep_recent, interval)| Window {
-                keep_recent,
-                interval,
-            });
+        let window = Window::of(&config.storage.pruning);
         let (wake, wake_rx) = Wake::channel();
         chain.set_pruner_wake(wake);
         let pruner = Pruner::new(

@@ -51,6 +51,14 @@ pub struct Window {
 }
 
 impl Window {
+    /// The window `[storage.pruning]` asks for (`None`: archive).
+    pub fn of(config: &crate::config::PruningConfig) -> Option<Window> {
+        config.effective().map(|(keep_recent, interval)| Window {
+            keep_recent,
+            interval,
+        })
+    }
+
     /// The height to prune up to (inclusive) once the final height is `finalized` and
     /// everything up to `pruned` is gone; `None` if no whole interval is due yet.
     pub fn target(&self, finalized: u64, pruned: Option<u64>) -> Option<u64> {
