@@ -315,4 +315,7 @@ pub struct BenchArgs {
     /// `prune`: prune interval (database sizes are sampled half-way through each).
     #[arg(long, default_value_t = 100)]
     pub interval: u64,
+    /// `prune`: one block every this many milliseconds (0: as fast as they build).
+    #[arg(long, default_value_t = 0)]
+    pub block_time_ms: u64,
 }

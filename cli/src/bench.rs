@@ -124,6 +124,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
         blocks: args.blocks,
         keep_recent: args.keep,
         interval: args.interval,
+        block_time_ms: args.block_time_ms,
         dir: args.dir.clone(),
     })?;
     for run in &runs {
@@ -143,6 +144,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
                     "txs": args.txs,
                     "keep": args.keep,
                     "interval": args.interval,
+                    "block_time_ms": args.block_time_ms,
                     "commit_p50_ms": ms(run.commit.p50_us),
                     "commit_p99_ms": ms(run.commit.p99_us),
                     "commit_max_ms": ms(run.commit.max_us),

@@ -254,6 +254,9 @@ pub struct PruneBench {
     pub keep_recent: u64,
     /// Its interval; database sizes are sampled half-way through each.
     pub interval: u64,
+    /// One block every this many milliseconds (0: as fast as they build), as a chain's block
+    /// time paces a node.
+    pub block_time_ms: u64,
     /// Where the temporary databases go (`None`: the system's temporary folder).
     pub dir: Option<std::path::PathBuf>,
 }
@@ -279,7 +282,8 @@ pub struct PruneRun {
 /// `keel bench prune`: two runs over a fresh RocksDB each (4 MiB memtables, so data reaches
 /// table files early), a one-validator chain built and committed through the ledger as the
 /// consensus host does it (no consensus, no network): `blocks` blocks of `txs` transfers,
-/// first in archive mode, then with the pruner's thread running the window
+/// one every `block_time_ms` (or as fast as they build), first in archive mode, then with the
+/// pruner's thread running the window
 /// (`keep_recent`, `interval`) exactly as a node runs it (woken after each commit, resting
 /// between batches). Reports commit and block latency, each prune pass, and the database
 /// size at every interval.
@@ -429,6 +433,10 @@ fn prune_run(
         blocks.push(block_started.elapsed());
         if let Some(w) = &wake {
             w.wake();
+        }
+        let due = started + Duration::from_millis(opts.block_time_ms.saturating_mul(nonce + 1));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
         }
         if height % opts.interval == opts.interval / 2 {
             // Half-way through each interval (the pass due at its start has run), flushed
