@@ -278,3 +278,24 @@ fn keel_db_prunes_compacts_and_checks_a_stopped_node() {
     assert!(!out.success());
     assert!(out.stderr.contains("in use"), "{out}");
 }
+
+#[test]
+fn keel_db_explains_what_it_cannot_do() {
+    let node = node(PruningMode::Default);
+    let home = node.home().to_str().unwrap().to_string();
+    // Never started: no database yet.
+    let out = run_keel(["db", "stats", "--home", home.as_str()]).unwrap();
+    assert!(!out.success());
+    assert!(out.stderr.contains("no database in"), "{out}");
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    // The memory engine keeps nothing on disk.
+    let path = node.config_path();
+    let mut config = Config::load(&path).unwrap();
+    config.storage.engine = keel_node::config::StorageEngine::Memory;
+    fs::write(&path, config.to_toml_string()).unwrap();
+    for cmd in ["stats", "prune", "compact", "check"] {
+        let out = run_keel(["db", cmd, "--home", home.as_str()]).unwrap();
+        assert!(!out.success(), "{cmd}: {out}");
+        assert!(out.stderr.contains("\"memory\""), "{cmd}: {out}");
+    }
+}
