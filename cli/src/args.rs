@@ -318,4 +318,7 @@ pub struct BenchArgs {
     /// `prune`: one block every this many milliseconds (0: as fast as they build).
     #[arg(long, default_value_t = 0)]
     pub block_time_ms: u64,
+    /// `prune`: skip the compaction after each pass (to see what it costs).
+    #[arg(long)]
+    pub no_compaction: bool,
 }

@@ -125,6 +125,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
         keep_recent: args.keep,
         interval: args.interval,
         block_time_ms: args.block_time_ms,
+        no_compaction: args.no_compaction,
         dir: args.dir.clone(),
     })?;
     for run in &runs {
@@ -145,6 +146,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
                     "keep": args.keep,
                     "interval": args.interval,
                     "block_time_ms": args.block_time_ms,
+                    "no_compaction": args.no_compaction,
                     "commit_p50_ms": ms(run.commit.p50_us),
                     "commit_p99_ms": ms(run.commit.p99_us),
                     "commit_max_ms": ms(run.commit.max_us),

@@ -257,6 +257,8 @@ pub struct PruneBench {
     /// One block every this many milliseconds (0: as fast as they build), as a chain's block
     /// time paces a node.
     pub block_time_ms: u64,
+    /// Skip the compaction after each pass (to see what it costs).
+    pub no_compaction: bool,
     /// Where the temporary databases go (`None`: the system's temporary folder).
     pub dir: Option<std::path::PathBuf>,
 }
@@ -358,12 +360,15 @@ fn prune_run(
     let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (wake, thread) = if pruning {
         let (wake, wake_rx) = Wake::channel();
-        let pruner = Pruner::new(
+        let mut pruner = Pruner::new(
             store.clone(),
             genesis.params.epoch_length,
             chain.prune_status().clone(),
         )
         .resting();
+        if opts.no_compaction {
+            pruner = pruner.without_compaction();
+        }
         let window = Window {
             keep_recent: opts.keep_recent,
             interval: opts.interval,

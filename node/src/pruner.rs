@@ -184,6 +184,8 @@ pub struct Pruner {
     /// thread); not offline.
     rest: bool,
     batch_keys: usize,
+    /// Compact the pruned ranges after each pass (off only to measure what it costs).
+    compact_after: bool,
 }
 
 impl Pruner {
@@ -197,12 +199,19 @@ impl Pruner {
             status,
             rest: false,
             batch_keys: BATCH_KEYS,
+            compact_after: true,
         }
     }
 
     /// Batches of about `keys` keys instead of [`BATCH_KEYS`] (tests).
     pub fn with_batch_keys(mut self, keys: usize) -> Pruner {
         self.batch_keys = keys.max(1);
+        self
+    }
+
+    /// No compaction after a pass (`keel bench prune --no-compaction`: what it costs).
+    pub fn without_compaction(mut self) -> Pruner {
+        self.compact_after = false;
         self
     }
 
@@ -317,7 +326,9 @@ impl Pruner {
                 std::thread::sleep(batch_started.elapsed().saturating_mul(REST_FACTOR));
             }
         }
-        self.compact(target)?;
+        if self.compact_after {
+            self.compact(target)?;
+        }
         report.deleted_keys = deleted;
         report.finished = true;
         self.status
