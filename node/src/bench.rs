@@ -98,6 +98,16 @@ pub struct ReadFigures {
     pub seconds: f64,
 }
 
+/// The validator's key, and `n` senders' keys and addresses (made in parallel).
+fn accounts(n: usize) -> (Keypair, Vec<Keypair>, Vec<Address>) {
+    let senders: Vec<Keypair> = (0..n as u64)
+        .into_par_iter()
+        .map(|i| Keypair::from_seed(1_000 + i))
+        .collect();
+    let addresses = senders.iter().map(Keypair::address).collect();
+    (Keypair::from_seed(1), senders, addresses)
+}
+
 /// One transfer of 1 unit from each sender to the next one, with `nonce`, signed in parallel.
 fn transfers(senders: &[Keypair], addresses: &[Address], nonce: u64, fee: u64) -> Vec<Transaction> {
     senders
@@ -128,12 +138,7 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
     .map_err(|e| Error::io("temporary folder", e))?;
     let store = Arc::new(RocksStore::open(dir.path(), &RocksConfig::default())?);
 
-    let validator = Keypair::from_seed(1);
-    let senders: Vec<Keypair> = (0..opts.txs as u64)
-        .into_par_iter()
-        .map(|i| Keypair::from_seed(1_000 + i))
-        .collect();
-    let addresses: Vec<Address> = senders.iter().map(Keypair::address).collect();
+    let (validator, senders, addresses) = accounts(opts.txs);
     let mut genesis = Genesis::generate(
         CHAIN,
         SystemClock.now_ms(),
@@ -295,12 +300,7 @@ pub fn prune_while_committing(opts: &PruneBench) -> Result<[PruneRun; 2]> {
             "txs, blocks and interval must be at least 1, keep at least interval",
         ));
     }
-    let validator = Keypair::from_seed(1);
-    let senders: Vec<Keypair> = (0..opts.txs as u64)
-        .into_par_iter()
-        .map(|i| Keypair::from_seed(1_000 + i))
-        .collect();
-    let addresses: Vec<Address> = senders.iter().map(Keypair::address).collect();
+    let (validator, senders, addresses) = accounts(opts.txs);
     let archive = prune_run(opts, &validator, &senders, &addresses, false)?;
     let pruning = prune_run(opts, &validator, &senders, &addresses, true)?;
     Ok([archive, pruning])

@@ -226,16 +226,20 @@ impl BlockStore {
 
     /// The block with hash `hash`.
     pub fn block_by_hash(&self, hash: &Hash) -> Result<Option<Block>> {
-        let Some(header) = self.header_by_hash(hash)? else {
-            return Ok(None);
-        };
+        match self.header_by_hash(hash)? {
+            Some(header) => self.block_with_header(header).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The block of a stored `header` (read by the caller), with its body.
+    pub fn block_with_header(&self, header: Header) -> Result<Block> {
+        let hash = header.hash();
         let body = self
             .store
             .get(Column::Bodies, hash.as_bytes())?
             .ok_or_else(|| corrupt("block body", format!("missing for stored header {hash}")))?;
-        Ok(Some(
-            Block::from_header_and_body(header, &body).map_err(|e| corrupt("block body", e))?,
-        ))
+        Block::from_header_and_body(header, &body).map_err(|e| corrupt("block body", e))
     }
 
     /// The committed block at `height`.

@@ -39,19 +39,19 @@ impl RpcApi {
             BlockId::Height(h) => c.blocks.block_at(h).map_err(|e| self.read_error(h, e)),
             BlockId::Hash(hash) => match c.blocks.header_by_hash(&hash) {
                 // A kept epoch-end header below the window has no body any more.
-                Ok(Some(header)) => self.check_retained(header.height).and_then(|()| {
-                    c.blocks
-                        .block_by_hash(&hash)
-                        .map_err(|e| self.read_error(header.height, e))
-                }),
+                Ok(Some(header)) => {
+                    let height = header.height;
+                    self.check_retained(height).and_then(|()| {
+                        c.blocks
+                            .block_with_header(header)
+                            .map(Some)
+                            .map_err(|e| self.read_error(height, e))
+                    })
+                }
                 Ok(None) => Ok(None),
                 Err(e) => Err(internal(e)),
             },
-        };
-        let stored = match (stored, id) {
-            (Ok(b), _) => b,
-            (Err(e), _) => return Err(e),
-        };
+        }?;
         let found = stored.or_else(|| match id {
             BlockId::Height(h) => c.certified_at(h),
             BlockId::Hash(hash) => c.certified_by_hash(&hash),
