@@ -69,6 +69,15 @@ const REPUTATION_LAG: u64 = 5;
 /// validators hold more than two thirds of the stake and a dead one among them cannot leave
 /// only dead leaders to choose from; three holds two such certificates.
 const REPUTATION_MIN_HISTORY: usize = 3;
+/// Leader reputation: when the newest final block it reads is this many rounds below the
+/// round (counting from the epoch's first round if that block is of an earlier epoch),
+/// reputation is stale, because nothing became final since: leaders are drawn by stake alone
+/// until a block is final again. Normally the newest block read is [`REPUTATION_LAG`] + 1 or
+/// + 2 rounds below; reputation leaves a failed leader out within a few rounds, so six rounds
+/// more without a final block means the schedule itself may be what stalls the chain (a
+/// byzantine validator left as the only one weighing 1000, the others' one failure each
+/// never outweighed because nothing becomes final: simulation seed 5242).
+const REPUTATION_STALE_ROUNDS: u64 = REPUTATION_LAG + 7;
 /// Leader reputation: the weight (times stake) of a validator that proposed or voted in the
 /// window and did not fail as leader since it last proposed.
 const ACTIVE_WEIGHT: u64 = 1000;
@@ -78,6 +87,18 @@ const INACTIVE_WEIGHT: u64 = 10;
 /// ... of one whose latest round as leader in the window failed (a crashed, silent or
 /// faulty leader: drawn about once in a thousand rounds while it stays in the window).
 const FAILED_WEIGHT: u64 = 1;
+
+/// How a round's leader is drawn (see [`Engine::leader_weights`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LeaderBasis {
+    /// One after the other: too little history.
+    InTurn,
+    /// By stake alone: the history is stale (nothing final for many rounds).
+    Stake,
+    /// By stake times the reputation read from the window whose newest block is of round
+    /// `newest`.
+    Reputation { newest: u64 },
+}
 
 /// What leader reputation remembers of a final block.
 #[derive(Clone, Debug)]
@@ -386,6 +407,10 @@ pub struct Engine {
     origin: Origin,
     /// Proposals of the next epoch received before switching to it (bounded).
     next_epoch_proposals: Vec<Proposal>,
+    /// Blocks of the next epoch fetched by sync before switching to it (bounded, in the
+    /// order they came): the host holds them, so they would not be fetched again, and the
+    /// engine would lack them when they become final (and leader reputation with it).
+    next_epoch_blocks: Vec<Block>,
     /// Votes of the next epoch received before switching to it (bounded): a validator that
     /// saw the epoch end a moment earlier votes for its first block and, unlike a timeout,
     /// never sends that vote again.
@@ -496,6 +521,7 @@ impl Engine {
             commit_qc: None,
             stashed_commit: None,
             next_epoch_proposals: Vec::new(),
+            next_epoch_blocks: Vec::new(),
             next_epoch_votes: Vec::new(),
             history: std::collections::VecDeque::new(),
             weights_memo: std::cell::RefCell::new(None),
@@ -575,6 +601,30 @@ impl Engine {
         self.validators.get(&self.key.address()).is_some()
     }
 
+    /// The address of the leader of `round` as this validator sees it now (for logs).
+    pub fn leader_address(&self, round: u64) -> Address {
+        self.leader(round).address
+    }
+
+    /// How the leader of `round` is drawn, from what this validator holds now: `None` when
+    /// the validators lead in turn, else each validator's weight (the draw is by stake times
+    /// weight): its reputation weight, or 1 for all when reputation is stale.
+    pub fn leader_weights(&self, round: u64) -> Option<Vec<(Address, u64)>> {
+        let weights: Vec<u64> = match self.leader_basis(round) {
+            LeaderBasis::InTurn => return None,
+            LeaderBasis::Stake => vec![1; self.validators.len()],
+            LeaderBasis::Reputation { .. } => self.with_weights(round, |w| w.to_vec()),
+        };
+        Some(
+            self.validators
+                .validators()
+                .iter()
+                .zip(weights)
+                .map(|(v, w)| (v.address, w))
+                .collect(),
+        )
+    }
+
     /// The leader of `round`: drawn by stake times reputation weight (as Aptos's proposer
     /// election, after DiemBFT v4), the weights read from the last [`REPUTATION_WINDOW`]
     /// final blocks of rounds at least [`REPUTATION_LAG`] below `round`, whatever their
@@ -582,30 +632,58 @@ impl Engine {
     /// `failed_proposers` after it last proposed) weighs [`FAILED_WEIGHT`], one that
     /// proposed or voted [`ACTIVE_WEIGHT`], any other [`INACTIVE_WEIGHT`]. With fewer than
     /// [`REPUTATION_MIN_HISTORY`] such blocks (the start of a chain), the validators in turn
-    /// ([`ValidatorSet::leader_in_turn`]).
-    /// The address of the leader of `round` as this validator sees it now (for logs).
-    pub fn leader_address(&self, round: u64) -> Address {
-        self.leader(round).address
+    /// ([`ValidatorSet::leader_in_turn`]); when the newest of them is
+    /// [`REPUTATION_STALE_ROUNDS`] or more below `round` (nothing became final since), by
+    /// stake alone.
+    fn leader(&self, round: u64) -> &crate::Validator {
+        match self.leader_basis(round) {
+            LeaderBasis::InTurn => self.validators.leader_in_turn(round),
+            LeaderBasis::Stake => self.validators.leader_weighted(round, &[]),
+            LeaderBasis::Reputation { .. } => {
+                self.with_weights(round, |w| self.validators.leader_weighted(round, w))
+            }
+        }
     }
 
-    fn leader(&self, round: u64) -> &crate::Validator {
+    fn leader_basis(&self, round: u64) -> LeaderBasis {
         let cutoff = round.saturating_sub(REPUTATION_LAG);
-        // The window is fixed by its newest block (history only grows), so the weights are
-        // computed once per window, not once per vote.
         let mut looked_at = self.history.iter().rev().filter(|p| p.round <= cutoff);
         let Some(newest) = looked_at.next() else {
-            return self.validators.leader_in_turn(round);
+            return LeaderBasis::InTurn;
         };
         if looked_at.take(REPUTATION_MIN_HISTORY - 1).count() < REPUTATION_MIN_HISTORY - 1 {
-            return self.validators.leader_in_turn(round);
+            return LeaderBasis::InTurn;
         }
-        let key = (self.epoch, newest.round);
+        // A newest block of an earlier epoch counts as of this epoch's base round: the
+        // rounds of the epoch before after it are unknown here, and few.
+        let newest_round = if round_epoch(newest.round) == round_epoch(round) {
+            newest.round
+        } else {
+            epoch_base_round(round_epoch(round))
+        };
+        if round.saturating_sub(newest_round) >= REPUTATION_STALE_ROUNDS {
+            return LeaderBasis::Stake;
+        }
+        LeaderBasis::Reputation {
+            newest: newest.round,
+        }
+    }
+
+    /// Runs `f` on the reputation weights of `round` (set order). The window is fixed by its
+    /// newest block (history only grows), so the weights are computed once per window, not
+    /// once per vote.
+    fn with_weights<T>(&self, round: u64, f: impl FnOnce(&[u64]) -> T) -> T {
+        let cutoff = round.saturating_sub(REPUTATION_LAG);
+        let newest = match self.leader_basis(round) {
+            LeaderBasis::Reputation { newest } => newest,
+            _ => return f(&[]),
+        };
+        let key = (self.epoch, newest);
         let mut memo = self.weights_memo.borrow_mut();
         if memo.as_ref().map(|m| m.0) != Some(key) {
             *memo = Some((key, self.reputation(cutoff)));
         }
-        let weights = memo.as_ref().map(|m| m.1.as_slice()).unwrap_or_default();
-        self.validators.leader_weighted(round, weights)
+        f(memo.as_ref().map(|m| m.1.as_slice()).unwrap_or_default())
     }
 
     /// Reputation weights of the current set (in set order) from the last
@@ -762,65 +840,91 @@ impl Engine {
             Input::BlockValidated { hash, valid } => {
                 self.on_block_validated(now_ms, hash, valid, &mut out)
             }
-            Input::Synced(blocks) => {
-                for block in blocks {
-                    let h = &block.header;
-                    // Blocks of another epoch cannot be checked here: a later epoch is entered
-                    // through an `EpochProof` (which sync answers carry).
-                    if h.epoch != self.epoch || round_epoch(h.round) != h.epoch {
-                        continue;
-                    }
-                    // A peer's word is not enough: every certificate is checked before it can
-                    // move the round or make anything final.
-                    if h.parent_qc.block_hash != h.parent_hash || !self.verify_qc(&h.parent_qc) {
-                        break;
-                    }
-                    self.insert_block(&block);
-                    self.on_qc(now_ms, block.header.parent_qc.clone(), &mut out);
-                    if self.awaiting_set {
-                        break;
-                    }
-                }
-                if self.awaiting_set {
-                    return out;
-                }
-                if let Some(proof) = self.stashed_proof.take() {
-                    self.on_epoch_proof(proof, false, &mut out);
-                    if self.awaiting_set {
-                        return out;
-                    }
-                }
-                // The persisted highest certificate may be for a block just restored.
-                let persisted = self.safety.highest_qc.clone();
-                if persisted.round > self.high_qc.round
-                    && self.blocks.contains_key(&persisted.block_hash)
-                {
-                    self.on_qc(now_ms, persisted, &mut out);
-                }
-                // A commit certificate from a timeout whose block just came.
-                if let Some(qc) = self.stashed_commit.take() {
-                    if self.blocks.contains_key(&qc.block_hash) {
-                        self.on_qc(now_ms, qc, &mut out);
-                        if self.awaiting_set {
-                            return out;
-                        }
-                    } else {
-                        self.stashed_commit = Some(qc);
-                    }
-                }
-                // The highest certificate may have come (in a timeout, say) before the block
-                // it certifies: now that the block is here, it can make its parent final.
-                let high = self.high_qc.clone();
-                if self.blocks.contains_key(&high.block_hash) {
-                    self.on_qc(now_ms, high, &mut out);
-                    if self.awaiting_set {
-                        return out;
-                    }
-                }
-                self.try_propose(now_ms, &mut out);
-            }
+            Input::Synced(blocks) => self.on_synced(now_ms, blocks, &mut out),
         }
         out
+    }
+
+    /// Blocks fetched by sync (`Input::Synced`), oldest first.
+    fn on_synced(&mut self, now_ms: u64, blocks: Vec<Block>, out: &mut Vec<Effect>) {
+        let mut blocks = blocks.into_iter();
+        while let Some(block) = blocks.next() {
+            let h = &block.header;
+            // Blocks of the next epoch cannot be checked yet: kept until the switch (the host
+            // stores what it fetched, so the same blocks are not fetched again).
+            if h.epoch == self.epoch.saturating_add(1) && round_epoch(h.round) == h.epoch {
+                self.stash_next_epoch_block(block);
+                continue;
+            }
+            // Blocks of any other epoch cannot be checked here: a later epoch is entered
+            // through an `EpochProof` (which sync answers carry).
+            if h.epoch != self.epoch || round_epoch(h.round) != h.epoch {
+                continue;
+            }
+            // A peer's word is not enough: every certificate is checked before it can
+            // move the round or make anything final.
+            if h.parent_qc.block_hash != h.parent_hash || !self.verify_qc(&h.parent_qc) {
+                break;
+            }
+            self.insert_block(&block);
+            self.on_qc(now_ms, block.header.parent_qc.clone(), out);
+            if self.awaiting_set {
+                // The rest may be of the epoch this one ends: kept for the switch.
+                for rest in blocks.by_ref() {
+                    self.stash_next_epoch_block(rest);
+                }
+                break;
+            }
+        }
+        if self.awaiting_set {
+            return;
+        }
+        if let Some(proof) = self.stashed_proof.take() {
+            self.on_epoch_proof(proof, false, out);
+            if self.awaiting_set {
+                return;
+            }
+        }
+        // The persisted highest certificate may be for a block just restored.
+        let persisted = self.safety.highest_qc.clone();
+        if persisted.round > self.high_qc.round && self.blocks.contains_key(&persisted.block_hash) {
+            self.on_qc(now_ms, persisted, out);
+        }
+        // A commit certificate from a timeout whose block just came.
+        if let Some(qc) = self.stashed_commit.take() {
+            if self.blocks.contains_key(&qc.block_hash) {
+                self.on_qc(now_ms, qc, out);
+                if self.awaiting_set {
+                    return;
+                }
+            } else {
+                self.stashed_commit = Some(qc);
+            }
+        }
+        // The highest certificate may have come (in a timeout, say) before the block
+        // it certifies: now that the block is here, it can make its parent final.
+        let high = self.high_qc.clone();
+        if self.blocks.contains_key(&high.block_hash) {
+            self.on_qc(now_ms, high, out);
+            if self.awaiting_set {
+                return;
+            }
+        }
+        self.try_propose(now_ms, out);
+    }
+
+    /// Keeps a synced block of the next epoch until the switch (bounded, oldest kept).
+    fn stash_next_epoch_block(&mut self, block: Block) {
+        let h = &block.header;
+        if h.epoch == self.epoch.saturating_add(1)
+            && self.next_epoch_blocks.len() < MAX_PENDING_PROPOSALS
+            && !self
+                .next_epoch_blocks
+                .iter()
+                .any(|b| b.hash() == block.hash())
+        {
+            self.next_epoch_blocks.push(block);
+        }
     }
 
     // ----- rounds -----
@@ -918,8 +1022,10 @@ impl Engine {
         self.votes.retain(|(r, _), _| *r >= keep_from);
         self.voters.retain(|(r, _), _| *r >= keep_from);
         self.timeouts.retain(|r, _| *r >= keep_from);
-        self.pending
-            .retain(|_, p| p.block.header.round >= keep_from);
+        // Proposals being validated stay until the answer, whatever the round: the host keeps
+        // what it validated and will not fetch it again, so a valid block of a round already
+        // passed must still reach `blocks` (it may be certified and become final; leader
+        // reputation reads it then). They are bounded by MAX_PENDING_PROPOSALS.
     }
 
     // ----- proposing -----
@@ -1135,7 +1241,18 @@ impl Engine {
             return;
         }
         if self.pending.len() >= MAX_PENDING_PROPOSALS {
-            return;
+            // Full (a host slow to answer): the proposal of the lowest round gives way.
+            let lowest = self
+                .pending
+                .iter()
+                .map(|(h, q)| (q.block.header.round, *h))
+                .min();
+            match lowest {
+                Some((r, h)) if r < round => {
+                    self.pending.remove(&h);
+                }
+                _ => return,
+            }
         }
         self.pending.insert(hash, p.clone());
         out.push(Effect::ValidateBlock(p.block));
@@ -1559,7 +1676,25 @@ impl Engine {
                 })
                 .collect(),
         };
+        // The next leader needs this TC to propose. If one timeout on its way to it was lost,
+        // it cannot form the TC itself and would learn it only from the timeouts of the
+        // round after, a whole timeout later: hand it our timeout of this round carrying
+        // the TC (see docs/consensus.md, "Liveness when validators fail", 9).
+        let own = set.get(&self.key.address()).cloned();
+        let forward = own.map(|mut t| {
+            t.last_tc = Some(tc.clone());
+            t
+        });
         self.on_tc(now_ms, tc, out);
+        if let Some(timeout) = forward {
+            let next = self.leader(round.saturating_add(1)).address;
+            if next != self.key.address() {
+                out.push(Effect::SendTo {
+                    to: next,
+                    message: ConsensusMessage::Timeout(timeout),
+                });
+            }
+        }
         self.try_propose(now_ms, out);
     }
 
@@ -1995,6 +2130,10 @@ impl Engine {
         // every round of the old one, so `last_voted_round` needs no reset.
         self.enter_round(now_ms, epoch_base_round(epoch).saturating_add(1), out);
         // Proposals of this epoch that arrived before the switch: judged now, by its set.
+        let synced = std::mem::take(&mut self.next_epoch_blocks);
+        if !synced.is_empty() {
+            self.on_synced(now_ms, synced, out);
+        }
         for p in std::mem::take(&mut self.next_epoch_proposals) {
             self.on_proposal(now_ms, p, out);
         }

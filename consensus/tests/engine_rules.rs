@@ -2686,11 +2686,35 @@ fn leader_reputation_weighs_proposers_voters_and_failed_leaders() {
             .count()
     };
 
+    // The weight of each validator in the round just after the window's newest block
+    // (round 12 read from round 17), and how often the failed one would lead over 3000
+    // rounds drawn with those weights.
+    let weight_of = |engine: &Engine, round: u64, who: Address| {
+        let weights = engine.leader_weights(round).expect("a reputation draw");
+        weights.iter().find(|(a, _)| *a == who).unwrap().1
+    };
+    let drawn = |engine: &Engine, round: u64, who: Address| {
+        let weights: Vec<u64> = engine
+            .leader_weights(round)
+            .unwrap()
+            .iter()
+            .map(|w| w.1)
+            .collect();
+        let set = engine.validators();
+        rounds
+            .clone()
+            .filter(|r| set.leader_weighted(*r, &weights).address == who)
+            .count()
+    };
+
     let fresh = net.engine(0, None);
     assert!(led(&fresh, failed) > 500, "without history, by stake");
+    assert_eq!(fresh.leader_weights(40), None, "in turn");
     let mut engine = net.engine(0, None);
     engine.restore_history(&headers);
-    let n = led(&engine, failed);
+    assert_eq!(weight_of(&engine, 17, failed), 1);
+    assert!(present.iter().all(|a| weight_of(&engine, 17, *a) == 1000));
+    let n = drawn(&engine, 17, failed);
     assert!(
         n <= 5,
         "a failed leader is drawn about once in 3000 rounds, here {n}"
@@ -2698,7 +2722,8 @@ fn leader_reputation_weighs_proposers_voters_and_failed_leaders() {
     // Without the failure it only neither proposed nor voted: inactive, drawn now and then.
     let mut quiet = net.engine(0, None);
     quiet.restore_history(&headers[..10]);
-    let n = led(&quiet, failed);
+    assert_eq!(weight_of(&quiet, 15, failed), 10);
+    let n = drawn(&quiet, 15, failed);
     assert!(
         (1..=30).contains(&n),
         "an inactive validator leads about 1 round in 300, here {n}"
@@ -2711,9 +2736,235 @@ fn leader_reputation_weighs_proposers_voters_and_failed_leaders() {
     });
     let mut recovered = net.engine(0, None);
     recovered.restore_history(&back);
-    assert!(led(&recovered, failed) > 500);
+    assert_eq!(weight_of(&recovered, 18, failed), 1000);
+    assert!(drawn(&recovered, 18, failed) > 500);
     // Rounds whose window holds fewer than three final blocks (round 7 looks at rounds up
     // to 2) fall back to the validators in turn, like a fresh engine.
     assert_eq!(engine.leader_of(7), fresh.leader_of(7));
     assert!((8..20).any(|r| engine.leader_of(r) != fresh.leader_of(r)));
+}
+
+/// Reputation reads final blocks, so it cannot change while nothing becomes final. When the
+/// newest final block it reads is 12 or more rounds below the round, leaders are drawn by
+/// stake alone: a stale window must not keep naming the one validator it still rates (seed
+/// 5242: a byzantine validator left as the only one weighing 1000 stalled an epoch).
+#[test]
+fn a_stale_reputation_gives_way_to_stake() {
+    let net = Net::new();
+    let addr = |i: usize| net.keys[i].address();
+    // Rounds 1..=10 proposed by validator 0 alone and certified by it alone (as headers:
+    // reputation reads, it does not check); validators 1 and 2 failed as leaders (rounds 3
+    // and 6); validator 3 took no part.
+    let header = |r: u64, failed: Vec<Address>| Header {
+        chain_id: CHAIN.into(),
+        height: r,
+        round: r,
+        proposer: addr(0),
+        parent_qc: QuorumCertificate {
+            signatures: vec![keel_types::VoteSignature {
+                validator: addr(0),
+                signature: keel_types::Signature([0; 64]),
+            }],
+            ..QuorumCertificate::default()
+        },
+        failed_proposers: failed,
+        ..Header::default()
+    };
+    let headers: Vec<Header> = (1..=10)
+        .map(|r| match r {
+            4 => header(r, vec![addr(1)]),
+            7 => header(r, vec![addr(2)]),
+            _ => header(r, vec![]),
+        })
+        .collect();
+    let mut engine = net.engine(0, None);
+    engine.restore_history(&headers);
+    let weight_in = |engine: &Engine, round: u64, i: usize| {
+        engine
+            .leader_weights(round)
+            .unwrap()
+            .iter()
+            .find(|(a, _)| *a == addr(i))
+            .unwrap()
+            .1
+    };
+    let weight = |round: u64, i: usize| weight_in(&engine, round, i);
+    // Rounds 15 to 21 read the window: validator 0 leads nearly all of them.
+    for round in 15..=21 {
+        assert_eq!(
+            [weight(round, 0), weight(round, 1), weight(round, 2), weight(round, 3)],
+            [1000, 1, 1, 10],
+            "round {round}"
+        );
+    }
+    // From round 22 (12 above the newest final block) by stake alone: everyone leads.
+    for round in [22, 100, 5_000] {
+        assert!((0..4).all(|i| weight(round, i) == 1), "round {round}");
+    }
+    for i in 0..4 {
+        let led = (22..3022u64)
+            .filter(|r| engine.leader_of(*r) == addr(i))
+            .count();
+        assert!(led > 500, "validator {i} led {led} of 3000 stale rounds");
+    }
+    // One more final block and the window is fresh again.
+    let mut fresh = headers.clone();
+    fresh.push(header(30, vec![]));
+    engine.restore_history(&fresh[10..]);
+    assert_eq!(weight_in(&engine, 35, 1), 1);
+    assert_eq!(weight_in(&engine, 35, 0), 1000);
+    assert_eq!(weight_in(&engine, 42, 0), 1, "12 above round 30: stake alone");
+}
+
+/// A validator that forms a TC hands it to the next leader (its own timeout of the round,
+/// carrying the TC): a next leader that missed one timeout could not form it and would
+/// learn it only from the next round's timeouts, a whole timeout later.
+#[test]
+fn a_new_tc_goes_to_the_next_leader() {
+    let net = Net::new();
+    let forwarded = |effects: &[Effect]| -> Vec<(Address, Timeout)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::SendTo {
+                    to,
+                    message: ConsensusMessage::Timeout(t),
+                } => Some((*to, t.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let node = net.bystander(&[1, 2]);
+    let others = net.others(node);
+    let mut engine = net.started(node);
+    let mut out = engine.handle(TIMEOUT_MS, Input::Timer(TimerKind::RoundTimeout));
+    assert!(forwarded(&out).is_empty(), "no TC yet: {out:?}");
+    for i in &others[..2] {
+        out = message(
+            &mut engine,
+            TIMEOUT_MS,
+            ConsensusMessage::Timeout(net.timeout(*i, 1, net.genesis_qc())),
+        );
+    }
+    assert_eq!(engine.round(), 2);
+    let sent = forwarded(&out);
+    assert_eq!(sent.len(), 1, "{out:?}");
+    let (to, timeout) = &sent[0];
+    assert_eq!(*to, net.keys[net.leader(2)].address());
+    assert_eq!((timeout.round, timeout.voter), (1, net.keys[node].address()));
+    let tc = timeout.last_tc.as_ref().expect("the TC rides along");
+    assert_eq!(tc.round, 1);
+    // The next leader, which had only two of the timeouts, enters round 2 from it.
+    let leader = net.leader(2);
+    let mut next = net.started(leader);
+    next.handle(TIMEOUT_MS, Input::Timer(TimerKind::RoundTimeout));
+    message(
+        &mut next,
+        TIMEOUT_MS,
+        ConsensusMessage::Timeout(net.timeout(others[0], 1, net.genesis_qc())),
+    );
+    assert_eq!(next.round(), 1);
+    message(&mut next, TIMEOUT_MS, ConsensusMessage::Timeout(timeout.clone()));
+    assert_eq!(next.round(), 2);
+    // The next leader itself forms the TC: nothing to send.
+    let mut own = net.started(leader);
+    let mut out = own.handle(TIMEOUT_MS, Input::Timer(TimerKind::RoundTimeout));
+    for i in net.others(leader).iter().take(2) {
+        out.extend(message(
+            &mut own,
+            TIMEOUT_MS,
+            ConsensusMessage::Timeout(net.timeout(*i, 1, net.genesis_qc())),
+        ));
+    }
+    assert_eq!(own.round(), 2);
+    assert!(forwarded(&out).is_empty(), "{out:?}");
+}
+
+/// Blocks of the next epoch that sync brings before the switch (the host answers a request
+/// with them and then the epoch proof) are kept and taken at the switch: the host stores
+/// what it fetched and would not fetch them again, and the engine would lack them when they
+/// become final (seed 5155: leader reputation then differed between validators).
+#[test]
+fn synced_blocks_of_the_next_epoch_are_taken_at_the_switch() {
+    let net = Net::new();
+    let end = EpochEnd::new(&net);
+    let set = net.next_set();
+    let f = net.block_in(&set, 1, epoch_1_round(), &end.b2, end.qc_b2.clone(), 40);
+    let qc_f = net.qc(&f, &[1, 2, 3]);
+    let g = net.block_in(&set, 1, epoch_1_round() + 1, &f, qc_f, 41);
+    let node = net.bystander(&[1, 2]);
+    let mut engine = net.started_in_short_epochs(node);
+    EpochEnd::feed(&net, &mut engine, &[&end.b1, &end.b2, &end.s3]);
+    let out = engine.handle(at(6), Input::Synced(vec![f.clone(), g.clone()]));
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::Certified { .. })),
+        "epoch 1 blocks taken in epoch 0: {out:?}"
+    );
+    let out = message(
+        &mut engine,
+        at(7),
+        ConsensusMessage::EpochProof(end.proof()),
+    );
+    assert!(need_set_position(&out, 1, 2).is_some(), "{out:?}");
+    let out = engine.handle(
+        at(7),
+        Input::NewEpoch {
+            epoch: 1,
+            validators: set,
+        },
+    );
+    assert!(
+        out.iter().any(
+            |e| matches!(e, Effect::Certified { hash, height: 3, .. } if *hash == f.hash())
+        ),
+        "the synced blocks were dropped: {out:?}"
+    );
+    assert_eq!(engine.certified_head(), (3, f.hash()));
+}
+
+/// A proposal whose validation was asked for is taken when the answer comes, even if the
+/// validator moved past its round meanwhile: the host keeps what it validated and would not
+/// fetch it again, so a block the others then certify would be missing here.
+#[test]
+fn a_block_validated_after_its_round_passed_is_kept() {
+    let net = Net::new();
+    let node = net.bystander(&[1, 2, 3]);
+    let mut engine = net.started(node);
+    let b1 = net.block(1, &net.genesis, net.genesis_qc(), 1);
+    let out = message(
+        &mut engine,
+        at(1),
+        ConsensusMessage::Proposal(net.propose(b1.clone(), None)),
+    );
+    assert!(validates(&out, &b1.hash()), "{out:?}");
+    // Before the answer, TCs of rounds 1 and 2 move the validator to round 3.
+    let parts: Vec<(usize, QuorumCertificate)> = net
+        .others(node)
+        .into_iter()
+        .map(|i| (i, net.genesis_qc()))
+        .collect();
+    let mut t = net.timeout(parts[0].0, 2, net.genesis_qc());
+    t.last_tc = Some(net.tc(2, &parts));
+    message(&mut engine, at(2), ConsensusMessage::Timeout(t));
+    assert_eq!(engine.round(), 3);
+    engine.handle(
+        at(2),
+        Input::BlockValidated {
+            hash: b1.hash(),
+            valid: true,
+        },
+    );
+    // The proposal of round 3 builds on B1: B1 is held, so it is validated, not synced.
+    let qc_b1 = net.qc(&b1, &[0, 1, 2, 3]);
+    let b3 = net.block(3, &b1, qc_b1, 3);
+    let out = message(
+        &mut engine,
+        at(3),
+        ConsensusMessage::Proposal(net.propose(b3.clone(), Some(net.tc(2, &parts)))),
+    );
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::RequestSync { .. })),
+        "B1 was dropped: {out:?}"
+    );
+    assert!(validates(&out, &b3.hash()), "{out:?}");
 }

@@ -446,21 +446,30 @@ impl Sim {
                 validators: set,
             },
         );
+        // Blocks of the new epoch synced before the switch are applied by it, so the engine
+        // may already have made more final, even ended this epoch too (then the next switch
+        // ran inside this input and made its own checks).
         let engine = self.nodes[i].engine.as_ref().expect("running");
-        assert_eq!(
-            engine.epoch(),
-            epoch,
+        assert!(
+            engine.epoch() >= epoch,
             "seed {seed}: node {i} did not switch epoch"
         );
-        assert!(!engine.awaiting_validator_set());
-        assert_eq!(
-            engine.validators().hash(),
-            set_hash,
-            "seed {seed}: node {i} runs epoch {epoch} with another set"
-        );
-        assert_eq!(engine.final_tip().height, height);
+        assert!(engine.final_tip().height >= height);
+        if engine.epoch() == epoch {
+            assert!(!engine.awaiting_validator_set());
+            assert_eq!(
+                engine.validators().hash(),
+                set_hash,
+                "seed {seed}: node {i} runs epoch {epoch} with another set"
+            );
+        }
         let now = self.now();
-        self.nodes[i].epoch_starts.push((epoch, now));
+        let starts = &mut self.nodes[i].epoch_starts;
+        let at = starts
+            .iter()
+            .position(|(e, _)| *e > epoch)
+            .unwrap_or(starts.len());
+        starts.insert(at, (epoch, now));
     }
 
     fn send(&mut self, from: usize, to: usize, msg: ConsensusMessage) {
@@ -501,6 +510,15 @@ impl Sim {
                 message: ConsensusMessage::EpochProof(p),
                 to,
             } => format!("epoch proof h{} -> {:?}", p.qc.height, self.index_of(to)),
+            Effect::SendTo {
+                message: ConsensusMessage::Timeout(t),
+                to,
+            } => format!(
+                "timeout r{} with TC r{} -> {:?}",
+                rr(t.round),
+                t.last_tc.as_ref().map(|tc| rr(tc.round)).unwrap_or_default(),
+                self.index_of(to)
+            ),
             Effect::SendTo {
                 message: ConsensusMessage::Vote(v),
                 to,
@@ -1179,6 +1197,93 @@ fn two_silent_validators_of_seven_and_a_crash() {
     check_run(301, scenario, MIN_EPOCH);
 }
 
+// Four seeds of the 10,000-seed run that missed the 30 s bound (docs/consensus.md, "Liveness
+// when validators fail", 9 to 11), kept as fixed scenarios.
+
+/// Seed 5155: seven validators, an invalid proposer and a silent one (crashed from 30 s to
+/// 41 s), a partition until 30 s, 4-block epochs with drawn sets. Two validators synced the
+/// first blocks of epoch 4 just before its proof and dropped them, so leader reputation
+/// differed between validators and two leaders proposed in the same rounds.
+#[test]
+fn blocks_synced_before_an_epoch_switch_are_not_lost() {
+    let scenario = Scenario {
+        validators: 7,
+        byzantine: vec![Behaviour::InvalidProposer, Behaviour::Silent],
+        block_time_ms: 1_000,
+        duration_ms: 200_000,
+        faults: Faults {
+            latency_ms: (5, 117),
+            loss: 0.0,
+            partition: Some(Partition {
+                start: 13_408,
+                end: 29_968,
+                side: vec![2, 5],
+            }),
+            crash: Some(Crash {
+                at: 30_349,
+                back: 41_090,
+                node: 1,
+            }),
+        },
+        epoch_length: 4,
+        sets: SetRule::Drawn { rotate: true },
+    };
+    check_run(5155, scenario, MIN_EPOCH);
+}
+
+/// Seed 5242: four validators, an invalid proposer crashed from 24 s to 42 s, 5% loss,
+/// 4-block epochs with drawn sets. In epoch 6 the two honest members had each failed a round
+/// in the window, so reputation named the invalid proposer in nearly every round.
+#[test]
+fn a_stale_reputation_cannot_hand_the_rounds_to_one_validator() {
+    let scenario = Scenario {
+        validators: 4,
+        byzantine: vec![Behaviour::InvalidProposer],
+        block_time_ms: 1_000,
+        duration_ms: 200_000,
+        faults: Faults {
+            latency_ms: (5, 187),
+            loss: 0.049_591_916_019_998_35,
+            partition: None,
+            crash: Some(Crash {
+                at: 24_269,
+                back: 42_458,
+                node: 0,
+            }),
+        },
+        epoch_length: 4,
+        sets: SetRule::Drawn { rotate: true },
+    };
+    check_run(5242, scenario, MIN_EPOCH);
+}
+
+/// Seeds 6476 and 7319: seven validators, two silent from the start, 5% and 2% loss, short
+/// epochs. Every honest timeout is needed for a TC; a next leader that missed one learnt
+/// the TC a whole timeout late, and nothing was final for the first 30 s.
+#[test]
+fn a_next_leader_that_missed_a_timeout_still_gets_the_tc() {
+    for (seed, latency, loss, epoch_length) in [
+        (6476, (5, 145), 0.046_322_368_526_243_61, 6),
+        (7319, (5, 173), 0.022_232_215_678_404_943, 4),
+    ] {
+        let scenario = Scenario {
+            validators: 7,
+            byzantine: vec![Behaviour::Silent, Behaviour::Silent],
+            block_time_ms: 1_000,
+            duration_ms: 200_000,
+            faults: Faults {
+                latency_ms: latency,
+                loss,
+                partition: None,
+                crash: None,
+            },
+            epoch_length,
+            sets: SetRule::Drawn { rotate: true },
+        };
+        check_run(seed, scenario, MIN_EPOCH);
+    }
+}
+
 #[test]
 fn drawn_sets_keep_the_fault_model() {
     for seed in 0..300 {
@@ -1613,11 +1718,25 @@ fn a_silent_validator_stops_being_drawn_as_leader() {
         final_height >= 200,
         "only {final_height} final blocks in 300 s with one silent validator"
     );
+    // The next rounds' leaders (those read from the current window: rounds further on
+    // count as a stall and are drawn by stake alone) and the failed leaders the chain
+    // recorded in its last 100 blocks.
     let silent = sim.nodes[0].key.address();
     let engine = node.engine.as_ref().expect("running");
     let round = engine.round();
     assert!(
-        (round..round + 200).all(|r| engine.leader_of(r) != silent),
+        (round..round + 5).all(|r| engine.leader_of(r) != silent),
         "the silent validator is still drawn as leader"
+    );
+    let failed = node
+        .blocks
+        .values()
+        .filter(|b| b.header.height + 100 > final_height)
+        .flat_map(|b| b.header.failed_proposers.iter())
+        .filter(|a| **a == silent)
+        .count();
+    assert!(
+        failed <= 2,
+        "the silent validator led {failed} failed rounds in the last 100 blocks"
     );
 }
