@@ -2792,7 +2792,12 @@ fn a_stale_reputation_gives_way_to_stake() {
     // Rounds 15 to 21 read the window: validator 0 leads nearly all of them.
     for round in 15..=21 {
         assert_eq!(
-            [weight(round, 0), weight(round, 1), weight(round, 2), weight(round, 3)],
+            [
+                weight(round, 0),
+                weight(round, 1),
+                weight(round, 2),
+                weight(round, 3)
+            ],
             [1000, 1, 1, 10],
             "round {round}"
         );
@@ -2813,7 +2818,11 @@ fn a_stale_reputation_gives_way_to_stake() {
     engine.restore_history(&fresh[10..]);
     assert_eq!(weight_in(&engine, 35, 1), 1);
     assert_eq!(weight_in(&engine, 35, 0), 1000);
-    assert_eq!(weight_in(&engine, 42, 0), 1, "12 above round 30: stake alone");
+    assert_eq!(
+        weight_in(&engine, 42, 0),
+        1,
+        "12 above round 30: stake alone"
+    );
 }
 
 /// A validator that forms a TC hands it to the next leader (its own timeout of the round,
@@ -2851,7 +2860,10 @@ fn a_new_tc_goes_to_the_next_leader() {
     assert_eq!(sent.len(), 1, "{out:?}");
     let (to, timeout) = &sent[0];
     assert_eq!(*to, net.keys[net.leader(2)].address());
-    assert_eq!((timeout.round, timeout.voter), (1, net.keys[node].address()));
+    assert_eq!(
+        (timeout.round, timeout.voter),
+        (1, net.keys[node].address())
+    );
     let tc = timeout.last_tc.as_ref().expect("the TC rides along");
     assert_eq!(tc.round, 1);
     // The next leader, which had only two of the timeouts, enters round 2 from it.
@@ -2864,7 +2876,11 @@ fn a_new_tc_goes_to_the_next_leader() {
         ConsensusMessage::Timeout(net.timeout(others[0], 1, net.genesis_qc())),
     );
     assert_eq!(next.round(), 1);
-    message(&mut next, TIMEOUT_MS, ConsensusMessage::Timeout(timeout.clone()));
+    message(
+        &mut next,
+        TIMEOUT_MS,
+        ConsensusMessage::Timeout(timeout.clone()),
+    );
     assert_eq!(next.round(), 2);
     // The next leader itself forms the TC: nothing to send.
     let mut own = net.started(leader);
@@ -2914,9 +2930,8 @@ fn synced_blocks_of_the_next_epoch_are_taken_at_the_switch() {
         },
     );
     assert!(
-        out.iter().any(
-            |e| matches!(e, Effect::Certified { hash, height: 3, .. } if *hash == f.hash())
-        ),
+        out.iter()
+            .any(|e| matches!(e, Effect::Certified { hash, height: 3, .. } if *hash == f.hash())),
         "the synced blocks were dropped: {out:?}"
     );
     assert_eq!(engine.certified_head(), (3, f.hash()));

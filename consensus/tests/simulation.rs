@@ -516,7 +516,10 @@ impl Sim {
             } => format!(
                 "timeout r{} with TC r{} -> {:?}",
                 rr(t.round),
-                t.last_tc.as_ref().map(|tc| rr(tc.round)).unwrap_or_default(),
+                t.last_tc
+                    .as_ref()
+                    .map(|tc| rr(tc.round))
+                    .unwrap_or_default(),
                 self.index_of(to)
             ),
             Effect::SendTo {
