@@ -321,4 +321,17 @@ pub struct BenchArgs {
     /// `prune`: skip the compaction after each pass (to see what it costs).
     #[arg(long)]
     pub no_compaction: bool,
+    /// `prune`: how the pruner paces its batches: between commits (what a node does) or
+    /// resting twice as long as each batch took (to compare).
+    #[arg(long, value_enum, default_value_t = PruneBenchPacing::Commits)]
+    pub pacing: PruneBenchPacing,
+}
+
+/// `keel bench prune --pacing`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PruneBenchPacing {
+    /// Batches only in the first third of the interval after each commit.
+    Commits,
+    /// Rest twice as long as each batch took.
+    Rest,
 }

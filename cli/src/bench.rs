@@ -126,6 +126,10 @@ fn prune(args: &BenchArgs) -> Result<()> {
         interval: args.interval,
         block_time_ms: args.block_time_ms,
         no_compaction: args.no_compaction,
+        pacing: match args.pacing {
+            crate::args::PruneBenchPacing::Commits => keel_node::pruner::Pacing::Commits,
+            crate::args::PruneBenchPacing::Rest => keel_node::pruner::Pacing::Resting,
+        },
         dir: args.dir.clone(),
     })?;
     for run in &runs {
@@ -147,6 +151,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
                     "interval": args.interval,
                     "block_time_ms": args.block_time_ms,
                     "no_compaction": args.no_compaction,
+                    "pacing": format!("{:?}", args.pacing).to_lowercase(),
                     "commit_p50_ms": ms(run.commit.p50_us),
                     "commit_p99_ms": ms(run.commit.p99_us),
                     "commit_max_ms": ms(run.commit.max_us),

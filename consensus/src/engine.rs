@@ -72,9 +72,9 @@ const REPUTATION_MIN_HISTORY: usize = 3;
 /// Leader reputation: when the newest final block it reads is this many rounds below the
 /// round (counting from the epoch's first round if that block is of an earlier epoch),
 /// reputation is stale, because nothing became final since: leaders are drawn by stake alone
-/// until a block is final again. Normally the newest block read is [`REPUTATION_LAG`] + 1 or
-/// + 2 rounds below; reputation leaves a failed leader out within a few rounds, so six rounds
-/// more without a final block means the schedule itself may be what stalls the chain (a
+/// until a block is final again. Normally the newest block read is one or two rounds more
+/// than [`REPUTATION_LAG`] below; reputation leaves a failed leader out within a few rounds,
+/// so six rounds more without a final block means the schedule itself may stall the chain (a
 /// byzantine validator left as the only one weighing 1000, the others' one failure each
 /// never outweighed because nothing becomes final: simulation seed 5242).
 const REPUTATION_STALE_ROUNDS: u64 = REPUTATION_LAG + 7;

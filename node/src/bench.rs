@@ -264,6 +264,8 @@ pub struct PruneBench {
     pub block_time_ms: u64,
     /// Skip the compaction after each pass (to see what it costs).
     pub no_compaction: bool,
+    /// How the pruner paces its batches (a node paces them by commits).
+    pub pacing: crate::pruner::Pacing,
     /// Where the temporary databases go (`None`: the system's temporary folder).
     pub dir: Option<std::path::PathBuf>,
 }
@@ -364,8 +366,7 @@ fn prune_run(
             store.clone(),
             genesis.params.epoch_length,
             chain.prune_status().clone(),
-        )
-        .resting();
+        );
         if opts.no_compaction {
             pruner = pruner.without_compaction();
         }
@@ -373,7 +374,7 @@ fn prune_run(
             keep_recent: opts.keep_recent,
             interval: opts.interval,
         };
-        let (token, passes) = (token.clone(), passes.clone());
+        let (token, passes, pacing) = (token.clone(), passes.clone(), opts.pacing);
         let thread = std::thread::Builder::new()
             .name("keel-pruner".into())
             .spawn(move || {
@@ -382,6 +383,7 @@ fn prune_run(
                     Some(window),
                     wake_rx,
                     token,
+                    pacing,
                     &mut |r: &PassReport, took: Duration| {
                         if let Ok(mut p) = passes.lock() {
                             p.push((r.to.saturating_sub(r.from) + 1, took.as_secs_f64()));

@@ -140,8 +140,7 @@ impl Node {
             chain.blocks.kv().clone(),
             chain.params.epoch_length,
             chain.prune_status().clone(),
-        )
-        .resting();
+        );
         let pruner_token = tasks.token();
         let pruner_span = span.clone();
         let thread = std::thread::Builder::new()

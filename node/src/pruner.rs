@@ -14,9 +14,13 @@
 //!   batches of about [`BATCH_KEYS`] keys, each batch also recording how far it got
 //!   (`pruned_height`), so a kill at any instant resumes where the last batch ended. After the
 //!   pass it compacts the pruned key ranges so the space really comes back.
-//! - **Never in the way**: its own OS thread, woken by each commit; after each batch it rests
-//!   twice as long as the batch took ([`REST_FACTOR`]), so it takes at most a third of one core
-//!   and one small write (about [`BATCH_KEYS`] keys) at a time.
+//! - **Never in the way**: its own OS thread, woken by each commit, writing between commits
+//!   ([`CommitPaced`]): each commit records its time, and batches go only in the first third
+//!   of the interval that follows a commit ([`COMMIT_SHARE`]), each sized (from the keys per
+//!   second the last batches took) to end inside it, so a batch and a commit do not contend
+//!   for the write path or the CPU. While no blocks are committed (a stalled chain, `keel db
+//!   prune`'s offline pass excepted), it rests twice as long as each batch took
+//!   ([`REST_FACTOR`]): at most a third of one core.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -37,9 +41,17 @@ use crate::Result;
 /// About how many keys one prune batch deletes (at least one height's worth).
 pub const BATCH_KEYS: usize = 4_000;
 
-/// The background pruner rests this many times as long as each batch took: it takes at most
-/// a third of one core and leaves the write path free two thirds of the time.
+/// The background pruner, when no commits pace it, rests this many times as long as each
+/// batch took: it takes at most a third of one core and leaves the write path free two
+/// thirds of the time.
 pub const REST_FACTOR: u32 = 2;
+
+/// Paced by commits, the pruner writes only in the first `1 / COMMIT_SHARE` of the interval
+/// between two commits.
+pub const COMMIT_SHARE: u32 = 3;
+
+/// The least keys a paced batch is cut to (one height is never split, whatever this says).
+const MIN_PACED_KEYS: usize = 256;
 
 /// How much history is kept: `None` keeps everything (archive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,9 +192,6 @@ pub struct Pruner {
     records: ConsensusStore,
     epoch_length: u64,
     status: Arc<PruneStatus>,
-    /// Rest after each batch ([`REST_FACTOR`] times as long as it took: the background
-    /// thread); not offline.
-    rest: bool,
     batch_keys: usize,
     /// Compact the pruned ranges after each pass (off only to measure what it costs).
     compact_after: bool,
@@ -197,7 +206,6 @@ impl Pruner {
             records: ConsensusStore::new(kv),
             epoch_length: epoch_length.max(1),
             status,
-            rest: false,
             batch_keys: BATCH_KEYS,
             compact_after: true,
         }
@@ -212,12 +220,6 @@ impl Pruner {
     /// No compaction after a pass (`keel bench prune --no-compaction`: what it costs).
     pub fn without_compaction(mut self) -> Pruner {
         self.compact_after = false;
-        self
-    }
-
-    /// Rest between batches (for the background thread).
-    pub fn resting(mut self) -> Pruner {
-        self.rest = true;
         self
     }
 
@@ -242,14 +244,25 @@ impl Pruner {
         Ok(window.target(finalized, pruned))
     }
 
-    /// Prunes every height up to `target` (inclusive) not yet pruned, in bounded batches;
-    /// `progress(done, total)` after each, `stop()` checked between them. Then compacts the
-    /// pruned ranges.
+    /// Prunes every height up to `target` (inclusive) not yet pruned, in bounded batches as
+    /// fast as it can (offline); `progress(done, total)` after each, `stop()` checked between
+    /// them. Then compacts the pruned ranges.
     pub fn prune_to(
         &self,
         target: u64,
         stop: &dyn Fn() -> bool,
         progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PassReport> {
+        self.prune_paced(target, stop, progress, &mut Unpaced)
+    }
+
+    /// [`Pruner::prune_to`], with `pace` sizing each batch and deciding when it goes.
+    pub fn prune_paced(
+        &self,
+        target: u64,
+        stop: &dyn Fn() -> bool,
+        progress: &mut dyn FnMut(u64, u64),
+        pace: &mut dyn Pace,
     ) -> Result<PassReport> {
         let started = Instant::now();
         let pruned = self.blocks.pruned_height()?;
@@ -293,6 +306,7 @@ impl Pruner {
         };
         let mut height = from;
         while height <= target {
+            let batch_keys = pace.before_batch(self.batch_keys, stop);
             if stop() {
                 report.deleted_keys = deleted;
                 return Ok(report);
@@ -301,7 +315,7 @@ impl Pruner {
             let first = height;
             let mut batch = WriteBatch::new();
             let mut keys = 0;
-            while height <= target && keys < self.batch_keys {
+            while height <= target && keys < batch_keys {
                 let keep_header = height % self.epoch_length == 0;
                 keys += self
                     .blocks
@@ -322,9 +336,7 @@ impl Pruner {
             report.to = last;
             report.batches += 1;
             progress(last - from + 1, total);
-            if self.rest {
-                std::thread::sleep(batch_started.elapsed().saturating_mul(REST_FACTOR));
-            }
+            pace.after_batch(keys, batch_started.elapsed());
         }
         if self.compact_after {
             self.compact(target)?;
@@ -359,21 +371,39 @@ impl Pruner {
 /// Runs `pruner` until `token` is cancelled: wakes on each commit (`wake`) or every second,
 /// and prunes whatever `window` makes due. Errors are logged and retried a minute later:
 /// a failed batch changed nothing, so the next attempt starts where the last batch ended.
-pub fn run(pruner: Pruner, window: Option<Window>, wake: Receiver<()>, token: CancellationToken) {
-    run_observed(pruner, window, wake, token, &mut |_, _| {});
+pub fn run(pruner: Pruner, window: Option<Window>, wake: Wakeups, token: CancellationToken) {
+    run_observed(pruner, window, wake, token, Pacing::Commits, &mut |_, _| {});
+}
+
+/// How the background pruner paces its batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pacing {
+    /// Between commits ([`CommitPaced`]): what a node does.
+    #[default]
+    Commits,
+    /// Resting after each batch only ([`Resting`]): `keel bench prune --pacing rest`, to
+    /// compare.
+    Resting,
 }
 
 /// [`run`], telling `observe` each finished pass and how long it took (benchmarks).
 pub fn run_observed(
     pruner: Pruner,
     window: Option<Window>,
-    wake: Receiver<()>,
+    wake: Wakeups,
     token: CancellationToken,
+    pacing: Pacing,
     observe: &mut dyn FnMut(&PassReport, Duration),
 ) {
     let mut retry_at: Option<Instant> = None;
+    let mut commit_paced = CommitPaced::new(&wake);
+    let mut resting = Resting;
+    let pace: &mut dyn Pace = match pacing {
+        Pacing::Commits => &mut commit_paced,
+        Pacing::Resting => &mut resting,
+    };
     loop {
-        match wake.recv_timeout(Duration::from_secs(1)) {
+        match wake.rx.recv_timeout(Duration::from_secs(1)) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
@@ -396,7 +426,7 @@ pub fn run_observed(
         };
         let stop = || token.is_cancelled();
         let started = Instant::now();
-        match pruner.prune_to(target, &stop, &mut |_, _| {}) {
+        match pruner.prune_paced(target, &stop, &mut |_, _| {}, pace) {
             Ok(r) if r.finished => {
                 retry_at = None;
                 observe(&r, started.elapsed());
@@ -417,20 +447,203 @@ pub fn run_observed(
     }
 }
 
-/// The sending half of the commit wake-up: never blocks (a wake-up already queued is enough).
+/// The sending half of the commit wake-up: never blocks (a wake-up already queued is
+/// enough). Each wake-up also records when the commit happened ([`CommitClock`]).
 #[derive(Clone, Debug)]
-pub struct Wake(SyncSender<()>);
+pub struct Wake {
+    tx: SyncSender<()>,
+    clock: Arc<CommitClock>,
+}
+
+/// The receiving half: the wake-ups and the commit times they recorded.
+#[derive(Debug)]
+pub struct Wakeups {
+    rx: Receiver<()>,
+    clock: Arc<CommitClock>,
+}
 
 impl Wake {
     /// A wake-up channel.
-    pub fn channel() -> (Wake, Receiver<()>) {
+    pub fn channel() -> (Wake, Wakeups) {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        (Wake(tx), rx)
+        let clock = Arc::new(CommitClock::new());
+        (
+            Wake {
+                tx,
+                clock: clock.clone(),
+            },
+            Wakeups { rx, clock },
+        )
     }
 
-    /// Wakes the pruner.
+    /// A block was just committed: wakes the pruner.
     pub fn wake(&self) {
-        let _ = self.0.try_send(());
+        self.clock.record();
+        let _ = self.tx.try_send(());
+    }
+}
+
+/// When the last commit happened and the usual interval between commits (a moving average
+/// over about eight), shared lock-free between the committing thread and the pruner.
+#[derive(Debug)]
+pub struct CommitClock {
+    base: Instant,
+    /// Nanoseconds from `base` to the last commit, plus one (0: none yet).
+    last: AtomicU64,
+    /// The average interval, nanoseconds (0: unknown).
+    interval: AtomicU64,
+}
+
+impl CommitClock {
+    fn new() -> CommitClock {
+        CommitClock {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+            interval: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    fn record(&self) {
+        let now = self.now_ns();
+        let last = self.last.swap(now, Ordering::Relaxed);
+        if last != 0 {
+            let d = now.saturating_sub(last);
+            let old = self.interval.load(Ordering::Relaxed);
+            let avg = if old == 0 {
+                d
+            } else {
+                old.saturating_mul(7).saturating_add(d) / 8
+            };
+            self.interval.store(avg, Ordering::Relaxed);
+        }
+    }
+
+    /// Time since the last commit and the usual interval, once two commits were seen.
+    fn rhythm(&self) -> Option<(Duration, Duration)> {
+        let last = self.last.load(Ordering::Relaxed);
+        let interval = self.interval.load(Ordering::Relaxed);
+        if last == 0 || interval == 0 {
+            return None;
+        }
+        Some((
+            Duration::from_nanos(self.now_ns().saturating_sub(last)),
+            Duration::from_nanos(interval),
+        ))
+    }
+}
+
+/// When a prune batch goes and how many keys it holds.
+pub trait Pace {
+    /// Before a batch: waits as long as the batch should wait and returns its size in keys
+    /// (at most `max_keys`); returns at once once `stop()` holds.
+    fn before_batch(&mut self, max_keys: usize, stop: &dyn Fn() -> bool) -> usize;
+    /// After a batch of `keys` keys that took `took`.
+    fn after_batch(&mut self, keys: usize, took: Duration);
+}
+
+/// As fast as it goes (`keel db prune`, offline: nothing else writes).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unpaced;
+
+impl Pace for Unpaced {
+    fn before_batch(&mut self, max_keys: usize, _stop: &dyn Fn() -> bool) -> usize {
+        max_keys
+    }
+
+    fn after_batch(&mut self, _keys: usize, _took: Duration) {}
+}
+
+/// Rests [`REST_FACTOR`] times as long as each batch took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Resting;
+
+impl Pace for Resting {
+    fn before_batch(&mut self, max_keys: usize, _stop: &dyn Fn() -> bool) -> usize {
+        max_keys
+    }
+
+    fn after_batch(&mut self, _keys: usize, took: Duration) {
+        std::thread::sleep(took.saturating_mul(REST_FACTOR));
+    }
+}
+
+/// Writes between commits: a batch goes only in the first `1 / COMMIT_SHARE` of the usual
+/// interval after a commit, sized from the keys per second of the batches before it to end
+/// there; outside that share it waits for the next commit. With no commit rhythm (before
+/// two commits, or none for twice the usual interval: a stalled chain) it falls back to
+/// [`Resting`].
+#[derive(Debug)]
+pub struct CommitPaced<'a> {
+    wake: &'a Wakeups,
+    /// Keys per second of recent batches (0: none measured yet).
+    rate: f64,
+    /// The last batch went without a rhythm: rest after it.
+    resting: bool,
+}
+
+impl<'a> CommitPaced<'a> {
+    /// Paced by the commits `wake` records.
+    pub fn new(wake: &'a Wakeups) -> CommitPaced<'a> {
+        CommitPaced {
+            wake,
+            rate: 0.0,
+            resting: false,
+        }
+    }
+}
+
+impl Pace for CommitPaced<'_> {
+    fn before_batch(&mut self, max_keys: usize, stop: &dyn Fn() -> bool) -> usize {
+        loop {
+            self.resting = false;
+            let Some((since, interval)) = self.wake.clock.rhythm() else {
+                self.resting = true;
+                return max_keys;
+            };
+            if since > interval.saturating_mul(2) {
+                self.resting = true;
+                return max_keys;
+            }
+            let share = interval / COMMIT_SHARE;
+            if let Some(left) = share.checked_sub(since).filter(|l| !l.is_zero()) {
+                if self.rate <= 0.0 {
+                    return MIN_PACED_KEYS.min(max_keys);
+                }
+                let fits = (self.rate * left.as_secs_f64()) as usize;
+                return fits.clamp(MIN_PACED_KEYS, max_keys.max(MIN_PACED_KEYS));
+            }
+            if stop() {
+                return max_keys;
+            }
+            // Past the share: wait for the next commit (in slices, to notice `stop`), or
+            // until the chain looks stalled.
+            let until_stalled = interval.saturating_mul(2).saturating_sub(since);
+            let slice = until_stalled.clamp(Duration::from_millis(1), Duration::from_millis(250));
+            match self.wake.rx.recv_timeout(slice) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return max_keys,
+            }
+        }
+    }
+
+    fn after_batch(&mut self, keys: usize, took: Duration) {
+        if keys > 0 && !took.is_zero() {
+            let rate = keys as f64 / took.as_secs_f64();
+            self.rate = if self.rate <= 0.0 {
+                rate
+            } else {
+                0.7 * self.rate + 0.3 * rate
+            };
+        }
+        if self.resting {
+            Resting.after_batch(keys, took);
+        }
     }
 }
 
@@ -729,5 +942,89 @@ mod tests {
         assert!(report.finished);
         assert_eq!(report.from, done + 1);
         check_window(&store, &blocks, 20);
+    }
+
+    /// Two commits `interval` apart: the rhythm the pacer reads.
+    fn rhythm(interval: Duration) -> (Wake, Wakeups) {
+        let (wake, rx) = Wake::channel();
+        wake.wake();
+        std::thread::sleep(interval);
+        wake.wake();
+        (wake, rx)
+    }
+
+    #[test]
+    fn without_commits_the_pacer_rests_after_full_batches() {
+        let (_wake, rx) = Wake::channel();
+        let mut pace = CommitPaced::new(&rx);
+        assert_eq!(pace.before_batch(4_000, &|| false), 4_000);
+        let started = Instant::now();
+        pace.after_batch(4_000, Duration::from_millis(20));
+        assert!(
+            started.elapsed() >= Duration::from_millis(40),
+            "rests twice the batch"
+        );
+    }
+
+    #[test]
+    fn right_after_a_commit_a_batch_is_sized_to_end_within_the_share() {
+        let (_wake, rx) = rhythm(Duration::from_millis(600));
+        let mut pace = CommitPaced::new(&rx);
+        // First batch: nothing measured yet, the smallest.
+        assert_eq!(pace.before_batch(1_000_000, &|| false), MIN_PACED_KEYS);
+        // 100,000 keys a second and about 200 ms left of the share: about 20,000 keys.
+        pace.after_batch(1_000, Duration::from_millis(10));
+        let started = Instant::now();
+        let keys = pace.before_batch(1_000_000, &|| false);
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "no wait inside the share"
+        );
+        assert!((MIN_PACED_KEYS..=22_000).contains(&keys), "{keys}");
+        assert!(!pace.resting);
+    }
+
+    #[test]
+    fn past_the_share_a_batch_waits_for_the_next_commit() {
+        let (wake, rx) = rhythm(Duration::from_millis(600));
+        std::thread::sleep(Duration::from_millis(250));
+        let committed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waker = {
+            let committed = committed.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                committed.store(true, Ordering::SeqCst);
+                wake.wake();
+                wake
+            })
+        };
+        let mut pace = CommitPaced::new(&rx);
+        pace.after_batch(1_000, Duration::from_millis(10));
+        let keys = pace.before_batch(4_000, &|| false);
+        assert!(
+            committed.load(Ordering::SeqCst),
+            "the batch went before the next commit"
+        );
+        assert!(!pace.resting);
+        assert!(keys >= MIN_PACED_KEYS);
+        drop(waker.join().unwrap());
+        // A stop request ends the wait at once.
+        let (_wake, rx) = rhythm(Duration::from_millis(600));
+        std::thread::sleep(Duration::from_millis(250));
+        let mut pace = CommitPaced::new(&rx);
+        let started = Instant::now();
+        pace.before_batch(4_000, &|| true);
+        assert!(started.elapsed() < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_stalled_chain_lets_the_pacer_rest_instead() {
+        let (_wake, rx) = rhythm(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(150));
+        let mut pace = CommitPaced::new(&rx);
+        let started = Instant::now();
+        assert_eq!(pace.before_batch(4_000, &|| false), 4_000);
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(pace.resting);
     }
 }
