@@ -71,9 +71,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// Prints one figure, with the peak memory of the run so far.
 fn print_figure(figure: &Figure, json: bool) {
     if json {
-        println!("{}", figure_json(figure, blocks::peak_rss_mib()));
+        outln!("{}", figure_json(figure, blocks::peak_rss_mib()));
     } else {
-        println!("{}", figure_text(figure));
+        outln!("{}", figure_text(figure));
     }
 }
 
@@ -140,7 +140,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
         let max = pass_ms.last().copied().unwrap_or(0.0);
         let ms = |us: f64| (us / 10.0).round() / 100.0;
         if args.json {
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "stage": "prune",
@@ -164,14 +164,14 @@ fn prune(args: &BenchArgs) -> Result<()> {
                 })
             );
             for (height, live, disk) in &run.sizes {
-                println!(
+                outln!(
                     "{}",
                     json!({"stage": "prune-size", "mode": mode, "height": height,
                            "live_sst_bytes": live, "disk_bytes": disk})
                 );
             }
         } else {
-            println!(
+            outln!(
                 "prune {mode:<8} commit p50 {:>7.2} ms p99 {:>7.2} ms  block p50 {:>7.2} ms p99 {:>7.2} ms  {} passes (median {median:.1} ms, max {max:.1} ms)  {:.1} s",
                 run.commit.p50_us / 1e3,
                 run.commit.p99_us / 1e3,
@@ -185,7 +185,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
                 .iter()
                 .map(|(h, live, _)| format!("{h}:{:.1}MiB", *live as f64 / (1 << 20) as f64))
                 .collect();
-            println!(
+            outln!(
                 "prune {mode:<8} live table bytes by height: {}",
                 sizes.join(" ")
             );
@@ -205,7 +205,7 @@ fn reads(args: &BenchArgs) -> Result<()> {
     })?;
     for (phase, l) in [("idle", &figures.idle), ("committing", &figures.committing)] {
         if args.json {
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "stage": "reads",
@@ -220,16 +220,18 @@ fn reads(args: &BenchArgs) -> Result<()> {
                 })
             );
         } else {
-            println!(
+            outln!(
                 "reads {phase:<10} {:>7} state_getAccount  p50 {:>8.0} us  p99 {:>8.0} us  max {:>8.0} us",
                 l.reads, l.p50_us, l.p99_us, l.max_us
             );
         }
     }
     if !args.json {
-        println!(
+        outln!(
             "reads committing: {} blocks of transfers ({} transfers) final in {:.1} s",
-            figures.blocks, figures.txs, figures.seconds
+            figures.blocks,
+            figures.txs,
+            figures.seconds
         );
     }
     Ok(())

@@ -69,29 +69,33 @@ fn db(cmd: DbCommand) -> Result<()> {
             if json {
                 return print_json(&stats);
             }
-            println!("database        {}", stats.path);
-            println!("on disk         {} bytes", stats.disk_bytes);
-            println!("live tables     {} bytes", stats.live_sst_bytes);
-            println!("final height    {}", stats.finalized_height);
-            println!("earliest height {}", stats.earliest_height);
+            outln!("database        {}", stats.path);
+            outln!("on disk         {} bytes", stats.disk_bytes);
+            outln!("live tables     {} bytes", stats.live_sst_bytes);
+            outln!("final height    {}", stats.finalized_height);
+            outln!("earliest height {}", stats.earliest_height);
             let window = match (stats.keep_recent, stats.interval) {
                 (Some(k), Some(i)) => format!(" (keep {k}, every {i})"),
                 _ => String::new(),
             };
-            println!("pruning         {}{window}", stats.pruning_mode);
+            outln!("pruning         {}{window}", stats.pruning_mode);
             let opt = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
-            println!("pruned up to    {}", opt(stats.pruned_height));
-            println!("last target     {}", opt(stats.prune_target));
-            println!("prune due to    {}", opt(stats.prune_due_to));
-            println!();
-            println!(
+            outln!("pruned up to    {}", opt(stats.pruned_height));
+            outln!("last target     {}", opt(stats.prune_target));
+            outln!("prune due to    {}", opt(stats.prune_due_to));
+            outln!("");
+            outln!(
                 "{:<14} {:>16} {:>14}",
-                "column", "live bytes", "keys (est.)"
+                "column",
+                "live bytes",
+                "keys (est.)"
             );
             for c in &stats.columns {
-                println!(
+                outln!(
                     "{:<14} {:>16} {:>14}",
-                    c.name, c.live_sst_bytes, c.estimated_keys
+                    c.name,
+                    c.live_sst_bytes,
+                    c.estimated_keys
                 );
             }
             Ok(())
@@ -99,17 +103,20 @@ fn db(cmd: DbCommand) -> Result<()> {
         DbCommand::Prune { home } => {
             let db = Db::open(&home)?;
             match db.prune(&mut progress_bar("pruning"))? {
-                None => println!("nothing to prune now"),
-                Some(r) => println!(
+                None => outln!("nothing to prune now"),
+                Some(r) => outln!(
                     "pruned heights {}..={}: {} keys deleted in {} batches",
-                    r.from, r.to, r.deleted_keys, r.batches
+                    r.from,
+                    r.to,
+                    r.deleted_keys,
+                    r.batches
                 ),
             }
             Ok(())
         }
         DbCommand::Compact { home } => {
             let (before, after) = Db::open(&home)?.compact()?;
-            println!("live table bytes: {before} before, {after} after");
+            outln!("live table bytes: {before} before, {after} after");
             Ok(())
         }
         DbCommand::Check { home, json } => {
@@ -117,7 +124,7 @@ fn db(cmd: DbCommand) -> Result<()> {
             if json {
                 return print_json(&report);
             }
-            println!(
+            outln!(
                 "ok: heights {}..={}: {} blocks, {} transactions, {} state roots recomputed \
                  ({} distinct nodes), {} epoch-end headers below the window",
                 report.from_height,
@@ -135,7 +142,7 @@ fn db(cmd: DbCommand) -> Result<()> {
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
     let v = serde_json::to_value(v).context("encoding the output")?;
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
     );
@@ -151,25 +158,25 @@ pub fn run(cli: Cli) -> Result<()> {
             chain_id,
         } => {
             let r = home::init(&home, &moniker, &chain_id, now_ms())?;
-            println!("initialised {}", home.display());
-            println!("validator address: {}", r.address);
+            outln!("initialised {}", home.display());
+            outln!("validator address: {}", r.address);
             if r.wrote_genesis {
-                println!("genesis.json: new chain {chain_id:?}, validator funded");
+                outln!("genesis.json: new chain {chain_id:?}, validator funded");
             } else {
-                println!("genesis.json: kept the existing file");
+                outln!("genesis.json: kept the existing file");
             }
             Ok(())
         }
         Command::Keys(KeysCommand::Generate { out }) => {
             let key = Keypair::generate();
             home::write_key_file(&out, &key)?;
-            println!("{}", key.address());
+            outln!("{}", key.address());
             Ok(())
         }
         Command::Keys(KeysCommand::Show { home }) => {
             let key = home::read_key_file(&Home::new(&home).validator_key())?;
-            println!("address:    {}", key.address());
-            println!("public key: {}", key.public());
+            outln!("address:    {}", key.address());
+            outln!("public key: {}", key.public());
             Ok(())
         }
         Command::Start { home } => {
@@ -232,14 +239,14 @@ fn testnet(args: TestnetArgs) -> Result<()> {
         funded: Vec::new(),
         epoch_length: args.epoch_length,
     })?;
-    println!(
+    outln!(
         "keel testnet: {} validators of chain {} in {}",
         nodes.len(),
         args.chain_id,
         args.out.display()
     );
     for n in &nodes {
-        println!(
+        outln!(
             "  {}  validator {}  rpc http://{}  p2p {}",
             n.home.display(),
             n.address,
@@ -247,7 +254,7 @@ fn testnet(args: TestnetArgs) -> Result<()> {
             n.p2p
         );
     }
-    println!("start each with: keel start --home <home>");
+    outln!("start each with: keel start --home <home>");
     Ok(())
 }
 
@@ -306,7 +313,7 @@ fn devnet(args: DevnetArgs) -> Result<()> {
     };
     let genesis = Home::new(&node0.home).load_genesis()?;
 
-    println!(
+    outln!(
         "keel devnet: {} {} of chain {}, block time {} ms, all in this process{}",
         nodes.len(),
         if nodes.len() == 1 {
@@ -319,14 +326,14 @@ fn devnet(args: DevnetArgs) -> Result<()> {
         if fresh { "" } else { " (restarted)" }
     );
     if !fresh && args.validators as usize != nodes.len() {
-        println!(
+        outln!(
             "  note: {} already holds a {}-validator devnet; --validators {} applies to new folders only",
             root.display(),
             nodes.len(),
             args.validators
         );
     }
-    println!(
+    outln!(
         "  folder:  {}{}",
         root.display(),
         if temp.is_some() {
@@ -336,7 +343,7 @@ fn devnet(args: DevnetArgs) -> Result<()> {
         }
     );
     for n in &nodes {
-        println!(
+        outln!(
             "  {}:   RPC {}  validator {}  home {}",
             n.name,
             n.rpc_url(),
@@ -345,26 +352,26 @@ fn devnet(args: DevnetArgs) -> Result<()> {
         );
     }
     let rpc_url = node0.rpc_url();
-    println!("  JSON-RPC: HTTP and WebSocket on each RPC address, GET {rpc_url}/health");
-    println!("  validator keys: <home>/keys/validator.key (each validator's address is funded)");
+    outln!("  JSON-RPC: HTTP and WebSocket on each RPC address, GET {rpc_url}/health");
+    outln!("  validator keys: <home>/keys/validator.key (each validator's address is funded)");
     for (path, address) in &accounts {
-        println!("  funded account: {address} (key {})", path.display());
+        outln!("  funded account: {address} (key {})", path.display());
     }
     let rpc_flag = if rpc_url == DEFAULT_RPC {
         String::new()
     } else {
         format!(" --rpc {rpc_url}")
     };
-    println!("try:");
-    println!("  keel status{rpc_flag}");
-    println!("  keel query validators{rpc_flag}");
+    outln!("try:");
+    outln!("  keel status{rpc_flag}");
+    outln!("  keel query validators{rpc_flag}");
     if let Some((path, from)) = accounts.first() {
         let to = accounts.get(1).map(|(_, a)| *a).unwrap_or(node0.validator);
-        println!(
+        outln!(
             "  keel tx transfer --key {} --to {to} --amount 1000 --wait{rpc_flag}",
             path.display()
         );
-        println!("  keel query account {from} --prove{rpc_flag}");
+        outln!("  keel query account {from} --prove{rpc_flag}");
     }
     crate::logging::init(&node0.config.log)?;
     let result = runtime()?.block_on(run_devnet(&nodes));
@@ -504,7 +511,7 @@ async fn run_devnet(nodes: &[DevnetNode]) -> Result<()> {
             }
         }
     }
-    println!(
+    outln!(
         "devnet running: {} nodes, RPC {}; press Ctrl-C to stop",
         running.len(),
         nodes.first().map(DevnetNode::rpc_url).unwrap_or_default()
@@ -541,7 +548,7 @@ async fn run_devnet(nodes: &[DevnetNode]) -> Result<()> {
             if !stopped_cleanly {
                 bail!("a node did not shut down cleanly (see the log)");
             }
-            println!("devnet stopped");
+            outln!("devnet stopped");
             Ok(())
         }
         Outcome::Failed(i, r) => {
@@ -700,7 +707,7 @@ async fn send(kind: TxKind, opts: TxOptions) -> Result<()> {
             rpc.api().tx_submit(SignedTxHex::from_bytes(&tx.bytes)),
         )
         .await?;
-    println!("submitted {hash}");
+    outln!("submitted {hash}");
     if !opts.wait {
         return Ok(());
     }

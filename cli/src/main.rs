@@ -3,6 +3,28 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+/// `println!` for command output: a reader that went away (`keel keys show | head -1`) ends
+/// the command quietly, as in other Unix tools, instead of a panic on the broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line of command output to stdout; on a closed pipe, exits at once (status 0:
+/// the reader had what it wanted).
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 mod args;
 mod bench;
 mod client;

@@ -632,3 +632,25 @@ fn devnet_runs_four_validators_and_stops_on_sigterm() {
     devnet.terminate();
     eprintln!("devnet test took {:?}", started.elapsed());
 }
+
+/// Output into a pipe whose reader is gone (`keel keys show | head -0`) ends the command
+/// quietly instead of a panic on the broken pipe.
+#[test]
+fn output_to_a_closed_pipe_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let home = home.to_str().unwrap();
+    let out = run_keel(["init", "--home", home]).unwrap();
+    assert!(out.success(), "{out}");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(keel_bin())
+        .args(["keys", "show", "--home", home])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}
