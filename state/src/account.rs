@@ -1,5 +1,6 @@
 //! Accounts: what the state tree stores under each address, and its canonical encoding.
 
+use keel_types::proto::{Account as AccountProto, Unbonding as UnbondingProto};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -31,30 +32,9 @@ pub struct Account {
     pub jailed: bool,
 }
 
-/// Wire form of [`Account`]. Field numbers are part of the state root: never renumber.
-#[derive(Clone, PartialEq, prost::Message)]
-struct AccountProto {
-    #[prost(uint64, tag = "1")]
-    balance: u64,
-    #[prost(uint64, tag = "2")]
-    nonce: u64,
-    #[prost(uint64, tag = "3")]
-    stake: u64,
-    #[prost(message, repeated, tag = "4")]
-    unbonding: Vec<UnbondingProto>,
-    /// Added after the first four; `false` is omitted, so older encodings are unchanged.
-    #[prost(bool, tag = "5")]
-    jailed: bool,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct UnbondingProto {
-    #[prost(uint64, tag = "1")]
-    amount: u64,
-    #[prost(uint64, tag = "2")]
-    release_height: u64,
-}
-
+// The wire form of [`Account`] is `message Account` of `proto/keel/v1/keel.proto`. Field
+// numbers are part of the state root: never renumber. `jailed` was added after the first
+// four; `false` is omitted, so older encodings are unchanged.
 impl Account {
     /// The canonical prost bytes (the value stored in the state tree). Equal accounts always
     /// encode to equal bytes: prost writes fields in tag order and skips zero scalars.

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 
 use keel_types::{Address, Evidence, Hash, PublicKey, Vote};
+// The wire form is `message ValidatorRegistry` of `proto/keel/v1/keel.proto`.
+use keel_types::proto::{RegistryEntry as RegistryEntryProto, ValidatorRegistry as RegistryProto};
 use prost::Message;
 
 use crate::{Error, Result};
@@ -33,20 +35,6 @@ pub struct ValidatorRegistry {
 
 /// Wire form of [`ValidatorRegistry`]: entries strictly ascending by address. Field numbers are
 /// part of the state root: never renumber.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RegistryProto {
-    #[prost(message, repeated, tag = "1")]
-    entries: Vec<RegistryEntryProto>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct RegistryEntryProto {
-    #[prost(bytes = "vec", tag = "1")]
-    address: Vec<u8>,
-    #[prost(bytes = "vec", tag = "2")]
-    public_key: Vec<u8>,
-}
-
 fn corrupt(reason: impl Into<String>) -> Error {
     Error::Corrupt {
         what: "validator registry",
