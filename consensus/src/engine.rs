@@ -1578,6 +1578,26 @@ impl Engine {
                 .collect(),
         };
         self.verified_qcs.insert((hash, round));
+        // The leader after next collects too, for when the next leader is dead. When it forms
+        // the certificate first, the next leader may be alive but short of one vote lost on
+        // the way: hand it the votes, so it proposes on time instead of a timeout later (see
+        // docs/consensus.md, "Liveness when validators fail", 12).
+        let next = self.leader(round.saturating_add(1)).address;
+        if next != self.key.address() {
+            for s in &qc.signatures {
+                out.push(Effect::SendTo {
+                    to: next,
+                    message: ConsensusMessage::Vote(Vote {
+                        chain_id: self.config.chain_id.clone(),
+                        block_hash: hash,
+                        height,
+                        round,
+                        voter: s.validator,
+                        signature: s.signature,
+                    }),
+                });
+            }
+        }
         self.on_qc(now_ms, qc, out);
         self.try_propose(now_ms, out);
     }

@@ -424,13 +424,14 @@ impl Sim {
             height,
             "seed {seed}: node {i} asked for the set of epoch {epoch} before its end was final"
         );
-        // Blocks above the epoch end are the dropped suffix (or blocks of the new epoch synced
-        // early, which the engine dropped too): never final. Forget them for validation, like
-        // the engine does, so a later sync serves them again; keep serving them to peers, which
-        // may need the suffix to use an epoch proof.
+        // Blocks of the old epoch above its end are the dropped suffix: never final. Forget
+        // them for validation, like the engine does, so a later sync serves them again; keep
+        // serving them to peers, which may need the suffix to use an epoch proof. Blocks of
+        // the new epoch synced early stay, as a node's store keeps them: the engine kept them
+        // too and takes them at the switch.
         let node = &mut self.nodes[i];
         for (hash, block) in &node.blocks {
-            if block.header.height > height {
+            if block.header.height > height && block.header.epoch < epoch {
                 node.roots.remove(hash);
             }
         }
@@ -644,7 +645,10 @@ impl Sim {
             Effect::Finalize { hash, height, qc } => self.finalize(i, hash, height, qc),
             Effect::RequestSync { qc } => {
                 // Ask a random other node that holds the certified block for the chain ending
-                // at it (a sync layer asks the peers that have it).
+                // at it (a sync layer asks the peers that have it), down to this node's final
+                // height: blocks this node's store already holds come again too, since the
+                // engine may not have taken them (a node's host passes every block of an
+                // answer to consensus, re-executing only those it lacks).
                 let holders: Vec<usize> = (0..self.nodes.len())
                     .filter(|p| *p != i && self.nodes[*p].blocks.contains_key(&qc.block_hash))
                     .collect();
@@ -652,10 +656,11 @@ impl Sim {
                     return;
                 }
                 let peer = holders[self.world.rng.gen_range(0..holders.len())];
+                let final_height = self.final_height(i);
                 let mut chain = Vec::new();
                 let mut cursor = qc.block_hash;
                 while let Some(b) = self.nodes[peer].blocks.get(&cursor) {
-                    if self.nodes[i].roots.contains_key(&cursor) {
+                    if b.header.height <= final_height {
                         break;
                     }
                     chain.push(b.clone());

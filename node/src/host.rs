@@ -703,8 +703,10 @@ impl Host {
     }
 
     /// Validates synced blocks (oldest first, stopping at the first that does not hold),
-    /// hands them to consensus, then the epoch proof. Whether anything new was applied or
-    /// the answer was consistent (known blocks only).
+    /// hands them to consensus, then the epoch proof. Blocks already held are handed on too,
+    /// without re-execution: consensus may not have taken them when they first came (a block
+    /// of an epoch it had not reached), and it asks for them again. Whether anything new was
+    /// applied or the answer was consistent (known blocks only).
     fn apply_synced(
         &mut self,
         peer: PeerId,
@@ -712,13 +714,21 @@ impl Host {
         proof: Option<EpochProof>,
     ) -> Result<bool> {
         let mut valid = Vec::new();
+        let (mut new, mut first_new) = (0usize, 0u64);
         let mut refused = false;
         for block in blocks {
             if self.ledger.has_block(&block.hash()) {
+                valid.push(block);
                 continue;
             }
             match self.ledger.validate_block(&block) {
-                Ok(()) => valid.push(block),
+                Ok(()) => {
+                    if new == 0 {
+                        first_new = block.header.height;
+                    }
+                    new += 1;
+                    valid.push(block);
+                }
                 Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => {
                     debug!(%peer, height = block.header.height, error = %e, "synced block refused");
@@ -728,14 +738,13 @@ impl Host {
                 }
             }
         }
-        if !valid.is_empty() {
+        if new > 0 {
             self.dirty = true;
             self.network.report(peer, Report::Useful);
-            info!(%peer, blocks = valid.len(), from = valid[0].header.height, "synced blocks");
-            self.observe(HostEvent::Synced {
-                peer,
-                blocks: valid.len(),
-            });
+            info!(%peer, blocks = new, from = first_new, "synced blocks");
+            self.observe(HostEvent::Synced { peer, blocks: new });
+        }
+        if !valid.is_empty() {
             self.input(Input::Synced(valid))?;
         }
         if let Some(proof) = proof {
