@@ -407,10 +407,6 @@ pub struct Engine {
     origin: Origin,
     /// Proposals of the next epoch received before switching to it (bounded).
     next_epoch_proposals: Vec<Proposal>,
-    /// Blocks of the next epoch fetched by sync before switching to it (bounded, in the
-    /// order they came): the host holds them, so they would not be fetched again, and the
-    /// engine would lack them when they become final (and leader reputation with it).
-    next_epoch_blocks: Vec<Block>,
     /// Votes of the next epoch received before switching to it (bounded): a validator that
     /// saw the epoch end a moment earlier votes for its first block and, unlike a timeout,
     /// never sends that vote again.
@@ -521,7 +517,6 @@ impl Engine {
             commit_qc: None,
             stashed_commit: None,
             next_epoch_proposals: Vec::new(),
-            next_epoch_blocks: Vec::new(),
             next_epoch_votes: Vec::new(),
             history: std::collections::VecDeque::new(),
             weights_memo: std::cell::RefCell::new(None),
@@ -847,17 +842,11 @@ impl Engine {
 
     /// Blocks fetched by sync (`Input::Synced`), oldest first.
     fn on_synced(&mut self, now_ms: u64, blocks: Vec<Block>, out: &mut Vec<Effect>) {
-        let mut blocks = blocks.into_iter();
-        while let Some(block) = blocks.next() {
+        for block in blocks {
             let h = &block.header;
-            // Blocks of the next epoch cannot be checked yet: kept until the switch (the host
-            // stores what it fetched, so the same blocks are not fetched again).
-            if h.epoch == self.epoch.saturating_add(1) && round_epoch(h.round) == h.epoch {
-                self.stash_next_epoch_block(block);
-                continue;
-            }
-            // Blocks of any other epoch cannot be checked here: a later epoch is entered
-            // through an `EpochProof` (which sync answers carry).
+            // Blocks of another epoch cannot be checked here: a later epoch is entered through
+            // an `EpochProof` (which sync answers carry), and the host hands the blocks of a
+            // sync answer on again when consensus asks for them after the switch.
             if h.epoch != self.epoch || round_epoch(h.round) != h.epoch {
                 continue;
             }
@@ -869,10 +858,6 @@ impl Engine {
             self.insert_block(&block);
             self.on_qc(now_ms, block.header.parent_qc.clone(), out);
             if self.awaiting_set {
-                // The rest may be of the epoch this one ends: kept for the switch.
-                for rest in blocks.by_ref() {
-                    self.stash_next_epoch_block(rest);
-                }
                 break;
             }
         }
@@ -911,20 +896,6 @@ impl Engine {
             }
         }
         self.try_propose(now_ms, out);
-    }
-
-    /// Keeps a synced block of the next epoch until the switch (bounded, oldest kept).
-    fn stash_next_epoch_block(&mut self, block: Block) {
-        let h = &block.header;
-        if h.epoch == self.epoch.saturating_add(1)
-            && self.next_epoch_blocks.len() < MAX_PENDING_PROPOSALS
-            && !self
-                .next_epoch_blocks
-                .iter()
-                .any(|b| b.hash() == block.hash())
-        {
-            self.next_epoch_blocks.push(block);
-        }
     }
 
     // ----- rounds -----
@@ -2150,10 +2121,6 @@ impl Engine {
         // every round of the old one, so `last_voted_round` needs no reset.
         self.enter_round(now_ms, epoch_base_round(epoch).saturating_add(1), out);
         // Proposals of this epoch that arrived before the switch: judged now, by its set.
-        let synced = std::mem::take(&mut self.next_epoch_blocks);
-        if !synced.is_empty() {
-            self.on_synced(now_ms, synced, out);
-        }
         for p in std::mem::take(&mut self.next_epoch_proposals) {
             self.on_proposal(now_ms, p, out);
         }

@@ -2896,47 +2896,6 @@ fn a_new_tc_goes_to_the_next_leader() {
     assert!(forwarded(&out).is_empty(), "{out:?}");
 }
 
-/// Blocks of the next epoch that sync brings before the switch (the host answers a request
-/// with them and then the epoch proof) are kept and taken at the switch: the host stores
-/// what it fetched and would not fetch them again, and the engine would lack them when they
-/// become final (seed 5155: leader reputation then differed between validators).
-#[test]
-fn synced_blocks_of_the_next_epoch_are_taken_at_the_switch() {
-    let net = Net::new();
-    let end = EpochEnd::new(&net);
-    let set = net.next_set();
-    let f = net.block_in(&set, 1, epoch_1_round(), &end.b2, end.qc_b2.clone(), 40);
-    let qc_f = net.qc(&f, &[1, 2, 3]);
-    let g = net.block_in(&set, 1, epoch_1_round() + 1, &f, qc_f, 41);
-    let node = net.bystander(&[1, 2]);
-    let mut engine = net.started_in_short_epochs(node);
-    EpochEnd::feed(&net, &mut engine, &[&end.b1, &end.b2, &end.s3]);
-    let out = engine.handle(at(6), Input::Synced(vec![f.clone(), g.clone()]));
-    assert!(
-        !out.iter().any(|e| matches!(e, Effect::Certified { .. })),
-        "epoch 1 blocks taken in epoch 0: {out:?}"
-    );
-    let out = message(
-        &mut engine,
-        at(7),
-        ConsensusMessage::EpochProof(end.proof()),
-    );
-    assert!(need_set_position(&out, 1, 2).is_some(), "{out:?}");
-    let out = engine.handle(
-        at(7),
-        Input::NewEpoch {
-            epoch: 1,
-            validators: set,
-        },
-    );
-    assert!(
-        out.iter()
-            .any(|e| matches!(e, Effect::Certified { hash, height: 3, .. } if *hash == f.hash())),
-        "the synced blocks were dropped: {out:?}"
-    );
-    assert_eq!(engine.certified_head(), (3, f.hash()));
-}
-
 /// A proposal whose validation was asked for is taken when the answer comes, even if the
 /// validator moved past its round meanwhile: the host keeps what it validated and would not
 /// fetch it again, so a block the others then certify would be missing here.
