@@ -52,6 +52,24 @@ fn keel(args: &[&str]) -> String {
     out.stdout
 }
 
+/// `keel query account ADDR --height H --prove` verifies the account's proof at `height`.
+fn assert_proves(node: &TestNode, addr: &str, height: u64) {
+    let out = keel(&[
+        "query",
+        "account",
+        addr,
+        "--height",
+        &height.to_string(),
+        "--prove",
+        "--rpc",
+        &node.rpc_url(),
+    ]);
+    assert!(
+        out.contains("\"proof_verified\": true"),
+        "height {height}: {out}"
+    );
+}
+
 fn db_stats(node: &TestNode) -> Value {
     let home = node.home().to_str().unwrap();
     serde_json::from_str(&keel(&["db", "stats", "--home", home, "--json"])).unwrap()
@@ -133,20 +151,7 @@ fn a_node_serves_nothing_below_its_window_and_proves_everything_in_it() {
         (earliest + finalized) / 2,
         finalized,
     ] {
-        let out = keel(&[
-            "query",
-            "account",
-            &addr,
-            "--height",
-            &h.to_string(),
-            "--prove",
-            "--rpc",
-            &node.rpc_url(),
-        ]);
-        assert!(
-            out.contains("\"proof_verified\": true"),
-            "height {h}: {out}"
-        );
+        assert_proves(&node, &addr, h);
         let header = rpc.call("chain_getHeader", json!([h])).unwrap();
         assert_eq!(u64_field(&header, "height").unwrap(), h);
     }
@@ -532,20 +537,7 @@ fn full_size_window_under_load_with_a_kill_mid_pass() {
         (earliest + finalized) / 2,
         finalized,
     ] {
-        let out = keel(&[
-            "query",
-            "account",
-            &addr,
-            "--height",
-            &h.to_string(),
-            "--prove",
-            "--rpc",
-            &node.rpc_url(),
-        ]);
-        assert!(
-            out.contains("\"proof_verified\": true"),
-            "height {h}: {out}"
-        );
+        assert_proves(&node, &addr, h);
     }
     let e = rpc
         .call_err("chain_getBlock", json!([earliest - 1]))
