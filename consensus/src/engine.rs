@@ -608,7 +608,7 @@ impl Engine {
         let weights: Vec<u64> = match self.leader_basis(round) {
             LeaderBasis::InTurn => return None,
             LeaderBasis::Stake => vec![1; self.validators.len()],
-            LeaderBasis::Reputation { .. } => self.with_weights(round, |w| w.to_vec()),
+            LeaderBasis::Reputation { newest } => self.with_weights(round, newest, |w| w.to_vec()),
         };
         Some(
             self.validators
@@ -634,8 +634,8 @@ impl Engine {
         match self.leader_basis(round) {
             LeaderBasis::InTurn => self.validators.leader_in_turn(round),
             LeaderBasis::Stake => self.validators.leader_weighted(round, &[]),
-            LeaderBasis::Reputation { .. } => {
-                self.with_weights(round, |w| self.validators.leader_weighted(round, w))
+            LeaderBasis::Reputation { newest } => {
+                self.with_weights(round, newest, |w| self.validators.leader_weighted(round, w))
             }
         }
     }
@@ -664,15 +664,12 @@ impl Engine {
         }
     }
 
-    /// Runs `f` on the reputation weights of `round` (set order). The window is fixed by its
+    /// Runs `f` on the reputation weights of `round`, whose window's newest block is of
+    /// round `newest` ([`LeaderBasis::Reputation`]), in set order. The window is fixed by its
     /// newest block (history only grows), so the weights are computed once per window, not
     /// once per vote.
-    fn with_weights<T>(&self, round: u64, f: impl FnOnce(&[u64]) -> T) -> T {
+    fn with_weights<T>(&self, round: u64, newest: u64, f: impl FnOnce(&[u64]) -> T) -> T {
         let cutoff = round.saturating_sub(REPUTATION_LAG);
-        let newest = match self.leader_basis(round) {
-            LeaderBasis::Reputation { newest } => newest,
-            _ => return f(&[]),
-        };
         let key = (self.epoch, newest);
         let mut memo = self.weights_memo.borrow_mut();
         if memo.as_ref().map(|m| m.0) != Some(key) {
