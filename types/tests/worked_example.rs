@@ -2,6 +2,8 @@
 //! from the docs gets the same bytes. Each `name: value` line of a documented example is
 //! recomputed here; any drift between the docs and the code fails.
 
+#![allow(clippy::expect_used)]
+
 use std::collections::BTreeMap;
 
 use keel_types::{Hash, Keypair, Transaction, TxKind, Vote};
