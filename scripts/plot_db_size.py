@@ -27,6 +27,8 @@ def load(path):
             if not line.startswith("{"):
                 continue
             row = json.loads(line)
+            if row.get("pair", 1) != 1:
+                continue  # `--pairs N`: the first pair is drawn
             if row.get("stage") == "prune-size":
                 sizes.setdefault(row["mode"], []).append(
                     (row["height"], row["live_sst_bytes"], row["disk_bytes"])

@@ -325,6 +325,22 @@ pub struct BenchArgs {
     /// resting twice as long as each batch took (to compare).
     #[arg(long, value_enum, default_value_t = PruneBenchPacing::Commits)]
     pub pacing: PruneBenchPacing,
+    /// `prune`: CPU priority of RocksDB's compactions: lowest (what a node does) or normal
+    /// (to compare; the setting holds for the whole process).
+    #[arg(long, value_enum, default_value_t = CompactionPriority::Low)]
+    pub compaction_priority: CompactionPriority,
+    /// `prune`: archive / pruning pairs to run, one after the other.
+    #[arg(long, default_value_t = 1)]
+    pub pairs: usize,
+}
+
+/// `keel bench prune --compaction-priority`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompactionPriority {
+    /// Compactions at nice 19.
+    Low,
+    /// Compactions at the process's priority.
+    Normal,
 }
 
 /// `keel bench prune --pacing`.

@@ -130,9 +130,12 @@ fn prune(args: &BenchArgs) -> Result<()> {
             crate::args::PruneBenchPacing::Commits => keel_node::pruner::Pacing::Commits,
             crate::args::PruneBenchPacing::Rest => keel_node::pruner::Pacing::Resting,
         },
+        low_priority_compactions: args.compaction_priority == crate::args::CompactionPriority::Low,
+        pairs: args.pairs,
         dir: args.dir.clone(),
     })?;
-    for run in &runs {
+    for (i, run) in runs.iter().enumerate() {
+        let pair = i / 2 + 1;
         let mode = if run.pruning { "pruning" } else { "archive" };
         let mut pass_ms: Vec<f64> = run.passes.iter().map(|p| p.1 * 1e3).collect();
         pass_ms.sort_by(f64::total_cmp);
@@ -152,6 +155,8 @@ fn prune(args: &BenchArgs) -> Result<()> {
                     "block_time_ms": args.block_time_ms,
                     "no_compaction": args.no_compaction,
                     "pacing": format!("{:?}", args.pacing).to_lowercase(),
+                    "compaction_priority": format!("{:?}", args.compaction_priority).to_lowercase(),
+                    "pair": pair,
                     "commit_p50_ms": ms(run.commit.p50_us),
                     "commit_p99_ms": ms(run.commit.p99_us),
                     "commit_max_ms": ms(run.commit.max_us),
@@ -166,13 +171,13 @@ fn prune(args: &BenchArgs) -> Result<()> {
             for (height, live, disk) in &run.sizes {
                 outln!(
                     "{}",
-                    json!({"stage": "prune-size", "mode": mode, "height": height,
+                    json!({"stage": "prune-size", "mode": mode, "pair": pair, "height": height,
                            "live_sst_bytes": live, "disk_bytes": disk})
                 );
             }
         } else {
             outln!(
-                "prune {mode:<8} commit p50 {:>7.2} ms p99 {:>7.2} ms  block p50 {:>7.2} ms p99 {:>7.2} ms  {} passes (median {median:.1} ms, max {max:.1} ms)  {:.1} s",
+                "prune {pair} {mode:<8} commit p50 {:>7.2} ms p99 {:>7.2} ms  block p50 {:>7.2} ms p99 {:>7.2} ms  {} passes (median {median:.1} ms, max {max:.1} ms)  {:.1} s",
                 run.commit.p50_us / 1e3,
                 run.commit.p99_us / 1e3,
                 run.block.p50_us / 1e3,
@@ -186,10 +191,39 @@ fn prune(args: &BenchArgs) -> Result<()> {
                 .map(|(h, live, _)| format!("{h}:{:.1}MiB", *live as f64 / (1 << 20) as f64))
                 .collect();
             outln!(
-                "prune {mode:<8} live table bytes by height: {}",
+                "prune {pair} {mode:<8} live table bytes by height: {}",
                 sizes.join(" ")
             );
         }
+    }
+    // Each pruning run against the archive run just before it.
+    let mut ratios: Vec<f64> = runs
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [archive, pruning] if archive.commit.p99_us > 0.0 => {
+                Some(pruning.commit.p99_us / archive.commit.p99_us)
+            }
+            _ => None,
+        })
+        .collect();
+    let by_pair = ratios.clone();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+    if args.json {
+        outln!(
+            "{}",
+            json!({"stage": "prune-summary", "pairs": ratios.len(),
+                   "commit_p99_ratios": by_pair, "commit_p99_ratio_median": median})
+        );
+    } else {
+        outln!(
+            "prune commit p99 pruning / archive by pair: {} (median {median:.3})",
+            by_pair
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     Ok(())
 }

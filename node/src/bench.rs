@@ -266,6 +266,12 @@ pub struct PruneBench {
     pub no_compaction: bool,
     /// How the pruner paces its batches (a node paces them by commits).
     pub pacing: crate::pruner::Pacing,
+    /// Run RocksDB's compactions at the lowest CPU priority, as a node does
+    /// ([`RocksConfig::low_priority_compactions`]; process-wide, so compare across processes).
+    pub low_priority_compactions: bool,
+    /// Archive / pruning pairs run one after the other (the machine's speed drifts: compare
+    /// each pruning run with the archive run just before it).
+    pub pairs: usize,
     /// Where the temporary databases go (`None`: the system's temporary folder).
     pub dir: Option<std::path::PathBuf>,
 }
@@ -295,17 +301,25 @@ pub struct PruneRun {
 /// pruner's thread running the window
 /// (`keep_recent`, `interval`) exactly as a node runs it (woken after each commit, resting
 /// between batches). Reports commit and block latency, each prune pass, and the database
-/// size at every interval.
-pub fn prune_while_committing(opts: &PruneBench) -> Result<[PruneRun; 2]> {
-    if opts.txs == 0 || opts.blocks == 0 || opts.interval == 0 || opts.keep_recent < opts.interval {
+/// size at every interval; `pairs` such pairs, archive first in each.
+pub fn prune_while_committing(opts: &PruneBench) -> Result<Vec<PruneRun>> {
+    if opts.txs == 0
+        || opts.blocks == 0
+        || opts.interval == 0
+        || opts.keep_recent < opts.interval
+        || opts.pairs == 0
+    {
         return Err(bench_error(
-            "txs, blocks and interval must be at least 1, keep at least interval",
+            "txs, blocks, interval and pairs must be at least 1, keep at least interval",
         ));
     }
     let (validator, senders, addresses) = accounts(opts.txs);
-    let archive = prune_run(opts, &validator, &senders, &addresses, false)?;
-    let pruning = prune_run(opts, &validator, &senders, &addresses, true)?;
-    Ok([archive, pruning])
+    let mut runs = Vec::with_capacity(opts.pairs.saturating_mul(2));
+    for _ in 0..opts.pairs {
+        runs.push(prune_run(opts, &validator, &senders, &addresses, false)?);
+        runs.push(prune_run(opts, &validator, &senders, &addresses, true)?);
+    }
+    Ok(runs)
 }
 
 fn prune_run(
@@ -330,6 +344,7 @@ fn prune_run(
         &RocksConfig {
             block_cache_size: 64 << 20,
             write_buffer_size: 4 << 20,
+            low_priority_compactions: opts.low_priority_compactions,
             ..RocksConfig::default()
         },
     )?);

@@ -238,6 +238,7 @@ pub(crate) fn rocks_config(config: &Config) -> RocksConfig {
         write_buffer_size: r.write_buffer_size.0,
         max_open_files: r.max_open_files,
         compression: r.compression,
+        ..RocksConfig::default()
     }
 }
 

@@ -113,6 +113,11 @@ pub struct RocksConfig {
     pub max_open_files: i32,
     /// Compression of the table files.
     pub compression: Compression,
+    /// Run RocksDB's compactions at the lowest CPU priority (nice 19), so that block commits,
+    /// flushes and consensus win the CPU over the compactions of pruned ranges. Process-wide
+    /// (RocksDB's compaction threads are shared by every database of the process) and one-way:
+    /// the first store opened with it lowers them for good.
+    pub low_priority_compactions: bool,
 }
 
 impl Default for RocksConfig {
@@ -122,6 +127,7 @@ impl Default for RocksConfig {
             write_buffer_size: 64 * MIB,
             max_open_files: 1000,
             compression: Compression::Lz4,
+            low_priority_compactions: true,
         }
     }
 }
@@ -198,6 +204,9 @@ impl RocksStore {
         let cache = Cache::new_lru_cache(block_cache_size);
 
         let mut db_opts = Options::default();
+        if cfg.low_priority_compactions {
+            db_opts.set_env(&low_priority_compaction_env(path)?);
+        }
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_open_files(cfg.max_open_files);
@@ -350,6 +359,19 @@ fn column_options(cache: &Cache, compression: Compression, write_buffer_size: us
 
 fn engine_error(path: &Path, what: &str, e: rocksdb::Error) -> Error {
     Error::Engine(format!("{what} on database at {}: {e}", path.display()))
+}
+
+/// The process's default RocksDB environment with its compaction pool (the low-priority pool)
+/// lowered to the lowest CPU priority, once. Flushes keep their own pool at normal priority,
+/// so memtables still drain promptly; only the rewriting of table files yields. RocksDB checks
+/// the flag at each compaction, and under sustained full load compactions still run (nice 19
+/// gets a share of the CPU), only later: L0 files then accumulate until RocksDB's own write
+/// slowdown paces the writers.
+fn low_priority_compaction_env(path: &Path) -> Result<rocksdb::Env> {
+    static LOWERED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let mut env = rocksdb::Env::new().map_err(|e| engine_error(path, "create environment", e))?;
+    LOWERED.get_or_init(|| env.lower_thread_pool_cpu_priority());
+    Ok(env)
 }
 
 fn open_error(path: &Path, e: rocksdb::Error) -> Error {
@@ -581,6 +603,7 @@ mod tests {
             write_buffer_size: 3 << 20,
             max_open_files: 321,
             compression: Compression::Zstd,
+            low_priority_compactions: true,
         };
         let store = RocksStore::open(dir.path(), &cfg).unwrap();
         for col in Column::ALL {
@@ -809,6 +832,59 @@ mod tests {
         (0u32..32)
             .flat_map(|j| keel_types::Hash::digest(&[i.to_be_bytes(), j.to_be_bytes()].concat()).0)
             .collect()
+    }
+
+    /// The nice values of this process's threads whose name starts with `prefix`.
+    fn thread_nice_values(prefix: &str) -> Vec<i64> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.trim().starts_with(prefix) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the `(comm)` one start at field 3; nice is field 19.
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            if let Some(nice) = after.split_whitespace().nth(16) {
+                found.push(nice.parse().unwrap());
+            }
+        }
+        found
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn compactions_run_at_the_lowest_cpu_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = small_rocks_config();
+        assert!(config.low_priority_compactions, "the default");
+        let store = RocksStore::open(dir.path(), &config).unwrap();
+        let col = Column::StateNodes;
+        for round in 0u32..2 {
+            let mut b = WriteBatch::new();
+            for i in 0u32..500 {
+                b.put(col, i.to_be_bytes().to_vec(), incompressible(i + round));
+            }
+            store.write(b).unwrap();
+            store.flush().unwrap();
+        }
+        // A compaction runs on the low-priority pool, whose threads lower themselves before
+        // their next job.
+        store
+            .compact_range(col, &0u32.to_be_bytes(), &500u32.to_be_bytes())
+            .unwrap();
+        let low = thread_nice_values("rocksdb:low");
+        assert!(!low.is_empty(), "no compaction threads found");
+        assert!(
+            low.contains(&19),
+            "compaction threads' nice values: {low:?}"
+        );
+        // Flushes keep the process's priority.
+        let high = thread_nice_values("rocksdb:high");
+        assert!(
+            high.iter().all(|n| *n < 19),
+            "flush threads' nice values: {high:?}"
+        );
     }
 
     #[test]
