@@ -581,6 +581,13 @@ impl Engine {
         self.epoch
     }
 
+    /// The certificate that made the final tip final: it certifies the tip's child, whose
+    /// round follows the tip's (the 2-chain). None until the first commit after a start or an
+    /// epoch switch. Light-client proofs of the final tip need it (`keel_node::light`).
+    pub fn commit_qc(&self) -> Option<&QuorumCertificate> {
+        self.commit_qc.as_ref()
+    }
+
     /// The proof that epoch `ended` ended, if this engine saw or built one (to store and
     /// serve to peers syncing across the boundary).
     pub fn epoch_proof(&self, ended: u64) -> Option<&EpochProof> {
@@ -2250,8 +2257,9 @@ impl Engine {
 }
 
 /// Checks a QC against `set`: known validators, no duplicates, more than 2/3 of the stake,
-/// and every signature valid (one batch verification).
-fn check_qc(chain_id: &str, set: &ValidatorSet, qc: &QuorumCertificate) -> bool {
+/// and every signature valid (one batch verification). Light clients check certificates with
+/// it too (`keel_node::light`).
+pub fn check_qc(chain_id: &str, set: &ValidatorSet, qc: &QuorumCertificate) -> bool {
     let msg = Vote::signing_hash(chain_id, &qc.block_hash, qc.height, qc.round);
     let mut seen = HashSet::new();
     let mut stake: u64 = 0;

@@ -28,8 +28,8 @@ mod validators;
 
 pub use cache::{CacheStats, ValidatorSetCache};
 pub use engine::{
-    epoch_end_height, epoch_of_next_block, BuildRequest, Config, Effect, Engine, Input, Origin,
-    SafetyData, TimerKind, Tip, HISTORY_HEADERS,
+    check_qc, epoch_end_height, epoch_of_next_block, BuildRequest, Config, Effect, Engine, Input,
+    Origin, SafetyData, TimerKind, Tip, HISTORY_HEADERS,
 };
 pub use error::{Error, Result};
 pub use validators::{Validator, ValidatorSet};

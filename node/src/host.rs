@@ -819,6 +819,7 @@ impl Host {
                 .pending_blocks()
                 .map(|(h, b)| (*h, b.clone()))
                 .collect(),
+            commit_qc: self.engine.commit_qc().cloned(),
         });
         self.dirty = false;
     }

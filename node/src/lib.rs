@@ -33,6 +33,7 @@ mod error;
 pub mod home;
 pub mod host;
 pub mod ledger;
+pub mod light;
 pub mod mempool;
 pub mod metrics;
 pub mod net;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use keel_types::{Block, Hash};
+use keel_types::{Block, Hash, QuorumCertificate};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
@@ -47,6 +47,9 @@ pub struct ChainView {
     /// Every executed, not yet final block (certified or not), by hash: served to peers
     /// that sync.
     pub blocks: HashMap<Hash, Arc<Block>>,
+    /// The certificate that made the final block final (of its child, in `blocks`), for
+    /// light-client proofs of the newest final height; None until consensus made one.
+    pub commit_qc: Option<QuorumCertificate>,
 }
 
 impl ChainView {
@@ -60,6 +63,7 @@ impl ChainView {
             epoch,
             certified: BTreeMap::new(),
             blocks: HashMap::new(),
+            commit_qc: None,
         }
     }
 
