@@ -183,6 +183,16 @@ pub struct RpcConfig {
     pub max_request_bytes: u32,
     /// Requests per second allowed from one IP address; 0 means unlimited.
     pub requests_per_sec_per_ip: u32,
+    /// Most calls in one JSON-RPC batch.
+    pub max_batch_size: u32,
+    /// Most subscriptions one WebSocket connection may hold.
+    pub max_subscriptions_per_connection: u32,
+    /// Time a client has to send a request's head (idle keep-alive time included) and
+    /// again its body, and most time a response may wait for the client to read it.
+    pub request_timeout_ms: u64,
+    /// Origins whose browser pages may call the server (CORS); `["*"]` for any, empty for
+    /// none (no CORS headers).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for RpcConfig {
@@ -192,6 +202,10 @@ impl Default for RpcConfig {
             max_connections: 1000,
             max_request_bytes: 1_048_576,
             requests_per_sec_per_ip: 0,
+            max_batch_size: 100,
+            max_subscriptions_per_connection: 16,
+            request_timeout_ms: 10_000,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -476,7 +490,23 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("rpc.listen_addr", "JSON-RPC over HTTP and WebSocket."),
     ("rpc.max_connections", "Most simultaneous connections."),
     ("rpc.max_request_bytes", "Largest request body."),
-    ("rpc.requests_per_sec_per_ip", "0 = unlimited."),
+    (
+        "rpc.requests_per_sec_per_ip",
+        "Requests per second from one IP address; 0 = unlimited.",
+    ),
+    ("rpc.max_batch_size", "Most calls in one batch."),
+    (
+        "rpc.max_subscriptions_per_connection",
+        "Most subscriptions per WebSocket connection.",
+    ),
+    (
+        "rpc.request_timeout_ms",
+        "Time to send a request's head, then its body; to read a response.",
+    ),
+    (
+        "rpc.cors_allowed_origins",
+        "Origins allowed by CORS, e.g. [\"https://wallet.example\"]; [\"*\"] = any; [] = no CORS.",
+    ),
     (
         "consensus.block_time_ms",
         "Leader waits this long after the parent before proposing.",
@@ -601,6 +631,7 @@ impl Config {
         const MAX_TIMEOUT_MS: u64 = 3_600_000;
         const MIN_SIZE: ByteSize = ByteSize::mib(1);
         const MIN_MEMORY_LIMIT: ByteSize = ByteSize::mib(64);
+        const MAX_RPC_REQUEST_TIMEOUT_MS: u64 = 600_000;
 
         if self.moniker.trim().is_empty() {
             return fail("moniker", "must not be empty");
@@ -651,6 +682,26 @@ impl Config {
         }
         if self.rpc.max_request_bytes < 1024 {
             return fail("rpc.max_request_bytes", "must be at least 1024");
+        }
+        if self.rpc.max_batch_size == 0 {
+            return fail("rpc.max_batch_size", "must be at least 1");
+        }
+        if self.rpc.max_subscriptions_per_connection == 0 {
+            return fail("rpc.max_subscriptions_per_connection", "must be at least 1");
+        }
+        if !(100..=MAX_RPC_REQUEST_TIMEOUT_MS).contains(&self.rpc.request_timeout_ms) {
+            return fail(
+                "rpc.request_timeout_ms",
+                format!(
+                    "must be between 100 and {MAX_RPC_REQUEST_TIMEOUT_MS} (got {})",
+                    self.rpc.request_timeout_ms
+                ),
+            );
+        }
+        for origin in &self.rpc.cors_allowed_origins {
+            if let Err(message) = crate::rpc::cors::check_origin(origin) {
+                return fail("rpc.cors_allowed_origins", message);
+            }
         }
         if self.rpc.listen_addr == self.metrics.listen_addr && self.rpc.listen_addr.port() != 0 {
             return fail(
@@ -1049,6 +1100,7 @@ listen_addr = "127.0.0.1:26657"
 max_connections = 1000
 max_request_bytes = 1048576
 requests_per_sec_per_ip = 0   # 0 = unlimited
+max_batch_size = 100
 [consensus]
 block_time_ms = 3000
 timeout_ms = 6000
@@ -1361,6 +1413,20 @@ format = "json"
             ),
             ("[rpc]\nmax_connections = 0", "rpc.max_connections"),
             ("[rpc]\nmax_request_bytes = 100", "rpc.max_request_bytes"),
+            ("[rpc]\nmax_batch_size = 0", "rpc.max_batch_size"),
+            (
+                "[rpc]\nmax_subscriptions_per_connection = 0",
+                "rpc.max_subscriptions_per_connection",
+            ),
+            ("[rpc]\nrequest_timeout_ms = 99", "rpc.request_timeout_ms"),
+            (
+                "[rpc]\ncors_allowed_origins = [\"wallet.example\"]",
+                "rpc.cors_allowed_origins",
+            ),
+            (
+                "[rpc]\ncors_allowed_origins = [\"https://wallet.example/\"]",
+                "rpc.cors_allowed_origins",
+            ),
             ("moniker = \"\"", "moniker"),
         ];
         for (text, key) in cases {

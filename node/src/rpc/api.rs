@@ -162,3 +162,12 @@ pub fn params_of(method: &str) -> Option<(&'static str, &'static [Param])> {
         .find(|(name, _)| *name == method)
         .map(|(name, params)| (*name, *params))
 }
+
+/// The subscription methods of [`KeelApi`] and their unsubscribe methods: they need a
+/// WebSocket connection. A unit test checks them against the module.
+pub const SUBSCRIPTION_METHODS: [&str; 4] = [
+    "chain_subscribeNewHeads",
+    "chain_unsubscribeNewHeads",
+    "chain_subscribeFinalizedHeads",
+    "chain_unsubscribeFinalizedHeads",
+];
