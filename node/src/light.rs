@@ -19,9 +19,11 @@
 //! and carries the registry and every registered account with their state proofs, so a client
 //! that trusts the set of epoch 0 (genesis) can walk to any epoch.
 
-use keel_consensus::{check_qc, epoch_end_height, Validator, ValidatorSet};
+pub use keel_consensus::ValidatorSet;
+use keel_consensus::{check_qc, epoch_end_height, Validator};
 use keel_state::{account_key, verify_proof, Account, Proof, ValidatorRegistry};
-use keel_types::{round_epoch, Address, Hash, Header, PublicKey, QuorumCertificate};
+pub use keel_types::Header;
+use keel_types::{round_epoch, Address, Hash, PublicKey, QuorumCertificate};
 use serde::{Deserialize, Serialize};
 
 use crate::context::NodeContext;
@@ -276,6 +278,11 @@ pub fn epoch_change(c: &NodeContext, epoch: u64) -> Result<EpochChange, ProofErr
     })
 }
 
+/// The validator set of epoch 0: genesis's validators (a light client's first trust root).
+pub fn genesis_set(genesis: &keel_genesis::Genesis) -> crate::Result<ValidatorSet> {
+    crate::boot::validator_set(genesis)
+}
+
 /// A set as `chain_getEpochChange` lists it.
 pub fn members(set: &ValidatorSet) -> Vec<SetMember> {
     set.validators()
@@ -286,6 +293,16 @@ pub fn members(set: &ValidatorSet) -> Vec<SetMember> {
             stake: v.stake,
         })
         .collect()
+}
+
+/// The account an [`EpochChange`] lists (None if it proves the account absent).
+pub fn decode_account(proven: &ProvenAccount) -> Result<Option<Account>, String> {
+    proven
+        .proven
+        .value
+        .as_ref()
+        .map(|v| Account::decode(&v.0).map_err(|e| format!("account {}: {e}", proven.address)))
+        .transpose()
 }
 
 /// A set from its listed members (checked: keys match addresses, stakes non-zero).

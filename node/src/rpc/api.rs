@@ -52,6 +52,16 @@ pub trait KeelApi {
     #[method(name = "state_getProof")]
     fn state_get_proof(&self, address: Address, height: Option<Height>) -> RpcResult<AccountProof>;
 
+    /// The proof that the block at `height` (a final height) is final: headers up to a
+    /// certified 2-chain and the certificate of the last (docs/light-client.md).
+    #[method(name = "chain_getFinalityProof")]
+    fn chain_get_finality_proof(&self, height: Height) -> RpcResult<crate::light::FinalityProof>;
+
+    /// The proof that `epoch` (at least 1) has its validator set: the block that decided it,
+    /// final, and the registry and accounts it was read from (docs/light-client.md).
+    #[method(name = "chain_getEpochChange")]
+    fn chain_get_epoch_change(&self, epoch: u64) -> RpcResult<crate::light::EpochChange>;
+
     /// The validator set that signs the block at `height`; without one, the current epoch's.
     #[method(name = "state_getValidators")]
     fn state_get_validators(&self, height: Option<Height>) -> RpcResult<Vec<ValidatorInfo>>;
@@ -149,6 +159,8 @@ pub const PARAMS: &[(&str, &[Param])] = &[
         "state_getProof",
         &[required::<Address>("address"), optional::<Height>("height")],
     ),
+    ("chain_getFinalityProof", &[required::<Height>("height")]),
+    ("chain_getEpochChange", &[required::<u64>("epoch")]),
     ("state_getValidators", &[optional::<Height>("height")]),
     ("tx_submit", &[required::<SignedTxHex>("tx")]),
     ("tx_status", &[required::<Hash>("hash")]),

@@ -148,6 +148,17 @@ impl RpcApi {
     }
 }
 
+fn proof_error(e: crate::light::ProofError) -> ErrorObjectOwned {
+    use crate::light::ProofError;
+    match e {
+        ProofError::Pruned { height, earliest } => pruned(height, earliest),
+        ProofError::NotFinal { .. } | ProofError::Unavailable(_) => {
+            err(codes::NOT_FOUND, e.to_string())
+        }
+        ProofError::Storage(_) => internal(e),
+    }
+}
+
 fn submit_error(e: SubmitError) -> ErrorObjectOwned {
     let code = match &e {
         SubmitError::Malformed(_) => return invalid("tx", e),
@@ -294,6 +305,16 @@ impl KeelApiServer for RpcApi {
             .state
             .account_with_proof(&address, height)
             .map_err(|e| self.state_error(height, e))?;
+        let header = self
+            .chain
+            .blocks
+            .header_at(height)
+            .map_err(|e| self.read_error(height, e))?
+            .ok_or_else(|| self.read_error(height, format!("no header at height {height}")))?;
+        let finality = match height {
+            0 => None,
+            h => Some(crate::light::finality_proof(&self.chain, h).map_err(proof_error)?),
+        };
         Ok(AccountProof {
             state_root: root,
             height,
@@ -304,7 +325,18 @@ impl KeelApiServer for RpcApi {
                 .as_ref()
                 .map(|acc| AccountInfo::new(address, acc, height)),
             proof,
+            epoch: self.chain.epoch_of_height(height),
+            header: HexBytes(header.encode()),
+            finality,
         })
+    }
+
+    fn chain_get_finality_proof(&self, height: Height) -> RpcResult<crate::light::FinalityProof> {
+        crate::light::finality_proof(&self.chain, height.0).map_err(proof_error)
+    }
+
+    fn chain_get_epoch_change(&self, epoch: u64) -> RpcResult<crate::light::EpochChange> {
+        crate::light::epoch_change(&self.chain, epoch).map_err(proof_error)
     }
 
     fn state_get_validators(&self, height: Option<Height>) -> RpcResult<Vec<ValidatorInfo>> {

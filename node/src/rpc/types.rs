@@ -493,6 +493,12 @@ pub struct AccountProof {
     pub account: Option<AccountInfo>,
     /// The proof.
     pub proof: Proof,
+    /// The epoch of `height`: its validator set signs `finality`.
+    pub epoch: u64,
+    /// The protobuf `Header` bytes at `height` (block hash = blake3 of them).
+    pub header: HexBytes,
+    /// The proof that `height` is final (null at height 0, genesis).
+    pub finality: Option<crate::light::FinalityProof>,
 }
 
 /// One entry of `state_getValidators`.
