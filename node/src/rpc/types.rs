@@ -334,6 +334,8 @@ pub struct TxInfo {
     /// `type` and its fields.
     #[serde(flatten)]
     pub kind: TxKindInfo,
+    /// The exact `SignedTx` bytes (hash = blake3 of them): what `tx_submit` took.
+    pub raw: HexBytes,
 }
 
 impl From<&Transaction> for TxInfo {
@@ -350,6 +352,7 @@ impl From<&Transaction> for TxInfo {
                 TxKind::Bond { amount } => TxKindInfo::Bond { amount },
                 TxKind::Unbond { amount } => TxKindInfo::Unbond { amount },
             },
+            raw: HexBytes(tx.bytes.clone()),
         }
     }
 }
@@ -446,6 +449,8 @@ pub struct AccountInfo {
     pub stake: u64,
     /// Unbonding entries, oldest first.
     pub unbonding: Vec<UnbondingInfo>,
+    /// Jailed for a double signature: its stake no longer counts for any validator set.
+    pub jailed: bool,
     /// The height the state was read at.
     pub height: u64,
     /// At the latest final height only: the nonce to use next, counting the sender's
@@ -470,6 +475,7 @@ impl AccountInfo {
                     release_height: u.release_height,
                 })
                 .collect(),
+            jailed: account.jailed,
             height,
             next_nonce: None,
         }
