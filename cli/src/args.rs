@@ -63,6 +63,52 @@ pub enum Command {
     /// Database tools for a stopped node: sizes, an offline prune, a compaction, a check.
     #[command(subcommand)]
     Db(DbCommand),
+    /// Load a network: fund K accounts from a key, send signed transfers at a fixed rate
+    /// (open loop), follow them to finality and report counts, achieved TPS and latency.
+    Loadgen(LoadgenArgs),
+}
+
+/// `keel loadgen` options (docs/benchmarks.md, "Load generator").
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Phases: read the sending accounts (derived from FILE's key and an index, so a rerun reuses \
+them) and top up those short of their share; send for --duration seconds, one transfer per \
+slot of 1/R s whether or not the node keeps up (how late sends run is reported); wait up to \
+--drain-timeout for the accepted transfers to become final (followed with the first \
+endpoint's chain_subscribeFinalizedHeads WebSocket subscription); report.
+
+Example: keel loadgen --key devnet/accounts/account0.key --tps 2000 --duration 30 --json")]
+pub struct LoadgenArgs {
+    /// RPC endpoints, comma-separated (http:// or ws://, same port). Account i submits to
+    /// endpoint i mod N; the first also funds the accounts and follows finality.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', default_value = DEFAULT_RPC)]
+    pub rpc: Vec<String>,
+    /// Key file of the account that funds the sending accounts.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Target rate in transfers per second, held open-loop.
+    #[arg(long, value_name = "R")]
+    pub tps: f64,
+    /// Length of the send phase in seconds.
+    #[arg(long, value_name = "S")]
+    pub duration: u64,
+    /// Sending accounts [default: max(16, R/8): each sends at most 8 tx/s, so its 64-nonce
+    /// window covers 8 s of submit-to-final latency].
+    #[arg(long, value_name = "K")]
+    pub accounts: Option<u32>,
+    /// Amount of each transfer (they go round a ring of the sending accounts).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub amount: u64,
+    /// Fee of each transfer [default: the chain's minimum fee].
+    #[arg(long, value_name = "F")]
+    pub fee: Option<u64>,
+    /// After the send phase, how many seconds to wait for accepted transfers to become final.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Print one JSON object (counts, achieved_tps, latency_ms {p50, p95, p99, ...}) instead
+    /// of the text summary; no progress bar.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `keel db ...` (the node must be stopped: RocksDB locks its folder).
@@ -178,9 +224,20 @@ pub enum QueryCommand {
         /// Height to read at (default: latest).
         #[arg(long)]
         height: Option<u64>,
-        /// Fetch a Merkle proof and verify it against the block header's state root.
+        /// Verify, as a light client: the epoch changes from the trust root to the height's
+        /// epoch, the height's finality under that epoch's validators, and the account's
+        /// Merkle proof against its state root (docs/light-client.md). Prints each step.
         #[arg(long)]
         prove: bool,
+        /// `--prove`: trust genesis's validators from this genesis file (and check the
+        /// node's chain id against it).
+        #[arg(long, requires = "prove", conflicts_with = "trust")]
+        genesis: Option<PathBuf>,
+        /// `--prove`: trust the validator set of EPOCH whose hash is HASH (EPOCH:0xHASH), a
+        /// checkpoint, instead of walking from genesis. Without --genesis or --trust, the
+        /// node's own epoch-0 set is trusted unchecked (and the output says so).
+        #[arg(long, requires = "prove", value_name = "EPOCH:HASH")]
+        trust: Option<String>,
         /// RPC endpoint.
         #[arg(long, default_value = DEFAULT_RPC)]
         rpc: String,
@@ -325,9 +382,9 @@ pub struct BenchArgs {
     /// resting twice as long as each batch took (to compare).
     #[arg(long, value_enum, default_value_t = PruneBenchPacing::Commits)]
     pub pacing: PruneBenchPacing,
-    /// `prune`: CPU priority of RocksDB's compactions: lowest (what a node does) or normal
+    /// `prune`: CPU priority of RocksDB's compactions: normal (what a node does) or lowest
     /// (to compare; the setting holds for the whole process).
-    #[arg(long, value_enum, default_value_t = CompactionPriority::Low)]
+    #[arg(long, value_enum, default_value_t = CompactionPriority::Normal)]
     pub compaction_priority: CompactionPriority,
     /// `prune`: archive / pruning pairs to run, one after the other.
     #[arg(long, default_value_t = 1)]

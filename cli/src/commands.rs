@@ -7,11 +7,11 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use keel_node::config::{ByteSize, Config};
 use keel_node::home::{self, Home};
-use keel_node::rpc::types::{AccountInfo, BlockId, Height, SignedTxHex, TxStatus};
-use keel_node::{verify_proof, Address, Hash, Keypair, Node, Transaction, TxKind};
+use keel_node::rpc::types::{BlockId, Height, SignedTxHex, TxStatus};
+use keel_node::{Address, Hash, Keypair, Node, Transaction, TxKind};
 use serde::Serialize;
 
 use crate::args::{
@@ -194,6 +194,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }),
         Command::Query(q) => runtime()?.block_on(query(q)),
         Command::Tx(t) => runtime()?.block_on(tx(t)),
+        Command::Loadgen(args) => crate::loadgen::run(args),
     }
 }
 
@@ -584,26 +585,24 @@ async fn stop_nodes(nodes: Vec<Node>) -> bool {
     clean
 }
 
-/// What `keel query account --prove` prints once the proof checks out.
-#[derive(Serialize)]
-struct ProvedAccount {
-    account: Option<AccountInfo>,
-    height: u64,
-    state_root: Hash,
-    proof_verified: bool,
-}
-
 async fn query(q: QueryCommand) -> Result<()> {
     match q {
         QueryCommand::Account {
             address,
             height,
             prove,
+            genesis,
+            trust,
             rpc,
         } => {
             let addr: Address = address
                 .parse()
                 .with_context(|| format!("address {address:?}"))?;
+            let trust = match (genesis, trust) {
+                (Some(path), _) => crate::prove::Trust::Genesis(path),
+                (None, Some(checkpoint)) => crate::prove::Trust::parse_checkpoint(&checkpoint)?,
+                (None, None) => crate::prove::Trust::Node,
+            };
             let rpc = Rpc::new(&rpc)?;
             let height = height.map(Height);
             if !prove {
@@ -615,32 +614,13 @@ async fn query(q: QueryCommand) -> Result<()> {
                     .await?;
                 return print_json(&account);
             }
-            let result = rpc
-                .call("state_getProof", rpc.api().state_get_proof(addr, height))
-                .await?;
-            let at = result.height;
-            let header = rpc
-                .call(
-                    "chain_getHeader",
-                    rpc.api().chain_get_header(BlockId::Height(at)),
-                )
-                .await?;
-            let root = header.state_root;
-            verify_proof(
-                &root,
-                &keel_node::account_key(&addr),
-                result.value.as_ref().map(|v| v.0.as_slice()),
-                &result.proof,
-            )
-            .map_err(|e| {
-                anyhow!("proof does NOT verify against the state root of block {at}: {e}")
-            })?;
-            print_json(&ProvedAccount {
-                account: result.account,
-                height: at,
-                state_root: root,
-                proof_verified: true,
-            })
+            let proved = crate::prove::prove_account(&rpc, addr, height, &trust).await?;
+            // Each verdict on stderr as it is human text; stdout stays one JSON object.
+            let mut err = std::io::stderr().lock();
+            for step in &proved.steps {
+                let _ = std::io::Write::write_fmt(&mut err, format_args!("{step}\n"));
+            }
+            print_json(&proved)
         }
         QueryCommand::Block { height, full, rpc } => {
             let rpc = Rpc::new(&rpc)?;

@@ -29,7 +29,9 @@ mod args;
 mod bench;
 mod client;
 mod commands;
+mod loadgen;
 mod logging;
+mod prove;
 
 use std::process::ExitCode;
 

@@ -563,6 +563,7 @@ mod tests {
             nonce: 4,
             fee: u64::MAX,
             kind,
+            raw: HexBytes(vec![5, 6]),
         }
     }
 
@@ -574,6 +575,7 @@ mod tests {
             "chain_id": "c",
             "nonce": 4,
             "fee": u64::MAX.to_string(),
+            "raw": "0x0506",
         });
         if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
             m.extend(e);
@@ -706,7 +708,7 @@ mod tests {
         );
         let expected = json!({
             "address": Address([1; 20]), "balance": "10", "nonce": 2, "stake": "3",
-            "unbonding": [{"amount": "4", "release_height": 9}], "height": 7,
+            "unbonding": [{"amount": "4", "release_height": 9}], "jailed": false, "height": 7,
         });
         round_trips(&account, expected.clone());
         account.next_nonce = Some(5);
