@@ -266,7 +266,7 @@ pub struct PruneBench {
     pub no_compaction: bool,
     /// How the pruner paces its batches (a node paces them by commits).
     pub pacing: crate::pruner::Pacing,
-    /// Run RocksDB's compactions at the lowest CPU priority, as a node does
+    /// Run RocksDB's compactions at the lowest CPU priority (a node does not)
     /// ([`RocksConfig::low_priority_compactions`]; process-wide, so compare across processes).
     pub low_priority_compactions: bool,
     /// Archive / pruning pairs run one after the other (the machine's speed drifts: compare
@@ -287,6 +287,11 @@ pub struct PruneRun {
     pub block: Latency,
     /// Each prune pass: heights pruned and seconds taken.
     pub passes: Vec<(u64, f64)>,
+    /// Once the window is full (heights from `keep_recent + interval` on): commits that
+    /// started while a prune pass ran, and the others. Archive runs have only the others.
+    pub commit_in_pass: Latency,
+    /// The commits of that phase that started while no pass ran.
+    pub commit_between_passes: Latency,
     /// Half-way through every interval, after a flush: (height, live table bytes, bytes on
     /// disk).
     pub sizes: Vec<(u64, u64, u64)>,
@@ -375,6 +380,10 @@ fn prune_run(
 
     let token = tokio_util::sync::CancellationToken::new();
     let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // When each pass ran, to tell the commits that overlapped one from the others.
+    let spans: Arc<std::sync::Mutex<Vec<(Instant, Instant)>>> =
+        Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut commit_starts = Vec::new();
     let (wake, thread) = if pruning {
         let (wake, wake_rx) = Wake::channel();
         let mut pruner = Pruner::new(
@@ -390,6 +399,7 @@ fn prune_run(
             interval: opts.interval,
         };
         let (token, passes, pacing) = (token.clone(), passes.clone(), opts.pacing);
+        let spans = spans.clone();
         let thread = std::thread::Builder::new()
             .name("keel-pruner".into())
             .spawn(move || {
@@ -402,6 +412,10 @@ fn prune_run(
                     &mut |r: &PassReport, took: Duration| {
                         if let Ok(mut p) = passes.lock() {
                             p.push((r.to.saturating_sub(r.from) + 1, took.as_secs_f64()));
+                        }
+                        if let Ok(mut s) = spans.lock() {
+                            let end = Instant::now();
+                            s.push((end.checked_sub(took).unwrap_or(end), end));
                         }
                     },
                 );
@@ -452,6 +466,7 @@ fn prune_run(
         let commit_started = Instant::now();
         ledger.finalize(&hash, &qc)?;
         commits.push(commit_started.elapsed());
+        commit_starts.push((height, commit_started));
         blocks.push(block_started.elapsed());
         if let Some(w) = &wake {
             w.wake();
@@ -476,7 +491,23 @@ fn prune_run(
             .map_err(|_| bench_error("the pruner thread panicked"))?;
     }
     let passes = passes.lock().map(|p| p.clone()).unwrap_or_default();
+    let spans = spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let (mut in_pass, mut between) = (Vec::new(), Vec::new());
+    let full_from = opts.keep_recent.saturating_add(opts.interval);
+    for ((height, started), took) in commit_starts.iter().zip(&commits) {
+        if *height < full_from {
+            continue;
+        }
+        let end = *started + *took;
+        if spans.iter().any(|(s, e)| *started < *e && end > *s) {
+            in_pass.push(*took);
+        } else {
+            between.push(*took);
+        }
+    }
     Ok(PruneRun {
+        commit_in_pass: Latency::of(in_pass),
+        commit_between_passes: Latency::of(between),
         pruning,
         commit: Latency::of(commits),
         block: Latency::of(blocks),

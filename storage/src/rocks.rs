@@ -114,9 +114,12 @@ pub struct RocksConfig {
     /// Compression of the table files.
     pub compression: Compression,
     /// Run RocksDB's compactions at the lowest CPU priority (nice 19), so that block commits,
-    /// flushes and consensus win the CPU over the compactions of pruned ranges. Process-wide
-    /// (RocksDB's compaction threads are shared by every database of the process) and one-way:
-    /// the first store opened with it lowers them for good.
+    /// flushes and consensus would win the CPU over the compactions of pruned ranges.
+    /// Process-wide (RocksDB's compaction threads are shared by every database of the
+    /// process) and one-way: the first store opened with it lowers them for good. Off by
+    /// default: measured with `keel bench prune --compaction-priority`, it did not lower
+    /// commit latency while pruning (docs/benchmarks.md), and under sustained full load it
+    /// would let compactions fall behind.
     pub low_priority_compactions: bool,
 }
 
@@ -127,7 +130,7 @@ impl Default for RocksConfig {
             write_buffer_size: 64 * MIB,
             max_open_files: 1000,
             compression: Compression::Lz4,
-            low_priority_compactions: true,
+            low_priority_compactions: false,
         }
     }
 }
@@ -856,8 +859,10 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn compactions_run_at_the_lowest_cpu_priority() {
         let dir = tempfile::tempdir().unwrap();
-        let config = small_rocks_config();
-        assert!(config.low_priority_compactions, "the default");
+        let config = RocksConfig {
+            low_priority_compactions: true,
+            ..small_rocks_config()
+        };
         let store = RocksStore::open(dir.path(), &config).unwrap();
         let col = Column::StateNodes;
         for round in 0u32..2 {
