@@ -366,6 +366,18 @@ pub struct BenchArgs {
     /// Folder for the temporary database (default: the system's temporary folder).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// `reads`: paced `state_getAccount` calls per second in each phase.
+    #[arg(long, default_value_t = 5_000)]
+    pub reads_per_sec: u64,
+    /// `reads`: read over the node's HTTP server on a loopback port (4 keep-alive
+    /// connections) instead of calling its RPC handler in process.
+    #[arg(long)]
+    pub http: bool,
+    /// `reads`: also run `wrk` (16 connections, closed loop) for this many seconds in each
+    /// phase, for the highest throughput (needs `wrk` installed; give enough --blocks to keep
+    /// committing that long).
+    #[arg(long)]
+    pub wrk_secs: Option<u64>,
     /// `prune`: blocks the pruner keeps.
     #[arg(long, default_value_t = 200)]
     pub keep: u64,

@@ -237,8 +237,10 @@ fn reads(args: &BenchArgs) -> Result<()> {
     let figures = keel_node::bench::reads_while_committing(&keel_node::bench::ReadBench {
         txs: args.txs,
         blocks: args.blocks,
-        reads_per_sec: 2_000,
+        reads_per_sec: args.reads_per_sec,
         block_time_ms: 500,
+        http: args.http,
+        wrk_secs: args.wrk_secs,
         dir: args.dir.clone(),
     })?;
     for (phase, l) in [("idle", &figures.idle), ("committing", &figures.committing)] {
@@ -249,6 +251,8 @@ fn reads(args: &BenchArgs) -> Result<()> {
                     "stage": "reads",
                     "phase": phase,
                     "reads": l.reads,
+                    "transport": if args.http { "http" } else { "in-process" },
+                    "reads_per_sec": args.reads_per_sec,
                     "p50_us": l.p50_us.round(),
                     "p99_us": l.p99_us.round(),
                     "max_us": l.max_us.round(),
@@ -271,6 +275,29 @@ fn reads(args: &BenchArgs) -> Result<()> {
             figures.txs,
             figures.seconds
         );
+    }
+    if let Some((idle, committing)) = &figures.wrk {
+        for (phase, w) in [("idle", idle), ("committing", committing)] {
+            if args.json {
+                outln!(
+                    "{}",
+                    json!({
+                        "stage": "reads-wrk",
+                        "phase": phase,
+                        "connections": w.connections,
+                        "requests_per_sec": w.requests_per_sec.round(),
+                        "p50_ms": w.p50_ms,
+                        "p99_ms": w.p99_ms,
+                        "errors": w.errors,
+                    })
+                );
+            } else {
+                outln!(
+                    "wrk   {phase:<10} {:>9.0} requests/s ({} connections)  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                    w.requests_per_sec, w.connections, w.p50_ms, w.p99_ms, w.errors
+                );
+            }
+        }
     }
     Ok(())
 }

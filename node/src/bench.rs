@@ -50,8 +50,29 @@ pub struct ReadBench {
     pub reads_per_sec: u64,
     /// Block time of the chain.
     pub block_time_ms: u64,
+    /// Read over the node's real HTTP server on a loopback port (keep-alive connections, as
+    /// a client does) instead of calling its RPC handler in process.
+    pub http: bool,
+    /// Also run `wrk` against the HTTP server for this many seconds in each phase: the
+    /// highest throughput, closed loop.
+    pub wrk_secs: Option<u64>,
     /// Where the temporary database goes (`None`: the system's temporary folder).
     pub dir: Option<std::path::PathBuf>,
+}
+
+/// What `wrk` measured in one phase.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WrkFigures {
+    /// Requests answered per second.
+    pub requests_per_sec: f64,
+    /// Median latency, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Connections it kept open.
+    pub connections: u32,
+    /// Socket errors and non-2xx answers.
+    pub errors: u64,
 }
 
 /// Latency of the reads of one phase, in microseconds.
@@ -96,6 +117,8 @@ pub struct ReadFigures {
     pub txs: u64,
     /// How long the second phase took.
     pub seconds: f64,
+    /// `wrk`'s figures with nothing committing, then while committing, if asked for.
+    pub wrk: Option<(WrkFigures, WrkFigures)>,
 }
 
 /// The validator's key, and `n` senders' keys and addresses (made in parallel).
@@ -176,14 +199,34 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
         }
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Error::io("bench runtime", e))?;
     let module = crate::rpc::module(chain.clone());
+    // The real server, when asked for: the node's own `rpc::start` on a loopback port.
+    let server = if opts.http || opts.wrk_secs.is_some() {
+        let config = crate::config::RpcConfig {
+            listen_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..crate::config::RpcConfig::default()
+        };
+        let (handle, addr) = runtime.block_on(crate::rpc::start(
+            chain.clone(),
+            &config,
+            crate::rpc::checks::RpcMetrics::default(),
+        ))?;
+        Some((handle, addr))
+    } else {
+        None
+    };
+    let http_addr = server.as_ref().map(|(_, a)| *a);
     let gap = Duration::from_secs_f64(1.0 / opts.reads_per_sec as f64);
     let mut next_read = 0usize;
     let mut read = |until: &mut dyn FnMut() -> bool| -> Result<Vec<Duration>> {
+        if let (true, Some(addr)) = (opts.http, http_addr) {
+            return http_reads(addr, opts.reads_per_sec, &addresses, until);
+        }
         let mut samples = Vec::new();
         let mut due = Instant::now();
         while !until() {
@@ -205,6 +248,10 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
     // Phase 1: nothing commits (consensus not started).
     let idle_until = Instant::now() + Duration::from_secs(5);
     let idle = read(&mut || Instant::now() >= idle_until)?;
+    let wrk_idle = match (opts.wrk_secs, http_addr) {
+        (Some(secs), Some(addr)) => Some(run_wrk(addr, secs, &addresses)?),
+        _ => None,
+    };
 
     // Phase 2: the host commits the blocks of transfers.
     let start_height = chain.tip().finalized.0;
@@ -217,6 +264,19 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     let done = || chain.mempool().is_empty();
+    // wrk first (the blocks must still be committing when it ends), then the paced reads.
+    let wrk_committing = match (opts.wrk_secs, http_addr) {
+        (Some(secs), Some(addr)) => {
+            let figures = run_wrk(addr, secs, &addresses)?;
+            if done() {
+                return Err(bench_error(&format!(
+                    "the blocks were final before wrk's {secs} s ended: give more --blocks"
+                )));
+            }
+            Some(figures)
+        }
+        _ => None,
+    };
     let committing = read(&mut || done() || Instant::now() >= deadline)?;
     let seconds = started.elapsed().as_secs_f64();
     if !done() {
@@ -239,13 +299,233 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
     thread
         .join()
         .map_err(|_| bench_error("the consensus thread panicked"))??;
+    if let Some((handle, _)) = server {
+        let _ = handle.stop();
+    }
     Ok(ReadFigures {
         idle: Latency::of(idle),
         committing: Latency::of(committing),
         blocks,
         txs: final_txs,
         seconds,
+        wrk: wrk_idle.zip(wrk_committing),
     })
+}
+
+/// Client threads reading over HTTP/1.1 keep-alive connections.
+const HTTP_READERS: usize = 4;
+
+/// `state_getAccount` over HTTP at `rate` calls/s in all (spread over [`HTTP_READERS`]
+/// threads, each on its own keep-alive connection, each on its own schedule) until `until`:
+/// the time from sending each request to its whole answer.
+fn http_reads(
+    addr: std::net::SocketAddr,
+    rate: u64,
+    addresses: &[Address],
+    until: &mut dyn FnMut() -> bool,
+) -> Result<Vec<Duration>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_thread = Duration::from_secs_f64(HTTP_READERS as f64 / rate as f64);
+    let threads: Vec<_> = (0..HTTP_READERS)
+        .map(|t| {
+            let stop = stop.clone();
+            let picks: Vec<Address> = addresses
+                .iter()
+                .skip(t)
+                .step_by(HTTP_READERS)
+                .take(4096)
+                .copied()
+                .collect();
+            std::thread::spawn(move || -> std::result::Result<Vec<Duration>, String> {
+                let mut conn = HttpConn::open(addr)?;
+                let mut samples = Vec::new();
+                // Staggered starts, so the threads' requests interleave.
+                let mut due = Instant::now() + per_thread.mul_f64(t as f64 / HTTP_READERS as f64);
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let address = picks.get(i % picks.len().max(1)).copied().unwrap_or_default();
+                    i = i.wrapping_add(1);
+                    let body = format!(
+                        r#"{{"jsonrpc":"2.0","id":{i},"method":"state_getAccount","params":["{address}"]}}"#
+                    );
+                    let started = Instant::now();
+                    let answer = conn.post(&body)?;
+                    samples.push(started.elapsed());
+                    if !answer.contains("\"result\"") {
+                        return Err(format!("state_getAccount over HTTP: {answer}"));
+                    }
+                    due += per_thread;
+                }
+                Ok(samples)
+            })
+        })
+        .collect();
+    while !until() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in threads {
+        let samples = t
+            .join()
+            .map_err(|_| bench_error("an HTTP reader panicked"))?
+            .map_err(|e| bench_error(&e))?;
+        all.extend(samples);
+    }
+    Ok(all)
+}
+
+/// One HTTP/1.1 keep-alive connection posting JSON-RPC calls.
+struct HttpConn {
+    stream: std::io::BufReader<std::net::TcpStream>,
+    host: String,
+}
+
+impl HttpConn {
+    fn open(addr: std::net::SocketAddr) -> std::result::Result<HttpConn, String> {
+        let stream =
+            std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        Ok(HttpConn {
+            stream: std::io::BufReader::new(stream),
+            host: addr.to_string(),
+        })
+    }
+
+    /// Posts `body`, returns the answer's body.
+    fn post(&mut self, body: &str) -> std::result::Result<String, String> {
+        use std::io::{BufRead, Read, Write};
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
+        );
+        self.stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        let mut length: Option<usize> = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self
+                .stream
+                .read_line(&mut line)
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("the server closed the connection".into());
+            }
+            let trimmed = line.trim_end();
+            if trimmed.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = trimmed.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().ok();
+                }
+            }
+        }
+        let length = length.ok_or("an answer without Content-Length")?;
+        let mut answer = vec![0u8; length];
+        self.stream
+            .read_exact(&mut answer)
+            .map_err(|e| format!("read body: {e}"))?;
+        String::from_utf8(answer).map_err(|e| e.to_string())
+    }
+}
+
+/// Connections `wrk` keeps open, and its threads.
+const WRK_CONNECTIONS: u32 = 16;
+
+/// Runs `wrk` (closed loop, [`WRK_CONNECTIONS`] connections, 2 threads) posting
+/// `state_getAccount` of one funded account for `secs` seconds, and reads its report.
+fn run_wrk(addr: std::net::SocketAddr, secs: u64, addresses: &[Address]) -> Result<WrkFigures> {
+    let address = addresses.first().copied().unwrap_or_default();
+    let script = tempfile::Builder::new()
+        .prefix("keel-wrk-")
+        .suffix(".lua")
+        .tempfile()
+        .map_err(|e| Error::io("wrk script", e))?;
+    let lua = format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+         wrk.body = '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"state_getAccount\",\"params\":[\"{address}\"]}}'\n"
+    );
+    std::fs::write(script.path(), lua).map_err(|e| Error::io("wrk script", e))?;
+    let out = std::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script.path())
+        .arg(format!("http://{addr}/"))
+        .output()
+        .map_err(|e| {
+            bench_error(&format!(
+                "cannot run wrk ({e}): install it (apt-get install wrk) or leave out --wrk-secs"
+            ))
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(bench_error(&format!("wrk failed: {text}")));
+    }
+    parse_wrk(&text).ok_or_else(|| bench_error(&format!("cannot read wrk's report: {text}")))
+}
+
+/// Requests/s, p50 and p99 (milliseconds) and errors from `wrk --latency`'s report.
+fn parse_wrk(text: &str) -> Option<WrkFigures> {
+    let ms = |v: &str| -> Option<f64> {
+        let v = v.trim();
+        let (num, factor) = if let Some(n) = v.strip_suffix("us") {
+            (n, 1e-3)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1.0)
+        } else if let Some(n) = v.strip_suffix('s') {
+            (n, 1e3)
+        } else {
+            (v, 1.0)
+        };
+        num.trim().parse::<f64>().ok().map(|x| x * factor)
+    };
+    let mut figures = WrkFigures {
+        requests_per_sec: 0.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        connections: WRK_CONNECTIONS,
+        errors: 0,
+    };
+    let mut seen = 0;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            figures.requests_per_sec = v.trim().parse().ok()?;
+            seen += 1;
+        } else if let Some(v) = line.strip_prefix("50%") {
+            figures.p50_ms = ms(v)?;
+            seen += 1;
+        } else if let Some(v) = line.strip_prefix("99%") {
+            figures.p99_ms = ms(v)?;
+            seen += 1;
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            figures.errors += v.trim().parse::<u64>().ok()?;
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            figures.errors += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    (seen == 3).then_some(figures)
 }
 
 /// What `keel bench prune` runs.
@@ -515,4 +795,36 @@ fn prune_run(
         sizes,
         seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn wrk_reports_are_read() {
+        let report = "Running 2s test @ http://127.0.0.1:40000/
+  2 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.52ms    1.01ms  21.20ms   93.00%
+  Latency Distribution
+     50%    1.39ms
+     75%    1.64ms
+     90%    2.08ms
+     99%  850.00us
+  22252 requests in 2.01s, 5.24MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  11082.05
+Transfer/sec:      2.61MB
+";
+        let w = parse_wrk(report).unwrap();
+        assert_eq!(w.requests_per_sec, 11082.05);
+        assert_eq!(w.p50_ms, 1.39);
+        assert_eq!(w.p99_ms, 0.85);
+        assert_eq!(w.errors, 7);
+        assert!(parse_wrk("wrk: connection refused").is_none());
+    }
 }
