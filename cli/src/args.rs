@@ -267,6 +267,41 @@ pub enum QueryCommand {
         #[arg(long, default_value = DEFAULT_RPC)]
         rpc: String,
     },
+    /// A block's header by height.
+    Header {
+        /// Block height.
+        height: u64,
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+    /// The proof that a final height is final (docs/light-client.md).
+    Finality {
+        /// A final height, at least 1.
+        height: u64,
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+    /// The proof of an epoch's validator set (docs/light-client.md).
+    EpochChange {
+        /// An epoch that has started, at least 1.
+        epoch: u64,
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
+    /// Any JSON-RPC method, with its parameters as a JSON array or object; prints the result
+    /// (every method of docs/rpc.md, subscriptions aside, is callable this way).
+    Rpc {
+        /// The method, e.g. chain_status.
+        method: String,
+        /// Its parameters: a JSON array (positional) or object (named); none if left out.
+        params: Option<String>,
+        /// RPC endpoint.
+        #[arg(long, default_value = DEFAULT_RPC)]
+        rpc: String,
+    },
 }
 
 /// Options shared by every transaction command.

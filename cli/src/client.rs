@@ -32,6 +32,40 @@ impl Rpc {
         &self.client
     }
 
+    /// Calls `method` with `params` (a JSON array: positional, an object: named, `None`:
+    /// none) and returns the result as JSON.
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        params: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        use jsonrpsee::core::client::ClientT;
+        use jsonrpsee::core::params::{ArrayParams, ObjectParams};
+        match params {
+            None => {
+                self.call(method, self.client.request(method, ArrayParams::new()))
+                    .await
+            }
+            Some(serde_json::Value::Array(items)) => {
+                let mut p = ArrayParams::new();
+                for item in items {
+                    p.insert(item).context("params")?;
+                }
+                self.call(method, self.client.request(method, p)).await
+            }
+            Some(serde_json::Value::Object(fields)) => {
+                let mut p = ObjectParams::new();
+                for (name, value) in fields {
+                    p.insert(&name, value).context("params")?;
+                }
+                self.call(method, self.client.request(method, p)).await
+            }
+            Some(other) => Err(anyhow!(
+                "params must be a JSON array or object, not {other}"
+            )),
+        }
+    }
+
     /// Awaits `request`, a call of `method` through [`Rpc::api`], turning a failure into one
     /// line: the node's error with its code, an unreachable node, or what else went wrong.
     pub async fn call<T>(

@@ -648,6 +648,50 @@ async fn query(q: QueryCommand) -> Result<()> {
                 .await?;
             print_json(&validators)
         }
+        QueryCommand::Header { height, rpc } => {
+            let rpc = Rpc::new(&rpc)?;
+            let header = rpc
+                .call(
+                    "chain_getHeader",
+                    rpc.api().chain_get_header(BlockId::Height(height)),
+                )
+                .await?;
+            print_json(&header)
+        }
+        QueryCommand::Finality { height, rpc } => {
+            let rpc = Rpc::new(&rpc)?;
+            let proof = rpc
+                .call(
+                    "chain_getFinalityProof",
+                    rpc.api().chain_get_finality_proof(Height(height)),
+                )
+                .await?;
+            print_json(&proof)
+        }
+        QueryCommand::EpochChange { epoch, rpc } => {
+            let rpc = Rpc::new(&rpc)?;
+            let change = rpc
+                .call(
+                    "chain_getEpochChange",
+                    rpc.api().chain_get_epoch_change(epoch),
+                )
+                .await?;
+            print_json(&change)
+        }
+        QueryCommand::Rpc {
+            method,
+            params,
+            rpc,
+        } => {
+            let params: Option<serde_json::Value> = params
+                .map(|p| {
+                    serde_json::from_str(&p).with_context(|| format!("params {p:?} are not JSON"))
+                })
+                .transpose()?;
+            let rpc = Rpc::new(&rpc)?;
+            let result = rpc.call_raw(&method, params).await?;
+            print_json(&result)
+        }
     }
 }
 

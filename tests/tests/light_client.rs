@@ -159,6 +159,34 @@ fn proofs_walk_epoch_changes_from_genesis_and_refuse_forgeries() {
     let e = verify_epoch_change(&change, "another-chain", EPOCH_LENGTH, &previous).unwrap_err();
     assert!(e.contains("chain"), "{e}");
 
+    // The same proofs from the CLI, and any method through `keel query rpc`.
+    let url = node.rpc_url();
+    let cli = |args: &[&str]| -> Value {
+        let mut all = vec!["query"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--rpc", url.as_str()]);
+        let out = run_keel(&all).unwrap();
+        assert!(out.success(), "keel {all:?}: {out}");
+        serde_json::from_str(&out.stdout).unwrap()
+    };
+    let finality = cli(&["finality", "3"]);
+    assert_eq!(finality["height"], json!(3), "{finality}");
+    let by_cli = cli(&["epoch-change", &joined.to_string()]);
+    assert_eq!(
+        by_cli["validators_hash"],
+        json!(change.validators_hash.to_string())
+    );
+    let status = cli(&["rpc", "chain_status"]);
+    assert_eq!(status["chain_id"], json!(TEST_CHAIN_ID));
+    let named = cli(&[
+        "rpc",
+        "state_getAccount",
+        &json!({"address": bonder_addr, "height": old}).to_string(),
+    ]);
+    assert_eq!(named["stake"], json!("0"), "{named}");
+    let bad = run_keel(["query", "rpc", "chain_status", "[1,", "--rpc", url.as_str()]).unwrap();
+    assert!(!bad.success() && bad.stderr.contains("not JSON"), "{bad}");
+
     // Epochs not started yet, and genesis, are clear errors.
     let future = rpc
         .call_err("chain_getEpochChange", json!([epoch + 100]))
