@@ -367,13 +367,34 @@ pub enum PruningMode {
     Custom,
 }
 
-/// `[memory]`: the process memory budget.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `[memory]`: the process memory budget and the allocator's knobs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// Soft limit for the whole process (GOMEMLIMIT-style); 0 means none.
     pub limit: ByteSize,
+    /// jemalloc: milliseconds before freed (dirty) pages go back to the OS; 0 = at once,
+    /// -1 = never.
+    pub dirty_decay_ms: i64,
+    /// jemalloc: the same for muzzy pages (the second purge stage).
+    pub muzzy_decay_ms: i64,
+    /// jemalloc purges on its own background threads (else inside allocations).
+    pub background_threads: bool,
 }
+
+impl Default for MemoryConfig {
+    fn default() -> MemoryConfig {
+        MemoryConfig {
+            limit: ByteSize(0),
+            dirty_decay_ms: 10_000,
+            muzzy_decay_ms: 10_000,
+            background_threads: true,
+        }
+    }
+}
+
+/// The longest decay time accepted: one day.
+const MAX_DECAY_MS: i64 = 86_400_000;
 
 /// `[metrics]`: the Prometheus endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -543,6 +564,18 @@ const KEY_DOCS: &[(&str, &str)] = &[
     (
         "memory.limit",
         "Soft limit for the whole process; \"0\" = none.",
+    ),
+    (
+        "memory.dirty_decay_ms",
+        "jemalloc: ms before freed pages go back to the OS; 0 = at once, -1 = never.",
+    ),
+    (
+        "memory.muzzy_decay_ms",
+        "jemalloc: the same for muzzy pages; 0 = at once, -1 = never.",
+    ),
+    (
+        "memory.background_threads",
+        "jemalloc purges on its own threads (true) or inside allocations (false).",
     ),
     ("metrics.listen_addr", "Prometheus metrics at /metrics."),
     (
@@ -801,6 +834,19 @@ impl Config {
             }
         }
 
+        for (key, value) in [
+            ("memory.dirty_decay_ms", self.memory.dirty_decay_ms),
+            ("memory.muzzy_decay_ms", self.memory.muzzy_decay_ms),
+        ] {
+            if !(-1..=MAX_DECAY_MS).contains(&value) {
+                return fail(
+                    key,
+                    format!(
+                        "must be -1 (never), 0 (at once) or up to {MAX_DECAY_MS} (got {value})"
+                    ),
+                );
+            }
+        }
         let limit = self.memory.limit;
         if limit.0 != 0 {
             if limit < MIN_MEMORY_LIMIT {
@@ -1120,6 +1166,8 @@ keep_recent = 100000
 interval = 10000
 [memory]
 limit = "0"                # GOMEMLIMIT-style soft limit for the whole process; "0" = none
+dirty_decay_ms = 10000     # jemalloc: how fast freed memory goes back to the OS (GOGC-like)
+muzzy_decay_ms = 10000
 [metrics]
 listen_addr = "127.0.0.1:26660"
 [log]

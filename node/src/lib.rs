@@ -34,6 +34,7 @@ pub mod home;
 pub mod host;
 pub mod ledger;
 pub mod light;
+pub mod memory;
 pub mod mempool;
 pub mod metrics;
 pub mod net;

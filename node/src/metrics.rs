@@ -81,6 +81,17 @@ pub fn encode_gauge(
     gauge.encode(describe(encoder, name, help, gauge.metric_type())?)
 }
 
+/// Writes gauge `name` with one sample, a value that may be negative.
+pub fn encode_signed_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> fmt::Result {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(describe(encoder, name, help, gauge.metric_type())?)
+}
+
 /// Writes counter `name` (its sample is `name_total`) with `value`, a count that only grows
 /// where it is kept.
 pub fn encode_counter(
@@ -145,10 +156,38 @@ impl Collector for MemoryMetrics {
         )?;
         encode_gauge(
             &mut encoder,
+            "keel_memory_resident_bytes",
+            "Bytes in resident pages mapped by jemalloc (allocated, dirty pages, metadata)",
+            crate::memory::resident_bytes(),
+        )?;
+        encode_gauge(
+            &mut encoder,
             "keel_memory_limit_bytes",
             "Configured memory limit (0 = none)",
             self.limit,
-        )
+        )?;
+        // The allocator knobs in force (`[memory]`, applied at start), read back from jemalloc.
+        if let Ok(s) = crate::memory::current() {
+            encode_signed_gauge(
+                &mut encoder,
+                "keel_memory_dirty_decay_ms",
+                "jemalloc dirty_decay_ms in force (-1 = never)",
+                s.dirty_decay_ms,
+            )?;
+            encode_signed_gauge(
+                &mut encoder,
+                "keel_memory_muzzy_decay_ms",
+                "jemalloc muzzy_decay_ms in force (-1 = never)",
+                s.muzzy_decay_ms,
+            )?;
+            encode_gauge(
+                &mut encoder,
+                "keel_memory_background_threads",
+                "1 if jemalloc purges on background threads",
+                u64::from(s.background_threads),
+            )?;
+        }
+        Ok(())
     }
 }
 

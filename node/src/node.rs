@@ -49,6 +49,15 @@ pub struct Node {
 impl Node {
     /// Starts a node from its home folder with an already loaded configuration.
     pub async fn start(home_dir: &Path, config: Config) -> Result<Node> {
+        match crate::memory::apply(&config.memory) {
+            Ok(s) => tracing::info!(
+                dirty_decay_ms = s.dirty_decay_ms,
+                muzzy_decay_ms = s.muzzy_decay_ms,
+                background_threads = s.background_threads,
+                "allocator settings"
+            ),
+            Err(e) => warn!(error = %e, "cannot apply the [memory] allocator settings"),
+        }
         let home = Home::new(home_dir);
         let genesis = home.load_genesis()?;
         let key = read_key_file(&home.validator_key())?;
@@ -257,7 +266,7 @@ mod tests {
 
     /// `(name, type, help)` of every metric the node exports, as written on `/metrics`: a public
     /// contract (DESIGN.md), names, types and help texts alike.
-    const CONTRACT: [(&str, &str, &str); 20] = [
+    const CONTRACT: [(&str, &str, &str); 24] = [
         ("keel_block_height", "gauge", "Height of the latest certified block."),
         ("keel_finalized_height", "gauge", "Height of the latest final block."),
         ("keel_epoch", "gauge", "Current consensus epoch."),
@@ -269,6 +278,10 @@ mod tests {
         ("keel_rpc_requests", "counter", "JSON-RPC calls by method and result code (0 = success)."),
         ("keel_memory_allocated_bytes", "gauge", "Bytes allocated through jemalloc."),
         ("keel_memory_limit_bytes", "gauge", "Configured memory limit (0 = none)."),
+        ("keel_memory_resident_bytes", "gauge", "Bytes in resident pages mapped by jemalloc (allocated, dirty pages, metadata)."),
+        ("keel_memory_dirty_decay_ms", "gauge", "jemalloc dirty_decay_ms in force (-1 = never)."),
+        ("keel_memory_muzzy_decay_ms", "gauge", "jemalloc muzzy_decay_ms in force (-1 = never)."),
+        ("keel_memory_background_threads", "gauge", "1 if jemalloc purges on background threads."),
         ("keel_db_size_bytes", "gauge", "Database size on disk."),
         ("keel_pruned_height", "gauge", "Blocks at or below this height are pruned."),
         ("keel_prune_duration_seconds", "histogram", "Duration of prune passes (deletes and compaction)."),
