@@ -215,6 +215,7 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
             chain.clone(),
             &config,
             crate::rpc::checks::RpcMetrics::default(),
+            opts.block_time_ms,
         ))?;
         Some((handle, addr))
     } else {

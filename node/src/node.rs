@@ -134,7 +134,13 @@ impl Node {
         )
         .await?;
         tasks.add_task("metrics server", metrics);
-        let (rpc, rpc_addr) = crate::rpc::start(chain.clone(), &config.rpc, rpc_metrics).await?;
+        let (rpc, rpc_addr) = crate::rpc::start(
+            chain.clone(),
+            &config.rpc,
+            rpc_metrics,
+            config.consensus.block_time_ms,
+        )
+        .await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
 
         // The moniker labels consensus logs, so nodes sharing a process (devnet) are told apart.

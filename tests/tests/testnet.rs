@@ -283,3 +283,35 @@ fn sigterm_stops_every_validator_within_ten_seconds_and_keeps_the_peer_book() {
         );
     }
 }
+
+/// `GET /health` is 503 with its reasons on a validator cut off from the others (no peers,
+/// nothing final), and 200 once they run.
+#[test]
+fn health_is_503_for_a_cut_off_validator_and_200_with_its_peers() {
+    let dir = tempfile::Builder::new()
+        .prefix("keel-health-")
+        .tempdir()
+        .unwrap();
+    let mut nodes = testnet_nodes(dir.path(), 2, 100, "keel-health", |_| {}).unwrap();
+    nodes[0].start().unwrap();
+    let rpc = nodes[0].rpc();
+    // 20 block times of 100 ms without a final block, and no peer.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let alone = rpc.get("/health").unwrap();
+    assert_eq!(alone.status, 503, "{alone:?}");
+    let body = alone.json().unwrap();
+    assert_eq!(body["status"], json!("unhealthy"), "{body}");
+    let reasons = body["reasons"].to_string();
+    assert!(reasons.contains("no peers"), "{reasons}");
+    assert!(reasons.contains("no new final block"), "{reasons}");
+
+    nodes[1].start().unwrap();
+    wait_until(
+        "node0 healthy with its peer",
+        Duration::from_secs(30),
+        || rpc.get("/health").map(|h| h.status == 200).unwrap_or(false),
+    );
+    let ok = rpc.get("/health").unwrap().json().unwrap();
+    assert_eq!(ok["status"], json!("ok"), "{ok}");
+    assert_eq!(ok["peers"], json!(1), "{ok}");
+}

@@ -22,7 +22,7 @@ use super::types::{
 /// keel's JSON-RPC methods and subscriptions (docs/rpc.md).
 #[rpc(server, client)]
 pub trait KeelApi {
-    /// Connected peers and whether the node is syncing; `GET /health` answers this.
+    /// Connected peers and whether the node is syncing (`GET /health` says more: [`super::health`]).
     #[method(name = "system_health")]
     fn system_health(&self) -> RpcResult<Health>;
 

@@ -19,6 +19,7 @@ pub mod api;
 pub mod checks;
 pub mod conn;
 pub mod cors;
+pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod server;
@@ -28,7 +29,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jsonrpsee::server::middleware::http::ProxyGetRequestLayer;
 use jsonrpsee::server::middleware::rpc::RpcServiceBuilder;
 use jsonrpsee::server::{
     stop_channel, BatchRequestConfig, Methods, PingConfig, RpcModule, Server, ServerConfig,
@@ -144,15 +144,17 @@ pub fn module(chain: Arc<NodeContext>) -> RpcModule<RpcApi> {
 
 /// Starts the server with the limits of `config`, counting calls into `metrics`; returns
 /// its handle and bound address. See [`listener`] and [`checks`] for what each limit does.
+///
+/// `GET /health` answers from [`health`] (`block_time_ms` sets when a chain counts as stalled).
 pub async fn start(
     chain: Arc<NodeContext>,
     config: &RpcConfig,
     metrics: RpcMetrics,
+    block_time_ms: u64,
 ) -> Result<(ServerHandle, SocketAddr)> {
     let addr = config.listen_addr;
     let rpc_err = |reason: String| Error::Rpc { addr, reason };
-    let health = ProxyGetRequestLayer::new([("/health", "system_health")])
-        .map_err(|e| rpc_err(e.to_string()))?;
+    let health = health::HealthLayer::new(chain.clone(), block_time_ms);
     let limits = CallLimits {
         max_response_bytes: MAX_RESPONSE_BYTES as usize,
         max_batch_size: config.max_batch_size as usize,
@@ -251,7 +253,7 @@ mod tests {
         let metrics = RpcMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let (handle, addr) = start(chain.clone(), &config, metrics).await.unwrap();
+        let (handle, addr) = start(chain.clone(), &config, metrics, 1_000).await.unwrap();
         let client = HttpClientBuilder::default()
             .build(format!("http://{addr}"))
             .unwrap();
