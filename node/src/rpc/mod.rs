@@ -940,19 +940,25 @@ mod tests {
             f
         }
 
-        /// The next frame from the server: opcode and payload.
+        /// The next frame from the server, pings and pongs skipped (the server pings on its
+        /// own schedule, the first time right after the upgrade): opcode and payload.
         async fn recv(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
             use tokio::io::AsyncReadExt;
-            let mut head = [0u8; 2];
-            self.stream.read_exact(&mut head).await?;
-            let len = match head[1] & 0x7f {
-                126 => u64::from(self.stream.read_u16().await?),
-                127 => self.stream.read_u64().await?,
-                n => u64::from(n),
-            };
-            let mut payload = vec![0; len as usize];
-            self.stream.read_exact(&mut payload).await?;
-            Ok((head[0] & 0x0f, payload))
+            loop {
+                let mut head = [0u8; 2];
+                self.stream.read_exact(&mut head).await?;
+                let len = match head[1] & 0x7f {
+                    126 => u64::from(self.stream.read_u16().await?),
+                    127 => self.stream.read_u64().await?,
+                    n => u64::from(n),
+                };
+                let mut payload = vec![0; len as usize];
+                self.stream.read_exact(&mut payload).await?;
+                let opcode = head[0] & 0x0f;
+                if opcode != 9 && opcode != 10 {
+                    return Ok((opcode, payload));
+                }
+            }
         }
     }
 
