@@ -1,16 +1,19 @@
 //! tracing setup from the `[log]` section. `RUST_LOG`, when set and not blank, replaces
-//! `[log] level`; both are parsed by `tracing_subscriber`'s `EnvFilter`.
+//! `[log] level`; both are parsed by `tracing_subscriber`'s `EnvFilter`, and both get the
+//! node's quiet defaults (`libp2p_gossipsub=error`) for the targets they do not name
+//! (`keel_node::config::with_quiet_defaults`).
 
 use anyhow::{anyhow, Result};
-use keel_node::config::{LogConfig, LogFormat};
+use keel_node::config::{with_quiet_defaults, LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber.
 pub fn init(log: &LogConfig) -> Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        // RUST_LOG keeps the meaning it has for any tracing program: EnvFilter's syntax as is.
+        // RUST_LOG keeps the meaning it has for any tracing program, EnvFilter's syntax as
+        // is; only targets it does not name get the quiet defaults.
         Ok(v) if !v.trim().is_empty() => EnvFilter::builder()
-            .parse(&v)
+            .parse(with_quiet_defaults(&v))
             .map_err(|e| anyhow!("RUST_LOG \"{v}\": {e}"))?,
         _ => log.filter()?,
     };

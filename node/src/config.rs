@@ -431,13 +431,49 @@ impl Default for LogConfig {
     }
 }
 
+/// Library targets that log each message they handle when a peer is slow (libp2p-gossipsub
+/// writes a `warn` line per dropped message, the whole message in it), and the level each
+/// logs at unless a directive names it ([`with_quiet_defaults`]). The drops are counted in
+/// `keel_p2p_dropped_messages_total` instead.
+pub const QUIET_TARGETS: &[(&str, &str)] = &[("libp2p_gossipsub", "error")];
+
+/// `directives` (comma-separated, [`EnvFilter`] syntax) with `target=level` of
+/// [`QUIET_TARGETS`] added for each target that no directive names. A directive names a target
+/// when its own target is that target, a module of it (`libp2p_gossipsub::behaviour`) or a
+/// prefix of it (`libp2p`: tracing matches targets by prefix, so `libp2p=debug` asks for
+/// gossipsub's debug lines too); a bare level (`debug`) names none.
+pub fn with_quiet_defaults(directives: &str) -> String {
+    let targets: Vec<&str> = directives
+        .split(',')
+        .filter_map(|d| {
+            let d = d.trim();
+            let end = d.find(['[', '='])?;
+            Some(d[..end].trim()).filter(|t| !t.is_empty())
+        })
+        .collect();
+    let mut out = directives.trim().trim_end_matches(',').to_string();
+    for (quiet, level) in QUIET_TARGETS {
+        let named = targets
+            .iter()
+            .any(|t| quiet.starts_with(t) || t.starts_with(quiet));
+        if !named {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&format!("{quiet}={level}"));
+        }
+    }
+    out
+}
+
 impl LogConfig {
     /// `level` as a tracing filter, each directive parsed by `tracing_subscriber`'s own
     /// parser and the filter built by [`EnvFilter`] itself; errors name `log.level`.
     ///
     /// Blanks around a directive are ignored. Beyond the parser's rules a lone word (no `=`
     /// or `[`) must be a level: the parser would take `"verbose"` for a target to log at
-    /// every level, and so silence everything else.
+    /// every level, and so silence everything else. [`QUIET_TARGETS`] that no directive
+    /// names are added ([`with_quiet_defaults`]).
     pub fn filter(&self) -> Result<EnvFilter> {
         let fail = |message: String| ConfigError::Invalid {
             key: "log.level".to_string(),
@@ -466,7 +502,7 @@ impl LogConfig {
             }
         }
         EnvFilter::builder()
-            .parse(directives.join(","))
+            .parse(with_quiet_defaults(&directives.join(",")))
             .map_err(|e| fail(e.to_string()))
     }
 }
@@ -1524,6 +1560,22 @@ format = "json"
             "invalid value for \"log.level\": \"warning\" is not a level (trace, debug, info, \
              warn, error, off); to name a target give its level too (\"warning=debug\")"
         );
+        // Gossipsub's per-message warnings stay out unless a directive names its target.
+        assert_eq!(
+            filter("info").unwrap().to_string(),
+            "libp2p_gossipsub=error,info"
+        );
+        for named in [
+            "libp2p_gossipsub=warn,info",
+            "libp2p=debug,info",
+            "libp2p_gossipsub::behaviour=debug",
+            "libp2p_gossipsub[publish]=trace",
+        ] {
+            assert!(
+                !filter(named).unwrap().to_string().contains("=error"),
+                "{named}"
+            );
+        }
         let e = filter("info, keel_node[block=debug").unwrap_err();
         assert_eq!(e.key(), Some("log.level"));
         assert!(
@@ -1700,6 +1752,76 @@ format = "json"
                 max_txs: 100_000,
                 max_bytes: 256 << 20
             }
+        );
+    }
+
+    #[test]
+    fn gossipsub_warnings_are_filtered_out_by_default_and_kept_when_asked_for() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::{Context, SubscriberExt};
+
+        /// Records the target of every event that passes the filter.
+        struct Seen(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Seen {
+            fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+                let level = event.metadata().level();
+                let target = event.metadata().target();
+                self.0.lock().unwrap().push(format!("{level} {target}"));
+            }
+        }
+        let logged = |level: &str| {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let filter = LogConfig {
+                level: level.to_string(),
+                ..LogConfig::default()
+            }
+            .filter()
+            .unwrap();
+            let subscriber = tracing_subscriber::registry()
+                .with(filter)
+                .with(Seen(seen.clone()));
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::warn!(target: "libp2p_gossipsub::behaviour", "Send Queue full");
+                tracing::error!(target: "libp2p_gossipsub::behaviour", "broken");
+                tracing::warn!(target: "keel_node::host", "slow");
+            });
+            let lines = seen.lock().unwrap().clone();
+            lines
+        };
+        assert_eq!(
+            logged("info"),
+            ["ERROR libp2p_gossipsub::behaviour", "WARN keel_node::host"]
+        );
+        assert_eq!(
+            logged("debug"),
+            ["ERROR libp2p_gossipsub::behaviour", "WARN keel_node::host"]
+        );
+        assert_eq!(
+            logged("libp2p_gossipsub=warn,info"),
+            [
+                "WARN libp2p_gossipsub::behaviour",
+                "ERROR libp2p_gossipsub::behaviour",
+                "WARN keel_node::host"
+            ]
+        );
+    }
+
+    #[test]
+    fn quiet_defaults_are_added_for_targets_no_directive_names() {
+        assert_eq!(with_quiet_defaults("info"), "info,libp2p_gossipsub=error");
+        assert_eq!(
+            with_quiet_defaults("keel_node=debug,warn,"),
+            "keel_node=debug,warn,libp2p_gossipsub=error"
+        );
+        assert_eq!(with_quiet_defaults("libp2p=debug"), "libp2p=debug");
+        assert_eq!(
+            with_quiet_defaults(" libp2p_gossipsub::behaviour=info"),
+            "libp2p_gossipsub::behaviour=info"
+        );
+        // A span filter with no target names none.
+        assert_eq!(
+            with_quiet_defaults("[block]=debug"),
+            "[block]=debug,libp2p_gossipsub=error"
         );
     }
 }

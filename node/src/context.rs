@@ -361,7 +361,8 @@ impl NodeContext {
     }
 
     /// Checks and admits a transaction: decode, signature, then the mempool's rules against
-    /// the sender's committed account.
+    /// the sender's committed account; then hands it to the network for gossip without
+    /// waiting (libp2p gathers what is submitted into batches, `crate::net::tx_gossip`).
     pub fn submit(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
         let hash = self.admit_from_peer(bytes)?;
         if let Some(net) = self.gossip.get() {

@@ -8,6 +8,7 @@
 //! beyond its own framing (the node decodes at the edge and reports bad senders).
 
 pub mod codec;
+pub mod drops;
 pub mod frame;
 pub mod peers;
 mod service;
@@ -24,13 +25,35 @@ pub enum Channel {
     Consensus,
     /// Slashing evidence.
     Evidence,
-    /// Transaction gossip.
+    /// Transaction gossip (batches of transactions, on a gossipsub instance of their own).
     Transactions,
     /// Block sync requests and responses.
     Sync,
 }
 
 impl Channel {
+    /// Every channel, in priority order.
+    pub const ALL: [Channel; 4] = [
+        Channel::Consensus,
+        Channel::Evidence,
+        Channel::Transactions,
+        Channel::Sync,
+    ];
+
+    /// Its `channel` label in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Consensus => "consensus",
+            Channel::Evidence => "evidence",
+            Channel::Transactions => "transactions",
+            Channel::Sync => "sync",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
     /// Largest message accepted on this channel.
     pub fn max_message_bytes(self) -> usize {
         match self {

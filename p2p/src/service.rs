@@ -1,12 +1,19 @@
-//! The libp2p service: TCP + noise + yamux, gossipsub for broadcast channels, a one-way
-//! direct protocol for messages to one peer, a request/response protocol for status and
-//! block sync, identify and ping; one tokio task owns the swarm.
+//! The libp2p service: TCP + noise + yamux, two gossipsub instances (consensus and evidence on
+//! one, transactions on their own), a one-way direct protocol for messages to one peer, a
+//! request/response protocol for status and block sync, identify and ping; one tokio task owns
+//! the swarm.
 //!
 //! The node talks to it through a [`NetworkHandle`] (bounded command queues: consensus
 //! traffic has its own queue, polled before everything else, so votes and proposals go out
 //! ahead of transaction gossip and sync on a busy link) and receives [`Event`]s on a bounded
 //! channel; when that channel is full, gossip is dropped (gossip is redundant) rather than
 //! growing memory.
+//!
+//! Gossipsub keeps one bounded send queue per peer and instance, and has no priorities between
+//! topics: a queue full of transaction gossip would drop a proposal. Transactions therefore
+//! gossip on a second instance (its own protocol, `/keel/<chain>/txgossip/1.1.0`, its own
+//! per-peer queue, shorter and with shorter deadlines), so they can fill and drop only their
+//! own queue. Every message given up on is counted in [`DropStats`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::codec::FrameCodec;
+use crate::drops::{DropReason, DropStats};
 use crate::frame::{self, ByteStats};
 use crate::peers::{Limits, PeerManager, PeerRecord, Verdict};
 use crate::{Channel, Error, Report, Result};
@@ -37,6 +45,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(500);
 /// How often scores are handed to the [`PeerStore`].
 const SAVE_EVERY_TICKS: u64 = 60;
+/// Gossipsub heartbeat (mesh upkeep, gossip, the report of slow peers' drops).
+const HEARTBEAT: Duration = Duration::from_millis(700);
+/// Messages the transaction gossip instance queues per peer: batches of up to 64 KiB, so at
+/// most 16 MiB per peer, a couple of seconds of heavy traffic.
+const TX_PEER_QUEUE: usize = 256;
+/// How long a transaction batch published here may wait in a peer's queue; a proposal
+/// (consensus instance) keeps gossipsub's 5 s.
+const TX_PUBLISH_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a forwarded transaction batch may wait in a peer's queue.
+const TX_FORWARD_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Where peer scores and bans persist (the node's `peers` column).
 pub trait PeerStore: Send + 'static {
@@ -137,6 +155,7 @@ pub struct NetworkHandle {
     peers: Arc<Mutex<HashSet<PeerId>>>,
     peer_count: Arc<AtomicUsize>,
     stats: Arc<ByteStats>,
+    drops: Arc<DropStats>,
     listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
 }
 
@@ -172,6 +191,17 @@ impl NetworkHandle {
         self.stats.counts()
     }
 
+    /// Messages dropped so far, by channel and reason.
+    pub fn drop_stats(&self) -> &DropStats {
+        &self.drops
+    }
+
+    /// Counts `n` messages on `channel` that a layer above dropped before they reached this
+    /// handle (such as the node's transaction batcher, [`DropReason::BatchFull`]).
+    pub fn count_dropped(&self, channel: Channel, reason: DropReason, n: u64) {
+        self.drops.add(channel, reason, n);
+    }
+
     fn queue(&self, channel: Channel) -> &mpsc::Sender<Command> {
         match channel {
             Channel::Consensus | Channel::Evidence => &self.high,
@@ -186,30 +216,39 @@ impl NetworkHandle {
         })
     }
 
+    /// [`NetworkHandle::push`] of a message: a full queue drops it, counted.
+    fn push_message(&self, channel: Channel, command: Command) -> Result<()> {
+        let result = self.push(channel, command);
+        if let Err(Error::Busy) = result {
+            self.drops.add(channel, DropReason::QueueFull, 1);
+        }
+        result
+    }
+
     /// Broadcasts on `channel` (gossip).
     pub fn publish(&self, channel: Channel, data: Vec<u8>) -> Result<()> {
         crate::check_size(channel, data.len())?;
-        self.push(channel, Command::Publish { channel, data })
+        self.push_message(channel, Command::Publish { channel, data })
     }
 
     /// Sends to one peer (consensus channel).
     pub fn send_direct(&self, peer: PeerId, data: Vec<u8>) -> Result<()> {
         crate::check_size(Channel::Consensus, data.len())?;
-        self.push(Channel::Consensus, Command::Direct { peer, data })
+        self.push_message(Channel::Consensus, Command::Direct { peer, data })
     }
 
     /// Asks `peer` and waits for its answer (status and sync).
     pub async fn request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>> {
         crate::check_size(Channel::Sync, data.len())?;
         let (reply, answer) = oneshot::channel();
-        self.push(Channel::Sync, Command::Request { peer, data, reply })?;
+        self.push_message(Channel::Sync, Command::Request { peer, data, reply })?;
         answer.await.map_err(|_| Error::Closed)?
     }
 
     /// Answers the request `id` of an [`Event::Request`].
     pub fn respond(&self, id: u64, data: Vec<u8>) -> Result<()> {
         crate::check_size(Channel::Sync, data.len())?;
-        self.push(Channel::Sync, Command::Respond { id, data })
+        self.push_message(Channel::Sync, Command::Respond { id, data })
     }
 
     /// Records a peer's behaviour.
@@ -225,7 +264,10 @@ impl NetworkHandle {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// Consensus and evidence.
     gossip: gossipsub::Behaviour,
+    /// Transactions: a queue per peer of their own, so they never crowd out consensus.
+    tx_gossip: gossipsub::Behaviour,
     direct: request_response::Behaviour<FrameCodec>,
     requests: request_response::Behaviour<FrameCodec>,
     identify: identify::Behaviour,
@@ -269,15 +311,7 @@ pub fn start_service(
     let local = key.public().to_peer_id();
     let max = keel_types::MAX_MESSAGE_BYTES + 1024;
 
-    let gossip_config = gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(Duration::from_millis(700))
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        .max_transmit_size(max)
-        .mesh_n(6)
-        .mesh_n_low(2)
-        .mesh_n_high(12)
-        .mesh_outbound_min(1)
-        .flood_publish(true)
+    let gossip_config = gossip_builder(max)
         .build()
         .map_err(other("gossipsub config"))?;
     let mut gossip = gossipsub::Behaviour::new(
@@ -285,10 +319,27 @@ pub fn start_service(
         gossip_config,
     )
     .map_err(other("gossipsub"))?;
+    // Room for the frame's flag byte and gossipsub's envelope (source, sequence number,
+    // signature, key, topic) around the channel's largest payload.
+    let tx_config = gossip_builder(Channel::Transactions.max_message_bytes() + 1024)
+        .protocol_id_prefix(format!("/keel/{}/txgossip", config.chain_id))
+        .connection_handler_queue_len(TX_PEER_QUEUE)
+        .publish_queue_duration(TX_PUBLISH_DEADLINE)
+        .forward_queue_duration(TX_FORWARD_DEADLINE)
+        .build()
+        .map_err(other("transaction gossipsub config"))?;
+    let mut tx_gossip = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        tx_config,
+    )
+    .map_err(other("transaction gossipsub"))?;
     let topics = Topics::new(&config.chain_id);
-    for t in [&topics.consensus, &topics.transactions] {
-        gossip.subscribe(t).map_err(other("subscribe"))?;
-    }
+    gossip
+        .subscribe(&topics.consensus)
+        .map_err(other("subscribe"))?;
+    tx_gossip
+        .subscribe(&topics.transactions)
+        .map_err(other("subscribe"))?;
     let rr_config = request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT);
     let direct_protocol =
         StreamProtocol::try_from_owned(format!("/keel/{}/direct/1", config.chain_id))
@@ -298,6 +349,7 @@ pub fn start_service(
             .map_err(other("protocol name"))?;
     let behaviour = Behaviour {
         gossip,
+        tx_gossip,
         direct: request_response::Behaviour::with_codec(
             FrameCodec { max },
             [(direct_protocol, ProtocolSupport::Full)],
@@ -356,6 +408,7 @@ pub fn start_service(
         peers: Arc::new(Mutex::new(HashSet::new())),
         peer_count: Arc::new(AtomicUsize::new(0)),
         stats: Arc::new(ByteStats::default()),
+        drops: Arc::new(DropStats::default()),
         listen_addrs: Arc::new(Mutex::new(Vec::new())),
     };
     let service = Service {
@@ -376,6 +429,22 @@ pub fn start_service(
     Ok((handle, events_rx, task))
 }
 
+/// What both gossipsub instances share: the mesh, flood publishing (a validator's message
+/// reaches every peer at once), signed messages checked strictly, messages up to `max` bytes.
+fn gossip_builder(max: usize) -> gossipsub::ConfigBuilder {
+    let mut builder = gossipsub::ConfigBuilder::default();
+    builder
+        .heartbeat_interval(HEARTBEAT)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .max_transmit_size(max)
+        .mesh_n(6)
+        .mesh_n_low(2)
+        .mesh_n_high(12)
+        .mesh_outbound_min(1)
+        .flood_publish(true);
+    builder
+}
+
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
         libp2p::multiaddr::Protocol::P2p(id) => Some(id),
@@ -392,7 +461,8 @@ impl Topics {
     fn new(chain: &str) -> Topics {
         Topics {
             consensus: gossipsub::IdentTopic::new(format!("keel/{chain}/consensus/1")),
-            transactions: gossipsub::IdentTopic::new(format!("keel/{chain}/txs/1")),
+            // Version 2: the payload is a `TxBatch`, no longer one `SignedTx`.
+            transactions: gossipsub::IdentTopic::new(format!("keel/{chain}/txs/2")),
         }
     }
 
@@ -486,10 +556,22 @@ impl Service {
                 let framed = frame::encode(&data, self.threshold);
                 let (len, compressed) = (framed.len(), frame::is_compressed(&framed));
                 let topic = self.topics.of(channel).clone();
-                match self.swarm.behaviour_mut().gossip.publish(topic, framed) {
+                let behaviour = self.swarm.behaviour_mut();
+                let gossip = match channel {
+                    Channel::Transactions => &mut behaviour.tx_gossip,
+                    _ => &mut behaviour.gossip,
+                };
+                match gossip.publish(topic, framed) {
                     Ok(_) => self.handle.stats.add_sent(len, compressed, data.len()),
-                    // Alone, or a duplicate: nothing sent.
-                    Err(e) => debug!(?channel, error = %e, "gossip not published"),
+                    // Alone, or a duplicate: nothing to send, nothing lost.
+                    Err(
+                        e @ (gossipsub::PublishError::NoPeersSubscribedToTopic
+                        | gossipsub::PublishError::Duplicate),
+                    ) => debug!(?channel, error = %e, "gossip not published"),
+                    Err(e) => {
+                        debug!(?channel, error = %e, "gossip publish failed");
+                        self.handle.drops.add(channel, DropReason::PublishFailed, 1);
+                    }
                 }
             }
             Command::Direct { peer, data } => {
@@ -560,6 +642,49 @@ impl Service {
         }
     }
 
+    /// An event of the gossipsub instance that carries `instance` (consensus or transactions).
+    fn gossip_event(&mut self, instance: Channel, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            } => {
+                // Each instance carries its own topic only; anything else is ignored.
+                let Some(channel) = self
+                    .topics
+                    .channel(&message.topic)
+                    .filter(|c| *c == instance)
+                else {
+                    return;
+                };
+                if let Some(data) = self.unframe(propagation_source, &message.data, channel) {
+                    self.emit(Event::Gossip {
+                        peer: propagation_source,
+                        author: message.source,
+                        channel,
+                        data,
+                    });
+                }
+            }
+            // Reported at each heartbeat: copies for this peer that did not fit its send
+            // queue or expired there (gossipsub logs each at warn; the node's default log
+            // filter keeps gossipsub at error, so this count is where they show).
+            gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            } => {
+                debug!(peer = %peer_id, ?instance, ?failed_messages, "gossip dropped for a slow peer");
+                self.handle.drops.add(
+                    instance,
+                    DropReason::PeerQueueFull,
+                    failed_messages.non_priority as u64,
+                );
+            }
+            _ => {}
+        }
+    }
+
     fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -611,22 +736,19 @@ impl Service {
                 debug!(%peer, %error, "dial failed");
                 self.manager.disconnected(&peer, now_ms());
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
-                propagation_source,
-                message,
-                ..
-            })) => {
-                let Some(channel) = self.topics.channel(&message.topic) else {
-                    return;
-                };
-                if let Some(data) = self.unframe(propagation_source, &message.data, channel) {
-                    self.emit(Event::Gossip {
-                        peer: propagation_source,
-                        author: message.source,
-                        channel,
-                        data,
-                    });
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(event)) => {
+                self.gossip_event(Channel::Consensus, event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::TxGossip(event)) => {
+                self.gossip_event(Channel::Transactions, event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Direct(
+                request_response::Event::OutboundFailure { peer, error, .. },
+            )) => {
+                debug!(%peer, %error, "direct message failed");
+                self.handle
+                    .drops
+                    .add(Channel::Consensus, DropReason::SendFailed, 1);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Direct(request_response::Event::Message {
                 peer,
@@ -709,5 +831,199 @@ impl Service {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn config(seed: u8, persistent: Vec<Multiaddr>) -> Config {
+        Config {
+            chain_id: "p2p-test".into(),
+            secret: [seed; 32],
+            listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+            persistent_peers: persistent,
+            seeds: vec![],
+            limits: Limits {
+                max_peers: 10,
+                target_peers: 5,
+                inbound_per_sec: 10,
+            },
+            compression_threshold_bytes: 1024,
+            store: None,
+        }
+    }
+
+    fn listen_addr(h: &NetworkHandle) -> Multiaddr {
+        for _ in 0..250 {
+            if let Some(a) = h.listen_addrs().first() {
+                return format!("{a}/p2p/{}", h.local_peer_id()).parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no listen address");
+    }
+
+    /// Bytes zstd cannot shrink (xorshift), so big messages stay big on the wire.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Publishes, waiting while the node's queue to the p2p task is full.
+    async fn publish(h: &NetworkHandle, channel: Channel, data: Vec<u8>) {
+        loop {
+            match h.publish(channel, data.clone()) {
+                Err(Error::Busy) => tokio::time::sleep(Duration::from_millis(1)).await,
+                other => return other.unwrap(),
+            }
+        }
+    }
+
+    /// Publishes on `channel` until `events` shows one arrived (the peer's subscription is
+    /// known), then drains what is left.
+    async fn until_gossip_flows(
+        h: &NetworkHandle,
+        events: &mut mpsc::Receiver<Event>,
+        channel: Channel,
+    ) {
+        tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                let _ = h.publish(channel, b"hello".to_vec());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while let Ok(e) = events.try_recv() {
+                    if matches!(e, Event::Gossip { channel: c, .. } if c == channel) {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("gossip flows");
+    }
+
+    /// A peer stops reading (its runtime's only thread is blocked) while this node publishes
+    /// far more transaction gossip than a peer's send queue holds, then a few consensus
+    /// messages. Gossipsub queues per peer and per instance with no priorities between topics:
+    /// with both channels on one instance the consensus messages found the queue full of
+    /// transactions and were dropped. On their own instance they wait in a queue of their own
+    /// and all arrive once the peer reads again; the transaction copies that did not fit are
+    /// counted as drops.
+    #[test]
+    fn transaction_gossip_filling_a_slow_peers_queue_drops_no_consensus_message() {
+        const FREEZE: Duration = Duration::from_secs(4);
+        const CONSENSUS: usize = 20;
+        let a_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        // One worker thread: blocking it stops everything of B, its connections included.
+        let b_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (b, mut b_events) = {
+            let _enter = b_runtime.enter();
+            start(config(2, vec![])).unwrap()
+        };
+        let b_addr = listen_addr(&b);
+        let (a, mut a_events) = {
+            let _enter = a_runtime.enter();
+            start(config(1, vec![b_addr])).unwrap()
+        };
+
+        a_runtime.block_on(async {
+            until_gossip_flows(&a, &mut b_events, Channel::Consensus).await;
+            until_gossip_flows(&a, &mut b_events, Channel::Transactions).await;
+            // B's events are read from here on, as they come (its event queue never fills).
+            let (seen_tx, mut seen) = mpsc::unbounded_channel();
+            let reader = tokio::spawn(async move {
+                while let Some(e) = b_events.recv().await {
+                    if let Event::Gossip {
+                        channel: Channel::Consensus,
+                        data,
+                        ..
+                    } = e
+                    {
+                        let _ = seen_tx.send(data);
+                    }
+                }
+            });
+            tokio::spawn(async move { while a_events.recv().await.is_some() {} });
+
+            b_runtime.spawn(async { std::thread::sleep(FREEZE) });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let frozen_at = Instant::now();
+            // Big batches fill the socket buffers and the stream's window, then more
+            // messages than gossipsub's default per-peer queue (5,000) holds.
+            for n in 0..64 {
+                publish(&a, Channel::Transactions, noise(n, 60_000)).await;
+            }
+            for n in 0..6_000 {
+                publish(&a, Channel::Transactions, noise(1_000 + n, 200)).await;
+            }
+            let wanted: BTreeSet<Vec<u8>> = (0..CONSENSUS)
+                .map(|i| format!("proposal {i}").into_bytes())
+                .collect();
+            for m in &wanted {
+                publish(&a, Channel::Consensus, m.clone()).await;
+            }
+            assert!(
+                frozen_at.elapsed() < FREEZE,
+                "publishing took longer than the freeze: the test proves nothing"
+            );
+
+            let mut got = BTreeSet::new();
+            tokio::time::timeout(FREEZE + Duration::from_secs(15), async {
+                while got.len() < wanted.len() {
+                    got.insert(seen.recv().await.unwrap());
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of {CONSENSUS} consensus messages arrived; drops: {:?}",
+                    got.len(),
+                    a.drop_stats().series()
+                )
+            });
+            assert_eq!(got, wanted);
+
+            // Gossipsub reports the transaction copies it dropped at its next heartbeat.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while a
+                    .drop_stats()
+                    .get(Channel::Transactions, DropReason::PeerQueueFull)
+                    == 0
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .expect("dropped transaction gossip is counted");
+            for reason in [DropReason::PeerQueueFull, DropReason::PublishFailed] {
+                assert_eq!(a.drop_stats().get(Channel::Consensus, reason), 0);
+            }
+            reader.abort();
+        });
+        drop(a);
+        drop(b);
+        a_runtime.shutdown_background();
+        b_runtime.shutdown_background();
     }
 }

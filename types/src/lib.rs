@@ -16,6 +16,7 @@ mod message;
 mod peer;
 pub mod proto;
 mod tx;
+mod tx_batch;
 mod vote;
 
 pub use block::{merkle_root, Block, Header, Receipt, MAX_FAILED_PROPOSERS};
@@ -29,6 +30,7 @@ pub use message::{
 };
 pub use peer::{PeerRequest, PeerResponse, Status, MAX_SYNC_BLOCKS};
 pub use tx::{signing_hash, Transaction, TxKind};
+pub use tx_batch::TxBatch;
 pub use vote::{
     epoch_base_round, round_epoch, QuorumCertificate, Vote, VoteSignature, EPOCH_ROUND_BITS,
 };

@@ -84,5 +84,10 @@ mod tests {
             })),
         };
         assert_eq!(hex::encode(message.encode_to_vec()), "1a021001");
+        let batch = TxBatch {
+            txs: vec![vec![1], vec![2, 3]],
+        };
+        // 1: 01; 1: 02 03 (a repeated bytes field: one tag per entry)
+        assert_eq!(hex::encode(batch.encode_to_vec()), "0a01010a020203");
     }
 }

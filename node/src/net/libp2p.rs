@@ -1,22 +1,27 @@
 //! The libp2p [`Network`]: the `keel-p2p` service, and the node's server task on top of it,
 //! which decodes what peers send at the edge (bad senders lose score), feeds consensus
 //! messages and answers to requests to the host's queue, admits gossiped transactions to the
-//! mempool (in batches of whatever arrived together, their signatures verified in parallel),
-//! answers status and block requests, and keeps the binding of validator keys to peers (from
-//! signed statuses) so votes go straight to the next leader.
+//! mempool (the [`TxBatch`]es that arrived together, every transaction in them checked on its
+//! own, their signatures verified in parallel), answers status and block requests, and keeps
+//! the binding of validator keys to peers (from signed statuses) so votes go straight to the
+//! next leader. Transactions submitted over RPC are gossiped in batches by
+//! [`super::tx_gossip`], whose flusher task the server task owns.
 //!
 //! The network exports what the p2p service counts, read at scrape time from its atomics:
-//! `keel_p2p_bytes_total{direction,compressed}` and `keel_peers`.
+//! `keel_p2p_bytes_total{direction,compressed}`, `keel_p2p_dropped_messages_total{channel,reason}`
+//! and `keel_peers`.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 
+use keel_p2p::drops::DropReason;
 use keel_p2p::frame::ByteCounts;
 use keel_p2p::peers::Limits;
 use keel_p2p::{Event, Multiaddr, NetworkHandle};
-use keel_types::{Address, Hash, Keypair, PeerRequest, PeerResponse, Status};
+use keel_types::{Address, Hash, Keypair, PeerRequest, PeerResponse, Status, TxBatch};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
@@ -25,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::tx_gossip::{self, TxGossip};
 use super::{Channel, Network, PeerId, PeerInfo, Report};
 use crate::config::Config;
 use crate::context::{NodeContext, SubmitError};
@@ -38,9 +44,10 @@ pub fn peer_id(node_key: &Keypair) -> Result<PeerId> {
     keel_p2p::peer_id_of(node_key.secret()).map_err(Error::Network)
 }
 
-/// Most gossiped transactions admitted together: those already queued when one arrives are
-/// verified in one call (parallel batches of `keel_state::SIGNATURE_CHUNK`).
-pub const TX_ADMISSION_BATCH: usize = 256;
+/// Most bytes of gossiped transaction batches admitted together (four full batches, some
+/// 1,700 transfers): the batches already queued when one arrives are verified in one call
+/// (parallel chunks of `keel_state::SIGNATURE_CHUNK`).
+pub const TX_ADMISSION_BYTES: usize = 4 * tx_gossip::MAX_BATCH_BYTES;
 
 /// What the server task learned of each peer.
 #[derive(Default)]
@@ -55,6 +62,8 @@ struct PeerTable {
 #[derive(Clone)]
 pub struct Libp2pNetwork {
     handle: NetworkHandle,
+    /// Transactions submitted here, gathered into batches.
+    txs: TxGossip,
     table: Arc<RwLock<PeerTable>>,
     runtime: tokio::runtime::Handle,
     /// Where answers to requests go: the host's queue.
@@ -67,7 +76,8 @@ impl Libp2pNetwork {
         self.handle.local_peer_id()
     }
 
-    /// Registers `keel_p2p_bytes` and `keel_peers`, read from the p2p service at each scrape.
+    /// Registers `keel_p2p_bytes`, `keel_p2p_dropped_messages` and `keel_peers`, read from the
+    /// p2p service at each scrape.
     pub fn register_metrics(&self, registry: &mut Registry) {
         registry.register_collector(Box::new(P2pMetrics(self.handle.clone())));
     }
@@ -84,13 +94,23 @@ impl fmt::Debug for P2pMetrics {
 
 impl Collector for P2pMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        encode_p2p(&mut encoder, self.0.byte_stats(), self.0.peer_count())
+        encode_p2p(
+            &mut encoder,
+            self.0.byte_stats(),
+            &self.0.drop_stats().series(),
+            self.0.peer_count(),
+        )
     }
 }
 
-/// Writes `keel_p2p_bytes` (wire bytes by direction and compression, counts that only grow)
-/// and `keel_peers`.
-fn encode_p2p(encoder: &mut DescriptorEncoder<'_>, bytes: ByteCounts, peers: usize) -> fmt::Result {
+/// Writes `keel_p2p_bytes` (wire bytes by direction and compression), `keel_p2p_dropped_messages`
+/// (by channel and reason; both counts only grow) and `keel_peers`.
+fn encode_p2p(
+    encoder: &mut DescriptorEncoder<'_>,
+    bytes: ByteCounts,
+    drops: &[(Channel, DropReason, u64)],
+    peers: usize,
+) -> fmt::Result {
     encode_counters(
         encoder,
         "keel_p2p_bytes",
@@ -114,6 +134,21 @@ fn encode_p2p(encoder: &mut DescriptorEncoder<'_>, bytes: ByteCounts, peers: usi
             ),
         ],
     )?;
+    let drops: Vec<([(&str, &str); 2], u64)> = drops
+        .iter()
+        .map(|(channel, reason, n)| {
+            (
+                [("channel", channel.as_str()), ("reason", reason.as_str())],
+                *n,
+            )
+        })
+        .collect();
+    encode_counters(
+        encoder,
+        "keel_p2p_dropped_messages",
+        "Messages the network gave up on, by channel and reason",
+        &drops,
+    )?;
     encode_gauge(encoder, "keel_peers", "Connected peers", peers as u64)
 }
 
@@ -135,6 +170,10 @@ impl Network for Libp2pNetwork {
     }
 
     fn broadcast(&self, channel: Channel, message: Vec<u8>) {
+        if channel == Channel::Transactions {
+            self.txs.push(message);
+            return;
+        }
         if let Err(e) = self.handle.publish(channel, message) {
             debug!(?channel, error = %e, "broadcast not sent");
         }
@@ -222,8 +261,11 @@ pub fn start(
         store: Some(Box::new(chain.records().peer_book())),
     })
     .map_err(Error::Network)?;
+    let txs = TxGossip::new(handle.clone());
+    let flusher = tokio::spawn(tx_gossip::run(txs.clone(), shutdown.clone()));
     let network = Libp2pNetwork {
         handle: handle.clone(),
+        txs,
         table: Arc::new(RwLock::new(PeerTable::default())),
         runtime: tokio::runtime::Handle::current(),
         commands: commands.clone(),
@@ -241,7 +283,7 @@ pub fn start(
         binding,
         genesis_hash,
     };
-    let server = tokio::spawn(server.run(events, shutdown));
+    let server = tokio::spawn(server.run(events, flusher, shutdown));
     Ok(Started {
         network,
         service,
@@ -288,35 +330,40 @@ impl Server {
         }
     }
 
-    /// Admits gossiped transactions together and scores each sender by its own message:
-    /// undecodable or badly signed lowers it, admitted raises it, a mempool refusal (duplicate,
-    /// nonce, fee...) leaves it.
-    async fn admit_transactions(&self, batch: Vec<(PeerId, Vec<u8>)>) {
-        let (peers, items): (Vec<PeerId>, Vec<Vec<u8>>) = batch.into_iter().unzip();
+    /// Admits the transactions of gossiped batches together, each on its own (a bad one is
+    /// refused alone), and scores each relay by its message ([`batch_reports`]).
+    async fn admit_transactions(&self, messages: Vec<(PeerId, Vec<u8>)>) {
+        let (peers, payloads): (Vec<PeerId>, Vec<Vec<u8>>) = messages.into_iter().unzip();
         let chain = self.chain.clone();
-        // Signature checks run on rayon and admission takes the mempool lock: keep both off
-        // the async workers. The loop waits for the verdicts, so admission stays in arrival
-        // order and the next batch forms from what queued meanwhile.
-        let results =
-            match tokio::task::spawn_blocking(move || chain.admit_batch_from_peer(&items)).await {
-                Ok(results) => results,
-                Err(e) => {
-                    warn!(error = %e, "transaction admission failed");
-                    return;
-                }
-            };
-        for (peer, result) in peers.into_iter().zip(results) {
-            match result {
-                Ok(_) => self.net.report(peer, Report::Useful),
-                Err(SubmitError::Malformed(_) | SubmitError::BadSignature) => {
-                    self.net.report(peer, Report::Invalid)
-                }
-                Err(_) => {}
+        // Decoding, signature checks (on rayon) and admission (under the mempool lock) stay
+        // off the async workers. The loop waits for the verdicts, so admission stays in
+        // arrival order and the next round forms from what queued meanwhile.
+        let admitted = tokio::task::spawn_blocking(move || {
+            let (items, spans) = unbatch(&payloads);
+            (spans, chain.admit_batch_from_peer(&items))
+        })
+        .await;
+        let (spans, results) = match admitted {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "transaction admission failed");
+                return;
             }
+        };
+        for (peer, report) in batch_reports(&peers, &spans, &results) {
+            if report == Report::Invalid {
+                debug!(%peer, "invalid transaction gossip");
+            }
+            self.net.report(peer, report);
         }
     }
 
-    async fn run(self, mut events: Receiver<Event>, shutdown: CancellationToken) {
+    async fn run(
+        self,
+        mut events: Receiver<Event>,
+        flusher: JoinHandle<()>,
+        shutdown: CancellationToken,
+    ) {
         let server = Arc::new(self);
         // An event taken from the queue while collecting a batch of transactions: handled next.
         let mut next: Option<Event> = None;
@@ -340,7 +387,7 @@ impl Server {
                     ..
                 } => {
                     let (batch, after) =
-                        drain_transactions((peer, data), &mut events, TX_ADMISSION_BATCH);
+                        drain_transactions((peer, data), &mut events, TX_ADMISSION_BYTES);
                     next = after;
                     server.admit_transactions(batch).await;
                 }
@@ -367,6 +414,9 @@ impl Server {
             }
             server.chain.set_peers(server.net.handle.peer_count());
         }
+        // The flusher holds nothing worth flushing at shutdown (what waits is in the mempool).
+        flusher.abort();
+        let _ = flusher.await;
         debug!("network server stopped");
         // Dropping `events` tells the p2p service to save the peer book and stop.
     }
@@ -446,28 +496,84 @@ impl Server {
     }
 }
 
-/// `first` and the transaction gossip already queued behind it, at most `max` in all, without
-/// waiting. Stops at the first event of another kind and returns it to be handled next, so
-/// events are still handled in arrival order.
+/// `first` and the transaction gossip already queued behind it, without waiting, until the
+/// payloads reach `max_bytes`. Stops at the first event of another kind and returns it to be
+/// handled next, so events are still handled in arrival order.
 fn drain_transactions(
     first: (PeerId, Vec<u8>),
     events: &mut Receiver<Event>,
-    max: usize,
+    max_bytes: usize,
 ) -> (Vec<(PeerId, Vec<u8>)>, Option<Event>) {
+    let mut bytes = first.1.len();
     let mut batch = vec![first];
-    while batch.len() < max {
+    while bytes < max_bytes {
         match events.try_recv() {
             Ok(Event::Gossip {
                 peer,
                 channel: Channel::Transactions,
                 data,
                 ..
-            }) => batch.push((peer, data)),
+            }) => {
+                bytes += data.len();
+                batch.push((peer, data));
+            }
             Ok(other) => return (batch, Some(other)),
             Err(_) => break,
         }
     }
     (batch, None)
+}
+
+/// The transactions of gossiped [`TxBatch`] payloads, in order, and where each payload's
+/// transactions lie among them (`None`: the payload is not a batch).
+fn unbatch(payloads: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Option<Range<usize>>>) {
+    let mut items = Vec::new();
+    let spans = payloads
+        .iter()
+        .map(|payload| {
+            let batch = TxBatch::decode(payload).ok()?;
+            let start = items.len();
+            items.extend(batch.txs);
+            Some(start..items.len())
+        })
+        .collect();
+    (items, spans)
+}
+
+/// What each gossiped batch earns its relay (`peers[i]` relayed the batch whose transactions
+/// are `results[spans[i]]`): `Invalid` when it does not decode, or holds a transaction that
+/// does not decode or whose signature fails (the others in it are admitted all the same);
+/// otherwise `Useful` when it added any transaction to the mempool; otherwise nothing (a
+/// duplicate, a nonce or fee refusal is nothing an honest relay can foresee). One report per
+/// message, not per transaction, so a busy link does not flood the p2p task with reports.
+fn batch_reports(
+    peers: &[PeerId],
+    spans: &[Option<Range<usize>>],
+    results: &[std::result::Result<Hash, SubmitError>],
+) -> Vec<(PeerId, Report)> {
+    peers
+        .iter()
+        .zip(spans)
+        .filter_map(|(peer, span)| {
+            let Some(span) = span else {
+                return Some((*peer, Report::Invalid));
+            };
+            let verdicts = results.get(span.clone()).unwrap_or_default();
+            let invalid = verdicts.iter().any(|r| {
+                matches!(
+                    r,
+                    Err(SubmitError::Malformed(_) | SubmitError::BadSignature)
+                )
+            });
+            if invalid {
+                Some((*peer, Report::Invalid))
+            } else if verdicts.iter().any(|r| r.is_ok()) {
+                Some((*peer, Report::Useful))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 #[cfg(test)]
 mod tests {
@@ -481,16 +587,16 @@ mod tests {
 
     /// What a p2p service with these counts exports.
     #[derive(Debug)]
-    struct Counted(ByteCounts, usize);
+    struct Counted(ByteCounts, Vec<(Channel, DropReason, u64)>, usize);
 
     impl Collector for Counted {
         fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-            encode_p2p(&mut encoder, self.0, self.1)
+            encode_p2p(&mut encoder, self.0, &self.1, self.2)
         }
     }
 
     #[test]
-    fn p2p_metrics_export_bytes_by_direction_and_compression_and_the_peer_count() {
+    fn p2p_metrics_export_bytes_drops_and_the_peer_count() {
         let mut registry = Registry::default();
         let counts = ByteCounts {
             sent_raw: 1,
@@ -499,7 +605,10 @@ mod tests {
             received_compressed: 4,
             sent_compressed_payload: 99,
         };
-        registry.register_collector(Box::new(Counted(counts, 5)));
+        let drops = keel_p2p::drops::DropStats::default();
+        drops.add(Channel::Transactions, DropReason::BatchFull, 7);
+        drops.add(Channel::Consensus, DropReason::PeerQueueFull, 2);
+        registry.register_collector(Box::new(Counted(counts, drops.series(), 5)));
         let text = crate::metrics::render(&registry);
         let expected = "\
             # HELP keel_p2p_bytes Peer-to-peer frame bytes by direction and compression.\n\
@@ -508,6 +617,19 @@ mod tests {
             keel_p2p_bytes_total{direction=\"sent\",compressed=\"true\"} 2\n\
             keel_p2p_bytes_total{direction=\"received\",compressed=\"false\"} 3\n\
             keel_p2p_bytes_total{direction=\"received\",compressed=\"true\"} 4\n\
+            # HELP keel_p2p_dropped_messages Messages the network gave up on, by channel and reason.\n\
+            # TYPE keel_p2p_dropped_messages counter\n\
+            keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"queue_full\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"peer_queue_full\"} 2\n\
+            keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"publish_failed\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"send_failed\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"evidence\",reason=\"queue_full\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"evidence\",reason=\"publish_failed\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"transactions\",reason=\"queue_full\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"transactions\",reason=\"peer_queue_full\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"transactions\",reason=\"publish_failed\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"transactions\",reason=\"batch_full\"} 7\n\
+            keel_p2p_dropped_messages_total{channel=\"sync\",reason=\"queue_full\"} 0\n\
             # HELP keel_peers Connected peers.\n\
             # TYPE keel_peers gauge\n\
             keel_peers 5\n\
@@ -559,5 +681,157 @@ mod tests {
             events.try_recv(),
             Ok(Event::Gossip { data, .. }) if data == [2]
         ));
+    }
+
+    #[test]
+    fn a_gossiped_batch_admits_each_good_transaction_and_costs_its_relay_once_for_bad_ones() {
+        use crate::context::tests::{chain, transfer};
+
+        let (chain, _) = chain();
+        let (good, mixed, garbage, stale) = (peer(1), peer(2), peer(3), peer(4));
+        let t: Vec<keel_types::Transaction> = (1..=6).map(|s| transfer(s, 0)).collect();
+        let mut forged = t[3].bytes.clone();
+        let n = forged.len();
+        forged[n - 1] ^= 1;
+        let batch = |txs: Vec<Vec<u8>>| TxBatch { txs }.encode();
+        let messages = [
+            (good, batch(vec![t[0].bytes.clone(), t[1].bytes.clone()])),
+            // A good one, a bad signature, bytes that are no transaction, a good one.
+            (
+                mixed,
+                batch(vec![
+                    t[2].bytes.clone(),
+                    forged,
+                    b"junk".to_vec(),
+                    t[4].bytes.clone(),
+                ]),
+            ),
+            // Not a batch at all.
+            (garbage, vec![0x01, 0x02]),
+            // Only what the pool already holds: nothing to score.
+            (stale, batch(vec![t[0].bytes.clone()])),
+        ];
+        let payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.1.clone()).collect();
+        let (items, spans) = unbatch(&payloads);
+        assert_eq!(items.len(), 7);
+        assert_eq!(spans, vec![Some(0..2), Some(2..6), None, Some(6..7)]);
+        let results = chain.admit_batch_from_peer(&items);
+        for admitted in [0, 1, 2, 4] {
+            assert!(chain.mempool().contains(&t[admitted].hash), "tx {admitted}");
+        }
+        assert!(!chain.mempool().contains(&t[3].hash));
+        assert_eq!(chain.mempool().len(), 4);
+        let peers: Vec<PeerId> = messages.iter().map(|m| m.0).collect();
+        assert_eq!(
+            batch_reports(&peers, &spans, &results),
+            vec![
+                (good, Report::Useful),
+                (mixed, Report::Invalid),
+                (garbage, Report::Invalid)
+            ]
+        );
+    }
+
+    fn p2p_config(seed: u8, persistent: Vec<Multiaddr>) -> keel_p2p::Config {
+        keel_p2p::Config {
+            chain_id: "net-test".into(),
+            secret: [seed; 32],
+            listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+            persistent_peers: persistent,
+            seeds: vec![],
+            limits: Limits {
+                max_peers: 10,
+                target_peers: 5,
+                inbound_per_sec: 10,
+            },
+            compression_threshold_bytes: 1024,
+            store: None,
+        }
+    }
+
+    /// The transactions of the batches `events` holds, and how many gossip messages held them.
+    fn take_batches(events: &mut tokio::sync::mpsc::Receiver<Event>) -> (Vec<Vec<u8>>, usize) {
+        let (mut txs, mut messages) = (Vec::new(), 0);
+        while let Ok(e) = events.try_recv() {
+            if let Event::Gossip {
+                channel: Channel::Transactions,
+                data,
+                ..
+            } = e
+            {
+                messages += 1;
+                txs.extend(TxBatch::decode(&data).unwrap().txs);
+            }
+        }
+        (txs, messages)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transactions_submitted_together_cross_the_network_in_a_few_gossip_messages() {
+        use std::time::{Duration, Instant};
+
+        let (a, _a_events) = keel_p2p::start(p2p_config(1, vec![])).unwrap();
+        let mut a_addr = None;
+        for _ in 0..250 {
+            a_addr = a.listen_addrs().first().cloned();
+            if a_addr.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let a_full: Multiaddr = format!("{}/p2p/{}", a_addr.unwrap(), a.local_peer_id())
+            .parse()
+            .unwrap();
+        let (_b, mut b_events) = keel_p2p::start(p2p_config(2, vec![a_full])).unwrap();
+        let gossip = TxGossip::new(a.clone());
+        let shutdown = CancellationToken::new();
+        let flusher = tokio::spawn(tx_gossip::run(gossip.clone(), shutdown.clone()));
+
+        // Until B's subscription is known, what A publishes reaches nobody.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            gossip.push(b"ping".to_vec());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if take_batches(&mut b_events).1 > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "transaction gossip never flowed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        take_batches(&mut b_events);
+
+        // 2,000 transfers submitted in a burst.
+        let sent: Vec<Vec<u8>> = (0..2_000u64).map(transfer_bytes).collect();
+        for tx in &sent {
+            gossip.push(tx.clone());
+        }
+        let (mut got, mut messages) = (Vec::new(), 0);
+        while got.len() < sent.len() {
+            assert!(Instant::now() < deadline, "{} of 2000 arrived", got.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (txs, m) = take_batches(&mut b_events);
+            got.extend(txs);
+            messages += m;
+        }
+        assert_eq!(got, sent, "every transaction, in order");
+        // 2,000 transfers of some 150 bytes fill five 64 KiB batches; one message each
+        // before batching.
+        assert!(messages <= 10, "{messages} gossip messages");
+        shutdown.cancel();
+        flusher.await.unwrap();
+    }
+
+    fn transfer_bytes(n: u64) -> Vec<u8> {
+        keel_types::Transaction::sign(
+            &Keypair::from_seed(n % 50),
+            "net-test",
+            n,
+            1,
+            keel_types::TxKind::Transfer {
+                to: Address([3; 20]),
+                amount: n,
+            },
+        )
+        .bytes
     }
 }

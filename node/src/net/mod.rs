@@ -5,6 +5,7 @@
 
 pub mod libp2p;
 pub mod sim;
+pub mod tx_gossip;
 
 use keel_types::{Address, PeerRequest};
 
@@ -27,7 +28,9 @@ pub struct PeerInfo {
 pub trait Network: Send + Sync {
     /// The connected peers.
     fn peers(&self) -> Vec<PeerInfo>;
-    /// Gossips a message to everyone on `channel`.
+    /// Gossips a message to everyone on `channel`. On [`Channel::Transactions`] the message
+    /// is one transaction's `SignedTx` bytes; the libp2p network gathers them and gossips
+    /// batches ([`tx_gossip`]).
     fn broadcast(&self, channel: Channel, message: Vec<u8>);
     /// Sends a message straight to one peer.
     fn send(&self, peer: PeerId, message: Vec<u8>);
