@@ -32,6 +32,7 @@ pub mod dbtool;
 mod error;
 pub mod home;
 pub mod host;
+pub mod json;
 pub mod ledger;
 pub mod light;
 pub mod memory;

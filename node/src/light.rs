@@ -27,7 +27,7 @@ use keel_types::{round_epoch, Address, Hash, PublicKey, QuorumCertificate};
 use serde::{Deserialize, Serialize};
 
 use crate::context::NodeContext;
-use crate::rpc::types::HexBytes;
+use crate::json::HexBytes;
 
 /// The most headers a finality proof holds. With no failed rounds it holds two or three.
 pub const MAX_FINALITY_HEADERS: usize = 64;
@@ -73,7 +73,7 @@ pub struct SetMember {
     /// Its ed25519 key.
     pub public_key: HexBytes,
     /// Its stake (a decimal string).
-    #[serde(with = "crate::rpc::types::amount")]
+    #[serde(with = "crate::json::amount")]
     pub stake: u64,
 }
 

@@ -5,8 +5,6 @@
 //! exceed 2^53 ([`amount`]); heights, rounds, nonces and timestamps are numbers. Byte strings
 //! are `0x`-prefixed lower-case hex ([`HexBytes`]).
 
-use std::fmt;
-
 use keel_consensus::Validator;
 use keel_state::{Account, Proof};
 use keel_types::{Address, Hash, Header, Transaction, TxKind};
@@ -16,58 +14,7 @@ use serde_json::Value;
 
 pub use crate::context::TxStatus;
 
-/// Serde of an amount: a decimal JSON string (`"1000"`), read back from a string or a number.
-pub mod amount {
-    use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Writes `value` as a decimal string.
-    pub fn serialize<S: Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(value)
-    }
-
-    /// Reads a decimal string (or a plain number).
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Text<'a> {
-            Number(u64),
-            #[serde(borrow)]
-            Text(std::borrow::Cow<'a, str>),
-        }
-        match Text::deserialize(d)? {
-            Text::Number(n) => Ok(n),
-            Text::Text(s) => s
-                .parse()
-                .map_err(|_| D::Error::custom(format!("invalid amount {s:?}"))),
-        }
-    }
-}
-
-/// Bytes written as `0x`-prefixed hex (read back with or without the prefix).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HexBytes(pub Vec<u8>);
-
-impl fmt::Display for HexBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0x{}", hex::encode(&self.0))
-    }
-}
-
-impl Serialize for HexBytes {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for HexBytes {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        hex::decode(s.strip_prefix("0x").unwrap_or(&s))
-            .map(HexBytes)
-            .map_err(|e| D::Error::custom(format!("invalid hex: {e}")))
-    }
-}
+pub use crate::json::{amount, HexBytes};
 
 /// A height parameter: a JSON number, or a decimal string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -542,6 +489,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use serde_json::json;
+
+    use std::fmt;
 
     use super::*;
 
