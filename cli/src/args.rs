@@ -235,7 +235,8 @@ pub enum QueryCommand {
         genesis: Option<PathBuf>,
         /// `--prove`: trust the validator set of EPOCH whose hash is HASH (EPOCH:0xHASH), a
         /// checkpoint, instead of walking from genesis. Without --genesis or --trust, the
-        /// node's own epoch-0 set is trusted unchecked (and the output says so).
+        /// node's own word for the height's validator set is trusted unchecked (the output
+        /// says so); finality and the Merkle proof are still checked against it.
         #[arg(long, requires = "prove", value_name = "EPOCH:HASH")]
         trust: Option<String>,
         /// RPC endpoint.

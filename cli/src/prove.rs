@@ -1,5 +1,5 @@
 //! `keel query account ADDR --prove`: a light client. From a trust root (genesis's validator
-//! set, a checkpoint's hash, or, unchecked, the node's word for epoch 0) it walks the epoch
+//! set, a checkpoint's hash, or, unchecked, the node's word for the height's epoch) it walks the epoch
 //! changes up to the epoch of the proven height, checks that the height is final under that
 //! epoch's set, and that the account proof holds against the final header's state root. Every
 //! step's verdict is kept; the first that fails ends the walk with an error naming it.
@@ -27,7 +27,7 @@ pub enum Trust {
         /// Its set's hash.
         hash: Hash,
     },
-    /// The node's own answer for epoch 0, unchecked.
+    /// The node's own answer for the proven height's epoch, unchecked.
     Node,
 }
 
@@ -126,7 +126,7 @@ pub async fn prove_account(
         }
         Trust::Checkpoint { epoch, hash } => {
             let set = if *epoch == 0 {
-                node_set(rpc, 0).await?
+                node_set(rpc, 1).await?
             } else {
                 let change = rpc
                     .call(
@@ -156,18 +156,20 @@ pub async fn prove_account(
             )
         }
         Trust::Node => {
-            let set = node_set(rpc, 0).await?;
+            // No trust root given: the node's word for the proven height's own epoch (no
+            // walk, so it also works where a pruning node no longer has the epoch changes).
+            let set = node_set(rpc, at).await?;
             steps.push(format!(
-                "trusted WITHOUT CHECK: epoch 0's {} validators as the node reports them \
-                 (give --genesis FILE or --trust EPOCH:HASH to check them)",
+                "trusted WITHOUT CHECK: epoch {target_epoch}'s {} validators as the node reports \
+                 them (give --genesis FILE or --trust EPOCH:HASH to check them)",
                 set.len()
             ));
             (
-                0,
+                target_epoch,
                 set,
                 status.chain_id.clone(),
                 None,
-                "the node's epoch-0 set (unchecked)".into(),
+                format!("the node's epoch-{target_epoch} set (unchecked)"),
             )
         }
     };
@@ -267,12 +269,13 @@ pub async fn prove_account(
     })
 }
 
-/// The node's word for the set of `epoch` (0: the set that signs height 1).
-async fn node_set(rpc: &Rpc, epoch: u64) -> Result<ValidatorSet> {
+/// The node's word for the set that signs the block at `height` (its epoch's set; height 1
+/// for epoch 0's).
+async fn node_set(rpc: &Rpc, height: u64) -> Result<ValidatorSet> {
     let validators = rpc
         .call(
             "state_getValidators",
-            rpc.api().state_get_validators(Some(Height(1))),
+            rpc.api().state_get_validators(Some(Height(height.max(1)))),
         )
         .await?;
     let members: Vec<light::SetMember> = validators
@@ -283,7 +286,8 @@ async fn node_set(rpc: &Rpc, epoch: u64) -> Result<ValidatorSet> {
             stake: v.stake,
         })
         .collect();
-    light::set_from_members(&members).map_err(|e| anyhow!("the set of epoch {epoch}: {e}"))
+    light::set_from_members(&members)
+        .map_err(|e| anyhow!("the validator set at height {height}: {e}"))
 }
 
 fn read_genesis(path: &Path) -> Result<keel_genesis::Genesis> {
