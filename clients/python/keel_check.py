@@ -555,8 +555,16 @@ def online_checks(node: Node, funded: kc.Key) -> None:
         h = node.rpc.call("system_health")
         require(isinstance(h.get("peers"), int) and isinstance(h.get("is_syncing"), bool),
                 f"system_health {h}")
-        g = node.rpc.get("/health").json()
-        require(set(g) == set(h), f"GET /health {g} vs system_health {h}")
+        # docs/rpc.md: GET /health is 200 {status: "ok", reasons: [], peers, is_syncing,
+        # finalized_height, final_age_ms} on a healthy node (503 with reasons otherwise).
+        resp = node.rpc.get("/health")
+        g = resp.json()
+        require(resp.status == 200 and g.get("status") == "ok" and g.get("reasons") == [],
+                f"GET /health on a healthy single validator: {resp.status} {g}")
+        for field in ("peers", "is_syncing", "finalized_height", "final_age_ms"):
+            require(field in g, f"GET /health has no {field}: {g}")
+        require(g["peers"] == h["peers"] and g["is_syncing"] == h["is_syncing"],
+                f"GET /health {g} vs system_health {h}")
 
     step("system_health and GET /health", health)
 
