@@ -343,18 +343,19 @@ pub fn verify_finality(
     chain_id: &str,
     set_of: &dyn Fn(u64) -> Result<ValidatorSet, String>,
 ) -> Result<FinalHeader, String> {
+    // Counted before anything is decoded: a node cannot make a client decode more.
+    if proof.headers.len() < 2 || proof.headers.len() > MAX_FINALITY_HEADERS {
+        return Err(format!(
+            "a finality proof holds 2 to {MAX_FINALITY_HEADERS} headers, not {}",
+            proof.headers.len()
+        ));
+    }
     let headers = proof
         .headers
         .iter()
         .enumerate()
         .map(|(i, b)| Header::decode(&b.0).map_err(|e| format!("header {i}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    if headers.len() < 2 || headers.len() > MAX_FINALITY_HEADERS {
-        return Err(format!(
-            "a finality proof holds 2 to {MAX_FINALITY_HEADERS} headers, not {}",
-            headers.len()
-        ));
-    }
     let qc = QuorumCertificate::decode(&proof.qc.0).map_err(|e| format!("qc: {e}"))?;
     for h in &headers {
         if h.chain_id != chain_id {
