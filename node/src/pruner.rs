@@ -13,7 +13,8 @@
 //!   earliest height, so readers refuse heights below it from then on; then it deletes in
 //!   batches of about [`BATCH_KEYS`] keys, each batch also recording how far it got
 //!   (`pruned_height`), so a kill at any instant resumes where the last batch ended. After the
-//!   pass it compacts the pruned key ranges so the space really comes back.
+//!   pass it compacts the pruned key ranges so the space really comes back, in slices
+//!   ([`COMPACT_CHUNKS`] per column), each started right after a commit.
 //! - **Never in the way**: its own OS thread, woken by each commit, writing between commits
 //!   ([`CommitPaced`]): each commit records its time, and batches go only in the first third
 //!   of the interval that follows a commit ([`COMMIT_SHARE`]), each sized (from the keys per
@@ -49,6 +50,10 @@ pub const REST_FACTOR: u32 = 2;
 /// Paced by commits, the pruner writes only in the first `1 / COMMIT_SHARE` of the interval
 /// between two commits.
 pub const COMMIT_SHARE: u32 = 3;
+
+/// The compaction after a pass goes in this many slices of the pruned heights per column,
+/// each right after a commit.
+pub const COMPACT_CHUNKS: u64 = 8;
 
 /// The least keys a paced batch is cut to (one height is never split, whatever this says).
 const MIN_PACED_KEYS: usize = 256;
@@ -339,7 +344,7 @@ impl Pruner {
             pace.after_batch(keys, batch_started.elapsed());
         }
         if self.compact_after {
-            self.compact(target)?;
+            self.compact_paced(from, target, stop, pace)?;
         }
         report.deleted_keys = deleted;
         report.finished = true;
@@ -355,15 +360,66 @@ impl Pruner {
     /// are compacted by RocksDB itself: their tables are marked for compaction once they hold
     /// many deletions, see `keel_storage::RocksStore`.)
     pub fn compact(&self, target: u64) -> Result<()> {
+        self.compact_paced(0, target, &|| false, &mut Unpaced)
+    }
+
+    /// [`Pruner::compact`] in [`COMPACT_CHUNKS`] slices of the heights `from..=target` per
+    /// column (the first slice reaching down to the start of the column, so what an
+    /// interrupted earlier pass left uncompacted goes too), each started when `pace` lets a
+    /// batch go: a background pass compacts right after commits, a slice at a time, instead
+    /// of in one block that commits queue behind.
+    fn compact_paced(
+        &self,
+        from: u64,
+        target: u64,
+        stop: &dyn Fn() -> bool,
+        pace: &mut dyn Pace,
+    ) -> Result<()> {
         let kv = self.blocks.kv();
-        let end = target.saturating_add(1).to_be_bytes();
-        // The height index keeps the epoch-end entries: compacted, never dropped by file.
-        kv.compact_range(Column::HeightIndex, &[], &end)?;
-        let mut receipts_end = end.to_vec();
-        receipts_end.extend_from_slice(&[0; 4]);
-        kv.drop_deleted_range(Column::Receipts, &[], &receipts_end)?;
-        let stale_end = target.saturating_add(2).to_be_bytes();
-        kv.drop_deleted_range(Column::StateStale, &[], &stale_end)?;
+        let end = target.saturating_add(1);
+        let step = (end.saturating_sub(from) / COMPACT_CHUNKS).max(1);
+        // Slice bounds as heights: `0` stands for the start of the column.
+        let mut bounds = vec![0];
+        let mut at = from.saturating_add(step);
+        while at < end {
+            bounds.push(at);
+            at = at.saturating_add(step);
+        }
+        bounds.push(end);
+        // The height index keeps the epoch-end entries: compacted, never dropped by file. It
+        // holds one small entry per height: one slice.
+        pace.before_compaction(stop);
+        if stop() {
+            return Ok(());
+        }
+        kv.compact_range(Column::HeightIndex, &[], &end.to_be_bytes())?;
+        for pair in bounds.windows(2) {
+            let (lo, hi) = (pair[0], pair[1]);
+            pace.before_compaction(stop);
+            if stop() {
+                return Ok(());
+            }
+            let receipts = |h: u64| {
+                let mut key = h.to_be_bytes().to_vec();
+                key.extend_from_slice(&[0; 4]);
+                key
+            };
+            let lo_receipts = if lo == 0 { Vec::new() } else { receipts(lo) };
+            kv.drop_deleted_range(Column::Receipts, &lo_receipts, &receipts(hi))?;
+            pace.before_compaction(stop);
+            if stop() {
+                return Ok(());
+            }
+            // Stale-node records of version `v` go once `v - 1` is pruned: one past the
+            // heights.
+            let lo_stale = if lo == 0 {
+                Vec::new()
+            } else {
+                lo.saturating_add(1).to_be_bytes().to_vec()
+            };
+            let hi_stale = hi.saturating_add(1).to_be_bytes();
+            kv.drop_deleted_range(Column::StateStale, &lo_stale, &hi_stale)?;
+        }
         Ok(())
     }
 }
@@ -545,6 +601,12 @@ pub trait Pace {
     fn before_batch(&mut self, max_keys: usize, stop: &dyn Fn() -> bool) -> usize;
     /// After a batch of `keys` keys that took `took`.
     fn after_batch(&mut self, keys: usize, took: Duration);
+    /// Before a compaction slice, whose length no key count bounds: waits for the moment a
+    /// slice disturbs least (right after a commit for [`CommitPaced`]); returns at once once
+    /// `stop()` holds.
+    fn before_compaction(&mut self, stop: &dyn Fn() -> bool) {
+        self.before_batch(usize::MAX, stop);
+    }
 }
 
 /// As fast as it goes (`keel db prune`, offline: nothing else writes).
@@ -628,6 +690,24 @@ impl Pace for CommitPaced<'_> {
             match self.wake.rx.recv_timeout(slice) {
                 Ok(()) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return max_keys,
+            }
+        }
+    }
+
+    fn before_compaction(&mut self, stop: &dyn Fn() -> bool) {
+        loop {
+            let Some((since, interval)) = self.wake.clock.rhythm() else {
+                return;
+            };
+            // Within the first tenth of the interval after a commit (or a stalled chain).
+            if since <= interval / 10 || since > interval.saturating_mul(2) || stop() {
+                return;
+            }
+            let until_stalled = interval.saturating_mul(2).saturating_sub(since);
+            let slice = until_stalled.clamp(Duration::from_millis(1), Duration::from_millis(250));
+            match self.wake.rx.recv_timeout(slice) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
     }
@@ -1015,6 +1095,39 @@ mod tests {
         let started = Instant::now();
         pace.before_batch(4_000, &|| true);
         assert!(started.elapsed() < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_compaction_slice_waits_for_the_moment_right_after_a_commit() {
+        // 600 ms rhythm: a slice goes within 60 ms of a commit. 100 ms after one (inside
+        // the batch share), a slice still waits for the next commit.
+        let (wake, rx) = rhythm(Duration::from_millis(600));
+        std::thread::sleep(Duration::from_millis(100));
+        let committed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waker = {
+            let committed = committed.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                committed.store(true, Ordering::SeqCst);
+                wake.wake();
+                wake
+            })
+        };
+        let mut pace = CommitPaced::new(&rx);
+        pace.before_compaction(&|| false);
+        assert!(
+            committed.load(Ordering::SeqCst),
+            "the slice went before the next commit"
+        );
+        // Right after that commit: at once.
+        let started = Instant::now();
+        pace.before_compaction(&|| false);
+        assert!(started.elapsed() < Duration::from_millis(50));
+        drop(waker.join().unwrap());
+        // Unpaced (offline): never waits.
+        let started = Instant::now();
+        Unpaced.before_compaction(&|| false);
+        assert!(started.elapsed() < Duration::from_millis(50));
     }
 
     #[test]
