@@ -49,7 +49,10 @@ impl Settings {
         Settings {
             block_time_ms: config.consensus.block_time_ms,
             timeout_ms: config.consensus.timeout_ms,
-            mempool: MempoolLimits::from(&config.mempool),
+            mempool: MempoolLimits {
+                max_bytes: crate::memory::Budgets::of(config).mempool,
+                ..MempoolLimits::from(&config.mempool)
+            },
             memory_limit: config.memory.limit.0,
         }
     }
@@ -66,6 +69,11 @@ pub struct Booted {
 }
 
 impl Booted {
+    /// The state tree's node cache of the ledger (the memory governor resizes it).
+    pub fn node_cache(&self) -> Arc<keel_state::NodeCache> {
+        self.ledger.node_cache()
+    }
+
     /// The context and the ledger, without consensus (benchmarks that commit by hand).
     pub(crate) fn into_ledger(self) -> (Arc<NodeContext>, Ledger) {
         (self.context, self.ledger)

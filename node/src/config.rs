@@ -891,14 +891,37 @@ impl Config {
                     format!("must be \"0\" (none) or at least {MIN_MEMORY_LIMIT}"),
                 );
             }
-            if self.storage.engine == StorageEngine::RocksDb && rocks.block_cache_size >= limit {
-                return fail(
-                    "memory.limit",
-                    format!(
-                        "{limit} leaves no room beside storage.rocksdb.block_cache_size ({})",
-                        rocks.block_cache_size
-                    ),
-                );
+            // Sizes left at their defaults derive from the limit; one set explicitly must
+            // fit in its share of it.
+            let defaults = Config::default();
+            let shares = [
+                (
+                    "storage.rocksdb.block_cache_size",
+                    rocks.block_cache_size,
+                    defaults.storage.rocksdb.block_cache_size,
+                    crate::memory::ROCKSDB_SHARE,
+                    self.storage.engine == StorageEngine::RocksDb,
+                ),
+                (
+                    "mempool.max_bytes",
+                    self.mempool.max_bytes,
+                    defaults.mempool.max_bytes,
+                    crate::memory::MEMPOOL_SHARE,
+                    true,
+                ),
+            ];
+            for (key, set, default, percent, applies) in shares {
+                let allowed = ByteSize(limit.0 / 100 * percent);
+                if applies && set != default && set > allowed {
+                    return fail(
+                        key,
+                        format!(
+                            "{set} is above its share of memory.limit ({limit}): at most \
+                             {percent}%, {allowed}; lower one of the two, or leave {key} unset \
+                             to derive it from memory.limit"
+                        ),
+                    );
+                }
             }
         }
 
@@ -1486,7 +1509,14 @@ format = "json"
                 "storage.rocksdb.write_buffer_size",
             ),
             ("[memory]\nlimit = \"1MiB\"", "memory.limit"),
-            ("[memory]\nlimit = \"512MiB\"", "memory.limit"),
+            (
+                "[memory]\nlimit = \"512MiB\"\n[storage.rocksdb]\nblock_cache_size = \"256MiB\"",
+                "storage.rocksdb.block_cache_size",
+            ),
+            (
+                "[memory]\nlimit = \"512MiB\"\n[mempool]\nmax_bytes = \"100MiB\"",
+                "mempool.max_bytes",
+            ),
             ("[log]\nlevel = \"\"", "log.level"),
             ("[log]\nlevel = \"verbose\"", "log.level"),
             ("[log]\nlevel = \"keel_node=loud,info\"", "log.level"),
@@ -1524,7 +1554,31 @@ format = "json"
         }
         // Custom pruning keys are ignored (not checked) in the other modes.
         assert!(Config::from_toml_str("[storage.pruning]\nkeep_recent = 0", no_env()).is_ok());
-        // A memory limit above the cache is fine, and so is any limit with the memory engine.
+        // A size set above its share of the limit names both keys.
+        let e = Config::from_toml_str(
+            "[memory]\nlimit = \"512MiB\"\n[storage.rocksdb]\nblock_cache_size = \"256MiB\"",
+            no_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("memory.limit") && e.contains("30%"), "{e}");
+        // Sizes left at their defaults derive from the limit (the 1 GiB default cache does
+        // not refuse a 512 MiB limit), explicit ones within their share are kept, and any
+        // limit goes with the memory engine.
+        let c = Config::from_toml_str("[memory]\nlimit = \"512MiB\"", no_env()).unwrap();
+        let b = crate::memory::Budgets::of(&c);
+        assert_eq!(b.rocksdb, 512 * 1024 * 1024 * 30 / 100);
+        assert_eq!(b.mempool, 512 * 1024 * 1024 * 15 / 100);
+        assert_eq!(b.write_buffer, b.rocksdb / 8);
+        let c = Config::from_toml_str(
+            "[memory]\nlimit = \"512MiB\"\n[storage.rocksdb]\nblock_cache_size = \"100MiB\"",
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(crate::memory::Budgets::of(&c).rocksdb, 100 << 20);
+        let c = Config::from_toml_str("", no_env()).unwrap();
+        let b = crate::memory::Budgets::of(&c);
+        assert_eq!((b.limit, b.rocksdb, b.mempool), (0, 1 << 30, 256 << 20));
         assert!(Config::from_toml_str("[memory]\nlimit = \"4GiB\"", no_env()).is_ok());
         assert!(Config::from_toml_str(
             "[memory]\nlimit = \"512MiB\"\n[storage]\nengine = \"memory\"",
@@ -1717,7 +1771,7 @@ format = "json"
             keep_recent: 500,
             interval: 50,
         };
-        custom.memory.limit = ByteSize(4_000_000_000);
+        custom.memory.limit = ByteSize(8_000_000_000);
         custom.log.format = LogFormat::Json;
         let text = custom.to_toml_string();
         assert_eq!(Config::from_toml_str(&text, no_env()).unwrap(), custom);

@@ -104,6 +104,12 @@ pub enum SubmitError {
     /// The node failed to read the sender's account.
     #[error("internal error: {0}")]
     Internal(#[from] keel_state::Error),
+    /// The node is under hard memory pressure (`memory.limit`) and takes no new
+    /// transactions until it passes.
+    #[error(
+        "node under memory pressure: new transactions are refused until it passes; retry later"
+    )]
+    MemoryPressure,
 }
 
 /// What a [`NodeContext`] is made of.
@@ -162,6 +168,7 @@ pub struct NodeContext {
     finalized_heads: broadcast::Sender<Header>,
     prune: Arc<PruneStatus>,
     pruner_wake: std::sync::OnceLock<Wake>,
+    pressure: Arc<crate::memory::Pressure>,
 }
 
 impl NodeContext {
@@ -189,7 +196,14 @@ impl NodeContext {
             finalized_heads: broadcast::channel(HEAD_CHANNEL_CAPACITY).0,
             prune: parts.prune,
             pruner_wake: std::sync::OnceLock::new(),
+            pressure: Arc::default(),
         }
+    }
+
+    /// The memory pressure the governor sets; under hard pressure new transactions are
+    /// refused ([`SubmitError::MemoryPressure`]).
+    pub fn memory_pressure(&self) -> &Arc<crate::memory::Pressure> {
+        &self.pressure
     }
 
     /// How far the database is pruned: heights below [`PruneStatus::earliest`] are not served.
@@ -374,6 +388,9 @@ impl NodeContext {
     /// Admits a transaction to the mempool without gossiping it (it came from gossip, which
     /// forwards it itself). Its signature is verified through the signature cache.
     pub fn admit_from_peer(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
+        if self.pressure.refuse_transaction() {
+            return Err(SubmitError::MemoryPressure);
+        }
         let tx = Transaction::decode(bytes).map_err(SubmitError::Malformed)?;
         let hash = tx.hash;
         let valid = verify_transactions(std::slice::from_ref(&tx), Some(&self.sig_cache));
@@ -393,6 +410,14 @@ impl NodeContext {
         &self,
         items: &[B],
     ) -> Vec<Result<Hash, SubmitError>> {
+        // Under hard memory pressure gossiped transactions are dropped unread (consensus
+        // traffic goes on).
+        if self.pressure.refuse_transaction() {
+            return items
+                .iter()
+                .map(|_| Err(SubmitError::MemoryPressure))
+                .collect();
+        }
         let mut txs = Vec::with_capacity(items.len());
         let mut results: Vec<Result<Hash, SubmitError>> = items
             .iter()

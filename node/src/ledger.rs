@@ -256,6 +256,11 @@ impl Ledger {
         })
     }
 
+    /// The state tree's node cache (the memory governor resizes it).
+    pub fn node_cache(&self) -> Arc<keel_state::NodeCache> {
+        self.state.tree().node_cache()
+    }
+
     /// Lets every block execution skip verifying the signatures of transactions in `cache`
     /// and add those it verifies. The verdict on a signature does not depend on how it was
     /// checked (see `keel_state`'s signatures module), so this changes speed, never outcomes.

@@ -134,25 +134,27 @@ pub fn encode_counters<L: EncodeLabelSet>(
     Ok(())
 }
 
-/// Registers the process's memory: `keel_memory_allocated_bytes` (jemalloc's count, read at
-/// scrape time) and `keel_memory_limit_bytes` (`memory.limit`, 0 for none).
-pub fn register_memory(registry: &mut Registry, limit: u64) {
-    registry.register_collector(Box::new(MemoryMetrics { limit }));
+/// Registers the process's memory, read at scrape time: jemalloc's allocated and resident
+/// bytes, `memory.limit`, the allocator knobs in force, and the governor's view: each
+/// consumer's budget and use, the pressure level, shrink and refusal counts.
+pub fn register_memory(registry: &mut Registry, governor: Arc<crate::memory::Governor>) {
+    registry.register_collector(Box::new(MemoryMetrics { governor }));
 }
 
 /// The collector of [`register_memory`].
 #[derive(Debug)]
 struct MemoryMetrics {
-    limit: u64,
+    governor: Arc<crate::memory::Governor>,
 }
 
 impl Collector for MemoryMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let g = &self.governor;
         encode_gauge(
             &mut encoder,
             "keel_memory_allocated_bytes",
             "Bytes allocated through jemalloc",
-            allocated_bytes(),
+            crate::memory::allocated_bytes(),
         )?;
         encode_gauge(
             &mut encoder,
@@ -164,7 +166,47 @@ impl Collector for MemoryMetrics {
             &mut encoder,
             "keel_memory_limit_bytes",
             "Configured memory limit (0 = none)",
-            self.limit,
+            g.limit(),
+        )?;
+        let budgets: Vec<_> = g
+            .consumers()
+            .iter()
+            .map(|c| ([("consumer", c.name)], c.budget))
+            .collect();
+        encode_gauges(
+            &mut encoder,
+            "keel_memory_budget_bytes",
+            "Bytes each memory consumer may hold (its share of memory.limit, or its configured size)",
+            &budgets,
+        )?;
+        let used: Vec<_> = g
+            .consumers()
+            .iter()
+            .map(|c| ([("consumer", c.name)], (c.used)()))
+            .collect();
+        encode_gauges(
+            &mut encoder,
+            "keel_memory_used_bytes",
+            "Bytes each memory consumer holds now (caches estimated from their entries)",
+            &used,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "keel_memory_pressure",
+            "Memory pressure: 0 none, 1 soft (caches halved), 2 hard (caches at an eighth, new transactions refused)",
+            u64::from(g.pressure().level()),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "keel_memory_shrinks",
+            "Times rising memory pressure shrank the caches",
+            g.shrinks(),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "keel_memory_refused_txs",
+            "Transactions refused (RPC and gossip) under hard memory pressure",
+            g.pressure().refused(),
         )?;
         // The allocator knobs in force (`[memory]`, applied at start), read back from jemalloc.
         if let Ok(s) = crate::memory::current() {
@@ -189,14 +231,6 @@ impl Collector for MemoryMetrics {
         }
         Ok(())
     }
-}
-
-/// Bytes allocated, as jemalloc counts them (0 if it cannot tell).
-fn allocated_bytes() -> u64 {
-    if tikv_jemalloc_ctl::epoch::advance().is_err() {
-        return 0;
-    }
-    tikv_jemalloc_ctl::stats::allocated::read().map_or(0, |b| b as u64)
 }
 
 /// Content type of the Prometheus text exposition format.
@@ -451,8 +485,25 @@ mod tests {
     #[test]
     fn memory_metrics_report_the_configured_limit_and_the_allocator() {
         let mut registry = Registry::default();
-        register_memory(&mut registry, 64 << 20);
+        let consumer = crate::memory::Consumer {
+            name: "sig_cache",
+            budget: 1_000,
+            used: Box::new(|| 96),
+            resize: None,
+        };
+        let governor = crate::memory::Governor::new(64 << 20, vec![consumer], Arc::default());
+        governor.step(63 << 20);
+        register_memory(&mut registry, Arc::new(governor));
         let text = render(&registry);
+        for line in [
+            "keel_memory_budget_bytes{consumer=\"sig_cache\"} 1000\n",
+            "keel_memory_used_bytes{consumer=\"sig_cache\"} 96\n",
+            "keel_memory_pressure 2\n",
+            "keel_memory_shrinks_total 1\n",
+            "keel_memory_refused_txs_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         assert!(
             text.contains(
                 "# HELP keel_memory_limit_bytes Configured memory limit (0 = none).\n\

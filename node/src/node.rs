@@ -85,6 +85,12 @@ impl Node {
             other => other?,
         };
         let chain = booted.context.clone();
+        let governor = Arc::new(governor(
+            &config,
+            &chain,
+            rocks.clone(),
+            booted.node_cache(),
+        ));
         let epoch = chain.epoch();
         let validators = chain.validator_set(epoch)?;
         let me = validators.get(&key.address()).map_or(0, |v| v.stake);
@@ -125,7 +131,7 @@ impl Node {
         network.register_metrics(&mut registry);
         host.register_metrics(&mut registry);
         rpc_metrics.register(&mut registry);
-        crate::metrics::register_memory(&mut registry, settings.memory_limit);
+        crate::metrics::register_memory(&mut registry, governor.clone());
         let registry = Arc::new(registry);
         let (metrics_addr, metrics) = crate::metrics::serve_metrics(
             config.metrics.listen_addr,
@@ -166,6 +172,14 @@ impl Node {
             })
             .map_err(|e| Error::io("pruner thread", e))?;
         tasks.add_thread("pruner", thread);
+        if governor.limit() > 0 {
+            let token = tasks.token();
+            let thread = std::thread::Builder::new()
+                .name("keel-memory".into())
+                .spawn(move || governor.run(&token))
+                .map_err(|e| Error::io("memory governor thread", e))?;
+            tasks.add_thread("memory governor", thread);
+        }
         let (done_tx, done_rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("keel-consensus".into())
@@ -245,12 +259,65 @@ impl Node {
     }
 }
 
+/// The memory governor of a node: every consumer with its budget ([`Budgets::of`]), sized
+/// to it now.
+///
+/// [`Budgets::of`]: crate::memory::Budgets::of
+fn governor(
+    config: &Config,
+    chain: &Arc<NodeContext>,
+    rocks: Option<Arc<RocksStore>>,
+    node_cache: Arc<keel_state::NodeCache>,
+) -> crate::memory::Governor {
+    use crate::memory::{Budgets, Consumer, NODE_BYTES, SIG_ENTRY_BYTES};
+    let budgets = Budgets::of(config);
+    let mut consumers = Vec::new();
+    if let Some(rocks) = rocks {
+        let resized = rocks.clone();
+        consumers.push(Consumer {
+            name: "rocksdb",
+            budget: budgets.rocksdb,
+            used: Box::new(move || rocks.memory_bytes()),
+            resize: Some(Box::new(move |bytes| resized.set_cache_capacity(bytes))),
+        });
+    }
+    let resized = node_cache.clone();
+    consumers.push(Consumer {
+        name: "state_cache",
+        budget: budgets.state_cache,
+        used: Box::new(move || (node_cache.len() as u64).saturating_mul(NODE_BYTES)),
+        resize: Some(Box::new(move |bytes| {
+            resized.set_capacity(usize::try_from(bytes / NODE_BYTES).unwrap_or(usize::MAX));
+        })),
+    });
+    let sigs = chain.sig_cache().clone();
+    let resized = sigs.clone();
+    consumers.push(Consumer {
+        name: "sig_cache",
+        budget: budgets.sig_cache,
+        used: Box::new(move || (sigs.len() as u64).saturating_mul(SIG_ENTRY_BYTES)),
+        resize: Some(Box::new(move |bytes| {
+            resized.set_capacity(usize::try_from(bytes / SIG_ENTRY_BYTES).unwrap_or(usize::MAX));
+        })),
+    });
+    let weak = Arc::downgrade(chain);
+    consumers.push(Consumer {
+        name: "mempool",
+        budget: budgets.mempool,
+        used: Box::new(move || weak.upgrade().map_or(0, |c| c.mempool().bytes())),
+        resize: None,
+    });
+    crate::memory::Governor::new(budgets.limit, consumers, chain.memory_pressure().clone())
+}
+
 /// The RocksDB settings of `config`.
 pub(crate) fn rocks_config(config: &Config) -> RocksConfig {
     let r = &config.storage.rocksdb;
+    // With `memory.limit`, sizes left at their defaults derive from it.
+    let budgets = crate::memory::Budgets::of(config);
     RocksConfig {
-        block_cache_size: r.block_cache_size.0,
-        write_buffer_size: r.write_buffer_size.0,
+        block_cache_size: budgets.rocksdb,
+        write_buffer_size: budgets.write_buffer,
         max_open_files: r.max_open_files,
         compression: r.compression,
         ..RocksConfig::default()
@@ -272,7 +339,7 @@ mod tests {
 
     /// `(name, type, help)` of every metric the node exports, as written on `/metrics`: a public
     /// contract (DESIGN.md), names, types and help texts alike.
-    const CONTRACT: [(&str, &str, &str); 24] = [
+    const CONTRACT: [(&str, &str, &str); 29] = [
         ("keel_block_height", "gauge", "Height of the latest certified block."),
         ("keel_finalized_height", "gauge", "Height of the latest final block."),
         ("keel_epoch", "gauge", "Current consensus epoch."),
@@ -288,6 +355,11 @@ mod tests {
         ("keel_memory_dirty_decay_ms", "gauge", "jemalloc dirty_decay_ms in force (-1 = never)."),
         ("keel_memory_muzzy_decay_ms", "gauge", "jemalloc muzzy_decay_ms in force (-1 = never)."),
         ("keel_memory_background_threads", "gauge", "1 if jemalloc purges on background threads."),
+        ("keel_memory_budget_bytes", "gauge", "Bytes each memory consumer may hold (its share of memory.limit, or its configured size)."),
+        ("keel_memory_used_bytes", "gauge", "Bytes each memory consumer holds now (caches estimated from their entries)."),
+        ("keel_memory_pressure", "gauge", "Memory pressure: 0 none, 1 soft (caches halved), 2 hard (caches at an eighth, new transactions refused)."),
+        ("keel_memory_shrinks", "counter", "Times rising memory pressure shrank the caches."),
+        ("keel_memory_refused_txs", "counter", "Transactions refused (RPC and gossip) under hard memory pressure."),
         ("keel_db_size_bytes", "gauge", "Database size on disk."),
         ("keel_pruned_height", "gauge", "Blocks at or below this height are pruned."),
         ("keel_prune_duration_seconds", "histogram", "Duration of prune passes (deletes and compaction)."),
@@ -416,6 +488,18 @@ mod tests {
             sample(&text, "keel_memory_limit_bytes"),
             f64::from(1u32 << 30)
         );
+        // Budgets derived from the limit, and the consumers' use.
+        assert_eq!(
+            sample(&text, "keel_memory_budget_bytes{consumer=\"rocksdb\"}"),
+            ((1u64 << 30) * 30 / 100) as f64
+        );
+        assert_eq!(
+            sample(&text, "keel_memory_budget_bytes{consumer=\"mempool\"}"),
+            ((1u64 << 30) * 15 / 100) as f64
+        );
+        assert!(sample(&text, "keel_memory_used_bytes{consumer=\"rocksdb\"}") > 0.0);
+        sample(&text, "keel_memory_used_bytes{consumer=\"state_cache\"}");
+        assert_eq!(sample(&text, "keel_memory_pressure"), 0.0);
         sample(&text, "keel_memory_allocated_bytes");
         assert!(sample(&text, "keel_db_size_bytes") > 0.0, "{text}");
         assert_eq!(sample(&text, "keel_pruned_height"), 0.0);
@@ -430,6 +514,63 @@ mod tests {
         // Verified at admission, found in the cache when its block executed.
         assert_eq!(sample(&text, "keel_sig_cache_misses_total"), 1.0, "{text}");
         assert!(sample(&text, "keel_sig_cache_hits_total") >= 1.0, "{text}");
+        node.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_hard_memory_pressure_new_transactions_are_refused_and_health_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let now_ms = SystemClock.now_ms();
+        crate::home::init(dir.path(), "m0", "keel-pressure", now_ms).unwrap();
+        let home = Home::new(dir.path());
+        let mut config = Config::load(&home.config()).unwrap();
+        config.p2p.listen_addr = "/ip4/127.0.0.1/tcp/0".into();
+        config.rpc.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.metrics.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.consensus.block_time_ms = 50;
+        // No limit: no governor thread resets the level this test sets by hand.
+        let node = Node::start(dir.path(), config).await.unwrap();
+        let client = HttpClientBuilder::default()
+            .build(format!("http://{}", node.rpc_addr()))
+            .unwrap();
+        let status = client.chain_status().await.unwrap();
+        let key = read_key_file(&home.validator_key()).unwrap();
+        let tx = Transaction::sign(
+            &key,
+            &status.chain_id,
+            0,
+            status.min_fee,
+            TxKind::Transfer {
+                to: Address([7; 20]),
+                amount: 1,
+            },
+        );
+        let pressure = node.context().memory_pressure().clone();
+        pressure.set(crate::memory::PRESSURE_HARD);
+        let e = client
+            .tx_submit(SignedTxHex::from_bytes(&tx.bytes))
+            .await
+            .unwrap_err();
+        let jsonrpsee::core::ClientError::Call(e) = e else {
+            panic!("{e}");
+        };
+        assert_eq!(e.code(), crate::rpc::codes::MEMORY_PRESSURE);
+        assert!(e.message().contains("memory pressure"), "{}", e.message());
+        let health = crate::rpc::health::report(&node.context().clone(), 50, SystemClock.now_ms());
+        assert_eq!(health.status, "unhealthy");
+        assert!(
+            health.reasons.iter().any(|r| r.contains("memory pressure")),
+            "{:?}",
+            health.reasons
+        );
+        let text = scrape(node.metrics_addr()).await;
+        assert_eq!(sample(&text, "keel_memory_refused_txs_total"), 1.0);
+        // Pressure passes: the same transaction goes in.
+        pressure.set(crate::memory::PRESSURE_NONE);
+        client
+            .tx_submit(SignedTxHex::from_bytes(&tx.bytes))
+            .await
+            .unwrap();
         node.shutdown().await.unwrap();
     }
 }

@@ -77,6 +77,18 @@ impl SigCache {
         }
     }
 
+    /// Keeps at most `entries` verified transactions (at least one), forgetting the least
+    /// recently used at once when that is fewer than held.
+    pub fn set_capacity(&self, entries: usize) {
+        self.lock()
+            .resize(NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN));
+    }
+
+    /// How many entries it may hold.
+    pub fn capacity(&self) -> usize {
+        self.lock().cap().get()
+    }
+
     /// Entries held now.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -194,6 +206,24 @@ mod tests {
         let mut bad = tx.clone();
         bad.signature.0[5] ^= 1;
         bad
+    }
+
+    #[test]
+    fn the_cache_shrinks_and_grows_back_on_demand() {
+        let cache = SigCache::new(1_000);
+        let hashes: Vec<Hash> = (0..500u32)
+            .map(|i| Hash::digest(&i.to_le_bytes()))
+            .collect();
+        cache.insert_all(&hashes);
+        assert_eq!(cache.len(), 500);
+        cache.set_capacity(10);
+        assert_eq!((cache.len(), cache.capacity()), (10, 10));
+        // The most recently used ones are kept.
+        assert!(cache.contains(&hashes[499]));
+        assert!(!cache.contains(&hashes[0]));
+        cache.set_capacity(1_000);
+        cache.insert_all(&hashes);
+        assert_eq!(cache.len(), 500);
     }
 
     #[test]

@@ -110,6 +110,21 @@ impl NodeCache {
         }
     }
 
+    /// Keeps at most `nodes` decoded nodes besides the upper levels (at least one per
+    /// shard), evicting the least recently used at once when that is fewer than held.
+    pub fn set_capacity(&self, nodes: usize) {
+        let per_shard =
+            NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
+        for i in 0..CACHE_SHARDS {
+            self.shard(i).resize(per_shard);
+        }
+    }
+
+    /// How many decoded nodes it may hold besides the upper levels.
+    pub fn capacity(&self) -> usize {
+        (0..CACHE_SHARDS).map(|i| self.shard(i).cap().get()).sum()
+    }
+
     /// Nodes held now.
     pub fn len(&self) -> usize {
         let upper = (0..UPPER_SLOTS)

@@ -213,6 +213,10 @@ pub trait KvStore: Send + Sync + 'static {
     /// memtables), for the memory budget.
     fn memory_bytes(&self) -> u64;
 
+    /// Resizes the engine's cache to `bytes` (the memory governor shrinks it under pressure
+    /// and gives it back after); engines without one ignore it.
+    fn set_cache_capacity(&self, _bytes: u64) {}
+
     /// Iterates every key that starts with `prefix`, ascending.
     fn iter_prefix<'a>(&'a self, col: Column, prefix: &[u8]) -> KvIter<'a> {
         match prefix_end(prefix) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rocksdb::{
     BlockBasedOptions, BottommostLevelCompaction, BoundColumnFamily, Cache, ColumnFamilyDescriptor,
     CompactOptions, DBCompressionType, DBWithThreadMode, IteratorMode, MultiThreaded, Options,
-    ReadOptions, WriteOptions,
+    ReadOptions, WriteBufferManager, WriteOptions,
 };
 
 use crate::{Column, Direction, Error, KvIter, KvStore, Op, Result, WriteBatch};
@@ -218,8 +218,23 @@ impl RocksStore {
             .clamp(2, 8);
         db_opts.set_max_background_jobs(i32::try_from(jobs).unwrap_or(2));
         // Eleven column families at `write_buffer_size` each (times two while one flushes)
-        // would allow gigabytes of memtables; the write buffer manager caps them all together.
-        db_opts.set_db_write_buffer_size(write_buffer_size.saturating_mul(4));
+        // would allow gigabytes of memtables; the write buffer manager caps them all together
+        // at four memtables (or half the cache, if smaller), and charges them to the block
+        // cache, so `block_cache_size` bounds RocksDB's cache and memtables together. It never
+        // stalls writes: past its size it makes RocksDB flush.
+        let memtables = write_buffer_size
+            .saturating_mul(4)
+            .min(block_cache_size / 2)
+            .max(write_buffer_size);
+        let manager = WriteBufferManager::new_write_buffer_manager_with_cache(
+            memtables,
+            false,
+            cache.clone(),
+        );
+        db_opts.set_write_buffer_manager(&manager);
+        // Informational only once a manager is set (RocksDB then ignores it): the OPTIONS
+        // file shows the manager's size.
+        db_opts.set_db_write_buffer_size(memtables);
         // Rarely written columns (consensus, peers) would otherwise pin old log files forever.
         db_opts.set_max_total_wal_size(cfg.write_buffer_size.saturating_mul(8));
         db_opts.set_keep_log_file_num(10);
@@ -514,15 +529,20 @@ impl KvStore for RocksStore {
     }
 
     fn memory_bytes(&self) -> u64 {
-        // The cache is shared, so it is counted once rather than per column.
+        // The cache is shared, so it is counted once rather than per column; the memtables
+        // are charged to it (the write buffer manager), so they are in its usage already.
         let cache = self.cache.get_usage() as u64;
-        let memtables = self
-            .property_sum("rocksdb.cur-size-all-mem-tables")
-            .unwrap_or(0);
         let readers = self
             .property_sum("rocksdb.estimate-table-readers-mem")
             .unwrap_or(0);
-        cache.saturating_add(memtables).saturating_add(readers)
+        cache.saturating_add(readers)
+    }
+
+    fn set_cache_capacity(&self, bytes: u64) {
+        // `Cache` is a handle: resizing a clone resizes the one cache.
+        self.cache
+            .clone()
+            .set_capacity(usize::try_from(bytes).unwrap_or(usize::MAX));
     }
 }
 
@@ -889,6 +909,49 @@ mod tests {
         assert!(
             high.iter().all(|n| *n < 19),
             "flush threads' nice values: {high:?}"
+        );
+    }
+
+    #[test]
+    fn the_cache_holds_the_memtables_and_shrinks_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RocksConfig {
+            block_cache_size: 64 * MIB,
+            write_buffer_size: 4 * MIB,
+            ..RocksConfig::default()
+        };
+        let store = RocksStore::open(dir.path(), &cfg).unwrap();
+        let col = Column::StateNodes;
+        let mut b = WriteBatch::new();
+        for i in 0u32..2_000 {
+            b.put(col, i.to_be_bytes().to_vec(), incompressible(i));
+        }
+        store.write(b).unwrap();
+        // The memtable's bytes are charged to the cache (in whole reservations of 1 MiB or
+        // more): the cache's usage alone accounts for them.
+        let memtables = store
+            .property_sum("rocksdb.cur-size-all-mem-tables")
+            .unwrap();
+        assert!(memtables > MIB, "{memtables}");
+        assert!(
+            store.memory_bytes() >= memtables,
+            "{}",
+            store.memory_bytes()
+        );
+        // Read everything back after a flush so the cache fills with table blocks.
+        store.flush().unwrap();
+        for i in 0u32..2_000 {
+            store.get(col, &i.to_be_bytes()).unwrap().unwrap();
+        }
+        let full = store.cache.get_usage() as u64;
+        assert!(full > 2 * MIB, "{full}");
+        store.set_cache_capacity(MIB);
+        let shrunk = store.cache.get_usage() as u64;
+        assert!(shrunk <= 2 * MIB, "{shrunk} bytes left of {full}");
+        store.set_cache_capacity(64 * MIB);
+        assert_eq!(
+            store.get(col, &5u32.to_be_bytes()).unwrap(),
+            Some(incompressible(5))
         );
     }
 

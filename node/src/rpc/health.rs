@@ -4,7 +4,8 @@
 //! - no block has become final for [`STALE_BLOCK_TIMES`] block times (by the final block's
 //!   timestamp: a stalled chain, or a node that stopped following it);
 //! - the node has no peers while its epoch's validator set has more than one member (it is
-//!   cut off; a one-validator chain needs none).
+//!   cut off; a one-validator chain needs none);
+//! - the node is under hard memory pressure (`memory.limit`: it refuses new transactions).
 //!
 //! The body is JSON: `{status: "ok" | "unhealthy", reasons: [..], peers, is_syncing,
 //! finalized_height, final_age_ms}`. Any other request passes through to JSON-RPC.
@@ -68,6 +69,12 @@ pub fn report(chain: &NodeContext, block_time_ms: u64, now_ms: u64) -> HealthRep
         reasons.push(format!(
             "no peers, while the validator set has {set_size} members"
         ));
+    }
+    if chain.memory_pressure().level() >= crate::memory::PRESSURE_HARD {
+        reasons.push(
+            "under hard memory pressure (memory.limit): caches shrunk, new transactions refused"
+                .to_string(),
+        );
     }
     HealthReport {
         status: if reasons.is_empty() {

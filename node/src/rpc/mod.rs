@@ -100,6 +100,8 @@ pub mod codes {
     pub const TOO_MANY_CONNECTIONS: i32 = -32025;
     /// A request body did not arrive within `rpc.request_timeout_ms` (HTTP 408).
     pub const REQUEST_TIMEOUT: i32 = -32026;
+    /// The node is under hard memory pressure (`memory.limit`): no new transactions.
+    pub const MEMORY_PRESSURE: i32 = -32027;
 }
 
 fn err(code: i32, msg: impl Into<String>) -> ErrorObjectOwned {

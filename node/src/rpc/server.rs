@@ -164,6 +164,7 @@ fn submit_error(e: SubmitError) -> ErrorObjectOwned {
         SubmitError::Malformed(_) => return invalid("tx", e),
         SubmitError::BadSignature => codes::BAD_SIGNATURE,
         SubmitError::Internal(_) => codes::INTERNAL,
+        SubmitError::MemoryPressure => codes::MEMORY_PRESSURE,
         SubmitError::Rejected(r) => match r {
             Rejection::Duplicate => codes::ALREADY_KNOWN,
             Rejection::WrongChain { .. } => codes::WRONG_CHAIN,

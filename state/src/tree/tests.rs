@@ -657,3 +657,38 @@ fn committed_upper_levels_in_the_cache_give_the_same_versions() {
     // The cache holds the latest upper levels: about 1 + 16 + 256 + some of level 3.
     assert!(tree.node_cache().len() > 273, "{}", tree.node_cache().len());
 }
+
+/// The memory governor shrinks the node cache under pressure and gives it back after: the
+/// cache drops to the new capacity at once and reads stay right through it.
+#[test]
+fn the_node_cache_shrinks_and_grows_back_on_demand() {
+    let keys: Vec<Hash> = (0u32..2_000)
+        .map(|i| Hash::digest(&i.to_le_bytes()))
+        .collect();
+    let (store, tree) = new_tree();
+    let updates: Vec<(Hash, Option<Vec<u8>>)> = keys.iter().map(|k| (*k, Some(vec![7]))).collect();
+    commit(&store, &tree, None, 0, &updates);
+    let cache = tree.node_cache();
+    cache.set_capacity(100_000);
+    for k in &keys {
+        tree.get(0, k).unwrap();
+    }
+    let full = cache.len();
+    assert!(full > 1_000, "{full}");
+    cache.set_capacity(64);
+    assert!(
+        cache.capacity() <= 64 + CACHE_SHARDS,
+        "{}",
+        cache.capacity()
+    );
+    assert!(
+        cache.len() <= UPPER_SLOTS + 64 + CACHE_SHARDS,
+        "{} of {full} left",
+        cache.len()
+    );
+    for k in &keys {
+        assert_eq!(tree.get(0, k).unwrap(), Some(vec![7]));
+    }
+    cache.set_capacity(100_000);
+    assert!(cache.capacity() >= 100_000);
+}
