@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build release devnet test fmt clippy check-prereqs bench clean-devnet
+.PHONY: all build release devnet test test-prereqs fmt clippy check-prereqs bench clean-devnet
 
 all: build
 
@@ -39,7 +39,21 @@ fmt:
 clippy: check-prereqs
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: check-prereqs fmt clippy
+# The dashboard test checks the exposition with a real `promtool` (Debian's `prometheus`
+# package): installed when missing (as root), otherwise that part of the test is skipped with
+# a note.
+test-prereqs:
+	@if ! command -v promtool >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing promtool (prometheus package) for the metrics exposition test"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+				|| echo "could not install prometheus: the dashboard test skips promtool"; \
+		else \
+			echo "promtool not found: the dashboard test skips it. To run it: sudo apt-get install -y prometheus"; \
+		fi; \
+	fi
+
+test: check-prereqs test-prereqs fmt clippy
 	$(CARGO) test --workspace
 
 bench: check-prereqs

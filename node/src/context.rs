@@ -735,6 +735,11 @@ pub(crate) mod tests {
             ("keel_db_size_bytes", "gauge", "Database size on disk"),
             ("keel_pruned_height", "gauge", "Blocks at or below this height are pruned"),
         ] {
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
             let head = format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n");
             assert!(text.contains(&head), "{head} missing from\n{text}");
         }

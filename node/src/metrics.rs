@@ -50,10 +50,53 @@ use crate::{Error, Result};
 
 /// The text exposition of every metric in `registry`, as a scrape gets it (empty if a
 /// collector failed to encode).
+///
+/// `prometheus_client` writes OpenMetrics (a counter's `# HELP`/`# TYPE` name `x` while its
+/// sample is `x_total`, and a closing `# EOF`); the listener serves the Prometheus text
+/// format 0.0.4, where the descriptor names the sample (`x_total`) and there is no `# EOF`,
+/// so the text is rewritten to that (what `promtool check metrics` accepts).
 pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
-        out.clear();
+    let mut open_metrics = String::new();
+    if prometheus_client::encoding::text::encode(&mut open_metrics, registry).is_err() {
+        return String::new();
+    }
+    to_text_format(&open_metrics)
+}
+
+/// OpenMetrics text as `prometheus_client` writes it, in the Prometheus text format 0.0.4.
+fn to_text_format(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + counters.len() * 12);
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE ", "# UNIT "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match descriptor {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if prefix == "# UNIT " {
+                    // Not part of the 0.0.4 format.
+                    continue;
+                }
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() || rest.contains(' ') {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
     }
     out
 }
@@ -78,6 +121,17 @@ pub fn encode_gauge(
     value: u64,
 ) -> fmt::Result {
     let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    gauge.encode(describe(encoder, name, help, gauge.metric_type())?)
+}
+
+/// Writes gauge `name` with one sample, a fractional value.
+pub fn encode_float_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> fmt::Result {
+    let gauge = ConstGauge::new(value);
     gauge.encode(describe(encoder, name, help, gauge.metric_type())?)
 }
 
@@ -210,17 +264,19 @@ impl Collector for MemoryMetrics {
         )?;
         // The allocator knobs in force (`[memory]`, applied at start), read back from jemalloc.
         if let Ok(s) = crate::memory::current() {
-            encode_signed_gauge(
+            // In seconds (Prometheus base units); -1 stays -1 (never).
+            let seconds = |ms: i64| if ms < 0 { -1.0 } else { ms as f64 / 1000.0 };
+            encode_float_gauge(
                 &mut encoder,
-                "keel_memory_dirty_decay_ms",
-                "jemalloc dirty_decay_ms in force (-1 = never)",
-                s.dirty_decay_ms,
+                "keel_memory_dirty_decay_seconds",
+                "jemalloc dirty_decay_ms in force, in seconds (-1 = never)",
+                seconds(s.dirty_decay_ms),
             )?;
-            encode_signed_gauge(
+            encode_float_gauge(
                 &mut encoder,
-                "keel_memory_muzzy_decay_ms",
-                "jemalloc muzzy_decay_ms in force (-1 = never)",
-                s.muzzy_decay_ms,
+                "keel_memory_muzzy_decay_seconds",
+                "jemalloc muzzy_decay_ms in force, in seconds (-1 = never)",
+                seconds(s.muzzy_decay_ms),
             )?;
             encode_gauge(
                 &mut encoder,
@@ -468,18 +524,34 @@ mod tests {
         // Registered and collected metrics of a kind differ only in name and values.
         let expected = [
             "# HELP keel_a Same help.\n# TYPE keel_a gauge\nkeel_a 3\n",
-            "# HELP keel_c Same help.\n# TYPE keel_c counter\nkeel_c_total 1\n",
-            "# HELP keel_e Same help.\n# TYPE keel_e counter\nkeel_e_total{kind=\"x\"} 1\n",
+            "# HELP keel_c_total Same help.\n# TYPE keel_c_total counter\nkeel_c_total 1\n",
+            "# HELP keel_e_total Same help.\n# TYPE keel_e_total counter\n\
+             keel_e_total{kind=\"x\"} 1\n",
             // A value beyond i64 is saturated, not an error that empties the scrape.
             "# HELP keel_b Same help.\n# TYPE keel_b gauge\nkeel_b 9223372036854775807\n",
-            "# HELP keel_d Same help.\n# TYPE keel_d counter\nkeel_d_total 4\n",
-            "# HELP keel_f Same help.\n# TYPE keel_f counter\n\
+            "# HELP keel_d_total Same help.\n# TYPE keel_d_total counter\nkeel_d_total 4\n",
+            "# HELP keel_f_total Same help.\n# TYPE keel_f_total counter\n\
              keel_f_total{kind=\"x\"} 5\nkeel_f_total{kind=\"y\"} 6\n",
         ];
         for part in expected {
             assert!(text.contains(part), "{part} missing from\n{text}");
         }
-        assert!(text.ends_with("# EOF\n"), "{text}");
+        // The Prometheus text format 0.0.4: no OpenMetrics `# EOF`.
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(text.ends_with('\n'), "{text}");
+    }
+
+    #[test]
+    fn openmetrics_text_becomes_the_prometheus_text_format() {
+        let open_metrics = "# HELP a_bytes Help with spaces.\n# TYPE a_bytes gauge\n\
+            # UNIT a_bytes bytes\na_bytes 1\n# HELP b Count.\n# TYPE b counter\nb_total 2\n\
+            # HELP h Hist.\n# TYPE h histogram\nh_bucket{le=\"1.0\"} 0\nh_sum 0.0\nh_count 0\n# EOF\n";
+        assert_eq!(
+            to_text_format(open_metrics),
+            "# HELP a_bytes Help with spaces.\n# TYPE a_bytes gauge\na_bytes 1\n\
+             # HELP b_total Count.\n# TYPE b_total counter\nb_total 2\n\
+             # HELP h Hist.\n# TYPE h histogram\nh_bucket{le=\"1.0\"} 0\nh_sum 0.0\nh_count 0\n"
+        );
     }
 
     #[test]

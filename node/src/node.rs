@@ -352,8 +352,8 @@ mod tests {
         ("keel_memory_allocated_bytes", "gauge", "Bytes allocated through jemalloc."),
         ("keel_memory_limit_bytes", "gauge", "Configured memory limit (0 = none)."),
         ("keel_memory_resident_bytes", "gauge", "Bytes in resident pages mapped by jemalloc (allocated, dirty pages, metadata)."),
-        ("keel_memory_dirty_decay_ms", "gauge", "jemalloc dirty_decay_ms in force (-1 = never)."),
-        ("keel_memory_muzzy_decay_ms", "gauge", "jemalloc muzzy_decay_ms in force (-1 = never)."),
+        ("keel_memory_dirty_decay_seconds", "gauge", "jemalloc dirty_decay_ms in force, in seconds (-1 = never)."),
+        ("keel_memory_muzzy_decay_seconds", "gauge", "jemalloc muzzy_decay_ms in force, in seconds (-1 = never)."),
         ("keel_memory_background_threads", "gauge", "1 if jemalloc purges on background threads."),
         ("keel_memory_budget_bytes", "gauge", "Bytes each memory consumer may hold (its share of memory.limit, or its configured size)."),
         ("keel_memory_used_bytes", "gauge", "Bytes each memory consumer holds now (caches estimated from their entries)."),
@@ -435,6 +435,12 @@ mod tests {
 
         let text = scrape(node.metrics_addr()).await;
         for (name, kind, help) in CONTRACT {
+            // The text format 0.0.4: a counter's descriptor names its sample.
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
             let head = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
             assert!(text.contains(&head), "{head} missing from\n{text}");
         }

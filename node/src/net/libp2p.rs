@@ -611,14 +611,14 @@ mod tests {
         registry.register_collector(Box::new(Counted(counts, drops.series(), 5)));
         let text = crate::metrics::render(&registry);
         let expected = "\
-            # HELP keel_p2p_bytes Peer-to-peer frame bytes by direction and compression.\n\
-            # TYPE keel_p2p_bytes counter\n\
+            # HELP keel_p2p_bytes_total Peer-to-peer frame bytes by direction and compression.\n\
+            # TYPE keel_p2p_bytes_total counter\n\
             keel_p2p_bytes_total{direction=\"sent\",compressed=\"false\"} 1\n\
             keel_p2p_bytes_total{direction=\"sent\",compressed=\"true\"} 2\n\
             keel_p2p_bytes_total{direction=\"received\",compressed=\"false\"} 3\n\
             keel_p2p_bytes_total{direction=\"received\",compressed=\"true\"} 4\n\
-            # HELP keel_p2p_dropped_messages Messages the network gave up on, by channel and reason.\n\
-            # TYPE keel_p2p_dropped_messages counter\n\
+            # HELP keel_p2p_dropped_messages_total Messages the network gave up on, by channel and reason.\n\
+            # TYPE keel_p2p_dropped_messages_total counter\n\
             keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"queue_full\"} 0\n\
             keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"peer_queue_full\"} 2\n\
             keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"publish_failed\"} 0\n\
@@ -632,8 +632,7 @@ mod tests {
             keel_p2p_dropped_messages_total{channel=\"sync\",reason=\"queue_full\"} 0\n\
             # HELP keel_peers Connected peers.\n\
             # TYPE keel_peers gauge\n\
-            keel_peers 5\n\
-            # EOF\n";
+            keel_peers 5\n";
         assert_eq!(text, expected);
     }
 

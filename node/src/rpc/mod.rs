@@ -267,8 +267,8 @@ mod tests {
         let text = crate::metrics::render(registry);
         assert!(
             text.contains(
-                "# HELP keel_rpc_requests JSON-RPC calls by method and result code \
-                 (0 = success).\n# TYPE keel_rpc_requests counter\n"
+                "# HELP keel_rpc_requests_total JSON-RPC calls by method and result code \
+                 (0 = success).\n# TYPE keel_rpc_requests_total counter\n"
             ),
             "{text}"
         );
