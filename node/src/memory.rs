@@ -17,8 +17,8 @@
 //! with the memtables charged to it) 30%, the state-tree node cache 10%, the signature
 //! cache 3% (at most its default), the mempool 15% (at most its default); the remaining
 //! 42% is headroom for what no budget bounds by bytes (block execution, consensus, p2p and
-//! RPC buffers, the allocator's own pages). A [`Governor`] reads jemalloc's resident bytes
-//! four times a second and sets the [`Pressure`]: soft from 85% of `L` (the caches shrink to
+//! RPC buffers, the allocator's own pages). A [`Governor`] reads the process's resident set
+//! (or jemalloc's resident bytes, if larger) four times a second and sets the [`Pressure`]: soft from 85% of `L` (the caches shrink to
 //! half their budget), hard from 95% (the caches shrink to an eighth, and new transactions
 //! are refused, from RPC and gossip alike, while consensus goes on); pressure falls a level
 //! only once resident memory is 5 points below the level's threshold, and the caches grow
@@ -108,6 +108,21 @@ pub fn resident_bytes() -> u64 {
         return 0;
     }
     tikv_jemalloc_ctl::stats::resident::read().map_or(0, |b| b as u64)
+}
+
+/// The process's resident set (`VmRSS` of `/proc/self/status`: heap, stacks, mapped code and
+/// libraries), what the operating system counts against the process; 0 where there is no
+/// `/proc`.
+pub fn process_resident_bytes() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb.saturating_mul(1024))
 }
 
 /// Bytes allocated through jemalloc (its `stats.allocated`), 0 if it cannot tell.
@@ -417,7 +432,7 @@ impl Governor {
             return;
         }
         while !token.is_cancelled() {
-            self.step(resident_bytes());
+            self.step(process_resident_bytes().max(resident_bytes()));
             std::thread::sleep(GOVERNOR_PERIOD);
         }
     }
@@ -486,6 +501,13 @@ mod tests {
         // Straight to hard from nothing.
         assert_eq!(g.step(mib(120)), PRESSURE_HARD);
         assert_eq!(sizes.lock().unwrap().last(), Some(&100));
+    }
+
+    #[test]
+    fn the_process_resident_set_is_read() {
+        let rss = process_resident_bytes();
+        // A test process holds at least a few MiB, and not terabytes.
+        assert!((1 << 20..1 << 40).contains(&rss), "{rss}");
     }
 
     #[test]
