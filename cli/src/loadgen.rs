@@ -406,6 +406,8 @@ fn reject_reason(code: i32, message: &str) -> (&'static str, NonceFate) {
         // A lagging endpoint may not have applied the funding yet: try again later.
         -32003 => ("insufficient funds", NonceFate::Retry),
         -32004 => ("mempool full", NonceFate::Retry),
+        -32020 => ("rate limited", NonceFate::Retry),
+        -32027 => ("memory pressure", NonceFate::Retry),
         -32005 => ("fee too low", NonceFate::Retire),
         -32006 => ("wrong chain id", NonceFate::Retire),
         -32008 => ("transaction too large", NonceFate::Retire),
@@ -413,8 +415,7 @@ fn reject_reason(code: i32, message: &str) -> (&'static str, NonceFate) {
         -32600 => ("invalid request", NonceFate::Retire),
         -32601 => ("unknown method", NonceFate::Retire),
         -32602 => ("invalid params", NonceFate::Retire),
-        // Codes this build does not know (rate limits, memory pressure ...): most likely
-        // passing, so the nonce is tried again.
+        // Codes this build does not know: most likely passing, so the nonce is tried again.
         _ => ("other", NonceFate::Retry),
     }
 }
@@ -1895,6 +1896,16 @@ mod tests {
             panic!("not a rejection")
         };
         assert_eq!((class.code, class.reason), (Some(-32004), "mempool full"));
+        assert_eq!(fate, NonceFate::Retry);
+        let Answer::Rejected { class, fate, .. } =
+            rejected(-32027, "node under memory pressure: ...")
+        else {
+            panic!("not a rejection")
+        };
+        assert_eq!(
+            (class.code, class.reason),
+            (Some(-32027), "memory pressure")
+        );
         assert_eq!(fate, NonceFate::Retry);
         let Answer::Rejected { fate, .. } = rejected(-32001, "invalid signature") else {
             panic!("not a rejection")

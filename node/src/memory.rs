@@ -397,10 +397,11 @@ impl Governor {
             }
             self.pressure.set(next);
             self.resize_all(next);
-            if next > now {
-                // Give the freed pages back now rather than after the decay time.
-                purge();
-            }
+        }
+        if next > PRESSURE_NONE {
+            // Under pressure, pages freed (by the shrunk caches, by finished blocks) go back
+            // to the system at once rather than after the decay time.
+            purge();
         }
         next
     }
