@@ -15,8 +15,9 @@
 //!
 //! With a limit `L`, the node splits it into budgets ([`Budgets::of`]): RocksDB (block cache
 //! with the memtables charged to it) 30%, the state-tree node cache 10%, the signature
-//! cache 3% (at most its default), the mempool 15% (at most its default); the remaining
-//! 42% is headroom for what no budget bounds by bytes (block execution, consensus, p2p and
+//! cache 3% (at most its default), the mempool 15% (at most its default), the p2p service's
+//! low-priority queue (transactions, sync) 5% (at most 64 MiB); the remaining 37% is
+//! headroom for what no budget bounds by bytes (block execution, consensus, p2p and
 //! RPC buffers, the allocator's own pages). A [`Governor`] reads the process's resident set
 //! (or jemalloc's resident bytes, if larger) four times a second and sets the [`Pressure`]: soft from 85% of `L` (the caches shrink to
 //! half their budget), hard from 95% (the caches shrink to an eighth, and new transactions
@@ -146,6 +147,11 @@ pub const STATE_CACHE_SHARE: u64 = 10;
 pub const SIG_CACHE_SHARE: u64 = 3;
 /// See [`ROCKSDB_SHARE`].
 pub const MEMPOOL_SHARE: u64 = 15;
+/// See [`ROCKSDB_SHARE`].
+pub const P2P_SHARE: u64 = 5;
+
+/// Payload bytes the p2p service's low-priority queue holds without a limit.
+pub const DEFAULT_P2P_QUEUE_BYTES: u64 = 64 << 20;
 
 /// Resident memory, in percent of the limit, from which pressure is soft.
 pub const SOFT_PERCENT: u64 = 85;
@@ -172,6 +178,8 @@ pub struct Budgets {
     pub sig_cache: u64,
     /// Pending transactions (`mempool.max_bytes`).
     pub mempool: u64,
+    /// Payloads waiting in the p2p service's low-priority queue (transactions, sync).
+    pub p2p: u64,
 }
 
 fn share(limit: u64, percent: u64) -> u64 {
@@ -196,6 +204,7 @@ impl Budgets {
                 state_cache: state_default,
                 sig_cache: sig_default,
                 mempool: config.mempool.max_bytes.0,
+                p2p: DEFAULT_P2P_QUEUE_BYTES,
             };
         }
         let derive = |set: u64, default: u64, percent: u64| {
@@ -229,6 +238,7 @@ impl Budgets {
                 defaults.mempool.max_bytes.0,
                 MEMPOOL_SHARE,
             ),
+            p2p: share(limit, P2P_SHARE).min(DEFAULT_P2P_QUEUE_BYTES),
         }
     }
 

@@ -16,7 +16,7 @@
 //! own queue. Every message given up on is counted in [`DropStats`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -80,6 +80,10 @@ pub struct Config {
     pub limits: Limits,
     /// Payloads larger than this are compressed.
     pub compression_threshold_bytes: usize,
+    /// Most payload bytes waiting in the low-priority queue (transactions and sync) for the
+    /// service; beyond it a message is dropped, counted as [`DropReason::QueueFull`].
+    /// Consensus and evidence are bounded by count only ([`QUEUE`] messages), never by bytes.
+    pub queue_bytes: u64,
     /// Score persistence.
     pub store: Option<Box<dyn PeerStore>>,
 }
@@ -146,6 +150,28 @@ enum Command {
     ValidatorPeers(Vec<PeerId>),
 }
 
+impl Command {
+    /// Payload bytes the command holds.
+    fn bytes(&self) -> u64 {
+        match self {
+            Command::Publish { data, .. }
+            | Command::Direct { data, .. }
+            | Command::Request { data, .. }
+            | Command::Respond { data, .. } => data.len() as u64,
+            Command::Report { .. } | Command::ValidatorPeers(_) => 0,
+        }
+    }
+}
+
+/// Payload bytes waiting in the command queues, for the memory budget.
+#[derive(Debug, Default)]
+struct QueuedBytes {
+    high: AtomicU64,
+    low: AtomicU64,
+    /// The most the low queue may hold.
+    low_limit: u64,
+}
+
 /// The node's side of the service. Cheap to clone.
 #[derive(Clone)]
 pub struct NetworkHandle {
@@ -157,9 +183,23 @@ pub struct NetworkHandle {
     stats: Arc<ByteStats>,
     drops: Arc<DropStats>,
     listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    queued: Arc<QueuedBytes>,
 }
 
 impl NetworkHandle {
+    /// Payload bytes waiting in the outbound command queues now (both priorities).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued
+            .high
+            .load(Ordering::Relaxed)
+            .saturating_add(self.queued.low.load(Ordering::Relaxed))
+    }
+
+    /// The most payload bytes the low-priority queue (transactions, sync) holds.
+    pub fn queue_bytes_limit(&self) -> u64 {
+        self.queued.low_limit
+    }
+
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local
@@ -210,9 +250,23 @@ impl NetworkHandle {
     }
 
     fn push(&self, channel: Channel, command: Command) -> Result<()> {
-        self.queue(channel).try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Busy,
-            mpsc::error::TrySendError::Closed(_) => Error::Closed,
+        let bytes = command.bytes();
+        let (counter, limit) = match channel {
+            Channel::Consensus | Channel::Evidence => (&self.queued.high, u64::MAX),
+            Channel::Transactions | Channel::Sync => (&self.queued.low, self.queued.low_limit),
+        };
+        // Reserved before the check, so concurrent senders cannot overshoot together.
+        let before = counter.fetch_add(bytes, Ordering::Relaxed);
+        if bytes > 0 && before.saturating_add(bytes) > limit {
+            counter.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(Error::Busy);
+        }
+        self.queue(channel).try_send(command).map_err(|e| {
+            counter.fetch_sub(bytes, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => Error::Busy,
+                mpsc::error::TrySendError::Closed(_) => Error::Closed,
+            }
         })
     }
 
@@ -410,6 +464,10 @@ pub fn start_service(
         stats: Arc::new(ByteStats::default()),
         drops: Arc::new(DropStats::default()),
         listen_addrs: Arc::new(Mutex::new(Vec::new())),
+        queued: Arc::new(QueuedBytes {
+            low_limit: config.queue_bytes,
+            ..QueuedBytes::default()
+        }),
     };
     let service = Service {
         swarm,
@@ -505,9 +563,15 @@ impl Service {
         loop {
             tokio::select! {
                 biased;
-                Some(c) = high.recv() => self.command(c),
+                Some(c) = high.recv() => {
+                    self.handle.queued.high.fetch_sub(c.bytes(), Ordering::Relaxed);
+                    self.command(c);
+                }
                 event = self.swarm.select_next_some() => self.swarm_event(event),
-                Some(c) = low.recv() => self.command(c),
+                Some(c) = low.recv() => {
+                    self.handle.queued.low.fetch_sub(c.bytes(), Ordering::Relaxed);
+                    self.command(c);
+                }
                 _ = tick.tick() => {
                     ticks += 1;
                     self.maintain(ticks % SAVE_EVERY_TICKS == 0);
@@ -856,8 +920,49 @@ mod tests {
                 inbound_per_sec: 10,
             },
             compression_threshold_bytes: 1024,
+            queue_bytes: 64 << 20,
             store: None,
         }
+    }
+
+    #[test]
+    fn the_low_queue_holds_at_most_its_bytes_and_consensus_is_never_refused_for_bytes() {
+        let (high, mut high_rx) = mpsc::channel(QUEUE);
+        let (low, mut low_rx) = mpsc::channel(QUEUE);
+        let handle = NetworkHandle {
+            high,
+            low,
+            local: PeerId::random(),
+            peers: Arc::default(),
+            peer_count: Arc::default(),
+            stats: Arc::default(),
+            drops: Arc::default(),
+            listen_addrs: Arc::default(),
+            queued: Arc::new(QueuedBytes {
+                low_limit: 100,
+                ..QueuedBytes::default()
+            }),
+        };
+        handle.publish(Channel::Transactions, vec![1; 60]).unwrap();
+        assert!(matches!(
+            handle.publish(Channel::Transactions, vec![2; 60]),
+            Err(Error::Busy)
+        ));
+        assert_eq!(
+            handle
+                .drop_stats()
+                .get(Channel::Transactions, DropReason::QueueFull),
+            1
+        );
+        handle.publish(Channel::Consensus, vec![3; 1_000]).unwrap();
+        assert_eq!(handle.queued_bytes(), 1_060);
+        // What the service takes off the queues no longer counts (as `Service::run` does).
+        let c = low_rx.try_recv().unwrap();
+        handle.queued.low.fetch_sub(c.bytes(), Ordering::Relaxed);
+        let c = high_rx.try_recv().unwrap();
+        handle.queued.high.fetch_sub(c.bytes(), Ordering::Relaxed);
+        assert_eq!(handle.queued_bytes(), 0);
+        handle.publish(Channel::Transactions, vec![2; 60]).unwrap();
     }
 
     fn listen_addr(h: &NetworkHandle) -> Multiaddr {

@@ -25,6 +25,7 @@ fn config(seed: u8, persistent: Vec<Multiaddr>) -> Config {
             inbound_per_sec: 10,
         },
         compression_threshold_bytes: 1024,
+        queue_bytes: 64 << 20,
         store: None,
     }
 }

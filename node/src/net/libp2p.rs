@@ -71,6 +71,11 @@ pub struct Libp2pNetwork {
 }
 
 impl Libp2pNetwork {
+    /// Payload bytes waiting in the p2p service's outbound queues (the memory budget).
+    pub fn queued_bytes(&self) -> u64 {
+        self.handle.queued_bytes()
+    }
+
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.handle.local_peer_id()
@@ -258,6 +263,7 @@ pub fn start(
             inbound_per_sec: p2p.inbound_connections_per_sec,
         },
         compression_threshold_bytes: p2p.compression_threshold_bytes as usize,
+        queue_bytes: crate::memory::Budgets::of(config).p2p,
         store: Some(Box::new(chain.records().peer_book())),
     })
     .map_err(Error::Network)?;
@@ -744,6 +750,7 @@ mod tests {
                 inbound_per_sec: 10,
             },
             compression_threshold_bytes: 1024,
+            queue_bytes: 64 << 20,
             store: None,
         }
     }
