@@ -40,6 +40,30 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read when it starts (before `main`): heap profiling ready but inactive.
+/// `prof:true` can only be chosen at start; sampling stays off (`prof_active:false`, no cost
+/// measurable) unless `[metrics] profiling = true` switches it on (`keel_node::profiling`).
+/// `MALLOC_CONF` (`_RJEM_MALLOC_CONF` where jemalloc is prefixed) is read after this and
+/// overrides it.
+#[allow(unsafe_code, non_upper_case_globals)] // exported by name, as jemalloc looks it up
+#[cfg_attr(
+    any(
+        target_os = "android",
+        target_os = "dragonfly",
+        target_vendor = "apple"
+    ),
+    export_name = "_rjem_malloc_conf"
+)]
+#[cfg_attr(
+    not(any(
+        target_os = "android",
+        target_os = "dragonfly",
+        target_vendor = "apple"
+    )),
+    export_name = "malloc_conf"
+)]
+pub static malloc_conf: &[u8; 28] = b"prof:true,prof_active:false\0";
+
 fn main() -> ExitCode {
     if let Err(e) = check_cpu() {
         eprintln!("error: {e}");

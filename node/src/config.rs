@@ -367,6 +367,13 @@ pub enum PruningMode {
     Custom,
 }
 
+/// With `memory.limit`, the percent of it RocksDB's block cache (memtables included) gets
+/// when `storage.rocksdb.block_cache_size` is left at its default, and the most an explicit
+/// value may take (`keel_node::memory` splits the rest).
+pub const ROCKSDB_SHARE: u64 = 30;
+/// The same for `mempool.max_bytes`.
+pub const MEMPOOL_SHARE: u64 = 15;
+
 /// `[memory]`: the process memory budget and the allocator's knobs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -396,18 +403,34 @@ impl Default for MemoryConfig {
 /// The longest decay time accepted: one day.
 const MAX_DECAY_MS: i64 = 86_400_000;
 
-/// `[metrics]`: the Prometheus endpoint.
+/// `[metrics]`: the Prometheus endpoint, and profiles on demand on the same listener.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address serving `GET /metrics`.
     pub listen_addr: SocketAddr,
+    /// Serve CPU and heap profiles under `/debug/pprof/` (see `docs/profiling.md`), and keep
+    /// jemalloc's heap sampling on from the start. Off: those paths answer 404 and heap
+    /// sampling stays inactive.
+    pub profiling: bool,
+    /// With `profiling`: jemalloc records one allocation per this many bytes allocated, on
+    /// average (its `lg_prof_sample`, as a size). A power of two.
+    pub heap_sample_bytes: ByteSize,
 }
+
+/// Default of `metrics.heap_sample_bytes`: jemalloc's own default sampling interval.
+pub const DEFAULT_HEAP_SAMPLE_BYTES: ByteSize = ByteSize::kib(512);
+/// Smallest `metrics.heap_sample_bytes`: below, sampling costs far more than it tells.
+const MIN_HEAP_SAMPLE_BYTES: ByteSize = ByteSize::kib(1);
+/// Largest `metrics.heap_sample_bytes`.
+const MAX_HEAP_SAMPLE_BYTES: ByteSize = ByteSize::gib(1);
 
 impl Default for MetricsConfig {
     fn default() -> MetricsConfig {
         MetricsConfig {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 26660)),
+            profiling: false,
+            heap_sample_bytes: DEFAULT_HEAP_SAMPLE_BYTES,
         }
     }
 }
@@ -615,6 +638,14 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ),
     ("metrics.listen_addr", "Prometheus metrics at /metrics."),
     (
+        "metrics.profiling",
+        "CPU and heap profiles at /debug/pprof/ on this listener (docs/profiling.md).",
+    ),
+    (
+        "metrics.heap_sample_bytes",
+        "With profiling: heap profile samples one allocation per this many bytes (power of two).",
+    ),
+    (
         "log.level",
         "A tracing filter: \"info\", \"keel_node=debug,info\".",
     ),
@@ -778,6 +809,19 @@ impl Config {
                 format!("{} is also rpc.listen_addr", self.metrics.listen_addr),
             );
         }
+        let sample = self.metrics.heap_sample_bytes;
+        if !sample.0.is_power_of_two()
+            || sample < MIN_HEAP_SAMPLE_BYTES
+            || sample > MAX_HEAP_SAMPLE_BYTES
+        {
+            return fail(
+                "metrics.heap_sample_bytes",
+                format!(
+                    "must be a power of two from {MIN_HEAP_SAMPLE_BYTES} to \
+                     {MAX_HEAP_SAMPLE_BYTES}, such as \"512KiB\" (got {sample})"
+                ),
+            );
+        }
 
         let consensus = &self.consensus;
         if !(10..=MAX_BLOCK_TIME_MS).contains(&consensus.block_time_ms) {
@@ -899,14 +943,14 @@ impl Config {
                     "storage.rocksdb.block_cache_size",
                     rocks.block_cache_size,
                     defaults.storage.rocksdb.block_cache_size,
-                    crate::memory::ROCKSDB_SHARE,
+                    ROCKSDB_SHARE,
                     self.storage.engine == StorageEngine::RocksDb,
                 ),
                 (
                     "mempool.max_bytes",
                     self.mempool.max_bytes,
                     defaults.mempool.max_bytes,
-                    crate::memory::MEMPOOL_SHARE,
+                    MEMPOOL_SHARE,
                     true,
                 ),
             ];
@@ -1229,6 +1273,7 @@ dirty_decay_ms = 10000     # jemalloc: how fast freed memory goes back to the OS
 muzzy_decay_ms = 10000
 [metrics]
 listen_addr = "127.0.0.1:26660"
+profiling = false          # /debug/pprof/* on this listener
 [log]
 level = "info"
 format = "text"            # "text" | "json"
@@ -1525,6 +1570,18 @@ format = "json"
                 "[metrics]\nlisten_addr = \"127.0.0.1:26657\"",
                 "metrics.listen_addr",
             ),
+            (
+                "[metrics]\nheap_sample_bytes = \"500KiB\"",
+                "metrics.heap_sample_bytes",
+            ),
+            (
+                "[metrics]\nheap_sample_bytes = \"512B\"",
+                "metrics.heap_sample_bytes",
+            ),
+            (
+                "[metrics]\nheap_sample_bytes = \"2GiB\"",
+                "metrics.heap_sample_bytes",
+            ),
             ("[rpc]\nmax_connections = 0", "rpc.max_connections"),
             ("[rpc]\nmax_request_bytes = 100", "rpc.max_request_bytes"),
             ("[rpc]\nmax_batch_size = 0", "rpc.max_batch_size"),
@@ -1562,23 +1619,9 @@ format = "json"
         .unwrap_err()
         .to_string();
         assert!(e.contains("memory.limit") && e.contains("30%"), "{e}");
-        // Sizes left at their defaults derive from the limit (the 1 GiB default cache does
-        // not refuse a 512 MiB limit), explicit ones within their share are kept, and any
-        // limit goes with the memory engine.
-        let c = Config::from_toml_str("[memory]\nlimit = \"512MiB\"", no_env()).unwrap();
-        let b = crate::memory::Budgets::of(&c);
-        assert_eq!(b.rocksdb, 512 * 1024 * 1024 * 30 / 100);
-        assert_eq!(b.mempool, 512 * 1024 * 1024 * 15 / 100);
-        assert_eq!(b.write_buffer, b.rocksdb / 8);
-        let c = Config::from_toml_str(
-            "[memory]\nlimit = \"512MiB\"\n[storage.rocksdb]\nblock_cache_size = \"100MiB\"",
-            no_env(),
-        )
-        .unwrap();
-        assert_eq!(crate::memory::Budgets::of(&c).rocksdb, 100 << 20);
-        let c = Config::from_toml_str("", no_env()).unwrap();
-        let b = crate::memory::Budgets::of(&c);
-        assert_eq!((b.limit, b.rocksdb, b.mempool), (0, 1 << 30, 256 << 20));
+        // A 512 MiB limit is accepted with the 1 GiB default cache (it derives from the limit:
+        // see `memory::tests`), and any limit goes with the memory engine.
+        assert!(Config::from_toml_str("[memory]\nlimit = \"512MiB\"", no_env()).is_ok());
         assert!(Config::from_toml_str("[memory]\nlimit = \"4GiB\"", no_env()).is_ok());
         assert!(Config::from_toml_str(
             "[memory]\nlimit = \"512MiB\"\n[storage]\nengine = \"memory\"",
@@ -1746,6 +1789,55 @@ format = "json"
             "KEEL_STORAGE_PRUNING_KEEP_RECENT".into(),
             "storage.pruning.keep_recent".into()
         )));
+    }
+
+    #[test]
+    fn profiling_keys_parse_from_the_file_and_the_environment() {
+        let d = Config::default().metrics;
+        assert!(!d.profiling);
+        assert_eq!(d.heap_sample_bytes, ByteSize::kib(512));
+
+        let text = "[metrics]\nprofiling = true\nheap_sample_bytes = \"1MiB\"\n";
+        let c = Config::from_toml_str(text, no_env()).unwrap();
+        assert!(c.metrics.profiling);
+        assert_eq!(c.metrics.heap_sample_bytes, ByteSize::mib(1));
+
+        let c = Config::from_toml_str(
+            "",
+            env(&[
+                ("KEEL_METRICS_PROFILING", "true"),
+                ("KEEL_METRICS_HEAP_SAMPLE_BYTES", "64KiB"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.metrics.profiling);
+        assert_eq!(c.metrics.heap_sample_bytes, ByteSize::kib(64));
+
+        let e = err("[metrics]\nprofiling = \"yes\"", &[]);
+        assert!(e.contains("metrics.profiling"), "{e}");
+        let e = err("[metrics]\nheap_sample_bytes = \"3MiB\"", &[]);
+        assert!(
+            e.contains("power of two") && e.contains("3MiB") && e.contains("512KiB"),
+            "{e}"
+        );
+        let e = err("[metrics]\nprofile = true", &[]);
+        assert!(e.contains("unknown key \"metrics.profile\""), "{e}");
+
+        // Written out with their documentation, and read back equal.
+        let mut custom = Config::default();
+        custom.metrics.profiling = true;
+        custom.metrics.heap_sample_bytes = ByteSize::kib(128);
+        let text = custom.to_toml_string();
+        assert!(text.contains("\nprofiling = true\n"), "{text}");
+        assert!(
+            text.contains("\nheap_sample_bytes = \"128KiB\"\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# CPU and heap profiles at /debug/pprof/"),
+            "{text}"
+        );
+        assert_eq!(Config::from_toml_str(&text, no_env()).unwrap(), custom);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   answers peers, and the simulated one; [`sync`]: what a node serves to a peer that syncs;
 //! - [`view`]: the snapshot of the chain the host publishes and readers (RPC, metrics, sync
 //!   serving) load without waiting on it;
-//! - [`mempool`], [`rpc`], [`metrics`], [`config`];
+//! - [`mempool`], [`rpc`], [`metrics`] (with [`profiling`]: profiles on demand), [`config`];
 //! - [`bench`]: the workloads of `keel bench`.
 //!
 //! The protocol types a client of the node needs (addresses, hashes, keys, transactions) and
@@ -40,6 +40,7 @@ pub mod mempool;
 pub mod metrics;
 pub mod net;
 mod node;
+pub mod profiling;
 pub mod pruner;
 pub mod rpc;
 pub mod store;

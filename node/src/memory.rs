@@ -139,14 +139,13 @@ pub const NODE_BYTES: u64 = 320;
 /// Estimated bytes of one signature-cache entry (hash and LRU entry).
 pub const SIG_ENTRY_BYTES: u64 = 96;
 
-/// Shares of `memory.limit`, in percent.
-pub const ROCKSDB_SHARE: u64 = 30;
+/// Shares of `memory.limit`, in percent (RocksDB's and the mempool's are checked by
+/// [`Config::validate`], so they live there).
+pub use crate::config::{MEMPOOL_SHARE, ROCKSDB_SHARE};
 /// See [`ROCKSDB_SHARE`].
 pub const STATE_CACHE_SHARE: u64 = 10;
 /// See [`ROCKSDB_SHARE`].
 pub const SIG_CACHE_SHARE: u64 = 3;
-/// See [`ROCKSDB_SHARE`].
-pub const MEMPOOL_SHARE: u64 = 15;
 /// See [`ROCKSDB_SHARE`].
 pub const P2P_SHARE: u64 = 5;
 
@@ -512,6 +511,24 @@ mod tests {
         // Straight to hard from nothing.
         assert_eq!(g.step(mib(120)), PRESSURE_HARD);
         assert_eq!(sizes.lock().unwrap().last(), Some(&100));
+    }
+
+    #[test]
+    fn sizes_left_at_their_defaults_derive_from_the_limit() {
+        let parse = |t: &str| Config::from_toml_str(t, Vec::new()).unwrap();
+        let b = Budgets::of(&parse("[memory]\nlimit = \"512MiB\""));
+        assert_eq!(b.rocksdb, 512 * 1024 * 1024 * 30 / 100);
+        assert_eq!(b.mempool, 512 * 1024 * 1024 * 15 / 100);
+        assert_eq!(b.write_buffer, b.rocksdb / 8);
+        assert_eq!(b.p2p, 512 * 1024 * 1024 * 5 / 100);
+        // An explicit size within its share is kept.
+        let b = Budgets::of(&parse(
+            "[memory]\nlimit = \"512MiB\"\n[storage.rocksdb]\nblock_cache_size = \"100MiB\"",
+        ));
+        assert_eq!(b.rocksdb, 100 << 20);
+        // Without a limit: the configured sizes.
+        let b = Budgets::of(&parse(""));
+        assert_eq!((b.limit, b.rocksdb, b.mempool), (0, 1 << 30, 256 << 20));
     }
 
     #[test]

@@ -17,12 +17,16 @@
 //!
 //! The listener ([`serve_metrics`]) is hyper's HTTP/1.1 server with bounds of its own: a
 //! fixed number of connections, a deadline for each request head and for each connection,
-//! and a cancellation token that stops it within a couple of seconds.
+//! and a cancellation token that stops it within a couple of seconds. With
+//! `[metrics] profiling = true` it also serves [`crate::profiling`] under `/debug/pprof/`; a
+//! connection waiting for a profile outlives the connection deadline until the profile ends.
 
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Ready;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +50,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config::MetricsConfig;
+use crate::profiling::{self, Profiles};
 use crate::{Error, Result};
 
 /// The text exposition of every metric in `registry`, as a scrape gets it (empty if a
@@ -321,25 +327,28 @@ const LIMITS: Limits = Limits {
 /// Renders the text exposition format at each scrape.
 type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Serves `GET /metrics` on `addr` with the text `render` returns at each request (HTTP/1.1;
-/// any other path gets 404, any other method 405). Returns the bound address and the
-/// listener's task.
+/// Serves `GET /metrics` on `config.listen_addr` with the text `render` returns at each
+/// request (HTTP/1.1; any other path gets 404, any other method 405), and with
+/// `config.profiling` the profiles of [`crate::profiling`] under `/debug/pprof/` (starting
+/// jemalloc's heap sampling now). Returns the bound address and the listener's task.
 ///
 /// At most 64 connections are served at once (more are closed as soon as they are accepted);
 /// a client has 5 s to send its request head. When `shutdown` is cancelled the listener
-/// stops accepting, lets responses in flight finish for at most 2 s, drops what is left and
-/// the task completes.
+/// stops accepting, cuts profiles in flight short, lets responses in flight finish for at
+/// most 2 s, drops what is left and the task completes.
 pub async fn serve_metrics(
-    addr: SocketAddr,
+    config: &MetricsConfig,
     render: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
-    serve_with(addr, render, shutdown, LIMITS).await
+    let profiles = Profiles::start(config);
+    serve_with(config.listen_addr, render, profiles, shutdown, LIMITS).await
 }
 
 async fn serve_with(
     addr: SocketAddr,
     render: Render,
+    profiles: Option<Arc<Profiles>>,
     shutdown: CancellationToken,
     limits: Limits,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
@@ -352,7 +361,12 @@ async fn serve_with(
     info!(addr = %local, "Prometheus metrics at /metrics");
     let task = tokio::spawn(accept_loop(
         listener,
-        MetricsService { render },
+        MetricsService {
+            render,
+            profiles,
+            shutdown: shutdown.clone(),
+            profiling: Arc::default(),
+        },
         shutdown,
         limits,
     ));
@@ -392,8 +406,20 @@ async fn accept_loop(
             debug!(%peer, "metrics listener: connection limit reached, closing");
             continue;
         };
-        let connection = http.serve_connection(TokioIo::new(stream), service.clone());
-        connections.spawn(serve_connection(connection, shutdown.clone(), limits, slot));
+        // Each connection has its own "profile in flight" flag.
+        let service = MetricsService {
+            profiling: Arc::default(),
+            ..service.clone()
+        };
+        let profiling = service.profiling.clone();
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        connections.spawn(serve_connection(
+            connection,
+            shutdown.clone(),
+            limits,
+            profiling,
+            slot,
+        ));
     }
     drop(listener);
     let drained = tokio::time::timeout(limits.shutdown_grace, async {
@@ -408,18 +434,30 @@ async fn accept_loop(
     }
 }
 
-/// Drives one connection, holding `_slot` until it closes.
+/// Drives one connection, holding `_slot` until it closes. Past `max_connection_time` the
+/// connection is closed after its response in flight, unless that response is a profile
+/// being taken (`profiling`): a profile may last minutes, and ends by itself (at most
+/// [`profiling::MAX_SECONDS`] and its encoding later) or at shutdown.
 async fn serve_connection(
     connection: http1::Connection<TokioIo<TcpStream>, MetricsService>,
     shutdown: CancellationToken,
     limits: Limits,
+    profiling: Arc<AtomicBool>,
     _slot: OwnedSemaphorePermit,
 ) {
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => return connection_closed(result),
         () = shutdown.cancelled() => {}
-        () = tokio::time::sleep(limits.max_connection_time) => {}
+        () = tokio::time::sleep(limits.max_connection_time) => {
+            while profiling.load(Ordering::Acquire) {
+                tokio::select! {
+                    result = connection.as_mut() => return connection_closed(result),
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(PROFILE_POLL) => {}
+                }
+            }
+        }
     }
     // Finish the response in flight, if any, then close.
     connection.as_mut().graceful_shutdown();
@@ -435,19 +473,67 @@ fn connection_closed(result: std::result::Result<(), hyper::Error>) {
     }
 }
 
+/// How often a connection past its deadline checks whether its profile has ended.
+const PROFILE_POLL: Duration = Duration::from_millis(100);
+
 /// Answers the requests of one connection.
 #[derive(Clone)]
 struct MetricsService {
     render: Render,
+    /// `Some` with `[metrics] profiling = true`.
+    profiles: Option<Arc<Profiles>>,
+    shutdown: CancellationToken,
+    /// Set while this connection's response is a profile being taken.
+    profiling: Arc<AtomicBool>,
 }
+
+/// Sets a connection's "profile in flight" flag while it lives.
+struct ProfileInFlight(Arc<AtomicBool>);
+
+impl ProfileInFlight {
+    fn new(flag: Arc<AtomicBool>) -> ProfileInFlight {
+        flag.store(true, Ordering::Release);
+        ProfileInFlight(flag)
+    }
+}
+
+impl Drop for ProfileInFlight {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<Response<Full<Bytes>>, Infallible>> + Send>>;
 
 impl Service<Request<Incoming>> for MetricsService {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
-    type Future = Ready<std::result::Result<Self::Response, Infallible>>;
+    type Future = ResponseFuture;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let response = if request.uri().path() != "/metrics" {
+        let path = request.uri().path();
+        if let Some(profiles) = &self.profiles {
+            let under_prefix = path
+                .strip_prefix(profiling::PREFIX)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+            if under_prefix {
+                let profiles = profiles.clone();
+                let shutdown = self.shutdown.clone();
+                let in_flight = ProfileInFlight::new(self.profiling.clone());
+                let method = request.method().clone();
+                let path = path.to_string();
+                let query = request.uri().query().map(str::to_string);
+                return Box::pin(async move {
+                    let response = profiles
+                        .respond(&method, &path, query.as_deref(), &shutdown)
+                        .await;
+                    drop(in_flight);
+                    Ok(response)
+                });
+            }
+        }
+        let response = if path != "/metrics" {
             text_response(StatusCode::NOT_FOUND, "not found: try GET /metrics\n")
         } else if request.method() != Method::GET {
             let mut response = text_response(
@@ -461,7 +547,7 @@ impl Service<Request<Incoming>> for MetricsService {
         } else {
             text_response(StatusCode::OK, (self.render)())
         };
-        std::future::ready(Ok(response))
+        Box::pin(std::future::ready(Ok(response)))
     }
 }
 
@@ -600,6 +686,7 @@ mod tests {
         let (addr, task) = serve_with(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             render,
+            None,
             shutdown.clone(),
             limits,
         )
@@ -664,6 +751,112 @@ mod tests {
                 "{response}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn profile_paths_are_not_found_when_profiling_is_off() {
+        let (addr, _shutdown, _task) = start(LIMITS, fixed_body()).await;
+        for path in [
+            "/debug/pprof/",
+            "/debug/pprof/profile?seconds=1",
+            "/debug/pprof/flamegraph?seconds=1",
+            "/debug/pprof/heap",
+        ] {
+            let (status, response) = request(addr, "GET", path).await;
+            assert_eq!(status, 404, "{path}: {response}");
+            assert!(
+                response.ends_with("not found: try GET /metrics\n"),
+                "{response}"
+            );
+        }
+    }
+
+    /// Splits a raw response into its head and body.
+    fn split_response(raw: &[u8]) -> (String, &[u8]) {
+        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        (
+            String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase(),
+            &raw[end + 4..],
+        )
+    }
+
+    async fn request_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nhost: keel\r\nconnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out))
+            .await
+            .expect("response within 20 s")
+            .unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn profiles_are_served_and_outlive_the_connection_deadline() {
+        let _sampler = crate::profiling::CPU_TEST_LOCK.lock().await;
+        // A connection deadline far shorter than the profile.
+        let limits = Limits {
+            max_connection_time: Duration::from_millis(300),
+            ..LIMITS
+        };
+        let profiles = Arc::new(Profiles::new(Err("off in this test".to_string())));
+        let shutdown = CancellationToken::new();
+        let (addr, _task) = serve_with(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            fixed_body(),
+            Some(profiles),
+            shutdown.clone(),
+            limits,
+        )
+        .await
+        .unwrap();
+
+        let raw = request_bytes(addr, "/debug/pprof/profile?seconds=2").await;
+        let (head, body) = split_response(&raw);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(
+            head.contains("content-type: application/octet-stream"),
+            "{head}"
+        );
+        assert!(
+            head.contains("content-disposition: attachment; filename=\"profile\""),
+            "{head}"
+        );
+        let summary = crate::profiling::summarize(body).unwrap();
+        assert_eq!(summary.sample_types, ["samples/count", "cpu/nanoseconds"]);
+
+        // The other paths of the listener are as before; bad requests get a reason.
+        assert_eq!(request(addr, "GET", "/metrics").await.0, 200);
+        let (status, response) = request(addr, "GET", "/debug/pprof/profile?seconds=301").await;
+        assert_eq!(status, 400, "{response}");
+        assert!(
+            response.ends_with("from 1 to 300 (got \"301\")\n"),
+            "{response}"
+        );
+        let (status, response) = request(addr, "GET", "/debug/pprof/heap").await;
+        assert_eq!(status, 503, "{response}");
+        let (status, response) = request(addr, "GET", "/debug/pprof/block").await;
+        assert_eq!(status, 404, "{response}");
+        let (status, response) = request(addr, "GET", "/debug/pprofx").await;
+        assert_eq!(status, 404, "{response}");
+        assert!(
+            response.ends_with("not found: try GET /metrics\n"),
+            "{response}"
+        );
+        let (status, response) = request(addr, "GET", "/debug/pprof/").await;
+        assert_eq!(status, 200, "{response}");
+
+        // Shutdown cuts a long profile short and still ends the listener promptly.
+        let long = tokio::spawn(async move { request(addr, "GET", "/debug/pprof/profile").await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        shutdown.cancel();
+        let (status, response) = tokio::time::timeout(Duration::from_secs(5), long)
+            .await
+            .expect("the profile is cut short at shutdown")
+            .unwrap();
+        assert_eq!(status, 503, "{response}");
+        assert!(response.contains("shutting down"), "{response}");
     }
 
     #[tokio::test]

@@ -85,12 +85,7 @@ impl Node {
             other => other?,
         };
         let chain = booted.context.clone();
-        let governor = Arc::new(governor(
-            &config,
-            &chain,
-            rocks.clone(),
-            booted.node_cache(),
-        ));
+        let node_cache = booted.node_cache();
         let epoch = chain.epoch();
         let validators = chain.validator_set(epoch)?;
         let me = validators.get(&key.address()).map_or(0, |v| v.stake);
@@ -121,6 +116,13 @@ impl Node {
         tasks.add_task("network server", net.server);
         tasks.add_task("p2p service", net.service);
         let network = Arc::new(net.network);
+        let governor = Arc::new(governor(
+            &config,
+            &chain,
+            rocks.clone(),
+            node_cache,
+            network.clone(),
+        ));
         chain.set_gossip(network.clone());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let mut host = booted.into_host(network.clone(), clock.clone());
@@ -134,7 +136,7 @@ impl Node {
         crate::metrics::register_memory(&mut registry, governor.clone());
         let registry = Arc::new(registry);
         let (metrics_addr, metrics) = crate::metrics::serve_metrics(
-            config.metrics.listen_addr,
+            &config.metrics,
             Arc::new(move || crate::metrics::render(&registry)),
             tasks.token(),
         )
@@ -268,6 +270,7 @@ fn governor(
     chain: &Arc<NodeContext>,
     rocks: Option<Arc<RocksStore>>,
     node_cache: Arc<keel_state::NodeCache>,
+    network: Arc<crate::net::libp2p::Libp2pNetwork>,
 ) -> crate::memory::Governor {
     use crate::memory::{Budgets, Consumer, NODE_BYTES, SIG_ENTRY_BYTES};
     let budgets = Budgets::of(config);
@@ -299,6 +302,12 @@ fn governor(
         resize: Some(Box::new(move |bytes| {
             resized.set_capacity(usize::try_from(bytes / SIG_ENTRY_BYTES).unwrap_or(usize::MAX));
         })),
+    });
+    consumers.push(Consumer {
+        name: "p2p",
+        budget: budgets.p2p,
+        used: Box::new(move || network.queued_bytes()),
+        resize: None,
     });
     let weak = Arc::downgrade(chain);
     consumers.push(Consumer {
@@ -505,6 +514,11 @@ mod tests {
         );
         assert!(sample(&text, "keel_memory_used_bytes{consumer=\"rocksdb\"}") > 0.0);
         sample(&text, "keel_memory_used_bytes{consumer=\"state_cache\"}");
+        assert_eq!(
+            sample(&text, "keel_memory_budget_bytes{consumer=\"p2p\"}"),
+            ((1u64 << 30) * 5 / 100) as f64
+        );
+        sample(&text, "keel_memory_used_bytes{consumer=\"p2p\"}");
         assert_eq!(sample(&text, "keel_memory_pressure"), 0.0);
         sample(&text, "keel_memory_allocated_bytes");
         assert!(sample(&text, "keel_db_size_bytes") > 0.0, "{text}");

@@ -1,0 +1,1148 @@
+//! Profiles on demand, served by the metrics listener when `[metrics] profiling = true`
+//! (`docs/profiling.md`):
+//! - `GET /debug/pprof/profile?seconds=N`: a CPU profile of the whole process over `N`
+//!   seconds (default 30, at most 300), gzip-compressed pprof protobuf as Go serves it;
+//!   `&format=flamegraph`, or `GET /debug/pprof/flamegraph?seconds=N`, gives an SVG
+//!   flamegraph instead;
+//! - `GET /debug/pprof/heap`: the memory in use now, by allocation stack, from jemalloc's heap
+//!   sampling, as pprof protobuf;
+//! - `GET /debug/pprof/`: a plain-text index of the above.
+//!
+//! Invariants:
+//! - One CPU profile at a time (the sampler is process-wide): a second request is answered
+//!   409 at once. A profile ends early, its sampler stopped, when its client goes away or the
+//!   node shuts down.
+//! - The CPU sampler's signal handler does not allocate or follow an unchecked pointer:
+//!   pprof's `frame-pointer` unwinder walks the frame-pointer chain, each read checked first
+//!   (pprof's `validate`, a write to a pipe). The other unwinders of pprof 0.15 are not safe
+//!   in a signal handler: the default one (backtrace-rs over libgcc's `_Unwind_Backtrace`)
+//!   can take the loader's lock and has crashed and deadlocked processes (tikv/pprof-rs#36,
+//!   #75), and the `framehop` one builds its tables, allocating, inside the handler on the
+//!   first sample (fixed upstream after 0.15, unreleased). One libgcc call remains in the
+//!   handler (pprof's sample table keys frames by `_Unwind_FindEnclosingFunction`): with
+//!   glibc >= 2.35 and libgcc >= 12 that is `_dl_find_object`, lock-free and
+//!   async-signal-safe; older systems take the loader's recursive lock there. The price of
+//!   frame pointers: stacks are only as good as they are (build with
+//!   `-C force-frame-pointers=yes`; [`Profiles::start`] warns when they are missing), and a
+//!   sample starts at the interrupted function's caller.
+//! - Heap sampling is compiled into jemalloc and switched on (`prof.active`) only here, at
+//!   start, when profiling is configured: with `profiling = false` jemalloc's sampler stays
+//!   inactive and costs nothing measurable.
+//! - Symbolizing, encoding and jemalloc's dump run on blocking threads, never on the runtime's
+//!   workers; a panic there is a 500, not a dead listener.
+//! - Symbolizing parses the binary's debug information into a process-wide cache
+//!   (backtrace-rs's): about 130 MB allocated for a release build. It is freed when each
+//!   profile is encoded ([`forget_symbols`]), so memory comes back and each profile pays the
+//!   parse again (about 0.5 s of CPU).
+
+use std::ffi::c_void;
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+use pprof::protos::Message;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{ByteSize, MetricsConfig};
+
+/// Length of a CPU profile when the request names none (Go's default).
+pub const DEFAULT_SECONDS: u64 = 30;
+/// Longest CPU profile served.
+pub const MAX_SECONDS: u64 = 300;
+/// CPU samples per second of CPU time. Not 100, so that sampling does not run in lockstep
+/// with work on a 10 ms period.
+pub const FREQUENCY_HZ: i32 = 99;
+
+/// Path prefix of every profile.
+pub const PREFIX: &str = "/debug/pprof";
+
+/// The CPU sampler (a process-wide timer and signal handler): one permit, whoever serves
+/// profiles in this process.
+static CPU_SAMPLER: Semaphore = Semaphore::const_new(1);
+
+/// Held by the tests of this crate that take CPU profiles, so that they do not refuse
+/// each other.
+#[cfg(test)]
+pub(crate) static CPU_TEST_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const OCTET_STREAM: &str = "application/octet-stream";
+const SVG: &str = "image/svg+xml";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Why a profile was not served; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The request is malformed (a bad `seconds` or `format`): 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No profile of that kind exists: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// Only GET is served: 405.
+    #[error("method not allowed: use GET")]
+    MethodNotAllowed,
+    /// A profile of the same kind is being taken: 409.
+    #[error("{0}")]
+    Busy(&'static str),
+    /// The profile cannot be taken in this process, or the node is stopping: 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Taking or encoding the profile failed: 500.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ProfileError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProfileError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProfileError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProfileError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProfileError::Busy(_) => StatusCode::CONFLICT,
+            ProfileError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProfileError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// What a CPU profile is delivered as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuFormat {
+    /// gzip-compressed pprof protobuf.
+    Pprof,
+    /// An SVG flamegraph.
+    Flamegraph,
+}
+
+/// A request for a profile, parsed from a path and query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProfileRequest {
+    /// `/debug/pprof/`: the index.
+    Index,
+    /// A CPU profile over `seconds`.
+    Cpu {
+        /// Length of the profile.
+        seconds: u64,
+        /// How it is delivered.
+        format: CpuFormat,
+    },
+    /// The heap profile.
+    Heap,
+}
+
+impl ProfileRequest {
+    /// Parses a path under [`PREFIX`] and its query string (`seconds`, `format`; other
+    /// parameters are ignored, as Go's handlers do).
+    pub fn parse(path: &str, query: Option<&str>) -> Result<ProfileRequest, ProfileError> {
+        let rest = path.strip_prefix(PREFIX).unwrap_or(path);
+        let param = |name: &str| {
+            query.and_then(|q| {
+                q.split('&')
+                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v)
+            })
+        };
+        match rest {
+            "" | "/" => Ok(ProfileRequest::Index),
+            "/profile" | "/flamegraph" => {
+                let seconds = parse_seconds(param("seconds"))?;
+                let format = match (rest, param("format")) {
+                    ("/flamegraph", None) => CpuFormat::Flamegraph,
+                    (_, None | Some("" | "pprof" | "proto")) => CpuFormat::Pprof,
+                    (_, Some("flamegraph" | "svg")) => CpuFormat::Flamegraph,
+                    (_, Some(other)) => {
+                        return Err(ProfileError::BadRequest(format!(
+                            "format must be \"pprof\" or \"flamegraph\" (got \"{}\")",
+                            printable(other)
+                        )))
+                    }
+                };
+                Ok(ProfileRequest::Cpu { seconds, format })
+            }
+            "/heap" => Ok(ProfileRequest::Heap),
+            _ => Err(ProfileError::NotFound(format!(
+                "not found: no profile at {}; see GET {PREFIX}/",
+                printable(path)
+            ))),
+        }
+    }
+}
+
+fn parse_seconds(raw: Option<&str>) -> Result<u64, ProfileError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_SECONDS);
+    };
+    match raw.parse::<u64>() {
+        Ok(seconds) if (1..=MAX_SECONDS).contains(&seconds) => Ok(seconds),
+        _ => Err(ProfileError::BadRequest(format!(
+            "seconds must be a whole number from 1 to {MAX_SECONDS} (got \"{}\")",
+            printable(raw)
+        ))),
+    }
+}
+
+/// At most 64 characters of `text`, control characters replaced: what a client sent, safe to
+/// echo in a message.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// A profile ready to be sent.
+#[derive(Debug)]
+struct Reply {
+    content_type: &'static str,
+    /// `Content-Disposition` file name, as Go's handlers give one.
+    filename: Option<&'static str>,
+    body: Bytes,
+}
+
+/// The profiles one node serves: created by [`Profiles::start`] when `[metrics] profiling`
+/// is on, shared by every connection of the metrics listener.
+#[derive(Debug)]
+pub struct Profiles {
+    /// One permit: a heap dump being written.
+    heap: Arc<Semaphore>,
+    /// The heap sampling interval in force, or why heap profiles are unavailable.
+    heap_sampling: Result<u64, String>,
+    /// Whether this binary keeps frame pointers (`None`: cannot tell on this platform).
+    frame_pointers: Option<bool>,
+}
+
+impl Profiles {
+    /// `None` when `config.profiling` is off. Otherwise switches jemalloc's heap sampling on
+    /// at `config.heap_sample_bytes` (discarding what was sampled before), checks for frame
+    /// pointers, and logs what is served; a part that cannot work here (heap profiles without
+    /// a profiling jemalloc) is logged and answered 503, the rest is served.
+    pub fn start(config: &MetricsConfig) -> Option<Arc<Profiles>> {
+        if !config.profiling {
+            return None;
+        }
+        let heap_sampling = heap::activate(config.heap_sample_bytes);
+        match &heap_sampling {
+            Ok(bytes) => info!(
+                sample_bytes = bytes,
+                "heap profiling on: jemalloc samples one allocation per {} allocated",
+                ByteSize(*bytes)
+            ),
+            Err(e) => warn!("heap profiles unavailable: {e}"),
+        }
+        let profiles = Profiles::new(heap_sampling);
+        if profiles.frame_pointers == Some(false) {
+            warn!(
+                "this keel binary was built without frame pointers: CPU profiles will have \
+                 truncated stacks; build with RUSTFLAGS=\"-C force-frame-pointers=yes\" \
+                 (docs/profiling.md)"
+            );
+        }
+        info!("profiles on demand at {PREFIX}/ on the metrics listener");
+        Some(Arc::new(profiles))
+    }
+
+    /// Profiles without touching the allocator: heap profiles are as `heap_sampling` says.
+    pub(crate) fn new(heap_sampling: Result<u64, String>) -> Profiles {
+        Profiles {
+            heap: Arc::new(Semaphore::new(1)),
+            heap_sampling,
+            frame_pointers: frame_pointers::present(),
+        }
+    }
+
+    /// Answers a request for a path under [`PREFIX`]: the profile, or a plain-text error
+    /// with its status. A CPU profile ends early (503) when `shutdown` is cancelled.
+    pub async fn respond(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> Response<Full<Bytes>> {
+        let result = if method == Method::GET {
+            match ProfileRequest::parse(path, query) {
+                Ok(request) => self.serve(request, shutdown).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            Err(ProfileError::MethodNotAllowed)
+        };
+        match result {
+            Ok(reply) => self.ok_response(reply),
+            Err(e) => error_response(&e),
+        }
+    }
+
+    async fn serve(
+        &self,
+        request: ProfileRequest,
+        shutdown: &CancellationToken,
+    ) -> Result<Reply, ProfileError> {
+        match request {
+            ProfileRequest::Index => Ok(Reply {
+                content_type: TEXT,
+                filename: None,
+                body: Bytes::from(self.index()),
+            }),
+            ProfileRequest::Cpu { seconds, format } => {
+                self.cpu_profile(Duration::from_secs(seconds), format, shutdown)
+                    .await
+            }
+            ProfileRequest::Heap => self.heap_profile().await,
+        }
+    }
+
+    fn index(&self) -> String {
+        let heap = match &self.heap_sampling {
+            Ok(bytes) => format!("one allocation sampled per {} allocated", ByteSize(*bytes)),
+            Err(e) => format!("unavailable: {e}"),
+        };
+        let frame_pointers = match self.frame_pointers {
+            Some(true) => "frame pointers present",
+            Some(false) => "built WITHOUT frame pointers: stacks will be truncated",
+            None => "frame pointers not checked on this platform",
+        };
+        format!(
+            "keel profiles (docs/profiling.md)\n\n\
+             {PREFIX}/profile?seconds=N     CPU profile, pprof protobuf (gzip); N from 1 to \
+             {MAX_SECONDS}, default {DEFAULT_SECONDS}; {FREQUENCY_HZ} Hz; {frame_pointers}\n\
+             {PREFIX}/flamegraph?seconds=N  the same as an SVG flamegraph \
+             (or profile?seconds=N&format=flamegraph)\n\
+             {PREFIX}/heap                  memory in use by allocation stack, pprof protobuf \
+             (gzip); {heap}\n\n\
+             go tool pprof http://HOST:PORT{PREFIX}/profile?seconds=30\n\
+             go tool pprof http://HOST:PORT{PREFIX}/heap\n"
+        )
+    }
+
+    fn ok_response(&self, reply: Reply) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(reply.body));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(reply.content_type),
+        );
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        if let Some(name) = reply.filename {
+            if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+                headers.insert(header::CONTENT_DISPOSITION, value);
+            }
+        }
+        response
+    }
+
+    /// Samples the whole process for `duration` and encodes the result. The sampler runs on
+    /// a blocking thread that owns it from start to stop; it stops early if this future is
+    /// dropped (the client went away) or `shutdown` is cancelled.
+    async fn cpu_profile(
+        &self,
+        duration: Duration,
+        format: CpuFormat,
+        shutdown: &CancellationToken,
+    ) -> Result<Reply, ProfileError> {
+        let permit = CPU_SAMPLER.try_acquire().map_err(|_| {
+            ProfileError::Busy(
+                "a CPU profile is already being taken (one at a time): try again when it ends\n",
+            )
+        })?;
+        // Dropping `stop` (this future dropped) or sending on it ends the profile early.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let guard = pprof::ProfilerGuardBuilder::default()
+                .frequency(FREQUENCY_HZ)
+                .build()
+                .map_err(|e| ProfileError::Failed(format!("cannot start the CPU profiler: {e}")))?;
+            match stopped.recv_timeout(duration) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ProfileError::Unavailable(
+                        "the CPU profile was cut short: the node is shutting down\n".to_string(),
+                    ))
+                }
+            }
+            // The report must be built while the guard lives: dropping it discards the samples.
+            let report = guard
+                .report()
+                .build()
+                .map_err(|e| ProfileError::Failed(format!("cannot read the CPU profile: {e}")))?;
+            drop(guard);
+            let encoded = encode_cpu(&report, format, duration);
+            drop(report);
+            forget_symbols();
+            encoded
+        });
+        tokio::select! {
+            joined = task => flatten(joined),
+            () = shutdown.cancelled() => {
+                // The sampler stops within a moment; its thread ends by itself.
+                let _ = stop.send(());
+                Err(ProfileError::Unavailable(
+                    "the CPU profile was cut short: the node is shutting down\n".to_string(),
+                ))
+            }
+        }
+    }
+
+    /// jemalloc's sampled view of the memory in use now, as pprof protobuf.
+    async fn heap_profile(&self) -> Result<Reply, ProfileError> {
+        if let Err(e) = &self.heap_sampling {
+            return Err(ProfileError::Unavailable(format!(
+                "heap profiles are unavailable: {e}\n"
+            )));
+        }
+        let permit = self.heap.clone().try_acquire_owned().map_err(|_| {
+            ProfileError::Busy("a heap profile is being written: try again in a moment\n")
+        })?;
+        let joined = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let dumped = heap::dump_pprof();
+            forget_symbols();
+            dumped
+        })
+        .await;
+        let body = flatten(joined)?;
+        Ok(Reply {
+            content_type: OCTET_STREAM,
+            filename: Some("heap"),
+            body,
+        })
+    }
+}
+
+/// Frees the symbol cache that symbolizing a profile filled: parsed debug information, about
+/// 130 MB for a release build, that would otherwise stay for the life of the process (and
+/// count against `memory.limit`). Blocking.
+fn forget_symbols() {
+    backtrace::clear_symbol_cache();
+}
+
+/// The result of a blocking task, a panic in it included.
+fn flatten<T>(
+    joined: Result<Result<T, ProfileError>, tokio::task::JoinError>,
+) -> Result<T, ProfileError> {
+    match joined {
+        Ok(result) => result,
+        Err(e) => {
+            error!(error = %e, "profile task failed");
+            Err(ProfileError::Failed(
+                "the profile could not be taken: internal error (logged)\n".to_string(),
+            ))
+        }
+    }
+}
+
+fn encode_cpu(
+    report: &pprof::Report,
+    format: CpuFormat,
+    duration: Duration,
+) -> Result<Reply, ProfileError> {
+    match format {
+        CpuFormat::Pprof => {
+            let profile = report
+                .pprof()
+                .map_err(|e| ProfileError::Failed(format!("cannot encode the CPU profile: {e}")))?;
+            Ok(Reply {
+                content_type: OCTET_STREAM,
+                filename: Some("profile"),
+                body: gzip(&profile.encode_to_vec())?,
+            })
+        }
+        CpuFormat::Flamegraph => {
+            let title = format!(
+                "keel CPU, {} s at {FREQUENCY_HZ} Hz, {} samples",
+                duration.as_secs(),
+                report.data.values().sum::<isize>()
+            );
+            let svg = if report.data.is_empty() {
+                empty_flamegraph(&title)
+            } else {
+                let mut options = pprof::flamegraph::Options::default();
+                options.title = title;
+                let mut svg = Vec::new();
+                report
+                    .flamegraph_with_options(&mut svg, &mut options)
+                    .map_err(|e| {
+                        ProfileError::Failed(format!("cannot draw the flamegraph: {e}"))
+                    })?;
+                svg
+            };
+            Ok(Reply {
+                content_type: SVG,
+                filename: None,
+                body: Bytes::from(svg),
+            })
+        }
+    }
+}
+
+/// An SVG that says there is nothing to draw (inferno refuses an empty profile).
+fn empty_flamegraph(title: &str) -> Vec<u8> {
+    format!(
+        "<?xml version=\"1.0\" standalone=\"no\"?>\n\
+         <svg version=\"1.1\" width=\"1200\" height=\"60\" xmlns=\"http://www.w3.org/2000/svg\">\
+         <text x=\"10\" y=\"24\" font-family=\"monospace\">{title}</text>\
+         <text x=\"10\" y=\"48\" font-family=\"monospace\">no samples: the process used no CPU \
+         time while it was profiled</text></svg>\n"
+    )
+    .into_bytes()
+}
+
+fn gzip(raw: &[u8]) -> Result<Bytes, ProfileError> {
+    use std::io::Write;
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+    encoder
+        .write_all(raw)
+        .and_then(|()| encoder.finish())
+        .map(Bytes::from)
+        .map_err(|e| ProfileError::Failed(format!("cannot compress the profile: {e}")))
+}
+
+fn error_response(e: &ProfileError) -> Response<Full<Bytes>> {
+    let mut text = e.to_string();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = e.status();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT));
+    if matches!(e, ProfileError::MethodNotAllowed) {
+        headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
+    }
+    response
+}
+
+/// What a pprof profile holds, read back: for tests and tools that check a profile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProfileSummary {
+    /// `type/unit` of each value of a sample (`samples/count`, `cpu/nanoseconds`).
+    pub sample_types: Vec<String>,
+    /// Number of samples (distinct stacks).
+    pub samples: usize,
+    /// Sum over samples of each value, in the order of `sample_types`.
+    pub totals: Vec<i64>,
+    /// Names of the functions the profile's locations resolve to.
+    pub functions: Vec<String>,
+    /// Name of the innermost function of each sample's stack, where it resolves.
+    pub leaf_functions: Vec<String>,
+    /// Number of locations (addresses), resolved or not.
+    pub locations: usize,
+}
+
+/// Reads a profile as served (gzip-compressed pprof protobuf, or uncompressed).
+pub fn summarize(data: &[u8]) -> Result<ProfileSummary, ProfileError> {
+    let raw = if data.starts_with(&[0x1f, 0x8b]) {
+        use std::io::Read;
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(data)
+            .read_to_end(&mut raw)
+            .map_err(|e| ProfileError::BadRequest(format!("not gzip: {e}")))?;
+        raw
+    } else {
+        data.to_vec()
+    };
+    let profile = pprof::protos::Profile::decode(raw.as_slice())
+        .map_err(|e| ProfileError::BadRequest(format!("not a pprof profile: {e}")))?;
+    let string = |index: i64| {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| profile.string_table.get(i))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let sample_types = profile
+        .sample_type
+        .iter()
+        .map(|t| format!("{}/{}", string(t.ty), string(t.unit)))
+        .collect::<Vec<_>>();
+    let mut totals = vec![0i64; sample_types.len()];
+    for sample in &profile.sample {
+        for (total, value) in totals.iter_mut().zip(&sample.value) {
+            *total = total.saturating_add(*value);
+        }
+    }
+    let function_names: std::collections::HashMap<u64, String> = profile
+        .function
+        .iter()
+        .map(|f| (f.id, string(f.name)))
+        .collect();
+    let location_leaf: std::collections::HashMap<u64, &String> = profile
+        .location
+        .iter()
+        .filter_map(|l| Some((l.id, function_names.get(&l.line.first()?.function_id)?)))
+        .collect();
+    let leaf_functions = profile
+        .sample
+        .iter()
+        .filter_map(|s| {
+            location_leaf
+                .get(s.location_id.first()?)
+                .map(|n| (*n).clone())
+        })
+        .collect();
+    Ok(ProfileSummary {
+        sample_types,
+        samples: profile.sample.len(),
+        totals,
+        leaf_functions,
+        functions: profile.function.iter().map(|f| string(f.name)).collect(),
+        locations: profile.location.len(),
+    })
+}
+
+/// jemalloc's heap profiling, through its `mallctl` interface.
+mod heap {
+    use super::ProfileError;
+    use crate::config::ByteSize;
+
+    /// Switches sampling on at one sample per `sample_bytes` (a power of two, as
+    /// `Config::validate` requires) and discards what was sampled before. Returns the
+    /// interval in force, or why heap profiling is unavailable.
+    #[allow(unsafe_code)]
+    pub(super) fn activate(sample_bytes: ByteSize) -> Result<u64, String> {
+        let lg_sample = usize::try_from(sample_bytes.0.max(1).ilog2()).unwrap_or(19);
+        // SAFETY: `opt.prof` is a read-only bool (jemalloc(3)); it exists when jemalloc is
+        // built with profiling, else the read fails with ENOENT.
+        let built_in: bool =
+            unsafe { tikv_jemalloc_ctl::raw::read(b"opt.prof\0") }.map_err(|e| {
+                format!("this jemalloc is built without heap profiling (opt.prof: {e})")
+            })?;
+        if !built_in {
+            return Err(
+                "jemalloc was started with prof:false (MALLOC_CONF overrides the binary's \
+                 prof:true)"
+                    .to_string(),
+            );
+        }
+        // SAFETY: `prof.reset` takes a size_t, the new lg_prof_sample (jemalloc(3)).
+        unsafe { tikv_jemalloc_ctl::raw::write(b"prof.reset\0", lg_sample) }
+            .map_err(|e| format!("cannot set the sampling interval (prof.reset): {e}"))?;
+        // SAFETY: `prof.active` takes a bool (jemalloc(3)).
+        unsafe { tikv_jemalloc_ctl::raw::write(b"prof.active\0", true) }
+            .map_err(|e| format!("cannot activate sampling (prof.active): {e}"))?;
+        // SAFETY: `prof.lg_sample` is a readable size_t (jemalloc(3)).
+        let in_force: usize = unsafe { tikv_jemalloc_ctl::raw::read(b"prof.lg_sample\0") }
+            .map_err(|e| format!("cannot read the sampling interval (prof.lg_sample): {e}"))?;
+        Ok(1u64
+            .checked_shl(u32::try_from(in_force).unwrap_or(u32::MAX))
+            .unwrap_or(u64::MAX))
+    }
+
+    /// Dumps the sampled heap and converts it to gzip-compressed pprof protobuf, symbolized
+    /// in this process. Blocking (file I/O, symbolization): call it off the runtime's workers.
+    pub(super) fn dump_pprof() -> Result<bytes::Bytes, ProfileError> {
+        // `activate` succeeded, so `opt.prof` is readable and the controller exists.
+        let control = jemalloc_pprof::PROF_CTL.as_ref().ok_or_else(|| {
+            ProfileError::Unavailable(
+                "heap profiles are unavailable: jemalloc is not profiling\n".to_string(),
+            )
+        })?;
+        let mut control = control.blocking_lock();
+        let profile = control
+            .dump_pprof()
+            .map_err(|e| ProfileError::Failed(format!("cannot write the heap profile: {e:#}\n")))?;
+        drop(control);
+        // A profile that cannot be trimmed is still a good profile: serve it as it is.
+        Ok(bytes::Bytes::from(
+            trim_allocator_frames(&profile).unwrap_or(profile),
+        ))
+    }
+
+    /// Removes the allocator's own frames from the top of every stack (jemalloc's sampling
+    /// path, tikv-jemallocator), as Go's heap profiles start at the code that allocated:
+    /// otherwise every byte is "flat" in `prof_backtrace_impl`.
+    fn trim_allocator_frames(gzipped: &[u8]) -> Option<Vec<u8>> {
+        use pprof::protos::{Message, Profile};
+        use std::collections::HashSet;
+        use std::io::Read;
+
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(gzipped)
+            .read_to_end(&mut raw)
+            .ok()?;
+        let mut profile = Profile::decode(raw.as_slice()).ok()?;
+        let text = |index: i64| {
+            usize::try_from(index)
+                .ok()
+                .and_then(|i| profile.string_table.get(i))
+                .map_or("", String::as_str)
+        };
+        let allocator_functions: HashSet<u64> = profile
+            .function
+            .iter()
+            .filter(|f| is_allocator(text(f.name), text(f.filename)))
+            .map(|f| f.id)
+            .collect();
+        // A location is the allocator's when its innermost frame is (the allocator may be
+        // inlined into a caller's shim, `__rust_alloc`).
+        let allocator_locations: HashSet<u64> = profile
+            .location
+            .iter()
+            .filter(|l| {
+                l.line
+                    .first()
+                    .is_some_and(|line| allocator_functions.contains(&line.function_id))
+            })
+            .map(|l| l.id)
+            .collect();
+        let mut used = HashSet::new();
+        for sample in &mut profile.sample {
+            let top = sample
+                .location_id
+                .iter()
+                .take_while(|id| allocator_locations.contains(id))
+                .count();
+            if top < sample.location_id.len() {
+                sample.location_id.drain(..top);
+            }
+            used.extend(sample.location_id.iter().copied());
+        }
+        profile.location.retain(|l| used.contains(&l.id));
+        super::gzip(&profile.encode_to_vec())
+            .ok()
+            .map(|b| b.to_vec())
+    }
+
+    /// A function of jemalloc or of the Rust binding to it: by its source file (jemalloc's C
+    /// is built in tikv-jemalloc-sys's output folder, its sources named relative to it in
+    /// some builds) or its prefixed internal name.
+    fn is_allocator(name: &str, file: &str) -> bool {
+        name.starts_with("_rjem_")
+            || name.starts_with("je_")
+            || file.contains("/tikv-jemalloc-sys-")
+            || file.contains("/tikv-jemallocator-")
+            || file.contains("include/jemalloc/")
+            || (file.starts_with("src/") && file.ends_with(".c"))
+    }
+}
+
+/// Whether the code of this binary keeps frame pointers, which the CPU sampler's unwinder
+/// follows. A probe function reads its own frame pointer and checks that the return address
+/// saved next to it lies in its caller: true only when frames are linked.
+#[allow(unsafe_code)]
+mod frame_pointers {
+    use super::c_void;
+
+    /// `Some(true)` with frame pointers, `Some(false)` without, `None` where not checked.
+    pub(super) fn present() -> Option<bool> {
+        probe()
+    }
+
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[inline(never)]
+    fn probe() -> Option<bool> {
+        let start = probe as fn() -> Option<bool> as usize;
+        let saved = std::hint::black_box(return_address());
+        Some(saved.is_some_and(|address| address > start && address - start < 4096))
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    fn probe() -> Option<bool> {
+        None
+    }
+
+    /// The return address saved in this function's frame record, found through the frame
+    /// pointer register: `[fp + 8]` on x86-64 (after the saved rbp) and on aarch64 (after the
+    /// saved x29).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[inline(never)]
+    fn return_address() -> Option<usize> {
+        let fp: usize;
+        // SAFETY: copies the frame-pointer register into a variable; touches no memory.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::asm!("mov {}, rbp", out(reg) fp, options(nomem, nostack, preserves_flags))
+        };
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        unsafe {
+            std::arch::asm!("mov {}, x29", out(reg) fp, options(nomem, nostack, preserves_flags))
+        };
+        let slot = fp.checked_add(std::mem::size_of::<usize>())?;
+        if fp == 0 || slot % std::mem::align_of::<usize>() != 0 {
+            return None;
+        }
+        // Without frame pointers the register may hold anything: check the memory is mapped
+        // before reading it (pprof's check writes it to a pipe, which fails on bad memory).
+        if !pprof::validate(slot as *const c_void) {
+            return None;
+        }
+        // SAFETY: `slot` is aligned and `validate` has just read those bytes.
+        Some(unsafe { std::ptr::read_volatile(slot as *const usize) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn requests_parse_with_defaults_limits_and_clear_errors() {
+        use ProfileRequest::*;
+        let parse = ProfileRequest::parse;
+        assert_eq!(parse("/debug/pprof/", None).unwrap(), Index);
+        assert_eq!(parse("/debug/pprof", None).unwrap(), Index);
+        assert_eq!(
+            parse("/debug/pprof/profile", None).unwrap(),
+            Cpu {
+                seconds: 30,
+                format: CpuFormat::Pprof
+            }
+        );
+        assert_eq!(
+            parse("/debug/pprof/profile", Some("seconds=300&debug=1")).unwrap(),
+            Cpu {
+                seconds: 300,
+                format: CpuFormat::Pprof
+            }
+        );
+        assert_eq!(
+            parse("/debug/pprof/profile", Some("format=flamegraph&seconds=2")).unwrap(),
+            Cpu {
+                seconds: 2,
+                format: CpuFormat::Flamegraph
+            }
+        );
+        assert_eq!(
+            parse("/debug/pprof/flamegraph", Some("seconds=5")).unwrap(),
+            Cpu {
+                seconds: 5,
+                format: CpuFormat::Flamegraph
+            }
+        );
+        assert_eq!(parse("/debug/pprof/heap", Some("gc=1")).unwrap(), Heap);
+
+        for bad in [
+            "0",
+            "301",
+            "-1",
+            "1.5",
+            "",
+            "abc",
+            "99999999999999999999999",
+        ] {
+            let e = parse("/debug/pprof/profile", Some(&format!("seconds={bad}"))).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(
+                e.to_string(),
+                format!("seconds must be a whole number from 1 to 300 (got \"{bad}\")"),
+            );
+        }
+        let e = parse("/debug/pprof/profile", Some("format=json")).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("\"json\""), "{e}");
+        let e = parse("/debug/pprof/goroutine", None).unwrap_err();
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        assert!(e.to_string().contains("/debug/pprof/goroutine"), "{e}");
+        // What a client sent is echoed cut short and without control characters.
+        let long = "9".repeat(500) + "\u{1b}";
+        let e = parse("/debug/pprof/profile", Some(&format!("seconds={long}"))).unwrap_err();
+        assert!(e.to_string().len() < 200, "{e}");
+    }
+
+    #[test]
+    fn the_frame_pointer_probe_gives_an_answer_without_crashing() {
+        // Whatever the build, the probe reads only checked memory; a `-C
+        // force-frame-pointers=yes` build answers true.
+        let present = frame_pointers::present();
+        eprintln!("frame pointers: {present:?}");
+        if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+            assert!(present.is_some());
+        }
+    }
+
+    #[test]
+    fn summarize_refuses_what_is_not_a_profile() {
+        assert!(summarize(b"\x1f\x8bnot really gzip").is_err());
+        assert!(summarize(b"\xff\xff\xff\xff").is_err());
+        assert_eq!(
+            summarize(&gzip(b"").unwrap()).unwrap(),
+            ProfileSummary::default()
+        );
+    }
+
+    /// Every CPU-profile check in one test: the sampler is process-wide, so two tests taking
+    /// profiles at once would refuse each other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cpu_profiles_are_pprof_or_svg_and_one_at_a_time() {
+        let _sampler = CPU_TEST_LOCK.lock().await;
+        let profiles = Arc::new(Profiles::new(Err("not in this test".to_string())));
+        let shutdown = CancellationToken::new();
+        // Work to sample, on its own thread.
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let spinner = {
+            let busy = busy.clone();
+            std::thread::spawn(move || spin_until_stopped(&busy))
+        };
+
+        let first = {
+            let (profiles, shutdown) = (profiles.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                profiles
+                    .respond(
+                        &Method::GET,
+                        "/debug/pprof/profile",
+                        Some("seconds=1"),
+                        &shutdown,
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A second profile while the first runs is refused at once, with a reason.
+        let second = profiles
+            .respond(
+                &Method::GET,
+                "/debug/pprof/flamegraph",
+                Some("seconds=1"),
+                &shutdown,
+            )
+            .await;
+        assert_eq!(second.status(), StatusCode::CONFLICT);
+        assert!(body_text(second).await.contains("already being taken"));
+
+        let first = first.await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(first.headers()[header::CONTENT_TYPE], OCTET_STREAM);
+        let body = body_bytes(first).await;
+        assert_eq!(&body[..2], &[0x1f, 0x8b], "gzip");
+        let summary = summarize(&body).unwrap();
+        assert_eq!(summary.sample_types, ["samples/count", "cpu/nanoseconds"]);
+        assert!(summary.samples > 0, "{summary:?}");
+        // About 99 samples of the spinning thread over 1 s, each worth 1/99 s.
+        assert!(summary.totals[0] >= 20, "{summary:?}");
+        // Each stack's CPU time is its count times the period, rounded down.
+        let cpu = summary.totals[1];
+        let exact = summary.totals[0] * 1_000_000_000 / 99;
+        assert!(cpu <= exact, "{summary:?}");
+        assert!(cpu >= exact - summary.samples as i64, "{summary:?}");
+        // With frame pointers the stacks are real: the spinning thread's loop is there (a
+        // sample starts at the caller of the interrupted function, here `spin_step`).
+        if frame_pointers::present() == Some(true) {
+            assert!(
+                summary
+                    .functions
+                    .iter()
+                    .any(|f| f.contains("spin_until_stopped")),
+                "{:?}",
+                summary.functions
+            );
+        }
+
+        // The sampler is free again: a flamegraph.
+        let svg = profiles
+            .respond(
+                &Method::GET,
+                "/debug/pprof/profile",
+                Some("seconds=1&format=flamegraph"),
+                &shutdown,
+            )
+            .await;
+        assert_eq!(svg.status(), StatusCode::OK);
+        assert_eq!(svg.headers()[header::CONTENT_TYPE], SVG);
+        let svg = body_text(svg).await;
+        assert!(svg.contains("<svg") && svg.contains("</svg>"), "{svg}");
+        assert!(svg.contains("keel CPU, 1 s at 99 Hz"), "{svg}");
+
+        // Shutdown cuts a profile short, and frees the sampler.
+        let cut = {
+            let (profiles, shutdown) = (profiles.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                profiles
+                    .respond(
+                        &Method::GET,
+                        "/debug/pprof/profile",
+                        Some("seconds=60"),
+                        &shutdown,
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cancelled_at = std::time::Instant::now();
+        shutdown.cancel();
+        let cut = tokio::time::timeout(Duration::from_secs(5), cut)
+            .await
+            .expect("a cancelled profile ends at once")
+            .unwrap();
+        assert!(cancelled_at.elapsed() < Duration::from_secs(5));
+        assert_eq!(cut.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body_text(cut).await.contains("shutting down"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while CPU_SAMPLER.available_permits() == 0 {
+            assert!(std::time::Instant::now() < deadline, "sampler never freed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        busy.store(false, std::sync::atomic::Ordering::Relaxed);
+        spinner.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_requests_other_methods_and_unavailable_heap_get_clear_answers() {
+        let profiles = Profiles::new(Err("jemalloc was started with prof:false".to_string()));
+        let shutdown = CancellationToken::new();
+        let answer = |method: Method, path: &'static str, query: Option<&'static str>| {
+            let (profiles, shutdown) = (&profiles, &shutdown);
+            async move { profiles.respond(&method, path, query, shutdown).await }
+        };
+
+        let r = answer(Method::GET, "/debug/pprof/profile", Some("seconds=0")).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body_text(r).await,
+            "seconds must be a whole number from 1 to 300 (got \"0\")\n"
+        );
+        let r = answer(Method::POST, "/debug/pprof/profile", None).await;
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "GET");
+        let r = answer(Method::GET, "/debug/pprof/heap", None).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body_text(r).await.contains("prof:false"));
+        let r = answer(Method::GET, "/debug/pprof/", None).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let index = body_text(r).await;
+        assert!(index.contains("/debug/pprof/profile?seconds=N"), "{index}");
+        assert!(
+            index.contains("unavailable: jemalloc was started with prof:false"),
+            "{index}"
+        );
+    }
+
+    /// The heap profile needs jemalloc started with `prof:true`, which only the environment
+    /// can ask of a test process: the test runs itself again with `MALLOC_CONF` set (and
+    /// `_RJEM_MALLOC_CONF`: built for keel-node alone, jemalloc is prefixed, not the
+    /// process's malloc, so the test allocates from it directly).
+    #[test]
+    fn heap_profile_is_pprof_of_the_memory_in_use() {
+        const CHILD: &str = "KEEL_PROFILING_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "profiling::tests::heap_profile_is_pprof_of_the_memory_in_use",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .env("MALLOC_CONF", "prof:true,prof_active:false")
+                .env("_RJEM_MALLOC_CONF", "prof:true,prof_active:false")
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "child test failed:\n{text}");
+            assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+            return;
+        }
+        // In the child: jemalloc started with prof:true.
+        let sampling = heap::activate(ByteSize::kib(4)).unwrap();
+        assert_eq!(sampling, 4096);
+        // 64 MiB kept alive from one recognisable stack, well above the sampling interval.
+        let kept: Vec<JemallocBlock> = (0..64).map(|_| hold_one_mib()).collect();
+        let profiles = Profiles::new(Ok(sampling));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let response = runtime.block_on(profiles.respond(
+            &Method::GET,
+            "/debug/pprof/heap",
+            None,
+            &CancellationToken::new(),
+        ));
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = runtime.block_on(body_bytes(response));
+        let summary = summarize(&body).unwrap();
+        assert_eq!(summary.sample_types, ["inuse_space/bytes"]);
+        assert!(summary.samples > 0, "{summary:?}");
+        // Estimated from samples: within a factor of two of what is held.
+        assert!(
+            summary.totals[0] > 32 << 20,
+            "in use {} of 64 MiB held: {summary:?}",
+            summary.totals[0]
+        );
+        assert!(
+            summary.functions.iter().any(|f| f.contains("hold_one_mib")),
+            "the allocating function is named: {:?}",
+            summary.functions
+        );
+        // Stacks start at the code that allocated, not in jemalloc.
+        assert!(
+            summary
+                .leaf_functions
+                .iter()
+                .all(|f| !f.contains("prof_backtrace") && !f.starts_with("_rjem_")),
+            "{:?}",
+            summary.leaf_functions
+        );
+        drop(kept);
+    }
+
+    /// Burns CPU until `busy` is cleared.
+    #[inline(never)]
+    fn spin_until_stopped(busy: &std::sync::atomic::AtomicBool) -> u64 {
+        let mut x = 0u64;
+        while busy.load(std::sync::atomic::Ordering::Relaxed) {
+            x = spin_step(x);
+        }
+        x
+    }
+
+    #[inline(never)]
+    fn spin_step(mut x: u64) -> u64 {
+        for i in 0..100_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        x
+    }
+
+    /// A block allocated from jemalloc itself, freed on drop.
+    struct JemallocBlock(*mut c_void);
+
+    impl Drop for JemallocBlock {
+        #[allow(unsafe_code)]
+        fn drop(&mut self) {
+            // SAFETY: allocated by `tikv_jemalloc_sys::malloc`, freed once.
+            unsafe { tikv_jemalloc_sys::free(self.0) }
+        }
+    }
+
+    #[inline(never)]
+    #[allow(unsafe_code)]
+    fn hold_one_mib() -> JemallocBlock {
+        // SAFETY: a plain allocation; checked for null, written within its size.
+        let block = unsafe { tikv_jemalloc_sys::malloc(1 << 20) };
+        assert!(!block.is_null());
+        unsafe { std::ptr::write_bytes(block.cast::<u8>(), 7, 1 << 20) };
+        std::hint::black_box(JemallocBlock(block))
+    }
+
+    async fn body_bytes(response: Response<Full<Bytes>>) -> Bytes {
+        use http_body_util::BodyExt;
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    async fn body_text(response: Response<Full<Bytes>>) -> String {
+        String::from_utf8(body_bytes(response).await.to_vec()).unwrap()
+    }
+}
