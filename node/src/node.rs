@@ -400,20 +400,26 @@ mod tests {
             .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_running_node_serves_every_metric_of_the_contract() {
+    /// A one-validator node in a temporary home (50 ms blocks, loopback ports, `limit`), an
+    /// RPC client of it, and a signed transfer of 1 from the validator, not yet sent.
+    async fn one_node(
+        limit: ByteSize,
+    ) -> (
+        tempfile::TempDir,
+        Node,
+        jsonrpsee::http_client::HttpClient,
+        Transaction,
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let now_ms = SystemClock.now_ms();
-        crate::home::init(dir.path(), "m0", "keel-metrics", now_ms).unwrap();
+        crate::home::init(dir.path(), "m0", "keel-metrics", SystemClock.now_ms()).unwrap();
         let home = Home::new(dir.path());
         let mut config = Config::load(&home.config()).unwrap();
         config.p2p.listen_addr = "/ip4/127.0.0.1/tcp/0".into();
         config.rpc.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.metrics.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.consensus.block_time_ms = 50;
-        config.memory.limit = ByteSize(1 << 30);
+        config.memory.limit = limit;
         let node = Node::start(dir.path(), config).await.unwrap();
-
         let client = HttpClientBuilder::default()
             .build(format!("http://{}", node.rpc_addr()))
             .unwrap();
@@ -429,6 +435,12 @@ mod tests {
                 amount: 1,
             },
         );
+        (dir, node, client, tx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_node_serves_every_metric_of_the_contract() {
+        let (_dir, node, client, tx) = one_node(ByteSize(1 << 30)).await;
         let hash = client
             .tx_submit(SignedTxHex::from_bytes(&tx.bytes))
             .await
@@ -539,32 +551,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn under_hard_memory_pressure_new_transactions_are_refused_and_health_says_why() {
-        let dir = tempfile::tempdir().unwrap();
-        let now_ms = SystemClock.now_ms();
-        crate::home::init(dir.path(), "m0", "keel-pressure", now_ms).unwrap();
-        let home = Home::new(dir.path());
-        let mut config = Config::load(&home.config()).unwrap();
-        config.p2p.listen_addr = "/ip4/127.0.0.1/tcp/0".into();
-        config.rpc.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.metrics.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.consensus.block_time_ms = 50;
         // No limit: no governor thread resets the level this test sets by hand.
-        let node = Node::start(dir.path(), config).await.unwrap();
-        let client = HttpClientBuilder::default()
-            .build(format!("http://{}", node.rpc_addr()))
-            .unwrap();
-        let status = client.chain_status().await.unwrap();
-        let key = read_key_file(&home.validator_key()).unwrap();
-        let tx = Transaction::sign(
-            &key,
-            &status.chain_id,
-            0,
-            status.min_fee,
-            TxKind::Transfer {
-                to: Address([7; 20]),
-                amount: 1,
-            },
-        );
+        let (_dir, node, client, tx) = one_node(ByteSize(0)).await;
         let pressure = node.context().memory_pressure().clone();
         pressure.set(crate::memory::PRESSURE_HARD);
         let e = client
