@@ -794,7 +794,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn profiles_are_served_and_outlive_the_connection_deadline() {
-        let _sampler = crate::profiling::CPU_TEST_LOCK.lock().await;
+        let _sampler = crate::profiling::lock_sampler_for_test().await;
         // A connection deadline far shorter than the profile.
         let limits = Limits {
             max_connection_time: Duration::from_millis(300),

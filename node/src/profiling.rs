@@ -31,11 +31,14 @@
 //! - Symbolizing, encoding and jemalloc's dump run on blocking threads, never on the runtime's
 //!   workers; a panic there is a 500, not a dead listener.
 //! - Symbolizing parses the binary's debug information into a process-wide cache
-//!   (backtrace-rs's): about 130 MB allocated for a release build. It is freed when each
-//!   profile is encoded ([`forget_symbols`]), so memory comes back and each profile pays the
-//!   parse again (about 0.5 s of CPU).
+//!   (backtrace-rs's): about 100 MB allocated for a release build, and a quarter of a second
+//!   of CPU. It is kept for [`SYMBOLS_KEPT_FOR`] after the last profile, so that a series of
+//!   profiles pays it once, then freed so that an idle node gives the memory back. Each
+//!   distinct address of a CPU profile is resolved once, not once per stack it appears in.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +67,13 @@ pub const FREQUENCY_HZ: i32 = 99;
 /// Path prefix of every profile.
 pub const PREFIX: &str = "/debug/pprof";
 
+/// How long the parsed debug information stays loaded after the last profile.
+pub const SYMBOLS_KEPT_FOR: Duration = Duration::from_secs(600);
+
+/// Bumped by every profile: a delayed free of the symbol cache only happens if no profile
+/// came after the one that scheduled it.
+static SYMBOLS_USED: AtomicU64 = AtomicU64::new(0);
+
 /// The CPU sampler (a process-wide timer and signal handler): one permit, whoever serves
 /// profiles in this process.
 static CPU_SAMPLER: Semaphore = Semaphore::const_new(1);
@@ -71,7 +81,19 @@ static CPU_SAMPLER: Semaphore = Semaphore::const_new(1);
 /// Held by the tests of this crate that take CPU profiles, so that they do not refuse
 /// each other.
 #[cfg(test)]
-pub(crate) static CPU_TEST_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+static CPU_TEST_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes [`CPU_TEST_LOCK`], then waits until the sampler of the previous holder has stopped
+/// (a profile cut short answers before its thread ends).
+#[cfg(test)]
+pub(crate) async fn lock_sampler_for_test() -> tokio::sync::MutexGuard<'static, ()> {
+    let guard = CPU_TEST_LOCK.lock().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while CPU_SAMPLER.available_permits() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    guard
+}
 
 const OCTET_STREAM: &str = "application/octet-stream";
 const SVG: &str = "image/svg+xml";
@@ -295,10 +317,17 @@ impl Profiles {
                 body: Bytes::from(self.index()),
             }),
             ProfileRequest::Cpu { seconds, format } => {
-                self.cpu_profile(Duration::from_secs(seconds), format, shutdown)
-                    .await
+                let reply = self
+                    .cpu_profile(Duration::from_secs(seconds), format, shutdown)
+                    .await;
+                forget_symbols_later(shutdown);
+                reply
             }
-            ProfileRequest::Heap => self.heap_profile().await,
+            ProfileRequest::Heap => {
+                let reply = self.heap_profile().await;
+                forget_symbols_later(shutdown);
+                reply
+            }
         }
     }
 
@@ -374,16 +403,13 @@ impl Profiles {
                     ))
                 }
             }
-            // The report must be built while the guard lives: dropping it discards the samples.
-            let report = guard
+            // The samples must be read while the guard lives: dropping it discards them.
+            let unresolved = guard
                 .report()
-                .build()
+                .build_unresolved()
                 .map_err(|e| ProfileError::Failed(format!("cannot read the CPU profile: {e}")))?;
             drop(guard);
-            let encoded = encode_cpu(&report, format, duration);
-            drop(report);
-            forget_symbols();
-            encoded
+            encode_cpu(&symbolize(unresolved), format, duration)
         });
         tokio::select! {
             joined = task => flatten(joined),
@@ -409,9 +435,7 @@ impl Profiles {
         })?;
         let joined = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let dumped = heap::dump_pprof();
-            forget_symbols();
-            dumped
+            heap::dump_pprof()
         })
         .await;
         let body = flatten(joined)?;
@@ -423,11 +447,66 @@ impl Profiles {
     }
 }
 
-/// Frees the symbol cache that symbolizing a profile filled: parsed debug information, about
-/// 130 MB for a release build, that would otherwise stay for the life of the process (and
-/// count against `memory.limit`). Blocking.
-fn forget_symbols() {
-    backtrace::clear_symbol_cache();
+/// Frees, [`SYMBOLS_KEPT_FOR`] from now unless another profile is taken meanwhile, the symbol
+/// cache that symbolizing filled: parsed debug information, about 100 MB for a release build,
+/// that would otherwise stay for the life of the process (and count against `memory.limit`).
+/// Nothing is left waiting at shutdown.
+fn forget_symbols_later(shutdown: &CancellationToken) {
+    let generation = SYMBOLS_USED.fetch_add(1, Ordering::AcqRel) + 1;
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(SYMBOLS_KEPT_FOR) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if SYMBOLS_USED.load(Ordering::Acquire) == generation {
+            // Takes backtrace's lock: a profile symbolizing meanwhile just loads it again.
+            let _ = tokio::task::spawn_blocking(backtrace::clear_symbol_cache).await;
+        }
+    });
+}
+
+/// Resolves the samples' addresses to functions, files and lines, each distinct address once
+/// (pprof's own `build` resolves every frame of every stack). What pprof's `Frames::from`
+/// does otherwise: inlined frames of an address innermost first, unresolvable ones dropped.
+fn symbolize(unresolved: pprof::UnresolvedReport) -> pprof::Report {
+    let mut known: HashMap<usize, Vec<pprof::Symbol>> = HashMap::new();
+    let mut data: HashMap<pprof::Frames, isize> = HashMap::with_capacity(unresolved.data.len());
+    for (stack, count) in unresolved.data {
+        let mut frames = Vec::with_capacity(stack.frames.len());
+        for frame in &stack.frames {
+            let symbols = known.entry(frame.ip).or_insert_with(|| resolve(frame.ip));
+            if !symbols.is_empty() {
+                frames.push(symbols.clone());
+            }
+        }
+        let name_length = stack.thread_name_length.min(stack.thread_name.len());
+        let frames = pprof::Frames {
+            frames,
+            thread_name: String::from_utf8_lossy(&stack.thread_name[..name_length]).into_owned(),
+            thread_id: stack.thread_id,
+            sample_timestamp: stack.sample_timestamp,
+        };
+        *data.entry(frames).or_insert(0) += count;
+    }
+    pprof::Report {
+        data,
+        timing: unresolved.timing,
+    }
+}
+
+/// The symbols (innermost inlined frame first) of a return address.
+fn resolve(ip: usize) -> Vec<pprof::Symbol> {
+    let mut symbols = Vec::new();
+    backtrace::resolve(ip as *mut c_void, |symbol| {
+        symbols.push(pprof::Symbol {
+            name: symbol.name().map(|name| name.as_bytes().to_vec()),
+            addr: symbol.addr(),
+            lineno: symbol.lineno(),
+            filename: symbol.filename().map(std::path::Path::to_path_buf),
+        });
+    });
+    symbols
 }
 
 /// The result of a blocking task, a panic in it included.
@@ -881,7 +960,7 @@ mod tests {
     /// profiles at once would refuse each other.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cpu_profiles_are_pprof_or_svg_and_one_at_a_time() {
-        let _sampler = CPU_TEST_LOCK.lock().await;
+        let _sampler = lock_sampler_for_test().await;
         let profiles = Arc::new(Profiles::new(Err("not in this test".to_string())));
         let shutdown = CancellationToken::new();
         // Work to sample, on its own thread.
