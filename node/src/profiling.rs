@@ -31,8 +31,8 @@
 //! - Symbolizing, encoding and jemalloc's dump run on blocking threads, never on the runtime's
 //!   workers; a panic there is a 500, not a dead listener.
 //! - Symbolizing parses the binary's debug information into a process-wide cache
-//!   (backtrace-rs's): about 100 MB allocated for a release build, and a quarter of a second
-//!   of CPU. It is kept for [`SYMBOLS_KEPT_FOR`] after the last profile, so that a series of
+//!   (backtrace-rs's): about 100-130 MB allocated for a release build, and up to a second of
+//!   CPU the first time. It is kept for [`SYMBOLS_KEPT_FOR`] after the last profile, so that a series of
 //!   profiles pays it once, then freed so that an idle node gives the memory back. Each
 //!   distinct address of a CPU profile is resolved once, not once per stack it appears in.
 
