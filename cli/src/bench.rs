@@ -164,6 +164,12 @@ fn prune(args: &BenchArgs) -> Result<()> {
                     "commit_in_pass_p99_ms": ms(run.commit_in_pass.p99_us),
                     "commit_between_passes_n": run.commit_between_passes.reads,
                     "commit_between_passes_p99_ms": ms(run.commit_between_passes.p99_us),
+                    "commit_in_background_n": run.commit_in_background.reads,
+                    "commit_in_background_p99_ms": ms(run.commit_in_background.p99_us),
+                    "commit_quiet_n": run.commit_quiet.reads,
+                    "commit_quiet_p99_ms": ms(run.commit_quiet.p99_us),
+                    "compactions": run.compactions.iter().map(|(cf, secs, gb)| json!({
+                        "cf": cf, "seconds": secs, "written_gb": gb})).collect::<Vec<_>>(),
                     "block_p50_ms": ms(run.block.p50_us),
                     "block_p99_ms": ms(run.block.p99_us),
                     "prune_passes": run.passes.len(),

@@ -573,11 +573,20 @@ pub struct PruneRun {
     pub commit_in_pass: Latency,
     /// The commits of that phase that started while no pass ran.
     pub commit_between_passes: Latency,
+    /// Commits of that phase during which RocksDB ran a compaction or flush of its own
+    /// (`rocksdb.num-running-compactions` / `-flushes` read just before and after), in both
+    /// modes: what background work costs a commit.
+    pub commit_in_background: Latency,
+    /// The commits of that phase with no compaction or flush seen running.
+    pub commit_quiet: Latency,
     /// Half-way through every interval, after a flush: (height, live table bytes, bytes on
     /// disk).
     pub sizes: Vec<(u64, u64, u64)>,
     /// Wall time of the run.
     pub seconds: f64,
+    /// Per column family that compacted: seconds RocksDB spent in flushes and compactions
+    /// and gigabytes they wrote (its `rocksdb.cfstats` "Sum" row).
+    pub compactions: Vec<(&'static str, f64, f64)>,
 }
 
 /// `keel bench prune`: two runs over a fresh RocksDB each (4 MiB memtables, so data reaches
@@ -715,6 +724,16 @@ fn prune_run(
     };
     let started = Instant::now();
     let (mut commits, mut blocks, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut busy = Vec::new();
+    // Database-wide properties: any column answers them.
+    let background = |s: &RocksStore| -> bool {
+        [
+            "rocksdb.num-running-compactions",
+            "rocksdb.num-running-flushes",
+        ]
+        .iter()
+        .any(|p| s.property(Column::Meta, p).ok().flatten().unwrap_or(0) > 0)
+    };
     let (mut parent_height, mut parent) = chain.tip().finalized;
     for nonce in 0..opts.blocks as u64 {
         let txs = transfers(senders, addresses, nonce, min_fee);
@@ -744,9 +763,11 @@ fn prune_run(
             round: height,
             signatures: Vec::new(),
         };
+        let before = background(&store);
         let commit_started = Instant::now();
         ledger.finalize(&hash, &qc)?;
         commits.push(commit_started.elapsed());
+        busy.push(before || background(&store));
         commit_starts.push((height, commit_started));
         blocks.push(block_started.elapsed());
         if let Some(w) = &wake {
@@ -766,6 +787,15 @@ fn prune_run(
     }
     let seconds = started.elapsed().as_secs_f64();
     token.cancel();
+    let mut compactions = Vec::new();
+    for col in Column::ALL {
+        let text = store
+            .property_text(col, "rocksdb.cfstats-no-file-histogram")?
+            .unwrap_or_default();
+        if let Some((secs, written)) = compaction_sum(&text) {
+            compactions.push((col.name(), secs, written));
+        }
+    }
     drop(wake);
     if let Some(t) = thread {
         t.join()
@@ -774,10 +804,16 @@ fn prune_run(
     let passes = passes.lock().map(|p| p.clone()).unwrap_or_default();
     let spans = spans.lock().map(|s| s.clone()).unwrap_or_default();
     let (mut in_pass, mut between) = (Vec::new(), Vec::new());
+    let (mut in_background, mut quiet) = (Vec::new(), Vec::new());
     let full_from = opts.keep_recent.saturating_add(opts.interval);
-    for ((height, started), took) in commit_starts.iter().zip(&commits) {
+    for (((height, started), took), busy) in commit_starts.iter().zip(&commits).zip(&busy) {
         if *height < full_from {
             continue;
+        }
+        if *busy {
+            in_background.push(*took);
+        } else {
+            quiet.push(*took);
         }
         let end = *started + *took;
         if spans.iter().any(|(s, e)| *started < *e && end > *s) {
@@ -789,13 +825,39 @@ fn prune_run(
     Ok(PruneRun {
         commit_in_pass: Latency::of(in_pass),
         commit_between_passes: Latency::of(between),
+        commit_in_background: Latency::of(in_background),
+        commit_quiet: Latency::of(quiet),
         pruning,
         commit: Latency::of(commits),
         block: Latency::of(blocks),
         passes,
         sizes,
         seconds,
+        compactions,
     })
+}
+
+/// Seconds and gigabytes written from the "Sum" row of RocksDB's per-column compaction
+/// table (columns named in its header line), `None` without one or if nothing ran.
+fn compaction_sum(cfstats: &str) -> Option<(f64, f64)> {
+    let header: Vec<&str> = cfstats
+        .lines()
+        .find(|l| l.trim_start().starts_with("Level"))?
+        .split_whitespace()
+        .collect();
+    // The size is printed with its unit ("7.81 MB"): one header column, two words.
+    let sum: Vec<&str> = cfstats
+        .lines()
+        .find(|l| l.trim_start().starts_with("Sum"))?
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "B" | "KB" | "MB" | "GB" | "TB"))
+        .collect();
+    let field = |name: &str| -> Option<f64> {
+        let i = header.iter().position(|h| *h == name)?;
+        sum.get(i)?.parse().ok()
+    };
+    let (secs, written) = (field("Comp(sec)")?, field("Write(GB)")?);
+    (secs > 0.0).then_some((secs, written))
 }
 
 #[cfg(test)]

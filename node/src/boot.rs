@@ -147,6 +147,15 @@ pub fn open(
         BlockLimits::of(&genesis.params),
     )?
     .with_signature_cache(sig_cache.clone());
+    // Queries read through the ledger's node cache: one cache for the node, budgeted and
+    // resized by the memory governor (committed nodes never change, so any tree over the
+    // database can share it).
+    let state = State::with_shared_node_cache(
+        store.clone(),
+        genesis.exec_params(),
+        ledger.node_cache(),
+        u64::MAX,
+    );
     let prune = Arc::new(crate::pruner::PruneStatus::load(&blocks)?);
     let chain = Arc::new(NodeContext::new(ContextParts {
         chain_id: genesis.chain_id.clone(),

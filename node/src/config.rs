@@ -855,7 +855,7 @@ impl Config {
         if self.mempool.max_txs == 0 {
             return fail("mempool.max_txs", "must be at least 1");
         }
-        let min_mempool_bytes = ByteSize(crate::mempool::MAX_TX_BYTES as u64);
+        let min_mempool_bytes = ByteSize(crate::mempool::MIN_POOL_BYTES);
         if self.mempool.max_bytes < min_mempool_bytes {
             return fail(
                 "mempool.max_bytes",

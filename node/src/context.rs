@@ -556,8 +556,69 @@ impl Collector for DatabaseMetrics {
                 &live,
             )?;
         }
+        if let Some(stats) = self.store.engine_stats() {
+            encode_engine_stats(&mut encoder, &stats)?;
+        }
         Ok(())
     }
+}
+
+/// RocksDB's own counters and gauges: `keel_db_block_cache_{hits,misses}_total`,
+/// `keel_db_write_stall_seconds_total`, `keel_db_compaction_{read,write}_bytes_total`,
+/// `keel_db_flush_write_bytes_total`, `keel_db_running_compactions`,
+/// `keel_db_pending_compaction_bytes`.
+fn encode_engine_stats(
+    encoder: &mut DescriptorEncoder<'_>,
+    stats: &keel_storage::EngineStats,
+) -> fmt::Result {
+    let counters = [
+        (
+            "keel_db_block_cache_hits",
+            "RocksDB block cache lookups that found the block",
+            stats.block_cache_hits,
+        ),
+        (
+            "keel_db_block_cache_misses",
+            "RocksDB block cache lookups that read the block from disk",
+            stats.block_cache_misses,
+        ),
+        (
+            "keel_db_compaction_read_bytes",
+            "Bytes RocksDB compactions read",
+            stats.compaction_read_bytes,
+        ),
+        (
+            "keel_db_compaction_write_bytes",
+            "Bytes RocksDB compactions wrote",
+            stats.compaction_write_bytes,
+        ),
+        (
+            "keel_db_flush_write_bytes",
+            "Bytes RocksDB memtable flushes wrote",
+            stats.flush_write_bytes,
+        ),
+    ];
+    for (name, help, value) in counters {
+        encode_counter(encoder, name, help, value)?;
+    }
+    crate::metrics::encode_float_counter(
+        encoder,
+        "keel_db_write_stall_seconds",
+        "Seconds RocksDB stalled or slowed writes (level-0 files, pending compaction, memtables)",
+        stats.stall_micros as f64 / 1e6,
+    )?;
+    encode_gauge(
+        encoder,
+        "keel_db_running_compactions",
+        "RocksDB compactions running now",
+        stats.running_compactions,
+    )?;
+    encode_gauge(
+        encoder,
+        "keel_db_pending_compaction_bytes",
+        "RocksDB's estimate of the bytes compaction still has to rewrite",
+        stats.pending_compaction_bytes,
+    )
 }
 
 #[cfg(test)]

@@ -50,8 +50,9 @@ pub enum Command {
     Message {
         /// Its author (for gossip, the signed source, not the relay).
         peer: PeerId,
-        /// The message.
-        message: ConsensusMessage,
+        /// The message (boxed: the queue of commands reserves a slot of the largest
+        /// variant for each of its entries).
+        message: Box<ConsensusMessage>,
     },
     /// The answer to request `id` (`None`: it failed or did not decode).
     Response {
@@ -59,8 +60,8 @@ pub enum Command {
         id: u64,
         /// Who answered.
         peer: PeerId,
-        /// The answer.
-        response: Option<PeerResponse>,
+        /// The answer (boxed, like the message).
+        response: Option<Box<PeerResponse>>,
     },
 }
 
@@ -258,9 +259,14 @@ impl Host {
             Command::Shutdown => {}
             Command::Message { peer, message } => {
                 let from = self.origins.of(peer);
-                self.input(Input::Message { from, message })?
+                self.input(Input::Message {
+                    from,
+                    message: *message,
+                })?
             }
-            Command::Response { id, peer, response } => self.on_response(id, peer, response)?,
+            Command::Response { id, peer, response } => {
+                self.on_response(id, peer, response.map(|r| *r))?
+            }
         }
         self.publish_if_dirty();
         Ok(())
@@ -786,6 +792,9 @@ impl Host {
         }
         for f in &written {
             self.metrics.txs_committed.inc_by(f.block.txs.len() as u64);
+            self.metrics
+                .block_commit_seconds
+                .observe(f.commit_time.as_secs_f64());
             let failed = f.receipts.iter().filter(|r| !r.success).count();
             info!(height = f.block.header.height, round = f.block.header.round, hash = %f.block.hash(),
                   txs = f.block.txs.len(), failed, "finalized block");
@@ -857,6 +866,8 @@ struct HostMetrics {
     txs_committed: Counter,
     /// Time to build or re-execute a block.
     block_execution_seconds: Histogram,
+    /// Time to write a final block's batch.
+    block_commit_seconds: Histogram,
 }
 
 impl Default for HostMetrics {
@@ -865,6 +876,8 @@ impl Default for HostMetrics {
             txs_committed: Counter::default(),
             // 0.5 ms to about 16 s.
             block_execution_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            // 0.1 ms to about 3 s.
+            block_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         }
     }
 }
@@ -880,6 +893,11 @@ impl HostMetrics {
             "keel_block_execution_seconds",
             "Time to build or re-execute a block",
             self.block_execution_seconds.clone(),
+        );
+        registry.register(
+            "keel_block_commit_seconds",
+            "Time to write a final block to the database (its one atomic write batch)",
+            self.block_commit_seconds.clone(),
         );
     }
 }

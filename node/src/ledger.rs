@@ -152,6 +152,8 @@ pub struct Finalized {
     pub receipts: Vec<Receipt>,
     /// The new nonce of every account the block changed.
     pub new_nonces: Vec<(Address, u64)>,
+    /// How long the block's one write batch took to write (`keel_block_commit_seconds`).
+    pub commit_time: std::time::Duration,
 }
 
 impl LedgerError {
@@ -606,7 +608,9 @@ impl Ledger {
         self.blocks.stage_finalized(&mut batch, height, *hash);
         self.records.stage_latest_qc(&mut batch, qc);
         self.records.stage_delete_pending(&mut batch, [*hash]);
+        let writing = std::time::Instant::now();
         self.store.write(batch)?;
+        let commit_time = writing.elapsed();
         self.final_tip = (height, *hash);
         self.certified.retain(|h, _| *h > height);
         if let Some(mut p) = self.pending.remove(hash) {
@@ -618,6 +622,7 @@ impl Ledger {
                 block: Arc::unwrap_or_clone(p.block),
                 receipts: p.receipts,
                 new_nonces: p.new_nonces,
+                commit_time,
             });
         }
         Ok(())

@@ -137,7 +137,7 @@ pub fn allocated_bytes() -> u64 {
 /// Estimated bytes of one decoded state-tree node in the node cache (key, node, LRU entry).
 pub const NODE_BYTES: u64 = 320;
 /// Estimated bytes of one signature-cache entry (hash and LRU entry).
-pub const SIG_ENTRY_BYTES: u64 = 96;
+pub const SIG_ENTRY_BYTES: u64 = 72;
 
 /// Shares of `memory.limit`, in percent (RocksDB's and the mempool's are checked by
 /// [`Config::validate`], so they live there).

@@ -2,8 +2,8 @@
 //! async; the node keeps it behind a mutex).
 //!
 //! Invariants:
-//! - At most `max_txs` transactions and `max_bytes` bytes (sum of their encoded sizes) are
-//!   held, and every index is bounded by the number of transactions, so memory is bounded by
+//! - At most `max_txs` transactions and `max_bytes` bytes (sum of [`held_bytes`]: each
+//!   one's encoded size, chain id and bookkeeping) are held, and every index is bounded by the number of transactions, so memory is bounded by
 //!   the limits.
 //! - Each sender has at most [`MAX_NONCE_GAP`]` + 1` pending transactions, with nonces in
 //!   `[committed, committed + MAX_NONCE_GAP]`; one per nonce.
@@ -30,6 +30,23 @@ use prometheus_client::registry::Registry;
 /// Largest accepted transaction (its `SignedTx` bytes).
 pub const MAX_TX_BYTES: usize = 64 * 1024;
 
+/// What the pool charges a transaction besides its encoded bytes and chain id: its decoded
+/// form in the sender's queue (a B-tree slot, nodes about two-thirds full) and its entry in
+/// the hash index (a table between half and seven-eighths full). With these, `max_bytes`
+/// bounds the memory the pool holds, not only the encoded sizes (a 150-byte transfer costs
+/// about four times that).
+pub const TX_OVERHEAD: usize = (std::mem::size_of::<Entry>() + 8) * 3 / 2
+    + (std::mem::size_of::<Hash>() + std::mem::size_of::<(Address, u64)>()) * 3 / 2
+    + 2;
+
+/// The smallest `max_bytes` that holds one transaction of the largest size.
+pub const MIN_POOL_BYTES: u64 = (MAX_TX_BYTES + 1024) as u64;
+
+/// Bytes the pool charges `tx` against `max_bytes`: what holding it costs in memory.
+pub fn held_bytes(tx: &Transaction) -> u64 {
+    (tx.bytes.len() + tx.chain_id.len() + TX_OVERHEAD) as u64
+}
+
 /// How far ahead of a sender's committed nonce a transaction's nonce may be.
 pub const MAX_NONCE_GAP: u64 = 64;
 
@@ -42,7 +59,7 @@ pub const REPLACEMENT_FEE_BUMP_PERCENT: u64 = 10;
 pub struct MempoolLimits {
     /// Most transactions held.
     pub max_txs: usize,
-    /// Most bytes held (sum of the transactions' encoded sizes).
+    /// Most bytes held (sum of the transactions' [`held_bytes`]).
     pub max_bytes: u64,
 }
 
@@ -274,7 +291,7 @@ impl Mempool {
                 if !pays_replacement_bump(old.tx.fee, tx.fee) {
                     return Err(Rejection::Underpriced);
                 }
-                replaced = Some((old.tx.hash, old.tx.bytes.len() as u64));
+                replaced = Some((old.tx.hash, held_bytes(&old.tx)));
             }
             for entry in queue.txs.range(committed..tx.nonce).map(|(_, e)| e) {
                 needed = needed.and_then(|n| n.checked_add(entry.cost));
@@ -298,7 +315,7 @@ impl Mempool {
         let new_bytes = self
             .bytes
             .saturating_sub(freed_bytes)
-            .saturating_add(size as u64);
+            .saturating_add(held_bytes(&tx));
         let need_count = new_len.saturating_sub(self.limits.max_txs);
         let need_bytes = new_bytes.saturating_sub(self.limits.max_bytes);
         if need_count > 0 || need_bytes > 0 {
@@ -403,7 +420,7 @@ impl Mempool {
         self.by_hash.is_empty()
     }
 
-    /// Sum of the pending transactions' encoded sizes.
+    /// Bytes the pending transactions hold: the sum of their [`held_bytes`].
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -447,7 +464,7 @@ impl Mempool {
             });
         let old_tail = queue.tail_key();
         self.by_hash.insert(tx.hash, (tx.sender, tx.nonce));
-        self.bytes = self.bytes.saturating_add(tx.bytes.len() as u64);
+        self.bytes = self.bytes.saturating_add(held_bytes(&tx));
         queue.txs.insert(tx.nonce, Entry { tx, cost });
         retail(&mut self.tails, old_tail, queue.tail_key());
         self.txs_gauge.set(self.len() as i64);
@@ -462,7 +479,7 @@ impl Mempool {
         if queue.txs.is_empty() {
             self.senders.remove(&sender);
         }
-        self.bytes = self.bytes.saturating_sub(entry.tx.bytes.len() as u64);
+        self.bytes = self.bytes.saturating_sub(held_bytes(&entry.tx));
         self.txs_gauge.set(self.len() as i64);
         Some(entry.tx)
     }
@@ -505,7 +522,7 @@ impl Mempool {
             let entry = queue.txs.get(nonce)?;
             plan.push(victim);
             freed_count += 1;
-            freed_bytes = freed_bytes.saturating_add(entry.tx.bytes.len() as u64);
+            freed_bytes = freed_bytes.saturating_add(held_bytes(&entry.tx));
             if let Some((_, previous)) = queue.txs.range(..*nonce).next_back() {
                 promoted.push(Reverse((previous.tx.fee, previous.tx.hash)));
             }
@@ -527,7 +544,7 @@ impl Mempool {
                 assert!(*nonce >= queue.committed && *nonce - queue.committed <= MAX_NONCE_GAP);
                 assert_eq!(self.by_hash.get(&entry.tx.hash), Some(&(*sender, *nonce)));
                 count += 1;
-                bytes += entry.tx.bytes.len() as u64;
+                bytes += held_bytes(&entry.tx);
             }
             tails.extend(queue.tail_key());
         }
@@ -639,7 +656,7 @@ mod tests {
         assert_eq!(pool.get(&tx.hash), Some(&tx));
         assert_eq!(pool.len(), 1);
         assert!(!pool.is_empty());
-        assert_eq!(pool.bytes(), tx.bytes.len() as u64);
+        assert_eq!(pool.bytes(), held_bytes(&tx));
         assert_eq!(pool.pending_nonce(&addr(1)), Some(1));
         assert_eq!(pool.pending_nonce(&addr(2)), None);
         pool.check_invariants();
@@ -748,7 +765,7 @@ mod tests {
         assert!(!pool.contains(&original.hash));
         assert!(pool.contains(&better.hash));
         assert_eq!(pool.len(), 1);
-        assert_eq!(pool.bytes(), better.bytes.len() as u64);
+        assert_eq!(pool.bytes(), held_bytes(&better));
         pool.check_invariants();
 
         // With no minimum fee, a zero fee cannot be "bumped" by another zero.
@@ -895,7 +912,7 @@ mod tests {
 
     #[test]
     fn byte_limit_evicts_as_many_as_needed_from_the_back_or_nothing() {
-        let size = transfer(1, 0, 1, 1).bytes.len() as u64;
+        let size = held_bytes(&transfer(1, 0, 1, 1));
         let mut pool = Mempool::new(limits(100, 4 * size + 10), CHAIN.into(), 1);
         let a0 = transfer(1, 0, 4, 1);
         let a1 = transfer(1, 1, 2, 1);
@@ -906,10 +923,12 @@ mod tests {
         }
         // Needs three slots' worth of bytes: a1 (fee 2), then b0 (3), then a0 (4), which became
         // A's last once a1 was planned.
+        // Encoded sizes such that each holds three transfers' worth of bytes.
+        let encoded = (3 * size - (size - transfer(1, 0, 1, 1).bytes.len() as u64)) as usize;
         let mut big = transfer(4, 0, 10, 1);
-        big.bytes.resize(3 * size as usize, 0);
+        big.bytes.resize(encoded, 0);
         let mut too_cheap = transfer(4, 0, 4, 1);
-        too_cheap.bytes.resize(3 * size as usize, 0);
+        too_cheap.bytes.resize(encoded, 0);
         assert_eq!(pool.insert(too_cheap, 0, RICH), Err(Rejection::Full));
         assert_eq!(pool.len(), 4, "a failed insert evicts nothing");
         pool.insert(big.clone(), 0, RICH).unwrap();
@@ -946,7 +965,7 @@ mod tests {
         let (mut oks, mut fulls, mut evictions, mut replacements) = (0, 0, 0, 0);
         for seed in 1..=6u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let size = transfer(1, 0, 1, 1).bytes.len() as u64;
+            let size = held_bytes(&transfer(1, 0, 1, 1));
             let max_txs = 5 + rng.below(20) as usize;
             let max_bytes = size * (3 + rng.below(25)) + rng.below(size);
             let mut pool = Mempool::new(limits(max_txs, max_bytes), CHAIN.into(), 1);

@@ -141,6 +141,17 @@ pub fn encode_float_gauge(
     gauge.encode(describe(encoder, name, help, gauge.metric_type())?)
 }
 
+/// Writes counter `name` with one sample, a fractional value (seconds).
+pub fn encode_float_counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(describe(encoder, name, help, counter.metric_type())?)
+}
+
 /// Writes gauge `name` with one sample, a value that may be negative.
 pub fn encode_signed_gauge(
     encoder: &mut DescriptorEncoder<'_>,

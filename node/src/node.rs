@@ -30,6 +30,9 @@ use crate::{Error, Result};
 /// Commands (network messages, sync answers) queued for the host; beyond it, messages are
 /// dropped (consensus recovers from loss) rather than growing memory.
 const COMMAND_QUEUE: usize = 4096;
+// The queue reserves a slot of `Command`'s size for each entry up front: its payloads are
+// boxed so that the 4,096 slots stay a few hundred KiB.
+const _: () = assert!(std::mem::size_of::<Command>() <= 128);
 /// How long a clean shutdown may take before the tasks still running are abandoned.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(8);
 
@@ -288,7 +291,7 @@ fn governor(
     consumers.push(Consumer {
         name: "state_cache",
         budget: budgets.state_cache,
-        used: Box::new(move || (node_cache.len() as u64).saturating_mul(NODE_BYTES)),
+        used: Box::new(move || node_cache.memory_bytes()),
         resize: Some(Box::new(move |bytes| {
             resized.set_capacity(usize::try_from(bytes / NODE_BYTES).unwrap_or(usize::MAX));
         })),
@@ -348,16 +351,18 @@ mod tests {
 
     /// `(name, type, help)` of every metric the node exports, as written on `/metrics`: a public
     /// contract (DESIGN.md), names, types and help texts alike.
-    const CONTRACT: [(&str, &str, &str); 29] = [
+    const CONTRACT: [(&str, &str, &str); 39] = [
         ("keel_block_height", "gauge", "Height of the latest certified block."),
         ("keel_finalized_height", "gauge", "Height of the latest final block."),
         ("keel_epoch", "gauge", "Current consensus epoch."),
         ("keel_txs_committed", "counter", "Transactions in final blocks."),
         ("keel_block_execution_seconds", "histogram", "Time to build or re-execute a block."),
+        ("keel_block_commit_seconds", "histogram", "Time to write a final block to the database (its one atomic write batch)."),
         ("keel_mempool_txs", "gauge", "Transactions in the mempool."),
         ("keel_peers", "gauge", "Connected peers."),
         ("keel_p2p_bytes", "counter", "Peer-to-peer frame bytes by direction and compression."),
         ("keel_rpc_requests", "counter", "JSON-RPC calls by method and result code (0 = success)."),
+        ("keel_rpc_request_duration_seconds", "histogram", "Time to answer a JSON-RPC call, by method (parameter checks to response)."),
         ("keel_memory_allocated_bytes", "gauge", "Bytes allocated through jemalloc."),
         ("keel_memory_limit_bytes", "gauge", "Configured memory limit (0 = none)."),
         ("keel_memory_resident_bytes", "gauge", "Bytes in resident pages mapped by jemalloc (allocated, dirty pages, metadata)."),
@@ -374,6 +379,14 @@ mod tests {
         ("keel_prune_duration_seconds", "histogram", "Duration of prune passes (deletes and compaction)."),
         ("keel_prune_deleted_keys", "counter", "Keys deleted by the pruner."),
         ("keel_db_live_sst_bytes", "gauge", "Bytes of live SST files per column family."),
+        ("keel_db_block_cache_hits", "counter", "RocksDB block cache lookups that found the block."),
+        ("keel_db_block_cache_misses", "counter", "RocksDB block cache lookups that read the block from disk."),
+        ("keel_db_compaction_read_bytes", "counter", "Bytes RocksDB compactions read."),
+        ("keel_db_compaction_write_bytes", "counter", "Bytes RocksDB compactions wrote."),
+        ("keel_db_flush_write_bytes", "counter", "Bytes RocksDB memtable flushes wrote."),
+        ("keel_db_write_stall_seconds", "counter", "Seconds RocksDB stalled or slowed writes (level-0 files, pending compaction, memtables)."),
+        ("keel_db_running_compactions", "gauge", "RocksDB compactions running now."),
+        ("keel_db_pending_compaction_bytes", "gauge", "RocksDB's estimate of the bytes compaction still has to rewrite."),
         ("keel_validator_set_cache_hits", "counter", "Validator set lookups served by the per-epoch cache."),
         ("keel_validator_set_cache_misses", "counter", "Validator set lookups that computed the set."),
         ("keel_sig_cache_hits", "counter", "Signature cache lookups that found the transaction already verified (admission, block execution)."),
@@ -473,6 +486,21 @@ mod tests {
             sample(&text, "keel_block_execution_seconds_count") >= 1.0,
             "{text}"
         );
+        // Every final block's write is timed; every answered call too, by method.
+        assert!(
+            sample(&text, "keel_block_commit_seconds_count") >= 1.0,
+            "{text}"
+        );
+        assert!(
+            sample(
+                &text,
+                "keel_rpc_request_duration_seconds_count{method=\"tx_submit\"}"
+            ) >= 1.0,
+            "{text}"
+        );
+        // RocksDB's statistics are on: its counters are read (the data of this young node may
+        // all still be in memtables, so they may be zero).
+        assert!(sample(&text, "keel_db_block_cache_hits_total") >= 0.0);
         assert_eq!(sample(&text, "keel_mempool_txs"), 0.0, "{text}");
         assert_eq!(sample(&text, "keel_peers"), 0.0, "{text}");
         // Every column family has its live-bytes series; nothing is pruned this early.

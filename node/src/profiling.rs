@@ -707,12 +707,19 @@ mod heap {
                     .to_string(),
             );
         }
-        // SAFETY: `prof.reset` takes a size_t, the new lg_prof_sample (jemalloc(3)).
-        unsafe { tikv_jemalloc_ctl::raw::write(b"prof.reset\0", lg_sample) }
-            .map_err(|e| format!("cannot set the sampling interval (prof.reset): {e}"))?;
-        // SAFETY: `prof.active` takes a bool (jemalloc(3)).
-        unsafe { tikv_jemalloc_ctl::raw::write(b"prof.active\0", true) }
-            .map_err(|e| format!("cannot activate sampling (prof.active): {e}"))?;
+        // SAFETY: `prof.active` is a readable bool (jemalloc(3)).
+        let already: bool = unsafe { tikv_jemalloc_ctl::raw::read(b"prof.active\0") }
+            .map_err(|e| format!("cannot read whether sampling is on (prof.active): {e}"))?;
+        // Started sampling (`MALLOC_CONF=prof_active:true`): what it sampled since the
+        // process began (start-up included) is kept, at the interval it was started with.
+        if !already {
+            // SAFETY: `prof.reset` takes a size_t, the new lg_prof_sample (jemalloc(3)).
+            unsafe { tikv_jemalloc_ctl::raw::write(b"prof.reset\0", lg_sample) }
+                .map_err(|e| format!("cannot set the sampling interval (prof.reset): {e}"))?;
+            // SAFETY: `prof.active` takes a bool (jemalloc(3)).
+            unsafe { tikv_jemalloc_ctl::raw::write(b"prof.active\0", true) }
+                .map_err(|e| format!("cannot activate sampling (prof.active): {e}"))?;
+        }
         // SAFETY: `prof.lg_sample` is a readable size_t (jemalloc(3)).
         let in_force: usize = unsafe { tikv_jemalloc_ctl::raw::read(b"prof.lg_sample\0") }
             .map_err(|e| format!("cannot read the sampling interval (prof.lg_sample): {e}"))?;

@@ -90,11 +90,25 @@ pub struct StateTree {
 /// reading the same database, including the throw-away trees over overlays of pending blocks
 /// (see [`StateTree::with_shared_cache`]).
 pub struct NodeCache {
-    upper: Vec<Mutex<Option<(u64, Node)>>>,
+    /// Allocated with the first upper node cached (a tree that never caches one, such as
+    /// the pruner's, costs nothing).
+    upper: std::sync::OnceLock<Box<[UpperSlot]>>,
     lower: Vec<Mutex<LruCache<NodeKey, Node>>>,
+    /// Estimated bytes of the nodes held and their LRU entries ([`NodeCache::memory_bytes`]),
+    /// kept as they come and go.
+    held: std::sync::atomic::AtomicU64,
 }
 
+/// Bytes an LRU entry costs besides its node's own allocation: the boxed entry (key, node
+/// handle, two links) and its hash-table bucket (a key pointer and an entry pointer, with the
+/// table between half and seven-eighths full, plus its control byte).
+const LRU_ENTRY_BYTES: u64 =
+    (std::mem::size_of::<NodeKey>() + std::mem::size_of::<Node>() + 16 + 2 * 16 + 2) as u64;
+
 type Shard<'a> = std::sync::MutexGuard<'a, LruCache<NodeKey, Node>>;
+
+/// One path of the upper levels: the newest committed node seen there, with its version.
+type UpperSlot = Mutex<Option<(u64, Node)>>;
 
 impl NodeCache {
     /// A cache of the upper levels of the tree plus up to `nodes` other decoded nodes (at
@@ -103,9 +117,15 @@ impl NodeCache {
         let per_shard =
             NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
         NodeCache {
-            upper: (0..UPPER_SLOTS).map(|_| Mutex::new(None)).collect(),
+            upper: std::sync::OnceLock::new(),
+            held: std::sync::atomic::AtomicU64::new(0),
+            // Grown as nodes come, not reserved for the capacity up front.
             lower: (0..CACHE_SHARDS)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .map(|_| {
+                    let mut shard = LruCache::unbounded();
+                    shard.resize(per_shard);
+                    Mutex::new(shard)
+                })
                 .collect(),
         }
     }
@@ -116,8 +136,39 @@ impl NodeCache {
         let per_shard =
             NonZeroUsize::new(nodes.div_ceil(CACHE_SHARDS)).unwrap_or(NonZeroUsize::MIN);
         for i in 0..CACHE_SHARDS {
-            self.shard(i).resize(per_shard);
+            let mut shard = self.shard(i);
+            while shard.len() > per_shard.get() {
+                if let Some((_, node)) = shard.pop_lru() {
+                    self.release(LRU_ENTRY_BYTES + node.heap_bytes());
+                }
+            }
+            shard.resize(per_shard);
         }
+    }
+
+    /// Estimated bytes the cache holds: its upper-level slots, every node in it (each
+    /// node's own allocation, see [`Node::heap_bytes`]) and the LRU's entries. Kept as
+    /// nodes come and go, so reading it takes no lock.
+    pub fn memory_bytes(&self) -> u64 {
+        let slots = self
+            .upper
+            .get()
+            .map_or(0, |u| (u.len() * std::mem::size_of::<UpperSlot>()) as u64);
+        slots.saturating_add(self.held.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn hold(&self, bytes: u64) {
+        self.held
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn release(&self, bytes: u64) {
+        // Never below zero, whatever the order of concurrent updates.
+        let _ = self.held.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |h| Some(h.saturating_sub(bytes)),
+        );
     }
 
     /// How many decoded nodes it may hold besides the upper levels.
@@ -145,6 +196,15 @@ impl NodeCache {
         // The cache holds only immutable, already-stored nodes, so a panic elsewhere while a
         // lock was held cannot have left it inconsistent.
         self.upper
+            .get()?
+            .get(i)
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// [`NodeCache::slot`], allocating the upper levels' slots the first time.
+    fn slot_or_init(&self, i: usize) -> Option<std::sync::MutexGuard<'_, Option<(u64, Node)>>> {
+        self.upper
+            .get_or_init(|| (0..UPPER_SLOTS).map(|_| Mutex::new(None)).collect())
             .get(i)
             .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
@@ -174,15 +234,22 @@ impl NodeCache {
     /// Caches a committed node: in its upper slot unless that holds a newer one, else in
     /// the LRU.
     fn put(&self, key: NodeKey, node: Node) {
-        if let Some(mut slot) = key.path.upper_index().and_then(|i| self.slot(i)) {
+        if let Some(mut slot) = key.path.upper_index().and_then(|i| self.slot_or_init(i)) {
             if slot.as_ref().is_none_or(|(v, _)| *v <= key.version) {
+                self.hold(node.heap_bytes());
                 let old = slot.replace((key.version, node));
                 drop(slot);
-                drop(old);
+                if let Some((_, old)) = old {
+                    self.release(old.heap_bytes());
+                }
                 return;
             }
         }
-        self.shard_of(&key).put(key, node);
+        self.hold(LRU_ENTRY_BYTES + node.heap_bytes());
+        let replaced = self.shard_of(&key).push(key, node);
+        if let Some((_, old)) = replaced {
+            self.release(LRU_ENTRY_BYTES + old.heap_bytes());
+        }
     }
 
     fn clear(&self) {
@@ -194,6 +261,7 @@ impl NodeCache {
         for i in 0..CACHE_SHARDS {
             self.shard(i).clear();
         }
+        self.held.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

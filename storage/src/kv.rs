@@ -2,6 +2,29 @@
 
 use crate::Result;
 
+/// What a storage engine reports of its own work, for metrics: counters since it opened
+/// and gauges of now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Block cache lookups that found the block.
+    pub block_cache_hits: u64,
+    /// Block cache lookups that read the block from disk.
+    pub block_cache_misses: u64,
+    /// Microseconds writes were stalled or slowed by the engine (too many level-0 files,
+    /// too much pending compaction, memtables full).
+    pub stall_micros: u64,
+    /// Bytes compactions read.
+    pub compaction_read_bytes: u64,
+    /// Bytes compactions wrote.
+    pub compaction_write_bytes: u64,
+    /// Bytes memtable flushes wrote.
+    pub flush_write_bytes: u64,
+    /// Compactions running now.
+    pub running_compactions: u64,
+    /// The engine's estimate of bytes compaction still has to rewrite.
+    pub pending_compaction_bytes: u64,
+}
+
 /// Column families. Each is a separate ordered key space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Column {
@@ -203,6 +226,11 @@ pub trait KvStore: Send + Sync + 'static {
 
     /// The engine's estimate of the keys in `col`, `None` if it has none.
     fn estimate_keys(&self, _col: Column) -> Option<u64> {
+        None
+    }
+
+    /// The engine's own activity counters (RocksDB's statistics), `None` for engines without.
+    fn engine_stats(&self) -> Option<EngineStats> {
         None
     }
 

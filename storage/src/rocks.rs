@@ -16,7 +16,7 @@ use rocksdb::{
     ReadOptions, WriteBufferManager, WriteOptions,
 };
 
-use crate::{Column, Direction, Error, KvIter, KvStore, Op, Result, WriteBatch};
+use crate::{Column, Direction, EngineStats, Error, KvIter, KvStore, Op, Result, WriteBatch};
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -177,6 +177,8 @@ pub struct RocksStore {
     db: Db,
     cache: Cache,
     path: PathBuf,
+    /// The database options, kept for their statistics object (tickers are read from it).
+    opts: Options,
 }
 
 impl fmt::Debug for RocksStore {
@@ -212,6 +214,10 @@ impl RocksStore {
         }
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
+        // Counters only (no histograms, no timers): cache hits, stalls, compaction bytes for
+        // metrics, at the cost of a few per-core counter increments.
+        db_opts.enable_statistics();
+        db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
         db_opts.set_max_open_files(cfg.max_open_files);
         let jobs = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
@@ -273,6 +279,7 @@ impl RocksStore {
             db,
             cache,
             path: path.to_path_buf(),
+            opts: db_opts,
         })
     }
 
@@ -313,6 +320,15 @@ impl RocksStore {
         let cf = self.cf(col)?;
         self.db
             .property_int_value_cf(&cf, name)
+            .map_err(|e| engine_error(&self.path, "read property", e))
+    }
+
+    /// One text property of one column (`rocksdb.cfstats`...), `None` if RocksDB does not
+    /// know it.
+    pub fn property_text(&self, col: Column, name: &str) -> Result<Option<String>> {
+        let cf = self.cf(col)?;
+        self.db
+            .property_value_cf(&cf, name)
             .map_err(|e| engine_error(&self.path, "read property", e))
     }
 
@@ -509,6 +525,30 @@ impl KvStore for RocksStore {
             .delete_file_in_range_cf(&cf, from, to)
             .map_err(|e| engine_error(&self.path, "delete files in range", e))?;
         self.compact_range(col, from, to)
+    }
+
+    fn engine_stats(&self) -> Option<EngineStats> {
+        use rocksdb::statistics::Ticker;
+        let ticker = |t: Ticker| self.opts.get_ticker_count(t);
+        // Database-wide properties: any column family answers them.
+        let db_property = |name: &str| {
+            self.property(Column::Meta, name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        Some(EngineStats {
+            block_cache_hits: ticker(Ticker::BlockCacheHit),
+            block_cache_misses: ticker(Ticker::BlockCacheMiss),
+            stall_micros: ticker(Ticker::StallMicros),
+            compaction_read_bytes: ticker(Ticker::CompactReadBytes),
+            compaction_write_bytes: ticker(Ticker::CompactWriteBytes),
+            flush_write_bytes: ticker(Ticker::FlushWriteBytes),
+            running_compactions: db_property("rocksdb.num-running-compactions"),
+            pending_compaction_bytes: self
+                .property_sum("rocksdb.estimate-pending-compaction-bytes")
+                .unwrap_or(0),
+        })
     }
 
     fn live_sst_bytes(&self, col: Column) -> Option<u64> {

@@ -588,7 +588,12 @@ impl Sim {
                 Event::Deliver { from, to, message } => match ConsensusMessage::decode(&message) {
                     Ok(m) => {
                         let peer = self.nodes[from].peer;
-                        self.step(to, |h| h.handle(Command::Message { peer, message: m }))
+                        self.step(to, |h| {
+                            h.handle(Command::Message {
+                                peer,
+                                message: Box::new(m),
+                            })
+                        })
                     }
                     Err(e) => panic!("seed {}: undecodable message: {e}", self.seed),
                 },
@@ -597,7 +602,13 @@ impl Sim {
                     id,
                     peer,
                     response,
-                } => self.step(to, |h| h.handle(Command::Response { id, peer, response })),
+                } => self.step(to, |h| {
+                    h.handle(Command::Response {
+                        id,
+                        peer,
+                        response: response.map(Box::new),
+                    })
+                }),
                 Event::Tx { to, tx } => {
                     if let Some(host) = &self.nodes[to].host {
                         // Refusals (duplicates, nonces too far ahead) are the wallet's concern.

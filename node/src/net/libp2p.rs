@@ -207,7 +207,11 @@ impl Network for Libp2pNetwork {
                     None
                 }
             };
-            let _ = commands.try_send(Command::Response { id, peer, response });
+            let _ = commands.try_send(Command::Response {
+                id,
+                peer,
+                response: response.map(Box::new),
+            });
         });
     }
 
@@ -328,7 +332,10 @@ impl Server {
     /// A consensus message from `peer`, its author.
     fn consensus(&self, peer: PeerId, data: &[u8]) {
         match keel_types::ConsensusMessage::decode(data) {
-            Ok(message) => self.to_host(Command::Message { peer, message }),
+            Ok(message) => self.to_host(Command::Message {
+                peer,
+                message: Box::new(message),
+            }),
             Err(e) => {
                 debug!(%peer, error = %e, "undecodable consensus message");
                 self.net.report(peer, Report::Invalid);

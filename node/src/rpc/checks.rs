@@ -36,6 +36,7 @@ use jsonrpsee::types::{ErrorObjectOwned, Id};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 
@@ -53,11 +54,34 @@ pub struct RpcLabels {
     pub code: String,
 }
 
-/// The RPC layer's metrics: `keel_rpc_requests_total{method,code}`, counted by [`CallChecks`]
-/// as calls are answered. Clones count into the same series.
-#[derive(Clone, Debug, Default)]
+/// Labels of `keel_rpc_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    /// The method.
+    pub method: String,
+}
+
+/// 50 microseconds to about 1.6 seconds.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// The RPC layer's metrics: `keel_rpc_requests_total{method,code}` and
+/// `keel_rpc_request_duration_seconds{method}`, counted and timed by [`CallChecks`] as calls
+/// are answered. Clones count into the same series.
+#[derive(Clone, Debug)]
 pub struct RpcMetrics {
     requests: Family<RpcLabels, Counter>,
+    durations: Family<MethodLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for RpcMetrics {
+    fn default() -> RpcMetrics {
+        RpcMetrics {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(duration_histogram),
+        }
+    }
 }
 
 impl RpcMetrics {
@@ -68,6 +92,20 @@ impl RpcMetrics {
             "JSON-RPC calls by method and result code (0 = success)",
             self.requests.clone(),
         );
+        registry.register(
+            "keel_rpc_request_duration_seconds",
+            "Time to answer a JSON-RPC call, by method (parameter checks to response)",
+            self.durations.clone(),
+        );
+    }
+
+    fn observe(&self, method: &str, took: std::time::Duration) {
+        let label = MethodLabel {
+            method: method.to_string(),
+        };
+        self.durations
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
     }
 
     fn count(&self, method: &str, code: i32) {
@@ -206,10 +244,12 @@ where
         let Some((method, params)) = known else {
             return self.service.call(req).await;
         };
+        let started = std::time::Instant::now();
         let response = match check_params(params, req.params.as_deref().map(|p| p.get())) {
             Ok(()) => self.library_errors_remapped(self.service.call(req).await),
             Err(e) => MethodResponse::error(req.id, e).with_extensions(req.extensions),
         };
+        self.metrics.observe(method, started.elapsed());
         self.metrics
             .count(method, response.as_error_code().unwrap_or(0));
         response

@@ -354,6 +354,24 @@ pub(crate) enum Node {
 }
 
 impl Node {
+    /// Bytes of this node's own allocation (the shared allocation its handle points to:
+    /// reference counts, the node, a leaf's value, an internal node's hash levels).
+    pub(crate) fn heap_bytes(&self) -> u64 {
+        const COUNTS: usize = 16;
+        let bytes = match self {
+            Node::Leaf(leaf) => COUNTS + std::mem::size_of::<LeafNode>() + leaf.value.capacity(),
+            Node::Internal(internal) => {
+                COUNTS
+                    + std::mem::size_of::<Internal>()
+                    + internal
+                        .levels
+                        .as_ref()
+                        .map_or(0, |_| std::mem::size_of::<Levels>())
+            }
+        };
+        bytes as u64
+    }
+
     /// The `Column::StateNodes` value.
     pub(crate) fn encode(&self) -> Vec<u8> {
         match self {

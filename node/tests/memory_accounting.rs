@@ -1,0 +1,179 @@
+//! The memory each budgeted consumer reports (`keel_memory_used_bytes{consumer}`) against
+//! what it really allocates, measured by a counting allocator: the state-tree node cache
+//! (`NodeCache::memory_bytes`), the signature cache (entries times `SIG_ENTRY_BYTES`) and the
+//! mempool (`Mempool::bytes`, the sum of `held_bytes`). Each estimate must be within 25% of
+//! the bytes allocated while the consumer filled (the governor sizes caches by them, and the
+//! memory dashboard adds them up against jemalloc's allocated bytes).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use keel_node::memory::SIG_ENTRY_BYTES;
+use keel_node::mempool::{Mempool, MempoolLimits};
+use keel_state::{NodeCache, SigCache, StateTree};
+use keel_storage::{KvStore, MemStore, WriteBatch};
+use keel_types::{Address, Hash, Keypair, Transaction, TxKind};
+
+/// The system allocator, counting the bytes each thread has allocated and not freed while
+/// that thread counts. Tests run on several threads: each measures only its own.
+struct Counting;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static NET: Cell<i64> = const { Cell::new(0) };
+}
+
+fn record(delta: i64) {
+    // `try_with`: thread-local storage may already be gone while a thread exits.
+    let _ = COUNTING.try_with(|on| {
+        if on.get() {
+            let _ = NET.try_with(|n| n.set(n.get() + delta));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; the bookkeeping allocates nothing.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        record(layout.size() as i64);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        record(-(layout.size() as i64));
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        record(new_size as i64 - layout.size() as i64);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Net bytes this thread allocated while running `f`, and what `f` returned.
+fn allocated_by<T>(f: impl FnOnce() -> T) -> (i64, T) {
+    NET.with(|n| n.set(0));
+    COUNTING.with(|on| on.set(true));
+    let out = f();
+    COUNTING.with(|on| on.set(false));
+    (NET.with(Cell::get), out)
+}
+
+fn assert_close(what: &str, reported: u64, allocated: i64) {
+    let ratio = reported as f64 / allocated as f64;
+    assert!(
+        (0.75..=1.25).contains(&ratio),
+        "{what}: reports {reported} bytes, allocated {allocated} (ratio {ratio:.2})"
+    );
+}
+
+/// Spread keys (splitmix64 of `i`, four times).
+fn key(i: u64) -> Hash {
+    let mut out = [0u8; 32];
+    let mut x = i;
+    for chunk in out.chunks_mut(8) {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    Hash(out)
+}
+
+#[test]
+fn the_node_cache_reports_what_its_nodes_take() {
+    // 20,000 account-sized leaves (and the internal nodes above them), committed.
+    let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
+    let writer = StateTree::with_cache_capacity(store.clone(), 1);
+    let updates: Vec<(Hash, Option<Vec<u8>>)> = (0..20_000u64)
+        .map(|i| (key(i), Some(vec![7u8; 60])))
+        .collect();
+    let mut batch = WriteBatch::new();
+    writer.apply(None, 1, &updates, &mut batch).unwrap();
+    store.write(batch).unwrap();
+
+    let cache = Arc::new(NodeCache::new(1 << 20));
+    let reader = StateTree::with_shared_cache(store.clone(), cache.clone(), 1);
+    let empty = cache.memory_bytes();
+    let (allocated, ()) = allocated_by(|| {
+        for i in 0..20_000u64 {
+            assert!(reader.get(1, &key(i)).unwrap().is_some());
+        }
+    });
+    assert!(cache.len() > 20_000, "{} nodes cached", cache.len());
+    assert_close("node cache", cache.memory_bytes() - empty, allocated);
+
+    // Shrinking takes the evicted nodes out of the figure as their memory is freed.
+    let before = cache.memory_bytes();
+    let (freed, ()) = allocated_by(|| cache.set_capacity(1_000));
+    assert_close("node cache shrink", before - cache.memory_bytes(), -freed);
+}
+
+#[test]
+fn the_signature_cache_reports_what_its_entries_take() {
+    let cache = SigCache::new(1 << 20);
+    let hashes: Vec<Hash> = (0..100_000u64).map(key).collect();
+    let (allocated, ()) = allocated_by(|| cache.insert_all(&hashes));
+    assert_close(
+        "signature cache",
+        cache.len() as u64 * SIG_ENTRY_BYTES,
+        allocated,
+    );
+}
+
+#[test]
+fn the_mempool_reports_what_its_transactions_take() {
+    let chain = "keel-memory-test";
+    let mut pool = Mempool::new(
+        MempoolLimits {
+            max_txs: 1 << 20,
+            max_bytes: 1 << 30,
+        },
+        chain.to_string(),
+        1,
+    );
+    // 400 senders with 16 pending transfers each, as a loaded node holds them.
+    let txs: Vec<Transaction> = (0..400u64)
+        .flat_map(|s| {
+            let key = Keypair::from_seed(s + 1);
+            (0..16u64).map(move |n| {
+                Transaction::sign(
+                    &key,
+                    chain,
+                    n,
+                    10,
+                    TxKind::Transfer {
+                        to: Address([9; 20]),
+                        amount: 1,
+                    },
+                )
+            })
+        })
+        .collect();
+    // The transactions are decoded before they reach the pool (admission): only what the
+    // pool adds to them is counted, so the measured bytes are the pool's indexes plus the
+    // transactions themselves, moved in.
+    let own: i64 = txs
+        .iter()
+        .map(|t| (t.bytes.capacity() + t.chain_id.capacity()) as i64)
+        .sum();
+    let moved = (txs.len() * std::mem::size_of::<Transaction>()) as i64;
+    let (allocated, ()) = allocated_by(|| {
+        for tx in txs {
+            pool.insert(tx, 0, u64::MAX / 2).unwrap();
+        }
+    });
+    assert_eq!(pool.len(), 6_400);
+    assert_close("mempool", pool.bytes(), allocated + own + moved);
+}
