@@ -74,6 +74,11 @@ impl Booted {
         self.ledger.node_cache()
     }
 
+    /// The ledger's estimate of the bytes its pending blocks hold (for the memory governor).
+    pub fn pending_memory(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.ledger.pending_memory()
+    }
+
     /// The context and the ledger, without consensus (benchmarks that commit by hand).
     pub(crate) fn into_ledger(self) -> (Arc<NodeContext>, Ledger) {
         (self.context, self.ledger)

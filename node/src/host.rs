@@ -37,10 +37,74 @@ use crate::net::{Channel, Network, PeerId, Report};
 use crate::view::{ChainView, TipInfo};
 use crate::Result;
 
-/// What reaches the host from outside.
-// Commands are moved once, through a bounded queue: boxing the large ones would only add an
-// allocation per message.
-#[allow(clippy::large_enum_variant)]
+/// The bytes of commands waiting in the host's queue, bounded: network messages and sync
+/// answers are charged as they are queued ([`InboundQueue::charge`]) and released when the
+/// host drops them, so a flood of large messages is dropped at the door rather than held
+/// (the queue's count alone would let 4,096 blocks wait). Part of the `p2p` memory consumer.
+#[derive(Debug)]
+pub struct InboundQueue {
+    queued: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl InboundQueue {
+    /// A queue of at most `limit` bytes.
+    pub fn new(limit: u64) -> Arc<InboundQueue> {
+        Arc::new(InboundQueue {
+            queued: std::sync::atomic::AtomicU64::new(0),
+            limit,
+        })
+    }
+
+    /// Charges `bytes` for a command about to be queued, or `None` if that would pass the
+    /// bound. A command alone in the queue always passes, so no message is too large to
+    /// ever be taken.
+    pub fn charge(self: &Arc<Self>, bytes: u64) -> Option<QueueCharge> {
+        use std::sync::atomic::Ordering;
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                let after = queued.saturating_add(bytes);
+                (queued == 0 || after <= self.limit).then_some(after)
+            })
+            .ok()?;
+        Some(QueueCharge {
+            bytes,
+            queue: Some(self.clone()),
+        })
+    }
+
+    /// Bytes charged now.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// What one queued command holds against its [`InboundQueue`]: released when the command is
+/// dropped (handled or thrown away).
+#[derive(Debug, Default)]
+pub struct QueueCharge {
+    bytes: u64,
+    queue: Option<Arc<InboundQueue>>,
+}
+
+impl QueueCharge {
+    /// A charge against no queue (commands made by tests and simulations).
+    pub fn none() -> QueueCharge {
+        QueueCharge::default()
+    }
+}
+
+impl Drop for QueueCharge {
+    fn drop(&mut self) {
+        if let Some(q) = &self.queue {
+            q.queued
+                .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
+/// What reaches the host from outside. Payloads are boxed: the bounded queue of commands
+/// reserves a slot of the largest variant for each of its 4,096 entries.
 #[derive(Debug)]
 pub enum Command {
     /// Stop (handled by the runner, after the current step).
@@ -53,6 +117,8 @@ pub enum Command {
         /// The message (boxed: the queue of commands reserves a slot of the largest
         /// variant for each of its entries).
         message: Box<ConsensusMessage>,
+        /// Its bytes, held against the queue's bound until the command is dropped.
+        charge: QueueCharge,
     },
     /// The answer to request `id` (`None`: it failed or did not decode).
     Response {
@@ -62,6 +128,8 @@ pub enum Command {
         peer: PeerId,
         /// The answer (boxed, like the message).
         response: Option<Box<PeerResponse>>,
+        /// Its bytes, held against the queue's bound until the command is dropped.
+        charge: QueueCharge,
     },
 }
 
@@ -257,16 +325,16 @@ impl Host {
         self.expire_sync();
         match command {
             Command::Shutdown => {}
-            Command::Message { peer, message } => {
+            Command::Message { peer, message, .. } => {
                 let from = self.origins.of(peer);
                 self.input(Input::Message {
                     from,
                     message: *message,
                 })?
             }
-            Command::Response { id, peer, response } => {
-                self.on_response(id, peer, response.map(|r| *r))?
-            }
+            Command::Response {
+                id, peer, response, ..
+            } => self.on_response(id, peer, response.map(|r| *r))?,
         }
         self.publish_if_dirty();
         Ok(())
@@ -899,5 +967,49 @@ impl HostMetrics {
             "Time to write a final block to the database (its one atomic write batch)",
             self.block_commit_seconds.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_inbound_queue_holds_charges_until_their_commands_are_dropped() {
+        let queue = InboundQueue::new(1_000);
+        let a = queue.charge(600).unwrap();
+        let b = queue.charge(400).unwrap();
+        assert_eq!(queue.queued(), 1_000);
+        // Full: even one byte more waits for a command to go.
+        assert!(queue.charge(1).is_none());
+        drop(a);
+        assert_eq!(queue.queued(), 400);
+        let c = queue.charge(600).unwrap();
+        drop((b, c));
+        assert_eq!(queue.queued(), 0);
+        // Alone in the queue, a command larger than the bound still passes, and only then.
+        let big = queue.charge(5_000).unwrap();
+        assert!(queue.charge(1).is_none());
+        drop(big);
+        assert_eq!(queue.queued(), 0);
+        // A command made without a queue charges nothing.
+        drop(QueueCharge::none());
+        assert_eq!(queue.queued(), 0);
+    }
+
+    #[test]
+    fn a_queued_command_releases_its_charge_when_dropped() {
+        let queue = InboundQueue::new(1 << 20);
+        let command = Command::Response {
+            id: 1,
+            peer: PeerId::random(),
+            response: None,
+            charge: queue.charge(512).unwrap(),
+        };
+        assert_eq!(queue.queued(), 512);
+        drop(command);
+        assert_eq!(queue.queued(), 0);
     }
 }

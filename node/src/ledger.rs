@@ -184,6 +184,8 @@ struct Pending {
     layer: Arc<Layer>,
     /// The upper tree levels it wrote, for the node cache once it is final.
     fresh: Option<FreshNodes>,
+    /// Estimated bytes all of the above hold, fixed when it is kept.
+    bytes: u64,
 }
 
 impl Pending {
@@ -193,7 +195,7 @@ impl Pending {
             batch,
             fresh,
         } = executed;
-        Pending {
+        let mut pending = Pending {
             block: Arc::new(block),
             receipts: outcome.receipts,
             new_nonces: outcome
@@ -204,7 +206,31 @@ impl Pending {
             tx_hashes,
             layer: Arc::new(Layer::from_batch(&batch)),
             fresh: Some(fresh),
-        }
+            bytes: 0,
+        };
+        pending.bytes = pending.memory_bytes();
+        pending
+    }
+
+    /// Estimated bytes the block, its receipts, its staged state and its fresh nodes hold.
+    fn memory_bytes(&self) -> u64 {
+        use std::mem::size_of;
+        // The body holds each transaction's encoded bytes.
+        let txs = self.block.txs.iter().fold(0u64, |sum, tx| {
+            sum.saturating_add((size_of::<Vec<u8>>() + tx.capacity()) as u64)
+        });
+        let receipts = self.receipts.iter().fold(0u64, |sum, r| {
+            sum.saturating_add(
+                (size_of::<Receipt>() + r.error.as_ref().map_or(0, String::capacity)) as u64,
+            )
+        });
+        let lists = self.new_nonces.capacity() * size_of::<(Address, u64)>()
+            + self.tx_hashes.capacity() * size_of::<Hash>();
+        (size_of::<Block>() + lists) as u64
+            + txs
+            + receipts
+            + self.layer.memory_bytes()
+            + self.fresh.as_ref().map_or(0, FreshNodes::memory_bytes)
     }
 
     fn height(&self) -> u64 {
@@ -229,6 +255,9 @@ pub struct Ledger {
     /// Transactions whose signatures are verified, shared with admission (none: verify all).
     sig_cache: Option<Arc<SigCache>>,
     pending: HashMap<Hash, Pending>,
+    /// Estimated bytes the pending blocks hold (`keel_memory_used_bytes{consumer="blocks"}`),
+    /// set at every change of `pending`.
+    pending_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Certified pending blocks by height: the branch consensus extends, as RPC shows it.
     certified: std::collections::BTreeMap<u64, Arc<CertifiedBlock>>,
     final_tip: (u64, Hash),
@@ -253,6 +282,7 @@ impl Ledger {
             params,
             sig_cache: None,
             pending: HashMap::new(),
+            pending_bytes: Arc::default(),
             certified: std::collections::BTreeMap::new(),
             final_tip,
         })
@@ -261,6 +291,22 @@ impl Ledger {
     /// The state tree's node cache (the memory governor resizes it).
     pub fn node_cache(&self) -> Arc<keel_state::NodeCache> {
         self.state.tree().node_cache()
+    }
+
+    /// Estimated bytes the pending (not yet final) blocks hold in memory: their bodies,
+    /// receipts, staged state and new tree nodes. Updated as blocks are kept, finalized and
+    /// dropped; the memory governor reads it.
+    pub fn pending_memory(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.pending_bytes.clone()
+    }
+
+    fn account_pending(&self) {
+        let bytes = self
+            .pending
+            .values()
+            .fold(0u64, |sum, p| sum.saturating_add(p.bytes));
+        self.pending_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Lets every block execution skip verifying the signatures of transactions in `cache`
@@ -399,6 +445,7 @@ impl Ledger {
         self.records.put_pending(&block)?;
         self.pending
             .insert(block.hash(), Pending::new(block, tx_hashes, executed));
+        self.account_pending();
         Ok(())
     }
 
@@ -581,6 +628,7 @@ impl Ledger {
             }
         }
         let dropped = self.drop_abandoned();
+        self.account_pending();
         match failure {
             Some(e) => Err(e),
             None => {
@@ -634,6 +682,7 @@ impl Ledger {
         let dropped = self.pending.len();
         self.records
             .delete_pending(self.pending.drain().map(|(hash, _)| hash))?;
+        self.account_pending();
         self.certified.clear();
         Ok(dropped)
     }

@@ -89,6 +89,7 @@ impl Node {
         };
         let chain = booted.context.clone();
         let node_cache = booted.node_cache();
+        let pending_blocks = booted.pending_memory();
         let epoch = chain.epoch();
         let validators = chain.validator_set(epoch)?;
         let me = validators.get(&key.address()).map_or(0, |v| v.stake);
@@ -124,6 +125,7 @@ impl Node {
             &chain,
             rocks.clone(),
             node_cache,
+            pending_blocks,
             network.clone(),
         ));
         chain.set_gossip(network.clone());
@@ -273,6 +275,7 @@ fn governor(
     chain: &Arc<NodeContext>,
     rocks: Option<Arc<RocksStore>>,
     node_cache: Arc<keel_state::NodeCache>,
+    pending_blocks: Arc<std::sync::atomic::AtomicU64>,
     network: Arc<crate::net::libp2p::Libp2pNetwork>,
 ) -> crate::memory::Governor {
     use crate::memory::{Budgets, Consumer, NODE_BYTES, SIG_ENTRY_BYTES};
@@ -309,7 +312,15 @@ fn governor(
     consumers.push(Consumer {
         name: "p2p",
         budget: budgets.p2p,
-        used: Box::new(move || network.queued_bytes()),
+        used: Box::new(move || network.queued_bytes() + network.inbound_bytes()),
+        resize: None,
+    });
+    // Not yet final blocks: bounded by consensus (a few blocks, each at most
+    // `max_block_bytes` with its state changes), so they have no share of their own.
+    consumers.push(Consumer {
+        name: "blocks",
+        budget: 0,
+        used: Box::new(move || pending_blocks.load(std::sync::atomic::Ordering::Relaxed)),
         resize: None,
     });
     let weak = Arc::downgrade(chain);
@@ -559,6 +570,12 @@ mod tests {
             ((1u64 << 30) * 5 / 100) as f64
         );
         sample(&text, "keel_memory_used_bytes{consumer=\"p2p\"}");
+        // Pending blocks have no share; their use is reported.
+        assert_eq!(
+            sample(&text, "keel_memory_budget_bytes{consumer=\"blocks\"}"),
+            0.0
+        );
+        sample(&text, "keel_memory_used_bytes{consumer=\"blocks\"}");
         assert_eq!(sample(&text, "keel_memory_pressure"), 0.0);
         sample(&text, "keel_memory_allocated_bytes");
         assert!(sample(&text, "keel_db_size_bytes") > 0.0, "{text}");

@@ -318,6 +318,14 @@ impl FreshNodes {
     pub fn is_empty(&self) -> bool {
         self.written.is_empty()
     }
+
+    /// Estimated bytes these nodes hold (their list and each node's own allocation).
+    pub fn memory_bytes(&self) -> u64 {
+        let list = (self.written.capacity() * std::mem::size_of::<(NodeKey, Node)>()) as u64;
+        self.written
+            .iter()
+            .fold(list, |sum, (_, node)| sum.saturating_add(node.heap_bytes()))
+    }
 }
 
 /// Shards of the node cache.

@@ -60,7 +60,13 @@ impl ColumnLayer {
 #[derive(Default)]
 pub struct Layer {
     columns: BTreeMap<Column, ColumnLayer>,
+    /// Estimated bytes it holds ([`Layer::memory_bytes`]), fixed when it is built.
+    bytes: u64,
 }
+
+/// Bytes a point write costs a layer besides its key's and value's bytes: the two vectors'
+/// headers in a B-tree slot, the tree's nodes about two-thirds full.
+const POINT_OVERHEAD: u64 = (2 * std::mem::size_of::<Vec<u8>>() as u64) * 3 / 2;
 
 impl Layer {
     /// Indexes `batch`: the operations are applied in order, as a store would apply them.
@@ -100,7 +106,20 @@ impl Layer {
                 }
             }
         }
-        Layer { columns }
+        let bytes = columns
+            .values()
+            .flat_map(|c| c.points.iter())
+            .fold(0u64, |sum, (k, v)| {
+                let value = v.as_ref().map_or(0, Vec::capacity);
+                sum.saturating_add((k.capacity() + value) as u64 + POINT_OVERHEAD)
+            });
+        Layer { columns, bytes }
+    }
+
+    /// Estimated bytes the layer holds in memory: every key and value it indexes with its
+    /// share of the index.
+    pub fn memory_bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Number of indexed entries: the keys written or deleted plus the range deletes.

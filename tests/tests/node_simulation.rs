@@ -43,7 +43,7 @@ use keel_genesis::Genesis;
 use keel_node::boot::Settings;
 use keel_node::clock::ManualClock;
 use keel_node::config::MempoolConfig;
-use keel_node::host::{Command, Host, HostEvent};
+use keel_node::host::{Command, Host, HostEvent, QueueCharge};
 use keel_node::mempool::{MempoolLimits, MAX_NONCE_GAP};
 use keel_node::net::sim::{Outgoing, SimNetwork};
 use keel_node::net::{Channel, PeerId, PeerInfo, Report};
@@ -592,6 +592,7 @@ impl Sim {
                             h.handle(Command::Message {
                                 peer,
                                 message: Box::new(m),
+                                charge: QueueCharge::none(),
                             })
                         })
                     }
@@ -607,6 +608,7 @@ impl Sim {
                         id,
                         peer,
                         response: response.map(Box::new),
+                        charge: QueueCharge::none(),
                     })
                 }),
                 Event::Tx { to, tx } => {

@@ -34,7 +34,7 @@ use super::tx_gossip::{self, TxGossip};
 use super::{Channel, Network, PeerId, PeerInfo, Report};
 use crate::config::Config;
 use crate::context::{NodeContext, SubmitError};
-use crate::host::Command;
+use crate::host::{Command, InboundQueue, QueueCharge};
 use crate::metrics::{encode_counters, encode_gauge};
 use crate::sync::serve_blocks;
 use crate::{Error, Result};
@@ -68,12 +68,19 @@ pub struct Libp2pNetwork {
     runtime: tokio::runtime::Handle,
     /// Where answers to requests go: the host's queue.
     commands: SyncSender<Command>,
+    /// The bytes waiting in the host's queue, bounded.
+    inbound: Arc<InboundQueue>,
 }
 
 impl Libp2pNetwork {
     /// Payload bytes waiting in the p2p service's outbound queues (the memory budget).
     pub fn queued_bytes(&self) -> u64 {
         self.handle.queued_bytes()
+    }
+
+    /// Bytes of network messages and sync answers waiting in the host's queue.
+    pub fn inbound_bytes(&self) -> u64 {
+        self.inbound.queued()
     }
 
     /// This node's peer id.
@@ -192,10 +199,22 @@ impl Network for Libp2pNetwork {
 
     fn request(&self, peer: PeerId, request: PeerRequest, id: u64) {
         let (handle, commands) = (self.handle.clone(), self.commands.clone());
+        let inbound = self.inbound.clone();
         self.runtime.spawn(async move {
+            let mut charge = QueueCharge::none();
             let response = match handle.request(peer, request.encode()).await {
                 Ok(bytes) => match PeerResponse::decode(&bytes) {
-                    Ok(r) => Some(r),
+                    // Decoded, an answer takes about its encoded size again.
+                    Ok(r) => match inbound.charge(2 * bytes.len() as u64) {
+                        Some(c) => {
+                            charge = c;
+                            Some(r)
+                        }
+                        None => {
+                            debug!(%peer, bytes = bytes.len(), "consensus is busy: dropping a sync answer");
+                            None
+                        }
+                    },
                     Err(e) => {
                         debug!(%peer, error = %e, "undecodable response");
                         handle.report(peer, Report::Invalid);
@@ -211,6 +230,7 @@ impl Network for Libp2pNetwork {
                 id,
                 peer,
                 response: response.map(Box::new),
+                charge,
             });
         });
     }
@@ -267,7 +287,9 @@ pub fn start(
             inbound_per_sec: p2p.inbound_connections_per_sec,
         },
         compression_threshold_bytes: p2p.compression_threshold_bytes as usize,
-        queue_bytes: crate::memory::Budgets::of(config).p2p,
+        // The p2p budget is split: half for the outbound low-priority queue, half for what
+        // waits for the host (`Libp2pNetwork::inbound_bytes`).
+        queue_bytes: crate::memory::Budgets::of(config).p2p / 2,
         store: Some(Box::new(chain.records().peer_book())),
     })
     .map_err(Error::Network)?;
@@ -279,6 +301,7 @@ pub fn start(
         table: Arc::new(RwLock::new(PeerTable::default())),
         runtime: tokio::runtime::Handle::current(),
         commands: commands.clone(),
+        inbound: InboundQueue::new(crate::memory::Budgets::of(config).p2p / 2),
     };
     let binding = Status::bind(
         validator_key,
@@ -332,10 +355,15 @@ impl Server {
     /// A consensus message from `peer`, its author.
     fn consensus(&self, peer: PeerId, data: &[u8]) {
         match keel_types::ConsensusMessage::decode(data) {
-            Ok(message) => self.to_host(Command::Message {
-                peer,
-                message: Box::new(message),
-            }),
+            // Decoded, a message takes about its encoded size again.
+            Ok(message) => match self.net.inbound.charge(2 * data.len() as u64) {
+                Some(charge) => self.to_host(Command::Message {
+                    peer,
+                    message: Box::new(message),
+                    charge,
+                }),
+                None => debug!(%peer, bytes = data.len(), "consensus is busy: dropping a message"),
+            },
             Err(e) => {
                 debug!(%peer, error = %e, "undecodable consensus message");
                 self.net.report(peer, Report::Invalid);
