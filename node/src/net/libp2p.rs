@@ -841,7 +841,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         take_batches(&mut b_events);
 
-        // 2,000 transfers submitted in a burst.
+        // 2,000 transfers submitted in a burst; they have their own 15 s (the wait for the
+        // subscription above may have used most of its own on a loaded machine).
+        let deadline = Instant::now() + Duration::from_secs(15);
         let sent: Vec<Vec<u8>> = (0..2_000u64).map(transfer_bytes).collect();
         for tx in &sent {
             gossip.push(tx.clone());
