@@ -650,14 +650,17 @@ impl Ledger {
             .get(hash)
             .ok_or(LedgerError::UnknownBlock(*hash))?;
         let height = pending.height();
-        let mut batch = pending.layer.to_batch();
+        // The block's records; its state changes go from its layer straight into the
+        // engine's batch ahead of them (`write_layer`: one atomic write, no copy of the
+        // layer into a batch first).
+        let mut batch = WriteBatch::new();
         self.blocks
             .stage_block(&mut batch, &pending.block, &pending.receipts);
         self.blocks.stage_finalized(&mut batch, height, *hash);
         self.records.stage_latest_qc(&mut batch, qc);
         self.records.stage_delete_pending(&mut batch, [*hash]);
         let writing = std::time::Instant::now();
-        self.store.write(batch)?;
+        self.store.write_layer(&pending.layer, batch)?;
         let commit_time = writing.elapsed();
         self.final_tip = (height, *hash);
         self.certified.retain(|h, _| *h > height);

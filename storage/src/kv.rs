@@ -97,6 +97,28 @@ pub enum Op {
     DeleteRange(Column, Vec<u8>, Vec<u8>),
 }
 
+/// An [`Op`] borrowed: what [`crate::Layer::for_each_op`] hands out, and what engines write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpRef<'a> {
+    /// Set a key.
+    Put(Column, &'a [u8], &'a [u8]),
+    /// Remove a key.
+    Delete(Column, &'a [u8]),
+    /// Remove every key in `[from, to)`.
+    DeleteRange(Column, &'a [u8], &'a [u8]),
+}
+
+impl Op {
+    /// This operation, borrowed.
+    pub fn as_ref(&self) -> OpRef<'_> {
+        match self {
+            Op::Put(col, k, v) => OpRef::Put(*col, k, v),
+            Op::Delete(col, k) => OpRef::Delete(*col, k),
+            Op::DeleteRange(col, from, to) => OpRef::DeleteRange(*col, from, to),
+        }
+    }
+}
+
 /// Operations applied atomically, in order: after a crash either all or none are visible.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteBatch {
@@ -208,6 +230,16 @@ pub trait KvStore: Send + Sync + 'static {
         to: Option<&[u8]>,
         dir: Direction,
     ) -> KvIter<'a>;
+
+    /// Writes `layer`'s operations (in [`crate::Layer::to_batch`]'s order) and then
+    /// `batch`'s, atomically, as one write; `batch`'s sync flag applies. The default copies
+    /// the layer into a batch first; an engine that can add borrowed operations to its own
+    /// batch saves that copy of a block's state changes.
+    fn write_layer(&self, layer: &crate::Layer, batch: WriteBatch) -> Result<()> {
+        let mut all = layer.to_batch();
+        all.extend(batch);
+        self.write(all)
+    }
 
     /// Asks the engine to reclaim space of deleted keys in `[from, to)` now (after pruning).
     fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()>;

@@ -22,7 +22,7 @@ mod suite;
 
 pub use block_store::{BlockStore, TxLocation};
 pub use error::{Error, Result};
-pub use kv::{Column, Direction, EngineStats, KvIter, KvStore, Op, WriteBatch};
+pub use kv::{Column, Direction, EngineStats, KvIter, KvStore, Op, OpRef, WriteBatch};
 pub use mem::MemStore;
 pub use overlay::{Layer, OverlayStore};
 #[cfg(feature = "rocksdb")]

@@ -17,7 +17,7 @@ use std::iter::Peekable;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::{Column, Direction, Error, KvIter, KvStore, Op, Result, WriteBatch};
+use crate::{Column, Direction, Error, KvIter, KvStore, Op, OpRef, Result, WriteBatch};
 
 /// Point writes of one column: `Some(value)` puts, `None` deletes.
 type Points = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
@@ -122,6 +122,22 @@ impl Layer {
         self.bytes
     }
 
+    /// Bytes of the keys and values of its operations (what a batch of them carries).
+    pub fn op_bytes(&self) -> usize {
+        self.columns
+            .values()
+            .map(|c| {
+                let points: usize = c
+                    .points
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                    .sum();
+                let ranges: usize = c.ranges.iter().map(|(f, t)| f.len() + t.len()).sum();
+                points + ranges
+            })
+            .sum()
+    }
+
     /// Number of indexed entries: the keys written or deleted plus the range deletes.
     pub fn len(&self) -> usize {
         self.columns
@@ -141,20 +157,30 @@ impl Layer {
     /// are in a canonical order (by column, then key), so the result is deterministic.
     pub fn to_batch(&self) -> WriteBatch {
         let mut batch = WriteBatch::new();
+        self.for_each_op(|op| match op {
+            OpRef::Put(col, k, v) => batch.put(col, k, v),
+            OpRef::Delete(col, k) => batch.delete(col, k),
+            OpRef::DeleteRange(col, from, to) => batch.delete_range(col, from, to),
+        });
+        batch
+    }
+
+    /// Each operation of [`Layer::to_batch`], in its order, borrowed: range deletes first,
+    /// then point writes, by column then key.
+    pub fn for_each_op<'a>(&'a self, mut f: impl FnMut(OpRef<'a>)) {
         for (col, layer) in &self.columns {
             for (from, to) in &layer.ranges {
-                batch.delete_range(*col, from.clone(), to.clone());
+                f(OpRef::DeleteRange(*col, from, to));
             }
         }
         for (col, layer) in &self.columns {
             for (k, v) in &layer.points {
                 match v {
-                    Some(v) => batch.put(*col, k.clone(), v.clone()),
-                    None => batch.delete(*col, k.clone()),
+                    Some(v) => f(OpRef::Put(*col, k, v)),
+                    None => f(OpRef::Delete(*col, k)),
                 }
             }
         }
-        batch
     }
 }
 

@@ -16,7 +16,7 @@ use rocksdb::{
     ReadOptions, WriteBufferManager, WriteOptions,
 };
 
-use crate::{Column, Direction, EngineStats, Error, KvIter, KvStore, Op, Result, WriteBatch};
+use crate::{Column, Direction, EngineStats, Error, KvIter, KvStore, OpRef, Result, WriteBatch};
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -283,6 +283,65 @@ impl RocksStore {
         })
     }
 
+    /// Writes `layer`'s operations (borrowed, copied once into RocksDB's batch) and then
+    /// `batch`'s, as one atomic write with `batch`'s sync flag.
+    fn write_ops(&self, layer: Option<&crate::Layer>, batch: WriteBatch) -> Result<()> {
+        let mut handles = Handles::default();
+        let sync = batch.sync();
+        // Reserved up front: a block's batch is ~20 MB, and growing RocksDB's buffer by
+        // appending copied it over and over (a quarter of the write's time).
+        let (layer_bytes, layer_ops) = layer.map_or((0, 0), |l| (l.op_bytes(), l.len()));
+        let reserve = batch
+            .size_bytes()
+            .saturating_add(layer_bytes)
+            .saturating_add(
+                batch
+                    .len()
+                    .saturating_add(layer_ops)
+                    .saturating_mul(RECORD_OVERHEAD),
+            )
+            .saturating_add(WRITE_BATCH_HEADER);
+        let mut rb = rocksdb::WriteBatch::with_capacity_bytes(reserve);
+        let mut failed = None;
+        if let Some(layer) = layer {
+            layer.for_each_op(|op| {
+                if failed.is_none() {
+                    failed = self.add_op(&mut rb, &mut handles, op).err();
+                }
+            });
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for op in batch.ops() {
+            self.add_op(&mut rb, &mut handles, op.as_ref())?;
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db
+            .write_opt(rb, &wo)
+            .map_err(|e| engine_error(&self.path, "write", e))
+    }
+
+    fn add_op<'s>(
+        &'s self,
+        rb: &mut rocksdb::WriteBatch,
+        handles: &mut Handles<'s>,
+        op: OpRef<'_>,
+    ) -> Result<()> {
+        match op {
+            OpRef::Put(col, k, v) => rb.put_cf(&handles.get(self, col)?, k, v),
+            OpRef::Delete(col, k) => rb.delete_cf(&handles.get(self, col)?, k),
+            // An empty or inverted range deletes nothing (RocksDB would reject it).
+            OpRef::DeleteRange(col, from, to) => {
+                if from < to {
+                    rb.delete_range_cf(&handles.get(self, col)?, from, to);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The database directory.
     pub fn path(&self) -> &Path {
         &self.path
@@ -445,32 +504,11 @@ impl KvStore for RocksStore {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
-        let mut handles = Handles::default();
-        let sync = batch.sync();
-        // Reserved up front: a block's batch is ~20 MB, and growing RocksDB's buffer by
-        // appending copied it over and over (a quarter of the write's time).
-        let reserve = batch
-            .size_bytes()
-            .saturating_add(batch.len().saturating_mul(RECORD_OVERHEAD))
-            .saturating_add(WRITE_BATCH_HEADER);
-        let mut rb = rocksdb::WriteBatch::with_capacity_bytes(reserve);
-        for op in batch.into_ops() {
-            match op {
-                Op::Put(col, k, v) => rb.put_cf(&handles.get(self, col)?, k, v),
-                Op::Delete(col, k) => rb.delete_cf(&handles.get(self, col)?, k),
-                // An empty or inverted range deletes nothing (RocksDB would reject it).
-                Op::DeleteRange(col, from, to) => {
-                    if from < to {
-                        rb.delete_range_cf(&handles.get(self, col)?, from, to);
-                    }
-                }
-            }
-        }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        self.db
-            .write_opt(rb, &wo)
-            .map_err(|e| engine_error(&self.path, "write", e))
+        self.write_ops(None, batch)
+    }
+
+    fn write_layer(&self, layer: &crate::Layer, batch: WriteBatch) -> Result<()> {
+        self.write_ops(Some(layer), batch)
     }
 
     fn iter_range<'a>(

@@ -439,6 +439,40 @@ pub(crate) fn compact_range_keeps_live_data(store: &dyn KvStore) {
 
 /// `multi_get` answers exactly like one `get` per key, in the caller's order, sorted or not,
 /// with absent keys and repeats.
+pub(crate) fn write_layer_is_the_layer_then_the_batch(store: &dyn KvStore) {
+    // What was there before: some of it under the layer's range delete.
+    let mut before = WriteBatch::new();
+    for i in 0u8..20 {
+        before.put(Column::StateNodes, vec![i], vec![i; 3]);
+        before.put(Column::Meta, vec![i], vec![1]);
+    }
+    let mut staged = WriteBatch::new();
+    staged.delete_range(Column::StateNodes, vec![5u8], vec![10u8]);
+    staged.put(Column::StateNodes, vec![7u8], b"new".to_vec());
+    staged.delete(Column::StateNodes, vec![12u8]);
+    staged.put(Column::Meta, vec![30u8], b"m".to_vec());
+    let layer = crate::Layer::from_batch(&staged);
+    let mut records = WriteBatch::new();
+    records.put(Column::Meta, vec![30u8], b"record wins".to_vec());
+    records.delete(Column::Meta, vec![3u8]);
+    records.set_sync(true);
+
+    let model = crate::MemStore::new();
+    for s in [store, &model as &dyn KvStore] {
+        s.write(before.clone()).unwrap();
+    }
+    store.write_layer(&layer, records.clone()).unwrap();
+    model.write(layer.to_batch()).unwrap();
+    model.write(records).unwrap();
+    for col in [Column::StateNodes, Column::Meta] {
+        assert_eq!(
+            collect(store, col, &[], None, Direction::Forward),
+            collect(&model, col, &[], None, Direction::Forward),
+            "{col:?}"
+        );
+    }
+}
+
 pub(crate) fn multi_get_matches_get(store: &dyn KvStore) {
     let mut rng = XorShift(0x5eed);
     let mut batch = WriteBatch::new();
@@ -492,6 +526,7 @@ macro_rules! run_suite {
             columns_are_isolated,
             compact_range_keeps_live_data,
             multi_get_matches_get,
+            write_layer_is_the_layer_then_the_batch,
         ]);
     };
     (@cases $backend:ident, $make:path, [$($case:ident),* $(,)?]) => {
