@@ -92,17 +92,23 @@ fn key(i: u64) -> Hash {
     Hash(out)
 }
 
-#[test]
-fn the_node_cache_reports_what_its_nodes_take() {
-    // 20,000 account-sized leaves (and the internal nodes above them), committed.
+/// A store holding version 1 of a tree of 20,000 account-sized leaves (and the internal
+/// nodes above them), and a tree over it that caches (almost) nothing.
+fn committed_accounts() -> (Arc<dyn KvStore>, StateTree) {
     let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
-    let writer = StateTree::with_cache_capacity(store.clone(), 1);
-    let updates: Vec<(Hash, Option<Vec<u8>>)> = (0..20_000u64)
+    let tree = StateTree::with_cache_capacity(store.clone(), 1);
+    let accounts: Vec<(Hash, Option<Vec<u8>>)> = (0..20_000u64)
         .map(|i| (key(i), Some(vec![7u8; 60])))
         .collect();
     let mut batch = WriteBatch::new();
-    writer.apply(None, 1, &updates, &mut batch).unwrap();
+    tree.apply(None, 1, &accounts, &mut batch).unwrap();
     store.write(batch).unwrap();
+    (store, tree)
+}
+
+#[test]
+fn the_node_cache_reports_what_its_nodes_take() {
+    let (store, _) = committed_accounts();
 
     let cache = Arc::new(NodeCache::new(1 << 20));
     let reader = StateTree::with_shared_cache(store.clone(), cache.clone(), 1);
@@ -182,14 +188,7 @@ fn the_mempool_reports_what_its_transactions_take() {
 #[test]
 fn a_pending_blocks_staged_state_reports_what_it_takes() {
     // The state changes of a block of 2,000 transfers over a tree of 20,000 accounts.
-    let store: Arc<dyn KvStore> = Arc::new(MemStore::new());
-    let tree = StateTree::with_cache_capacity(store.clone(), 1);
-    let accounts: Vec<(Hash, Option<Vec<u8>>)> = (0..20_000u64)
-        .map(|i| (key(i), Some(vec![7u8; 60])))
-        .collect();
-    let mut batch = WriteBatch::new();
-    tree.apply(None, 1, &accounts, &mut batch).unwrap();
-    store.write(batch).unwrap();
+    let (_store, tree) = committed_accounts();
     let block: Vec<(Hash, Option<Vec<u8>>)> = (0..4_000u64)
         .map(|i| (key(i * 5), Some(vec![8u8; 60])))
         .collect();
