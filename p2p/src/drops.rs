@@ -21,16 +21,20 @@ pub enum DropReason {
     /// The sender's own batching buffer was full (the node's transaction batcher: each
     /// transaction not gossiped counts one).
     BatchFull,
+    /// Received, but the node's consensus thread had no room for it: its queue was full by
+    /// count or by bytes (consensus messages, sync answers).
+    HostBusy,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::QueueFull,
         DropReason::PeerQueueFull,
         DropReason::PublishFailed,
         DropReason::SendFailed,
         DropReason::BatchFull,
+        DropReason::HostBusy,
     ];
 
     /// Its `reason` label.
@@ -41,6 +45,7 @@ impl DropReason {
             DropReason::PublishFailed => "publish_failed",
             DropReason::SendFailed => "send_failed",
             DropReason::BatchFull => "batch_full",
+            DropReason::HostBusy => "host_busy",
         }
     }
 
@@ -52,11 +57,12 @@ impl DropReason {
 /// The (channel, reason) pairs that can occur, in export order. Gossipsub's own drops
 /// (`PeerQueueFull`) are told apart by instance only, so evidence, which shares the consensus
 /// instance, counts there under `consensus`.
-pub const DROP_SERIES: [(Channel, DropReason); 11] = [
+pub const DROP_SERIES: [(Channel, DropReason); 13] = [
     (Channel::Consensus, DropReason::QueueFull),
     (Channel::Consensus, DropReason::PeerQueueFull),
     (Channel::Consensus, DropReason::PublishFailed),
     (Channel::Consensus, DropReason::SendFailed),
+    (Channel::Consensus, DropReason::HostBusy),
     (Channel::Evidence, DropReason::QueueFull),
     (Channel::Evidence, DropReason::PublishFailed),
     (Channel::Transactions, DropReason::QueueFull),
@@ -64,6 +70,7 @@ pub const DROP_SERIES: [(Channel, DropReason); 11] = [
     (Channel::Transactions, DropReason::PublishFailed),
     (Channel::Transactions, DropReason::BatchFull),
     (Channel::Sync, DropReason::QueueFull),
+    (Channel::Sync, DropReason::HostBusy),
 ];
 
 /// Dropped-message counters, one per channel and reason.

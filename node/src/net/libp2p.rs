@@ -212,6 +212,9 @@ impl Network for Libp2pNetwork {
                         }
                         None => {
                             debug!(%peer, bytes = bytes.len(), "consensus is busy: dropping a sync answer");
+                            handle
+                                .drop_stats()
+                                .add(Channel::Sync, DropReason::HostBusy, 1);
                             None
                         }
                     },
@@ -226,12 +229,17 @@ impl Network for Libp2pNetwork {
                     None
                 }
             };
-            let _ = commands.try_send(Command::Response {
+            let sent = commands.try_send(Command::Response {
                 id,
                 peer,
                 response: response.map(Box::new),
                 charge,
             });
+            if let Err(TrySendError::Full(_)) = sent {
+                handle
+                    .drop_stats()
+                    .add(Channel::Sync, DropReason::HostBusy, 1);
+            }
         });
     }
 
@@ -347,9 +355,18 @@ impl Server {
     fn to_host(&self, command: Command) {
         match self.host.try_send(command) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => debug!("consensus is busy: dropping a message"),
+            Err(TrySendError::Full(_)) => self.host_busy(),
             Err(TrySendError::Disconnected(_)) => {}
         }
+    }
+
+    /// A consensus message dropped because the host's queue is full (by count or bytes).
+    fn host_busy(&self) {
+        debug!("consensus is busy: dropping a message");
+        self.net
+            .handle
+            .drop_stats()
+            .add(Channel::Consensus, DropReason::HostBusy, 1);
     }
 
     /// A consensus message from `peer`, its author.
@@ -362,7 +379,7 @@ impl Server {
                     message: Box::new(message),
                     charge,
                 }),
-                None => debug!(%peer, bytes = data.len(), "consensus is busy: dropping a message"),
+                None => self.host_busy(),
             },
             Err(e) => {
                 debug!(%peer, error = %e, "undecodable consensus message");
@@ -664,6 +681,7 @@ mod tests {
             keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"peer_queue_full\"} 2\n\
             keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"publish_failed\"} 0\n\
             keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"send_failed\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"consensus\",reason=\"host_busy\"} 0\n\
             keel_p2p_dropped_messages_total{channel=\"evidence\",reason=\"queue_full\"} 0\n\
             keel_p2p_dropped_messages_total{channel=\"evidence\",reason=\"publish_failed\"} 0\n\
             keel_p2p_dropped_messages_total{channel=\"transactions\",reason=\"queue_full\"} 0\n\
@@ -671,6 +689,7 @@ mod tests {
             keel_p2p_dropped_messages_total{channel=\"transactions\",reason=\"publish_failed\"} 0\n\
             keel_p2p_dropped_messages_total{channel=\"transactions\",reason=\"batch_full\"} 7\n\
             keel_p2p_dropped_messages_total{channel=\"sync\",reason=\"queue_full\"} 0\n\
+            keel_p2p_dropped_messages_total{channel=\"sync\",reason=\"host_busy\"} 0\n\
             # HELP keel_peers Connected peers.\n\
             # TYPE keel_peers gauge\n\
             keel_peers 5\n";
