@@ -863,9 +863,15 @@ mod tests {
         // 2,000 transfers submitted in a burst; they have their own 15 s (the wait for the
         // subscription above may have used most of its own on a loaded machine).
         let deadline = Instant::now() + Duration::from_secs(15);
+        // In two halves: the batcher holds at most MAX_PENDING_BYTES (256 KiB) waiting and
+        // drops what comes beyond (`batch_full`), and 2,000 transfers are ~300 KiB; pushed
+        // at once they fit only when the flusher happens to run in between.
         let sent: Vec<Vec<u8>> = (0..2_000u64).map(transfer_bytes).collect();
-        for tx in &sent {
-            gossip.push(tx.clone());
+        for half in sent.chunks(1_000) {
+            for tx in half {
+                gossip.push(tx.clone());
+            }
+            tokio::time::sleep(2 * tx_gossip::FLUSH_INTERVAL).await;
         }
         let (mut got, mut messages) = (Vec::new(), 0);
         while got.len() < sent.len() {
