@@ -178,11 +178,16 @@ fn prune(args: &BenchArgs) -> Result<()> {
                     "seconds": (run.seconds * 1e3).round() / 1e3,
                 })
             );
-            for (height, live, disk) in &run.sizes {
+            for (height, live, disk, columns) in &run.sizes {
+                let columns: serde_json::Map<String, serde_json::Value> = columns
+                    .iter()
+                    .map(|(cf, bytes)| (cf.to_string(), json!(bytes)))
+                    .collect();
                 outln!(
                     "{}",
                     json!({"stage": "prune-size", "mode": mode, "pair": pair, "height": height,
-                           "live_sst_bytes": live, "disk_bytes": disk})
+                           "live_sst_bytes": live, "disk_bytes": disk,
+                           "live_sst_bytes_by_column": columns})
                 );
             }
         } else {
@@ -198,7 +203,7 @@ fn prune(args: &BenchArgs) -> Result<()> {
             let sizes: Vec<String> = run
                 .sizes
                 .iter()
-                .map(|(h, live, _)| format!("{h}:{:.1}MiB", *live as f64 / (1 << 20) as f64))
+                .map(|(h, live, _, _)| format!("{h}:{:.1}MiB", *live as f64 / (1 << 20) as f64))
                 .collect();
             outln!(
                 "prune {pair} {mode:<8} live table bytes by height: {}",

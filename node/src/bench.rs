@@ -557,6 +557,10 @@ pub struct PruneBench {
     pub dir: Option<std::path::PathBuf>,
 }
 
+/// A database size sample of `keel bench prune`: (height, live table bytes, bytes on disk,
+/// live table bytes per column family).
+pub type SizeSample = (u64, u64, u64, Vec<(&'static str, u64)>);
+
 /// One run of `keel bench prune`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PruneRun {
@@ -580,8 +584,8 @@ pub struct PruneRun {
     /// The commits of that phase with no compaction or flush seen running.
     pub commit_quiet: Latency,
     /// Half-way through every interval, after a flush: (height, live table bytes, bytes on
-    /// disk).
-    pub sizes: Vec<(u64, u64, u64)>,
+    /// disk, live table bytes per column family).
+    pub sizes: Vec<SizeSample>,
     /// Wall time of the run.
     pub seconds: f64,
     /// Per column family that compacted: seconds RocksDB spent in flushes and compactions
@@ -781,7 +785,11 @@ fn prune_run(
             // Half-way through each interval (the pass due at its start has run), flushed
             // first (in both runs alike) so that the memtables' share counts too.
             store.flush()?;
-            sizes.push((height, live(&store), store.disk_size_bytes()?));
+            let columns = Column::ALL
+                .iter()
+                .map(|c| (c.name(), store.live_sst_bytes(*c).unwrap_or(0)))
+                .collect();
+            sizes.push((height, live(&store), store.disk_size_bytes()?, columns));
         }
         (parent_height, parent) = (height, hash);
     }

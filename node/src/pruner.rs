@@ -12,9 +12,14 @@
 //! - **Order**: a pass first records its target (`prune_target`) and publishes the new
 //!   earliest height, so readers refuse heights below it from then on; then it deletes in
 //!   batches of about [`BATCH_KEYS`] keys, each batch also recording how far it got
-//!   (`pruned_height`), so a kill at any instant resumes where the last batch ended. After the
-//!   pass it compacts the pruned key ranges so the space really comes back, in slices
-//!   ([`COMPACT_CHUNKS`] per column), each started right after a commit.
+//!   (`pruned_height`), so a kill at any instant resumes where the last batch ended. The
+//!   receipts and stale-node records, whose keys are ordered by height, go last, each in one
+//!   range delete over every pruned height written in a memtable of its own
+//!   ([`KvStore::drop_range`]), followed by a compaction of just that range: the space comes
+//!   back without rewriting the retained blocks' files (range deletes written batch by batch
+//!   shared their memtables with the receipts committed meanwhile, so compacting them
+//!   rewrote the whole retained window). A pass stopped before that last step does it again
+//!   at the next start (or the next pass covers it: its ranges start at the first key).
 //! - **Never in the way**: its own OS thread, woken by each commit, writing between commits
 //!   ([`CommitPaced`]): each commit records its time, and batches go only in the first third
 //!   of the interval that follows a commit ([`COMMIT_SHARE`]), each sized (from the keys per
@@ -50,10 +55,6 @@ pub const REST_FACTOR: u32 = 2;
 /// Paced by commits, the pruner writes only in the first `1 / COMMIT_SHARE` of the interval
 /// between two commits.
 pub const COMMIT_SHARE: u32 = 3;
-
-/// The compaction after a pass goes in this many slices of the pruned heights per column,
-/// each right after a commit.
-pub const COMPACT_CHUNKS: u64 = 8;
 
 /// The least keys a paced batch is cut to (one height is never split, whatever this says).
 const MIN_PACED_KEYS: usize = 256;
@@ -200,6 +201,9 @@ pub struct Pruner {
     batch_keys: usize,
     /// Compact the pruned ranges after each pass (off only to measure what it costs).
     compact_after: bool,
+    /// Whether the last pass may have stopped before its last step (at start, or after a
+    /// last step that failed or stopped): [`Pruner::due`] then looks.
+    check_sealed: std::sync::atomic::AtomicBool,
 }
 
 impl Pruner {
@@ -213,6 +217,7 @@ impl Pruner {
             status,
             batch_keys: BATCH_KEYS,
             compact_after: true,
+            check_sealed: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -239,6 +244,10 @@ impl Pruner {
         let pruned = self.blocks.pruned_height()?;
         if let Some(target) = self.blocks.prune_target()? {
             if pruned.is_none_or(|p| p < target) {
+                return Ok(Some(target));
+            }
+            // A pass that reached its target may have been stopped before its last step.
+            if self.check_sealed.swap(false, Ordering::Relaxed) && self.unsealed(target)? {
                 return Ok(Some(target));
             }
         }
@@ -274,10 +283,15 @@ impl Pruner {
         let from = pruned.map_or(0, |p| p.saturating_add(1));
         let finalized = self.blocks.finalized()?.map_or(0, |(h, _)| h);
         if target < from || target >= finalized {
+            let finished = if pruned == Some(target) && self.unsealed(target)? {
+                self.seal(target, stop, pace)?
+            } else {
+                true
+            };
             return Ok(PassReport {
                 from,
                 to: pruned.unwrap_or(0),
-                finished: true,
+                finished,
                 ..PassReport::default()
             });
         }
@@ -343,10 +357,10 @@ impl Pruner {
             progress(last - from + 1, total);
             pace.after_batch(keys, batch_started.elapsed());
         }
-        if self.compact_after {
-            self.compact_paced(from, target, stop, pace)?;
-        }
         report.deleted_keys = deleted;
+        if !self.seal(target, stop, pace)? {
+            return Ok(report);
+        }
         report.finished = true;
         self.status
             .duration
@@ -354,73 +368,89 @@ impl Pruner {
         Ok(report)
     }
 
-    /// Gives back the space of everything pruned up to `target`: the receipts and stale-node
-    /// records by their wholly deleted key ranges (whole table files dropped unread), the
-    /// height index (which keeps epoch-end entries) by a compaction of its range. (Hash-keyed columns and state nodes
-    /// are compacted by RocksDB itself: their tables are marked for compaction once they hold
-    /// many deletions, see `keel_storage::RocksStore`.)
-    pub fn compact(&self, target: u64) -> Result<()> {
-        self.compact_paced(0, target, &|| false, &mut Unpaced)
+    /// The last step of a pass to `target`: drops the receipts and the stale-node records of
+    /// every height up to it, one range each ([`KvStore::drop_range`]: whole table files
+    /// unread, the rest by a compaction of the range alone), then compacts the height index
+    /// (which keeps the epoch-end entries: only a compaction gives its space back). Each step
+    /// starts when `pace` lets a batch go (right after a commit for a node). Returns false if
+    /// `stop()` cut it short: then [`Pruner::due`] finds it undone after the next start.
+    fn seal(&self, target: u64, stop: &dyn Fn() -> bool, pace: &mut dyn Pace) -> Result<bool> {
+        let kv = self.blocks.kv();
+        // Until it ends, `due` looks again (an error is retried; a stop resumes at the start).
+        self.check_sealed.store(true, Ordering::Relaxed);
+        // A stale-node record of version `v` goes once `v - 1` is pruned: one past the heights.
+        let ranges = [
+            (Column::Receipts, BlockStore::receipts_through(target)),
+            (
+                Column::StateStale,
+                keel_state::stale_records_through(target.saturating_add(1)),
+            ),
+        ];
+        for (col, (from, to)) in ranges {
+            pace.before_compaction(stop);
+            if stop() {
+                return Ok(false);
+            }
+            if self.compact_after {
+                kv.drop_range(col, &from, &to)?;
+            } else {
+                let mut batch = WriteBatch::new();
+                batch.delete_range(col, from, to);
+                kv.write(batch)?;
+            }
+        }
+        if self.compact_after {
+            pace.before_compaction(stop);
+            if stop() {
+                return Ok(false);
+            }
+            kv.compact_range(
+                Column::HeightIndex,
+                &[],
+                &target.saturating_add(1).to_be_bytes(),
+            )?;
+            // The transaction index is keyed by hash: a pass's deletions are spread over
+            // every one of its files, a few percent of each, which RocksDB's own
+            // deletion-triggered compactions leave for long (measured: the column held
+            // twice its live entries between them). Compacted whole, it keeps only them.
+            pace.before_compaction(stop);
+            if stop() {
+                return Ok(false);
+            }
+            kv.compact_range(Column::TxIndex, &[], &[0xff; 33])?;
+            // The other hash-keyed columns: their deletions go to table files now, where
+            // RocksDB's deletion-triggered compactions see them (left in a memtable until
+            // it fills, they kept the deleted bodies' space for a while: the database
+            // jumped by 15% now and then).
+            for col in [Column::Bodies, Column::Headers] {
+                kv.flush_column(col)?;
+            }
+        }
+        self.check_sealed.store(false, Ordering::Relaxed);
+        Ok(true)
     }
 
-    /// [`Pruner::compact`] in [`COMPACT_CHUNKS`] slices of the heights `from..=target` per
-    /// column (the first slice reaching down to the start of the column, so what an
-    /// interrupted earlier pass left uncompacted goes too), each started when `pace` lets a
-    /// batch go: a background pass compacts right after commits, a slice at a time, instead
-    /// of in one block that commits queue behind.
-    fn compact_paced(
-        &self,
-        from: u64,
-        target: u64,
-        stop: &dyn Fn() -> bool,
-        pace: &mut dyn Pace,
-    ) -> Result<()> {
+    /// Whether receipts or stale-node records of heights up to `target` are still stored: a
+    /// pass to `target` stopped before [`Pruner::seal`] ended.
+    fn unsealed(&self, target: u64) -> Result<bool> {
         let kv = self.blocks.kv();
-        let end = target.saturating_add(1);
-        let step = (end.saturating_sub(from) / COMPACT_CHUNKS).max(1);
-        // Slice bounds as heights: `0` stands for the start of the column.
-        let mut bounds = vec![0];
-        let mut at = from.saturating_add(step);
-        while at < end {
-            bounds.push(at);
-            at = at.saturating_add(step);
-        }
-        bounds.push(end);
-        // The height index keeps the epoch-end entries: compacted, never dropped by file. It
-        // holds one small entry per height: one slice.
-        pace.before_compaction(stop);
-        if stop() {
-            return Ok(());
-        }
-        kv.compact_range(Column::HeightIndex, &[], &end.to_be_bytes())?;
-        for pair in bounds.windows(2) {
-            let (lo, hi) = (pair[0], pair[1]);
-            pace.before_compaction(stop);
-            if stop() {
-                return Ok(());
+        let ranges = [
+            (Column::Receipts, BlockStore::receipts_through(target)),
+            (
+                Column::StateStale,
+                keel_state::stale_records_through(target.saturating_add(1)),
+            ),
+        ];
+        for (col, (from, to)) in ranges {
+            if let Some(item) = kv
+                .iter_range(col, &from, Some(&to), keel_storage::Direction::Forward)
+                .next()
+            {
+                item?;
+                return Ok(true);
             }
-            let receipts = |h: u64| {
-                let mut key = h.to_be_bytes().to_vec();
-                key.extend_from_slice(&[0; 4]);
-                key
-            };
-            let lo_receipts = if lo == 0 { Vec::new() } else { receipts(lo) };
-            kv.drop_deleted_range(Column::Receipts, &lo_receipts, &receipts(hi))?;
-            pace.before_compaction(stop);
-            if stop() {
-                return Ok(());
-            }
-            // Stale-node records of version `v` go once `v - 1` is pruned: one past the
-            // heights.
-            let lo_stale = if lo == 0 {
-                Vec::new()
-            } else {
-                lo.saturating_add(1).to_be_bytes().to_vec()
-            };
-            let hi_stale = hi.saturating_add(1).to_be_bytes();
-            kv.drop_deleted_range(Column::StateStale, &lo_stale, &hi_stale)?;
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -792,7 +822,8 @@ mod tests {
 
     /// Everything at or below `pruned` is gone but epoch-end headers; everything above reads
     /// in full, and every retained version's state proves its accounts against its header.
-    fn check_window(store: &Arc<dyn KvStore>, blocks: &[Block], pruned: u64) {
+    /// `sealed`: the pass ended (its last step dropped the pruned heights' receipts).
+    fn check_window(store: &Arc<dyn KvStore>, blocks: &[Block], pruned: u64, sealed: bool) {
         let bs = BlockStore::new(store.clone());
         let state = State::new(store.clone(), params());
         for b in blocks {
@@ -809,7 +840,9 @@ mod tests {
                     .get(Column::Bodies, b.hash().as_bytes())
                     .unwrap()
                     .is_none());
-                assert!(bs.receipts_at(h).unwrap().is_empty(), "{h}");
+                if sealed {
+                    assert!(bs.receipts_at(h).unwrap().is_empty(), "{h}");
+                }
                 for tx in b.tx_hashes() {
                     assert_eq!(bs.tx_location(&tx).unwrap(), None, "{h}");
                 }
@@ -877,7 +910,7 @@ mod tests {
         assert_eq!(p.status().pruned_height(), 20);
         assert_eq!(p.status().earliest(), 21);
         assert_eq!(p.due(window).unwrap(), None);
-        check_window(&store, &blocks, 20);
+        check_window(&store, &blocks, 20, true);
         assert!(keys(&store, Column::StateNodes) < nodes_before);
         // What a restart reads back.
         let status = PruneStatus::load(&BlockStore::new(store.clone())).unwrap();
@@ -899,7 +932,7 @@ mod tests {
         assert_eq!(p.status().earliest(), 21);
         let done = p.status().pruned_height();
         assert!(done < 20, "{done}");
-        check_window(&store, &blocks[..=done as usize], done);
+        check_window(&store, &blocks[..=done as usize], done, false);
         // After a restart, in archive mode even, the pass is finished first.
         let p = pruner(&store);
         assert_eq!(p.status().earliest(), 21);
@@ -907,8 +940,45 @@ mod tests {
         let report = p.prune_to(20, &|| false, &mut |_, _| {}).unwrap();
         assert!(report.finished);
         assert_eq!(report.from, done + 1);
-        check_window(&store, &blocks, 20);
+        check_window(&store, &blocks, 20, true);
         assert_eq!(p.due(None).unwrap(), None);
+    }
+
+    #[test]
+    fn a_pass_stopped_in_its_last_step_ends_it_after_a_restart() {
+        let (store, blocks) = chain(30);
+        let bs = BlockStore::new(store.clone());
+        let p = pruner(&store).with_batch_keys(1);
+        // Stop once every height is done: in the last step, before the receipts go.
+        let report = p
+            .prune_to(20, &|| p.status().pruned_height() == 20, &mut |_, _| {})
+            .unwrap();
+        assert!(!report.finished);
+        assert_eq!(p.status().pruned_height(), 20);
+        assert!(!bs.receipts_at(5).unwrap().is_empty());
+        check_window(&store, &blocks, 20, false);
+        // A restart, in archive mode even: the pass is due again and only its last step runs.
+        let p = pruner(&store);
+        assert_eq!(p.due(None).unwrap(), Some(20));
+        let report = p.prune_to(20, &|| false, &mut |_, _| {}).unwrap();
+        assert!(report.finished);
+        assert_eq!(report.batches, 0);
+        check_window(&store, &blocks, 20, true);
+        let (from, to) = keel_state::stale_records_through(21);
+        assert_eq!(
+            store
+                .iter_range(
+                    Column::StateStale,
+                    &from,
+                    Some(&to),
+                    keel_storage::Direction::Forward
+                )
+                .count(),
+            0
+        );
+        assert_eq!(p.due(None).unwrap(), None);
+        // A finished pass is not looked at again.
+        assert_eq!(pruner(&store).due(None).unwrap(), None);
     }
 
     #[test]
@@ -1016,12 +1086,12 @@ mod tests {
         assert!((3..20).contains(&done), "{done}");
         assert_eq!(p.status().earliest(), 21);
         // Everything above the last finished batch is whole, the window most of all.
-        check_window(&store, &blocks, done);
+        check_window(&store, &blocks, done, false);
         assert_eq!(p.due(None).unwrap(), Some(20));
         let report = p.prune_to(20, &|| false, &mut |_, _| {}).unwrap();
         assert!(report.finished);
         assert_eq!(report.from, done + 1);
-        check_window(&store, &blocks, 20);
+        check_window(&store, &blocks, 20, true);
     }
 
     /// Two commits `interval` apart: the rhythm the pacer reads.

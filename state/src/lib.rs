@@ -42,8 +42,8 @@ pub use executor::{account_key, BlockEnv, BlockOutcome, ExecParams, State};
 pub use registry::{StakeEntry, ValidatorRegistry};
 pub use signatures::{verify_transactions, SigCache, DEFAULT_SIG_CACHE, SIGNATURE_CHUNK};
 pub use tree::{
-    verify_proof, FreshNodes, NodeCache, Proof, ProofLeaf, ReadNodes, StateTree,
-    DEFAULT_NODE_CACHE, EMPTY_ROOT, MAX_PROOF_SIBLINGS, UPPER_LEVELS,
+    stale_records_through, verify_proof, FreshNodes, NodeCache, Proof, ProofLeaf, ReadNodes,
+    StateTree, DEFAULT_NODE_CACHE, EMPTY_ROOT, MAX_PROOF_SIBLINGS, UPPER_LEVELS,
 };
 
 /// Hash maps and sets of per-block bookkeeping (accounts of a block, tree nodes it read):

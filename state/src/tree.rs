@@ -881,13 +881,17 @@ impl StateTree {
     /// version `>= keep_from` still reads in full and older roots answer
     /// [`Error::VersionNotFound`]. Returns the number of nodes deleted.
     pub fn stage_prune(&self, keep_from: u64, batch: &mut WriteBatch) -> Result<usize> {
-        self.stage_prune_stale(0, keep_from, batch)
+        let deleted = self.stage_prune_stale(0, keep_from, batch)?;
+        let (from, to) = stale_records_through(keep_from);
+        batch.delete_range(Column::StateStale, from, to);
+        Ok(deleted)
     }
 
-    /// Stages the deletion of the nodes recorded stale by versions `from..=to`, and of those
-    /// records (one range delete): a bounded step of [`StateTree::stage_prune`]. Once every
-    /// version up to `keep_from` is done, versions `>= keep_from` still read in full.
-    /// Returns the number of nodes deleted.
+    /// Stages the deletion of the nodes recorded stale by versions `from..=to` (not of the
+    /// records: a pruner drops those, for every version it pruned, in one range at the end
+    /// of its pass, [`stale_records_through`]): a bounded step of [`StateTree::stage_prune`].
+    /// Once every version up to `keep_from` is done, versions `>= keep_from` still read in
+    /// full. Returns the number of nodes deleted.
     pub fn stage_prune_stale(&self, from: u64, to: u64, batch: &mut WriteBatch) -> Result<usize> {
         let start = from.to_be_bytes();
         let end = to.saturating_add(1).to_be_bytes();
@@ -911,11 +915,6 @@ impl StateTree {
                 deleted += 1;
                 rest = tail;
             }
-        }
-        if to == u64::MAX {
-            batch.delete_range(Column::StateStale, start.to_vec(), vec![0xff; 9]);
-        } else {
-            batch.delete_range(Column::StateStale, start.to_vec(), end.to_vec());
         }
         Ok(deleted)
     }
@@ -1324,6 +1323,15 @@ fn place_leaf(leaf: PendingLeaf<'_>, path: NibblePath, version: u64, sink: &mut 
         hash: leaf.hash,
         is_leaf: true,
     }
+}
+
+/// The `Column::StateStale` key range `[from, to)` of the records of every version up to
+/// `version` (inclusive). `to` is one byte longer than any record key, so no record is ever
+/// stored under it (an engine may treat table files that end at `to` as inside the range).
+pub fn stale_records_through(version: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut to = version.to_be_bytes().to_vec();
+    to.push(0);
+    (Vec::new(), to)
 }
 
 #[cfg(test)]

@@ -310,9 +310,11 @@ impl BlockStore {
     }
 
     /// Stages the deletion of the block at `height` and of everything indexed by it: its
-    /// body, receipts and the transaction-index entries that point at it (an entry repointed
-    /// to a later inclusion stays), and unless `keep_header`, its header and height-index
-    /// entry. Returns the number of keys deleted (0 if no block is stored at `height`).
+    /// body and the transaction-index entries that point at it (an entry repointed to a later
+    /// inclusion stays), and unless `keep_header`, its header and height-index entry. Its
+    /// receipts are not staged here: a pruner drops them with every other pruned height's in
+    /// one range ([`BlockStore::receipts_through`]). Returns the number of keys deleted,
+    /// receipts included (0 if no block is stored at `height`).
     pub fn stage_prune_height(
         &self,
         batch: &mut WriteBatch,
@@ -336,11 +338,8 @@ impl BlockStore {
                     deleted += 1;
                 }
             }
-            batch.delete_range(
-                Column::Receipts,
-                receipt_key(height, 0).to_vec(),
-                receipt_key(height.saturating_add(1), 0).to_vec(),
-            );
+            // Its receipts go with every other pruned height's, in one range at the end of
+            // the pass (`receipts_through`).
             deleted += block.txs.len();
             batch.delete(Column::Bodies, hash.0.to_vec());
             deleted += 1;
@@ -351,6 +350,16 @@ impl BlockStore {
             deleted += 2;
         }
         Ok(deleted)
+    }
+
+    /// The `Column::Receipts` key range `[from, to)` of the receipts of every height up to
+    /// `height` (inclusive), which a pruner drops at the end of its pass. `to` is one byte
+    /// longer than any receipt key, so no receipt is ever stored under it (an engine may
+    /// treat table files that end at `to` as inside the range).
+    pub fn receipts_through(height: u64) -> (Vec<u8>, Vec<u8>) {
+        let mut to = receipt_key(height, u32::MAX).to_vec();
+        to.push(0);
+        (Vec::new(), to)
     }
 
     /// The height at or below which every block is pruned, `None` if nothing is.

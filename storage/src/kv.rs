@@ -244,11 +244,21 @@ pub trait KvStore: Send + Sync + 'static {
     /// Asks the engine to reclaim space of deleted keys in `[from, to)` now (after pruning).
     fn compact_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()>;
 
-    /// Gives back the space of `[from, to)`, a range whose every key the caller has deleted:
-    /// engines may drop whole table files in it unread (RocksDB's `DeleteFilesInRange`, which
-    /// would also drop live keys: never call it on a range that holds any), then compact it.
-    fn drop_deleted_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()> {
+    /// Deletes every key of `col` in `[from, to)` and gives their space back now: for a range
+    /// no reader needs any more and nothing writes into (pruned heights). No key may be
+    /// stored under `to` itself. The default writes a range delete and compacts the range.
+    fn drop_range(&self, col: Column, from: &[u8], to: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        batch.delete_range(col, from.to_vec(), to.to_vec());
+        self.write(batch)?;
         self.compact_range(col, from, to)
+    }
+
+    /// Writes `col`'s buffered writes out to a table file now (engines without such buffers:
+    /// nothing to do): after pruning, so that its deletions reach the table files the
+    /// engine's deletion-triggered compactions look at instead of waiting in memory.
+    fn flush_column(&self, _col: Column) -> Result<()> {
+        Ok(())
     }
 
     /// Bytes of live table files of `col`, `None` for engines without table files.

@@ -387,6 +387,48 @@ pub(crate) fn delete_range_removes_exactly_the_range(store: &dyn KvStore) {
     );
 }
 
+pub(crate) fn drop_range_removes_exactly_the_range(store: &dyn KvStore) {
+    let col = Column::Receipts;
+    let put_heights = |heights: std::ops::Range<u64>| {
+        for chunk in heights.collect::<Vec<_>>().chunks(100) {
+            let mut b = WriteBatch::new();
+            for h in chunk {
+                b.put(col, h.to_be_bytes().to_vec(), vec![h.to_le_bytes()[0]; 300]);
+            }
+            store.write(b).unwrap();
+        }
+    };
+    put_heights(0..2_000);
+    // Older heights in the bottom level (RocksDB), newer ones in the memtable.
+    store
+        .compact_range(col, &[], &2_000u64.to_be_bytes())
+        .unwrap();
+    put_heights(2_000..2_300);
+    let through = |h: u64| {
+        let mut to = h.to_be_bytes().to_vec();
+        to.push(0);
+        to
+    };
+    store.drop_range(col, &[], &through(999)).unwrap();
+    let left = |from: &[u8]| -> Vec<u64> {
+        keys(&collect(store, col, from, None, Direction::Forward))
+            .into_iter()
+            .map(|k| u64::from_be_bytes(k.try_into().unwrap()))
+            .collect()
+    };
+    assert_eq!(left(&[]), (1_000..2_300).collect::<Vec<_>>());
+    // Again, from the first key, over what is already gone and more.
+    store.drop_range(col, &[], &through(2_049)).unwrap();
+    assert_eq!(left(&[]), (2_050..2_300).collect::<Vec<_>>());
+    assert_eq!(
+        store.get(col, &2_050u64.to_be_bytes()).unwrap(),
+        Some(vec![2_050u64.to_le_bytes()[0]; 300])
+    );
+    // Writes go on after it.
+    put_heights(2_300..2_310);
+    assert_eq!(left(&2_290u64.to_be_bytes()).len(), 20);
+}
+
 pub(crate) fn columns_are_isolated(store: &dyn KvStore) {
     for (i, col) in Column::ALL.into_iter().enumerate() {
         store.put(col, b"shared", &[i as u8]).unwrap();
@@ -523,6 +565,7 @@ macro_rules! run_suite {
             empty_ranges_yield_nothing,
             prefix_iteration_handles_0xff,
             delete_range_removes_exactly_the_range,
+            drop_range_removes_exactly_the_range,
             columns_are_isolated,
             compact_range_keeps_live_data,
             multi_get_matches_get,
