@@ -301,10 +301,16 @@ impl Ledger {
     }
 
     fn account_pending(&self) {
+        // A certified block shares its body with its pending entry; its transaction-hash set
+        // is its own (hashbrown: a hash and a control byte per bucket).
+        let certified = self.certified.values().fold(0u64, |sum, c| {
+            let buckets = c.tx_hashes.capacity().saturating_mul(8) / 7;
+            sum.saturating_add((buckets * (std::mem::size_of::<Hash>() + 1)) as u64)
+        });
         let bytes = self
             .pending
             .values()
-            .fold(0u64, |sum, p| sum.saturating_add(p.bytes));
+            .fold(certified, |sum, p| sum.saturating_add(p.bytes));
         self.pending_bytes
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
@@ -559,6 +565,7 @@ impl Ledger {
         };
         self.certified.retain(|h, _| *h < height);
         self.certified.insert(height, Arc::new(entry));
+        self.account_pending();
         Some(p.block.header.clone())
     }
 

@@ -134,6 +134,22 @@ pub fn allocated_bytes() -> u64 {
     tikv_jemalloc_ctl::stats::allocated::read().map_or(0, |b| b as u64)
 }
 
+/// Bytes of freed blocks jemalloc keeps in its per-thread caches for the next allocations
+/// of those threads (`stats.arenas.<all>.tcache_bytes`), 0 if it cannot tell. jemalloc
+/// counts them as allocated: every thread that allocates (async workers, the executor's
+/// pool, RocksDB's threads) holds some, up to a few hundred KiB each.
+#[allow(unsafe_code)]
+pub fn thread_cached_bytes() -> u64 {
+    if tikv_jemalloc_ctl::epoch::advance().is_err() {
+        return 0;
+    }
+    // `MALLCTL_ARENAS_ALL` (4096): the statistics of every arena merged.
+    // SAFETY: `stats.arenas.<i>.tcache_bytes` is a `size_t` statistic, as jemalloc's manual
+    // gives; the name is NUL-terminated.
+    unsafe { tikv_jemalloc_ctl::raw::read::<usize>(b"stats.arenas.4096.tcache_bytes\0") }
+        .map_or(0, |b| b as u64)
+}
+
 /// Estimated bytes of one decoded state-tree node in the node cache (key, node, LRU entry).
 pub const NODE_BYTES: u64 = 320;
 /// Estimated bytes of one signature-cache entry (hash and LRU entry).

@@ -120,6 +120,7 @@ impl Node {
         tasks.add_task("network server", net.server);
         tasks.add_task("p2p service", net.service);
         let network = Arc::new(net.network);
+        let base = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let governor = Arc::new(governor(
             &config,
             &chain,
@@ -127,6 +128,7 @@ impl Node {
             node_cache,
             pending_blocks,
             network.clone(),
+            base.clone(),
         ));
         chain.set_gossip(network.clone());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -179,6 +181,19 @@ impl Node {
             })
             .map_err(|e| Error::io("pruner thread", e))?;
         tasks.add_thread("pruner", thread);
+        // Everything is started: what is allocated now that no consumer counts is the node's
+        // fixed footprint (runtime, network stack, RocksDB's own structures, queues sized at
+        // start), the `base` consumer from here on.
+        let counted: u64 = governor
+            .consumers()
+            .iter()
+            .filter(|c| c.name != "base")
+            .map(|c| (c.used)())
+            .sum();
+        base.store(
+            crate::memory::allocated_bytes().saturating_sub(counted),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if governor.limit() > 0 {
             let token = tasks.token();
             let thread = std::thread::Builder::new()
@@ -277,6 +292,7 @@ fn governor(
     node_cache: Arc<keel_state::NodeCache>,
     pending_blocks: Arc<std::sync::atomic::AtomicU64>,
     network: Arc<crate::net::libp2p::Libp2pNetwork>,
+    base: Arc<std::sync::atomic::AtomicU64>,
 ) -> crate::memory::Governor {
     use crate::memory::{Budgets, Consumer, NODE_BYTES, SIG_ENTRY_BYTES};
     let budgets = Budgets::of(config);
@@ -321,6 +337,21 @@ fn governor(
         name: "blocks",
         budget: 0,
         used: Box::new(move || pending_blocks.load(std::sync::atomic::Ordering::Relaxed)),
+        resize: None,
+    });
+    // Freed memory the allocator keeps per thread for reuse: counted as allocated by
+    // jemalloc, so it belongs in the account; bounded by jemalloc (per thread and size class).
+    consumers.push(Consumer {
+        name: "allocator",
+        budget: 0,
+        used: Box::new(crate::memory::thread_cached_bytes),
+        resize: None,
+    });
+    // The fixed footprint of a started node, measured once at the end of its start.
+    consumers.push(Consumer {
+        name: "base",
+        budget: 0,
+        used: Box::new(move || base.load(std::sync::atomic::Ordering::Relaxed)),
         resize: None,
     });
     let weak = Arc::downgrade(chain);
@@ -576,8 +607,22 @@ mod tests {
             0.0
         );
         sample(&text, "keel_memory_used_bytes{consumer=\"blocks\"}");
+        // The fixed footprint, measured once the node had started, and the allocator's
+        // per-thread caches: reported, with no share of their own.
+        let base = sample(&text, "keel_memory_used_bytes{consumer=\"base\"}");
+        sample(&text, "keel_memory_used_bytes{consumer=\"allocator\"}");
+        for consumer in ["base", "allocator"] {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!("keel_memory_budget_bytes{{consumer=\"{consumer}\"}}")
+                ),
+                0.0
+            );
+        }
         assert_eq!(sample(&text, "keel_memory_pressure"), 0.0);
-        sample(&text, "keel_memory_allocated_bytes");
+        let allocated = sample(&text, "keel_memory_allocated_bytes");
+        assert!(base <= allocated.max(0.0), "base {base} of {allocated}");
         assert!(sample(&text, "keel_db_size_bytes") > 0.0, "{text}");
         assert_eq!(sample(&text, "keel_pruned_height"), 0.0);
         assert!(
