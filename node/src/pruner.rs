@@ -378,14 +378,7 @@ impl Pruner {
         let kv = self.blocks.kv();
         // Until it ends, `due` looks again (an error is retried; a stop resumes at the start).
         self.check_sealed.store(true, Ordering::Relaxed);
-        // A stale-node record of version `v` goes once `v - 1` is pruned: one past the heights.
-        let ranges = [
-            (Column::Receipts, BlockStore::receipts_through(target)),
-            (
-                Column::StateStale,
-                keel_state::stale_records_through(target.saturating_add(1)),
-            ),
-        ];
+        let ranges = last_step_ranges(target);
         for (col, (from, to)) in ranges {
             pace.before_compaction(stop);
             if stop() {
@@ -434,13 +427,7 @@ impl Pruner {
     /// pass to `target` stopped before [`Pruner::seal`] ended.
     fn unsealed(&self, target: u64) -> Result<bool> {
         let kv = self.blocks.kv();
-        let ranges = [
-            (Column::Receipts, BlockStore::receipts_through(target)),
-            (
-                Column::StateStale,
-                keel_state::stale_records_through(target.saturating_add(1)),
-            ),
-        ];
+        let ranges = last_step_ranges(target);
         for (col, (from, to)) in ranges {
             if let Some(item) = kv
                 .iter_range(col, &from, Some(&to), keel_storage::Direction::Forward)
@@ -452,6 +439,22 @@ impl Pruner {
         }
         Ok(false)
     }
+}
+
+/// A key range `[from, to)`.
+type KeyRange = (Vec<u8>, Vec<u8>);
+
+/// The key ranges the last step of a pass to `target` drops: the receipts of every height up
+/// to it, and the stale-node records of every version up to one past it (a record of
+/// version `v` goes once `v - 1` is pruned).
+fn last_step_ranges(target: u64) -> [(Column, KeyRange); 2] {
+    [
+        (Column::Receipts, BlockStore::receipts_through(target)),
+        (
+            Column::StateStale,
+            keel_state::stale_records_through(target.saturating_add(1)),
+        ),
+    ]
 }
 
 /// Runs `pruner` until `token` is cancelled: wakes on each commit (`wake`) or every second,
