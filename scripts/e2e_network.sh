@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # End-to-end speed of a network on this machine: N validators as separate `keel start`
 # processes (a `keel testnet`), driven by `keel loadgen` across all their RPC endpoints.
-# Prints loadgen's JSON report on stdout; node logs and homes stay in --out.
+# Prints loadgen's JSON report on stdout; on stderr the transfers final per 10 s on validator 0
+# (scripts/final_rate.py) and the CPU time of loadgen and of each validator. Node logs and
+# homes stay in --out.
 #
 #   scripts/e2e_network.sh [--keel PATH] [--validators N] [--block-time-ms T] [--tps R]
 #                          [--duration S] [--accounts K] [--base-port P] [--out DIR]
+#                          [--perf-node I] [--perf-seconds N]
 #
 # Defaults: ./target/release/keel, 4 validators, 200 ms blocks, 2000 transfers/s for 30 s,
 # base port 36656, a new temporary folder. Every node is stopped on exit, whatever happens.
+# --perf-node I records a CPU profile of validator I with Linux `perf` (DWARF call graphs,
+# so any build works) for N seconds (default 15) from 2 s into the send phase, into
+# DIR/perf.data, and prints where its time went (scripts/perf_breakdown.py) on stderr.
 set -euo pipefail
 
 KEEL=./target/release/keel
@@ -18,6 +24,8 @@ DURATION=30
 ACCOUNTS=""
 BASE_PORT=36656
 OUT=""
+PERF_NODE=""
+PERF_SECONDS=15
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,7 +37,9 @@ while [ $# -gt 0 ]; do
     --accounts) ACCOUNTS=$2; shift 2 ;;
     --base-port) BASE_PORT=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --perf-node) PERF_NODE=$2; shift 2 ;;
+    --perf-seconds) PERF_SECONDS=$2; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -71,8 +81,45 @@ for url in ${URLS//,/ }; do
   done
 done
 
+# The profile: wait until validator PERF_NODE has committed the funding transfers and 2 s
+# of the send phase, then record it.
+PERF_PID=""
+if [ -n "$PERF_NODE" ]; then
+  command -v perf >/dev/null || { echo "--perf-node needs perf (apt-get install -y linux-perf)" >&2; exit 2; }
+  K=${ACCOUNTS:-$(( (TPS + 7) / 8 > 16 ? (TPS + 7) / 8 : 16 ))}
+  METRICS="http://127.0.0.1:$((BASE_PORT + 3 * PERF_NODE + 2))/metrics"
+  (
+    while :; do
+      n=$(curl -sf -m 1 "$METRICS" | awk '$1 == "keel_txs_committed_total" {print int($2)}')
+      [ "${n:-0}" -ge $((K + 2 * TPS)) ] && break
+      sleep 0.2
+    done
+    perf record -F 499 -g --call-graph dwarf,16384 -p "${PIDS[$PERF_NODE]}" \
+      -o "$OUT/perf.data" -- sleep "$PERF_SECONDS" >"$OUT/perf.log" 2>&1
+  ) &
+  PERF_PID=$!
+fi
+
 ARGS=(--rpc "$URLS" --key "$OUT/net/node0/keys/validator.key" --tps "$TPS"
       --duration "$DURATION" --json)
 [ -n "$ACCOUNTS" ] && ARGS+=(--accounts "$ACCOUNTS")
-"$KEEL" loadgen "${ARGS[@]}"
+TIMEFORMAT="loadgen: %U s user, %S s system, %R s wall"
+time "$KEEL" loadgen "${ARGS[@]}"
+# Transfers final per 10 s on validator 0 (from its log): a sustained rate shows as even
+# windows, a network falling behind as a dip during the send phase and a burst after it.
+python3 "$(dirname "$0")/final_rate.py" "$OUT/node0.log" >&2 || true
+# CPU each validator used over the whole run (start, funding, sending, drain).
+HZ=$(getconf CLK_TCK)
+for i in "${!PIDS[@]}"; do
+  awk -v i="$i" -v hz="$HZ" '{printf "node%d: %.1f s CPU (user %.1f, system %.1f)\n", i, ($14+$15)/hz, $14/hz, $15/hz}' \
+    "/proc/${PIDS[$i]}/stat" >&2 || true
+done
+if [ -n "$PERF_PID" ]; then
+  wait "$PERF_PID" || true
+  if [ -s "$OUT/perf.data" ]; then
+    python3 "$(dirname "$0")/perf_breakdown.py" "$OUT/perf.data" --hz 499 --seconds "$PERF_SECONDS" >&2 || true
+  else
+    echo "no profile recorded (see $OUT/perf.log)" >&2
+  fi
+fi
 echo "homes and node logs: $OUT" >&2

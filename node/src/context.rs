@@ -385,6 +385,20 @@ impl NodeContext {
         Ok(hash)
     }
 
+    /// Checks and admits transactions submitted together (as [`NodeContext::submit`] does
+    /// each, with the signatures verified in batches: [`NodeContext::admit_batch_from_peer`]),
+    /// then hands the admitted ones to the network for gossip. `result[i]` is the verdict on
+    /// `items[i]`. Blocks on rayon: call it from a blocking context.
+    pub fn submit_batch<B: AsRef<[u8]>>(&self, items: &[B]) -> Vec<Result<Hash, SubmitError>> {
+        let results = self.admit_batch_from_peer(items);
+        if let Some(net) = self.gossip.get() {
+            for (bytes, _) in items.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
+                net.broadcast(keel_p2p::Channel::Transactions, bytes.as_ref().to_vec());
+            }
+        }
+        results
+    }
+
     /// Admits a transaction to the mempool without gossiping it (it came from gossip, which
     /// forwards it itself). Its signature is verified through the signature cache.
     pub fn admit_from_peer(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {

@@ -320,7 +320,12 @@ fn governor(
     consumers.push(Consumer {
         name: "sig_cache",
         budget: budgets.sig_cache,
-        used: Box::new(move || (sigs.len() as u64).saturating_mul(SIG_ENTRY_BYTES)),
+        // With the parsed public keys (a fixed ~1 MiB once any is parsed).
+        used: Box::new(move || {
+            (sigs.len() as u64)
+                .saturating_mul(SIG_ENTRY_BYTES)
+                .saturating_add(keel_types::key_cache_bytes())
+        }),
         resize: Some(Box::new(move |bytes| {
             resized.set_capacity(usize::try_from(bytes / SIG_ENTRY_BYTES).unwrap_or(usize::MAX));
         })),

@@ -14,6 +14,8 @@
 //! judged differently from `verify_strict`, and this module judges them the same everywhere.
 
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
@@ -84,12 +86,25 @@ impl PublicKey {
     /// small order, including the identity): under the cofactored rule anyone could sign for
     /// those. Encodings are otherwise taken as ZIP-215 does; the bytes are kept as given and
     /// are what signatures hash.
+    ///
+    /// Decompressing a point costs about as much as a third of a signature check, and the
+    /// same senders' keys are parsed again and again (each transaction at admission, in
+    /// gossip and in blocks), so keys that parsed recently are found in a small process-wide
+    /// cache ([`KEY_CACHE_SLOTS`] slots) instead. Only keys that passed are cached, under
+    /// their exact bytes: the verdict on any input is the same with or without the cache.
     pub fn from_bytes(bytes: &[u8]) -> Result<PublicKey> {
         let arr: [u8; 32] = crate::codec::array("public_key", bytes)?;
+        let slot = key_cache().slot(&arr);
+        if let Some((cached, key)) = *slot.lock().unwrap_or_else(PoisonError::into_inner) {
+            if cached == arr {
+                return Ok(PublicKey(key));
+            }
+        }
         let key = VerifyingKey::from_bytes(&arr).map_err(|_| Error::PublicKey)?;
         if key.is_weak() {
             return Err(Error::PublicKey);
         }
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some((arr, key));
         Ok(PublicKey(key))
     }
 
@@ -133,6 +148,50 @@ impl fmt::Display for PublicKey {
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
+    }
+}
+
+/// Slots of the cache of parsed public keys (one key each, direct-mapped).
+pub const KEY_CACHE_SLOTS: usize = 4096;
+
+/// Bytes the cache of parsed public keys takes once in use (allocated on the first parse,
+/// never grown): what [`key_cache_bytes`] reports.
+pub const KEY_CACHE_BYTES: u64 = (KEY_CACHE_SLOTS * std::mem::size_of::<KeySlot>()) as u64;
+
+/// One slot: the key's bytes and the key parsed from them.
+type KeySlot = Mutex<Option<([u8; 32], VerifyingKey)>>;
+
+/// Recently parsed public keys, direct-mapped by a hash of their bytes that is keyed per
+/// process (so nobody can choose keys that keep evicting one another on every node). A
+/// collision only evicts; each slot has a lock of its own, so parallel parsers rarely wait.
+struct KeyCache {
+    slots: Box<[KeySlot]>,
+    hasher: RandomState,
+}
+
+impl KeyCache {
+    fn slot(&self, bytes: &[u8; 32]) -> &KeySlot {
+        let i = self.hasher.hash_one(bytes) as usize % self.slots.len();
+        &self.slots[i]
+    }
+}
+
+static KEYS: OnceLock<KeyCache> = OnceLock::new();
+
+fn key_cache() -> &'static KeyCache {
+    KEYS.get_or_init(|| KeyCache {
+        slots: (0..KEY_CACHE_SLOTS).map(|_| Mutex::new(None)).collect(),
+        hasher: RandomState::new(),
+    })
+}
+
+/// Bytes held by the cache of parsed public keys: [`KEY_CACHE_BYTES`] once any key has been
+/// parsed in this process, else 0.
+pub fn key_cache_bytes() -> u64 {
+    if KEYS.get().is_some() {
+        KEY_CACHE_BYTES
+    } else {
+        0
     }
 }
 
@@ -359,6 +418,33 @@ mod tests {
         sigs[3].0[0] ^= 1;
         assert_eq!(verify_batch(&msgs, &sigs, &pubs), Err(Error::BadSignature));
         assert_eq!(pubs[3].verify(&msgs[3], &sigs[3]), Err(Error::BadSignature));
+    }
+
+    #[test]
+    fn a_cached_key_is_the_key_its_bytes_parse_to_and_refusals_are_never_cached() {
+        let keys = keys(KEY_CACHE_SLOTS as u64 + 500, 7);
+        for round in 0..2 {
+            for k in &keys {
+                let bytes = k.public().to_bytes();
+                let parsed = PublicKey::from_bytes(&bytes).unwrap();
+                assert_eq!(parsed.to_bytes(), bytes, "round {round}");
+                assert_eq!(
+                    parsed.0.to_edwards(),
+                    k.public().0.to_edwards(),
+                    "round {round}"
+                );
+            }
+        }
+        assert_eq!(key_cache_bytes(), KEY_CACHE_BYTES);
+        // A weak key (the identity) and a non-point are refused every time.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut not_a_point = [0u8; 32];
+        not_a_point[0] = 2;
+        for _ in 0..3 {
+            assert!(PublicKey::from_bytes(&identity).is_err());
+            assert!(PublicKey::from_bytes(&not_a_point).is_err());
+        }
     }
 
     #[test]

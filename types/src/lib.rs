@@ -21,7 +21,9 @@ mod vote;
 
 pub use block::{merkle_root, Block, Header, Receipt, MAX_FAILED_PROPOSERS};
 pub use codec::MAX_MESSAGE_BYTES;
-pub use crypto::{verify_batch, Keypair, PublicKey, Signature};
+pub use crypto::{
+    key_cache_bytes, verify_batch, Keypair, PublicKey, Signature, KEY_CACHE_BYTES, KEY_CACHE_SLOTS,
+};
 pub use error::{Error, Result};
 pub use hash::{Address, Hash};
 pub use message::{

@@ -68,7 +68,7 @@ pub trait KeelApi {
 
     /// Admits a signed transaction to the mempool and gossips it; its hash.
     #[method(name = "tx_submit")]
-    fn tx_submit(&self, tx: SignedTxHex) -> RpcResult<Hash>;
+    async fn tx_submit(&self, tx: SignedTxHex) -> RpcResult<Hash>;
 
     /// Where a transaction stands.
     #[method(name = "tx_status")]

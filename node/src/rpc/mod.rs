@@ -23,6 +23,7 @@ pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod server;
+pub mod submit;
 pub mod types;
 
 use std::net::SocketAddr;

@@ -11,6 +11,7 @@ use keel_types::{Address, Block, Hash, Header, Transaction};
 use tokio::sync::broadcast;
 
 use super::api::KeelApiServer;
+use super::submit::Submissions;
 use super::types::{
     AccountInfo, AccountProof, BlockBody, BlockId, BlockInfo, ChainStatus, HeaderInfo, Health,
     Height, HexBytes, ReceiptInfo, SignedTxHex, TxDetail, TxInfo, TxStatus, ValidatorInfo,
@@ -22,12 +23,17 @@ use crate::mempool::Rejection;
 /// The JSON-RPC API served from a node's shared chain.
 pub struct RpcApi {
     chain: Arc<NodeContext>,
+    /// `tx_submit` calls waiting to be admitted together.
+    submissions: Arc<Submissions>,
 }
 
 impl RpcApi {
     /// The API over `chain`.
     pub fn new(chain: Arc<NodeContext>) -> RpcApi {
-        RpcApi { chain }
+        RpcApi {
+            submissions: Submissions::new(chain.clone()),
+            chain,
+        }
     }
 
     fn block(&self, id: BlockId) -> RpcResult<Block> {
@@ -361,7 +367,7 @@ impl KeelApiServer for RpcApi {
             .collect())
     }
 
-    fn tx_submit(&self, tx: SignedTxHex) -> RpcResult<Hash> {
+    async fn tx_submit(&self, tx: SignedTxHex) -> RpcResult<Hash> {
         let digits = tx.digits();
         if digits.len() > 2 * crate::mempool::MAX_TX_BYTES {
             return Err(err(
@@ -370,7 +376,11 @@ impl KeelApiServer for RpcApi {
             ));
         }
         let bytes = hex::decode(digits).map_err(|e| invalid("tx", format!("invalid hex: {e}")))?;
-        self.chain.submit(&bytes).map_err(submit_error)
+        self.submissions
+            .submit(bytes)
+            .await
+            .map_err(|_| internal("transaction admission stopped before answering"))?
+            .map_err(submit_error)
     }
 
     fn tx_status(&self, hash: Hash) -> RpcResult<TxStatus> {
