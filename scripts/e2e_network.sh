@@ -7,10 +7,11 @@
 #
 #   scripts/e2e_network.sh [--keel PATH] [--validators N] [--block-time-ms T] [--tps R]
 #                          [--duration S] [--accounts K] [--base-port P] [--out DIR]
-#                          [--perf-node I] [--perf-seconds N]
+#                          [--batch N] [--perf-node I] [--perf-seconds N]
 #
 # Defaults: ./target/release/keel, 4 validators, 200 ms blocks, 2000 transfers/s for 30 s,
 # base port 36656, a new temporary folder. Every node is stopped on exit, whatever happens.
+# --batch N: loadgen sends N transfers per request as a JSON-RPC batch (default 1).
 # --perf-node I records a CPU profile of validator I with Linux `perf` (DWARF call graphs,
 # so any build works) for N seconds (default 15) from 2 s into the send phase, into
 # DIR/perf.data, and prints where its time went (scripts/perf_breakdown.py) on stderr.
@@ -26,6 +27,7 @@ BASE_PORT=36656
 OUT=""
 PERF_NODE=""
 PERF_SECONDS=15
+BATCH=1
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,9 +39,10 @@ while [ $# -gt 0 ]; do
     --accounts) ACCOUNTS=$2; shift 2 ;;
     --base-port) BASE_PORT=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --batch) BATCH=$2; shift 2 ;;
     --perf-node) PERF_NODE=$2; shift 2 ;;
     --perf-seconds) PERF_SECONDS=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -101,7 +104,7 @@ if [ -n "$PERF_NODE" ]; then
 fi
 
 ARGS=(--rpc "$URLS" --key "$OUT/net/node0/keys/validator.key" --tps "$TPS"
-      --duration "$DURATION" --json)
+      --duration "$DURATION" --batch "$BATCH" --json)
 [ -n "$ACCOUNTS" ] && ARGS+=(--accounts "$ACCOUNTS")
 TIMEFORMAT="loadgen: %U s user, %S s system, %R s wall"
 time "$KEEL" loadgen "${ARGS[@]}"

@@ -38,6 +38,9 @@ PARTS = [
         "keel_node::sync::", "multistream", "quick_protobuf", "lz4",
     ]),
     ("RPC", ["keel_node::rpc::", "jsonrpsee", "hyper::", "serde_json", "tower::"]),
+    # blake3's assembly keeps no frame records, so its callers (transaction hashes, the
+    # state tree, block hashes) are not unwound.
+    ("blake3 hashing (callers not unwound)", ["blake3"]),
     ("metrics, memory governor, pruner", [
         "keel_node::metrics", "keel_node::memory", "keel_node::pruner", "prometheus",
     ]),

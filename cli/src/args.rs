@@ -102,6 +102,11 @@ pub struct LoadgenArgs {
     /// Fee of each transfer [default: the chain's minimum fee].
     #[arg(long, value_name = "F")]
     pub fee: Option<u64>,
+    /// Transfers per `tx_submit` request, sent as one JSON-RPC batch (1: one call per transfer).
+    /// Each endpoint's batch goes out when full or 10 ms after its first transfer was due. At
+    /// most the node's `rpc.max_batch_size` (default 100).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub batch: u32,
     /// After the send phase, how many seconds to wait for accepted transfers to become final.
     #[arg(long, value_name = "S", default_value_t = 30)]
     pub drain_timeout: u64,

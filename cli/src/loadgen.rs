@@ -15,6 +15,9 @@
 //!    scheduler never waits for answers (open loop). Each slot goes to the next account (round
 //!    robin) whose nonce window has room; how late each send is against its slot is recorded.
 //!    Account `i` always submits to endpoint `i mod N`, so its nonces reach one node in order.
+//!    With `--batch N` above 1, an endpoint's transfers go out as one JSON-RPC batch of `N`
+//!    `tx_submit` calls ([`Batches`]), or fewer once the first has waited [`BATCH_WAIT`];
+//!    each call in it is answered and counted as if sent alone.
 //! 4. **Drain** (up to `--drain-timeout`): no new nonces; refused ones are sent again and
 //!    accepted transfers are waited for.
 //!
@@ -47,6 +50,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use jsonrpsee::core::client::ClientT;
 use jsonrpsee::core::ClientError;
 use jsonrpsee::http_client::{HttpClient, HttpClientBuilder};
 use jsonrpsee::ws_client::{WsClient, WsClientBuilder};
@@ -74,6 +78,12 @@ const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Concurrent `tx_submit` calls per endpoint (each may hold a connection).
 const MAX_CONCURRENT_SUBMITS: usize = 512;
+
+/// Most transfers per submission request (`--batch`).
+const MAX_BATCH: usize = 1000;
+
+/// How long the first transfer of a partly filled batch waits for more (`--batch` above 1).
+const BATCH_WAIT: Duration = Duration::from_millis(10);
 
 /// How long a round of funding transfers may take to become final.
 const FUNDING_TIMEOUT: Duration = Duration::from_secs(60);
@@ -112,6 +122,8 @@ struct Plan {
     amount: u64,
     fee: Option<u64>,
     drain_timeout: Duration,
+    /// Transfers per submission request (a JSON-RPC batch when above 1).
+    batch: usize,
     json: bool,
 }
 
@@ -155,6 +167,12 @@ impl Plan {
         if args.amount == 0 {
             bail!("--amount must be at least 1");
         }
+        if !(1..=MAX_BATCH).contains(&(args.batch as usize)) {
+            bail!(
+                "--batch {} is not from 1 to {MAX_BATCH} transfers per request",
+                args.batch
+            );
+        }
         Ok(Plan {
             endpoints,
             tps: args.tps,
@@ -163,6 +181,7 @@ impl Plan {
             amount: args.amount,
             fee: args.fee,
             drain_timeout: Duration::from_secs(args.drain_timeout),
+            batch: args.batch as usize,
             json: args.json,
         })
     }
@@ -1598,10 +1617,16 @@ async fn send_phase(
     let end = start + plan.duration;
     let ticker = spawn_ticker(ctx.clone(), progress.bar.clone(), stop);
     let mut slot = 0u64;
+    let mut batches = Batches::new(ctx.endpoints.len(), plan.batch);
     'slots: while slot < slots {
         let due = start + Duration::from_secs_f64(slot as f64 / plan.tps);
         if due >= end {
             break;
+        }
+        // Partly filled batches go out when their wait is over, even between slots.
+        while let Some(wake) = batches.next_flush().filter(|&w| w < due) {
+            tokio::time::sleep_until(wake.into()).await;
+            batches.flush_waited(ctx, Instant::now());
         }
         if due > Instant::now() {
             tokio::time::sleep_until(due.into()).await;
@@ -1625,13 +1650,18 @@ async fn send_phase(
                 }
             }
         };
-        ctx.tally()
-            .lateness
-            .record(Instant::now().saturating_duration_since(due));
-        ctx.outstanding.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(submit(ctx.clone(), account, nonce));
+        if plan.batch == 1 {
+            ctx.tally()
+                .lateness
+                .record(Instant::now().saturating_duration_since(due));
+            ctx.outstanding.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(submit(ctx.clone(), account, nonce));
+        } else {
+            batches.add(ctx, account, nonce, due);
+        }
         slot += 1;
     }
+    batches.flush_all(ctx);
     let elapsed = start.elapsed().as_secs_f64();
     ticker.abort();
     if let Some(bar) = &progress.bar {
@@ -1673,6 +1703,142 @@ async fn submit(ctx: Arc<Ctx>, account: usize, nonce: u64) {
         ctx.notify.notify_waiters();
     }
     ctx.outstanding.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Transfers of the send phase gathered per endpoint into JSON-RPC batches (`--batch`).
+struct Batches {
+    /// Per endpoint: (account, nonce, when the slot was due), oldest first.
+    pending: Vec<Vec<(usize, u64, Instant)>>,
+    size: usize,
+}
+
+impl Batches {
+    fn new(endpoints: usize, size: usize) -> Batches {
+        Batches {
+            pending: vec![Vec::new(); endpoints.max(1)],
+            size,
+        }
+    }
+
+    /// Adds a transfer to its endpoint's batch, which goes out if now full.
+    fn add(&mut self, ctx: &Arc<Ctx>, account: usize, nonce: u64, due: Instant) {
+        let e = account % self.pending.len();
+        self.pending[e].push((account, nonce, due));
+        if self.pending[e].len() >= self.size {
+            self.flush(ctx, e);
+        }
+    }
+
+    /// When the oldest partly filled batch has waited [`BATCH_WAIT`].
+    fn next_flush(&self) -> Option<Instant> {
+        self.pending
+            .iter()
+            .filter_map(|p| p.first().map(|&(_, _, due)| due + BATCH_WAIT))
+            .min()
+    }
+
+    /// Sends the batches that have waited [`BATCH_WAIT`] by `now`.
+    fn flush_waited(&mut self, ctx: &Arc<Ctx>, now: Instant) {
+        for e in 0..self.pending.len() {
+            if self.pending[e]
+                .first()
+                .is_some_and(|&(_, _, due)| due + BATCH_WAIT <= now)
+            {
+                self.flush(ctx, e);
+            }
+        }
+    }
+
+    fn flush_all(&mut self, ctx: &Arc<Ctx>) {
+        for e in 0..self.pending.len() {
+            self.flush(ctx, e);
+        }
+    }
+
+    /// Sends endpoint `e`'s batch; each transfer's lateness counts up to now.
+    fn flush(&mut self, ctx: &Arc<Ctx>, e: usize) {
+        let items = std::mem::take(&mut self.pending[e]);
+        if items.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut tally = ctx.tally();
+            for &(_, _, due) in &items {
+                tally.lateness.record(now.saturating_duration_since(due));
+            }
+        }
+        ctx.outstanding
+            .fetch_add(items.len() as u64, Ordering::SeqCst);
+        let transfers = items.into_iter().map(|(a, n, _)| (a, n)).collect();
+        tokio::spawn(submit_batch(ctx.clone(), e, transfers));
+    }
+}
+
+/// Signs `transfers` (account, nonce) and submits them to endpoint `e` as one JSON-RPC batch
+/// of `tx_submit` calls; each gets its own answer, as if sent alone.
+async fn submit_batch(ctx: Arc<Ctx>, e: usize, transfers: Vec<(usize, u64)>) {
+    let count = transfers.len() as u64;
+    let Some(endpoint) = ctx.endpoints.get(e) else {
+        ctx.outstanding.fetch_sub(count, Ordering::SeqCst);
+        return;
+    };
+    let mut calls = jsonrpsee::core::params::BatchRequestBuilder::new();
+    let mut sent = Vec::with_capacity(transfers.len());
+    for (account, nonce) in transfers {
+        let (Some(key), Some(to)) = (ctx.keys.get(account), ctx.recipients.get(account)) else {
+            ctx.outstanding.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        };
+        let tx = Transaction::sign(
+            key,
+            &ctx.chain_id,
+            nonce,
+            ctx.fee,
+            TxKind::Transfer {
+                to: *to,
+                amount: ctx.amount,
+            },
+        );
+        // Serializing a hex string cannot fail.
+        let _ = calls.insert("tx_submit", [SignedTxHex::from_bytes(&tx.bytes)]);
+        sent.push((tx.hash, account, nonce));
+    }
+    {
+        let now = Instant::now();
+        let mut tally = ctx.tally();
+        for &(hash, account, nonce) in &sent {
+            tally.sent(hash, account, nonce, now);
+        }
+    }
+    let answers: Vec<Answer> = match endpoint.submit.batch_request::<Hash>(calls).await {
+        Ok(response) => response
+            .into_iter()
+            .map(|r| classify(r.map_err(|e| ClientError::Call(e.into_owned()))))
+            .collect(),
+        Err(e) => {
+            let answer = classify(Err(e));
+            vec![answer; sent.len()]
+        }
+    };
+    let now = Instant::now();
+    let mut returned = false;
+    {
+        let mut tally = ctx.tally();
+        // A short answer (a server that dropped calls) leaves the rest as transport failures.
+        let missing = classify(Err(ClientError::Custom(
+            "the batch answer lacks this call".into(),
+        )));
+        for (i, (hash, account, nonce)) in sent.iter().enumerate() {
+            let answer = answers.get(i).cloned().unwrap_or_else(|| missing.clone());
+            returned |= tally.answered(*hash, *account, *nonce, answer, now);
+        }
+    }
+    if returned {
+        ctx.notify.notify_waiters();
+    }
+    ctx.outstanding
+        .fetch_sub(sent.len() as u64, Ordering::SeqCst);
 }
 
 /// Refreshes the progress bar's counts every 250 ms until stopped or aborted.

@@ -15,27 +15,36 @@ const ACCOUNTS: usize = 20;
 
 #[test]
 fn loadgen_final_count_matches_the_chain() {
+    final_count_matches_the_chain(10, &[]);
+}
+
+#[test]
+fn loadgen_in_json_rpc_batches_final_count_matches_the_chain() {
+    final_count_matches_the_chain(6, &["--batch", "25"]);
+}
+
+/// Runs loadgen at 200 tx/s for `seconds` with `extra` flags against a new one-validator
+/// node and checks its report against itself and against the blocks fetched over RPC.
+fn final_count_matches_the_chain(seconds: u64, extra: &[&str]) {
     let node = TestNode::start_new().unwrap();
     let key = node.validator_key_path();
-    let out = run_keel_with(
-        [
-            "loadgen",
-            "--rpc",
-            &node.rpc_url(),
-            "--key",
-            key.to_str().unwrap(),
-            "--tps",
-            "200",
-            "--duration",
-            "10",
-            "--accounts",
-            &ACCOUNTS.to_string(),
-            "--json",
-        ],
-        &[],
-        Duration::from_secs(90),
-    )
-    .unwrap();
+    let (rpc_url, accounts, duration) = (node.rpc_url(), ACCOUNTS.to_string(), seconds.to_string());
+    let mut argv = vec![
+        "loadgen",
+        "--rpc",
+        &rpc_url,
+        "--key",
+        key.to_str().unwrap(),
+        "--tps",
+        "200",
+        "--duration",
+        &duration,
+        "--accounts",
+        &accounts,
+        "--json",
+    ];
+    argv.extend_from_slice(extra);
+    let out = run_keel_with(argv, &[], Duration::from_secs(90)).unwrap();
     assert!(out.success(), "{out}");
     let report: Value = serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}):\n{out}"));
@@ -166,6 +175,8 @@ fn loadgen_bad_input_is_one_line_error() {
         ("--tps", "inf", "--tps"),
         ("--duration", "0", "--duration"),
         ("--accounts", "0", "--accounts"),
+        ("--batch", "0", "--batch"),
+        ("--batch", "1001", "--batch"),
     ] {
         let mut argv: Vec<String> = ["loadgen", "--rpc", &closed, "--key", &key]
             .map(String::from)
