@@ -216,6 +216,7 @@ pub fn reads_while_committing(opts: &ReadBench) -> Result<ReadFigures> {
             &config,
             crate::rpc::checks::RpcMetrics::default(),
             opts.block_time_ms,
+            crate::rpc::conn::RpcBuffers::new(crate::memory::DEFAULT_RPC_BUFFER_BYTES),
         ))?;
         Some((handle, addr))
     } else {

@@ -164,6 +164,12 @@ pub const STATE_CACHE_SHARE: u64 = 10;
 pub const SIG_CACHE_SHARE: u64 = 3;
 /// See [`ROCKSDB_SHARE`].
 pub const P2P_SHARE: u64 = 5;
+/// See [`ROCKSDB_SHARE`].
+pub const RPC_SHARE: u64 = 3;
+
+/// Bytes of requests and answers the RPC server holds, over all connections, without a
+/// limit (and the most its share of one gives it).
+pub const DEFAULT_RPC_BUFFER_BYTES: u64 = 64 << 20;
 
 /// Payload bytes the p2p service's low-priority queue holds without a limit.
 pub const DEFAULT_P2P_QUEUE_BYTES: u64 = 64 << 20;
@@ -195,6 +201,8 @@ pub struct Budgets {
     pub mempool: u64,
     /// Payloads waiting in the p2p service's low-priority queue (transactions, sync).
     pub p2p: u64,
+    /// Requests read and answers not yet written by the RPC server, over all connections.
+    pub rpc: u64,
 }
 
 fn share(limit: u64, percent: u64) -> u64 {
@@ -220,6 +228,7 @@ impl Budgets {
                 sig_cache: sig_default,
                 mempool: config.mempool.max_bytes.0,
                 p2p: DEFAULT_P2P_QUEUE_BYTES,
+                rpc: DEFAULT_RPC_BUFFER_BYTES,
             };
         }
         let derive = |set: u64, default: u64, percent: u64| {
@@ -254,6 +263,7 @@ impl Budgets {
                 MEMPOOL_SHARE,
             ),
             p2p: share(limit, P2P_SHARE).min(DEFAULT_P2P_QUEUE_BYTES),
+            rpc: share(limit, RPC_SHARE).min(DEFAULT_RPC_BUFFER_BYTES),
         }
     }
 

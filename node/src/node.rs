@@ -121,14 +121,19 @@ impl Node {
         tasks.add_task("p2p service", net.service);
         let network = Arc::new(net.network);
         let base = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let rpc_buffers =
+            crate::rpc::conn::RpcBuffers::new(crate::memory::Budgets::of(&config).rpc);
         let governor = Arc::new(governor(
             &config,
             &chain,
-            rocks.clone(),
-            node_cache,
-            pending_blocks,
-            network.clone(),
-            base.clone(),
+            Sizes {
+                rocks: rocks.clone(),
+                node_cache,
+                pending_blocks,
+                network: network.clone(),
+                rpc: rpc_buffers.clone(),
+                base: base.clone(),
+            },
         ));
         chain.set_gossip(network.clone());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -140,6 +145,7 @@ impl Node {
         network.register_metrics(&mut registry);
         host.register_metrics(&mut registry);
         rpc_metrics.register(&mut registry);
+        rpc_buffers.register(&mut registry);
         crate::metrics::register_memory(&mut registry, governor.clone());
         let registry = Arc::new(registry);
         let (metrics_addr, metrics) = crate::metrics::serve_metrics(
@@ -154,6 +160,7 @@ impl Node {
             &config.rpc,
             rpc_metrics,
             config.consensus.block_time_ms,
+            rpc_buffers,
         )
         .await?;
         info!(addr = %rpc_addr, "JSON-RPC listening (HTTP and WebSocket)");
@@ -285,16 +292,26 @@ impl Node {
 /// to it now.
 ///
 /// [`Budgets::of`]: crate::memory::Budgets::of
-fn governor(
-    config: &Config,
-    chain: &Arc<NodeContext>,
+/// What the governor reads the consumers' sizes from, besides the chain.
+struct Sizes {
     rocks: Option<Arc<RocksStore>>,
     node_cache: Arc<keel_state::NodeCache>,
     pending_blocks: Arc<std::sync::atomic::AtomicU64>,
     network: Arc<crate::net::libp2p::Libp2pNetwork>,
+    rpc: Arc<crate::rpc::conn::RpcBuffers>,
     base: Arc<std::sync::atomic::AtomicU64>,
-) -> crate::memory::Governor {
+}
+
+fn governor(config: &Config, chain: &Arc<NodeContext>, sizes: Sizes) -> crate::memory::Governor {
     use crate::memory::{Budgets, Consumer, NODE_BYTES, SIG_ENTRY_BYTES};
+    let Sizes {
+        rocks,
+        node_cache,
+        pending_blocks,
+        network,
+        rpc,
+        base,
+    } = sizes;
     let budgets = Budgets::of(config);
     let mut consumers = Vec::new();
     if let Some(rocks) = rocks {
@@ -329,6 +346,12 @@ fn governor(
         resize: Some(Box::new(move |bytes| {
             resized.set_capacity(usize::try_from(bytes / SIG_ENTRY_BYTES).unwrap_or(usize::MAX));
         })),
+    });
+    consumers.push(Consumer {
+        name: "rpc",
+        budget: budgets.rpc,
+        used: Box::new(move || rpc.used()),
+        resize: None,
     });
     consumers.push(Consumer {
         name: "p2p",
@@ -606,6 +629,11 @@ mod tests {
             ((1u64 << 30) * 5 / 100) as f64
         );
         sample(&text, "keel_memory_used_bytes{consumer=\"p2p\"}");
+        assert_eq!(
+            sample(&text, "keel_memory_budget_bytes{consumer=\"rpc\"}"),
+            ((1u64 << 30) * 3 / 100) as f64
+        );
+        sample(&text, "keel_memory_used_bytes{consumer=\"rpc\"}");
         // Pending blocks have no share; their use is reported.
         assert_eq!(
             sample(&text, "keel_memory_budget_bytes{consumer=\"blocks\"}"),

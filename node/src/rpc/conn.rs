@@ -18,6 +18,10 @@
 //!   buffered; the server answers that close and the connection ends.
 //! - The connection's slot (`rpc.max_connections`) is held by the socket, so it is given
 //!   back only when the socket closes, after an upgrade included.
+//! - **Bytes over all connections** ([`RpcBuffers`], the memory budget's `rpc` consumer):
+//!   answers not yet written count from the moment they are made, HTTP request bodies from
+//!   the moment they are read until answered. While they are over the budget, a new HTTP
+//!   request is refused unread (`503` with `-32028`) and WebSocket calls wait.
 
 use std::future::Future;
 use std::io;
@@ -27,6 +31,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -44,9 +50,96 @@ const READ_CHUNK: usize = 8 * 1024;
 /// WebSocket close status "message too big" (RFC 6455, 7.4.1).
 const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 
+/// How often a WebSocket call waiting for the server's buffers to drain looks again.
+const BUSY_RECHECK: Duration = Duration::from_millis(5);
+
+/// Bytes the RPC server holds for its clients, over every connection, and their budget
+/// (the memory budget's `rpc` share). See the module documentation for what counts.
+#[derive(Debug)]
+pub struct RpcBuffers {
+    used: AtomicUsize,
+    budget: usize,
+    refused: Counter,
+}
+
+impl RpcBuffers {
+    /// Buffers that may hold `budget` bytes before new requests are refused.
+    pub fn new(budget: u64) -> Arc<RpcBuffers> {
+        Arc::new(RpcBuffers {
+            used: AtomicUsize::new(0),
+            budget: usize::try_from(budget).unwrap_or(usize::MAX),
+            refused: Counter::default(),
+        })
+    }
+
+    /// Registers `keel_rpc_busy_refusals_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "keel_rpc_busy_refusals",
+            "HTTP requests refused unread because the RPC server's buffers were over their budget (-32028)",
+            self.refused.clone(),
+        );
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire) as u64
+    }
+
+    /// Their budget.
+    pub fn budget(&self) -> u64 {
+        self.budget as u64
+    }
+
+    /// Whether a new request must wait or be refused.
+    pub fn over_budget(&self) -> bool {
+        self.used.load(Ordering::Acquire) > self.budget
+    }
+
+    /// Counts an HTTP request refused for the budget.
+    pub fn refuse(&self) {
+        self.refused.inc();
+    }
+
+    /// Holds `bytes` until the guard is dropped.
+    pub fn hold(self: &Arc<Self>, bytes: usize) -> Held {
+        self.add(bytes);
+        Held {
+            buffers: self.clone(),
+            bytes,
+        }
+    }
+
+    fn add(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn sub(&self, bytes: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+}
+
+/// Bytes counted in [`RpcBuffers`] until dropped.
+#[derive(Debug)]
+pub struct Held {
+    buffers: Arc<RpcBuffers>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.buffers.sub(self.bytes);
+    }
+}
+
 /// What the RPC middleware and the socket of one connection share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnState {
+    buffers: Arc<RpcBuffers>,
     websocket: AtomicBool,
     dead: AtomicBool,
     in_flight: AtomicUsize,
@@ -55,6 +148,20 @@ pub struct ConnState {
     reader: Mutex<Option<Waker>>,
     /// Calls waiting for the unsent answers to drain.
     room: Notify,
+}
+
+impl Default for ConnState {
+    /// A connection counted in buffers of its own, without a budget.
+    fn default() -> ConnState {
+        ConnState::new(RpcBuffers::new(u64::MAX))
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        // Answers never written (the connection closed first) leave the server's count.
+        self.buffers.sub(self.unsent.load(Ordering::Acquire));
+    }
 }
 
 /// Marks a call as coming over a WebSocket connection, with that connection's state (put in
@@ -74,6 +181,19 @@ impl Drop for InFlight {
 }
 
 impl ConnState {
+    /// A connection whose answers count in `buffers`.
+    pub fn new(buffers: Arc<RpcBuffers>) -> ConnState {
+        ConnState {
+            buffers,
+            websocket: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            unsent: AtomicUsize::new(0),
+            reader: Mutex::new(None),
+            room: Notify::new(),
+        }
+    }
+
     /// From now on the connection speaks WebSocket: its reads are bounded.
     pub fn upgrade(&self) {
         self.websocket.store(true, Ordering::Release);
@@ -90,8 +210,8 @@ impl ConnState {
     }
 
     /// Counts a call in flight, then waits until the answers queued before it are down to
-    /// [`UNSENT_BUDGET`] (or the connection died). The call is in flight until the guard
-    /// is dropped.
+    /// [`UNSENT_BUDGET`] and the server's buffers are within their budget (or the
+    /// connection died). The call is in flight until the guard is dropped.
     pub async fn admit(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(self.clone());
@@ -99,16 +219,24 @@ impl ConnState {
             let room = self.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if self.unsent.load(Ordering::Acquire) <= UNSENT_BUDGET || self.is_dead() {
+            if self.is_dead() {
                 return guard;
             }
-            room.await;
+            if self.unsent.load(Ordering::Acquire) > UNSENT_BUDGET {
+                room.await;
+            } else if self.buffers.over_budget() {
+                // Other connections' answers drain the buffers; nothing here would say when.
+                tokio::time::sleep(BUSY_RECHECK).await;
+            } else {
+                return guard;
+            }
         }
     }
 
     /// An answer of `bytes` was queued for the socket.
     pub fn queued(&self, bytes: usize) {
         self.unsent.fetch_add(bytes, Ordering::AcqRel);
+        self.buffers.add(bytes);
     }
 
     /// `bytes` went out on the socket (frames, pings and HTTP included, so `unsent` may be
@@ -120,6 +248,7 @@ impl ConnState {
                 Some(u.saturating_sub(bytes))
             })
             .unwrap_or(0);
+        self.buffers.sub(before.min(bytes));
         if before > UNSENT_BUDGET && before.saturating_sub(bytes) <= UNSENT_BUDGET {
             self.room.notify_waiters();
             self.wake_reader();
@@ -508,6 +637,32 @@ mod tests {
         let (out, closed) = through(1 << 20, &header, 3);
         assert!(closed);
         assert_eq!(out[0], 0x88);
+    }
+
+    #[tokio::test]
+    async fn answers_count_in_the_servers_buffers_until_written_or_the_connection_closes() {
+        let buffers = RpcBuffers::new(100);
+        let conn = ConnState::new(buffers.clone());
+        conn.queued(80);
+        conn.queued(40);
+        assert_eq!(buffers.used(), 120);
+        assert!(buffers.over_budget());
+        // Writes count what was queued, never more (headers and frames are written too).
+        conn.wrote(50);
+        assert_eq!(buffers.used(), 70);
+        assert!(!buffers.over_budget());
+        let other = ConnState::new(buffers.clone());
+        other.queued(30);
+        conn.wrote(500);
+        assert_eq!(buffers.used(), 30);
+        {
+            let _body = buffers.hold(1_000);
+            assert_eq!(buffers.used(), 1_030);
+        }
+        assert_eq!(buffers.used(), 30);
+        // A connection closed with answers unwritten gives them back.
+        drop(other);
+        assert_eq!(buffers.used(), 0);
     }
 
     #[tokio::test]

@@ -10,7 +10,9 @@
 //! - gives a client `rpc.request_timeout_ms` to send each request head (idle time of a
 //!   keep-alive connection included) and again its body; a late body gets `408` with
 //!   `-32026`;
-//! - reads a body up to `rpc.max_request_bytes` (a larger one gets `413` with `-32022`);
+//! - reads a body up to `rpc.max_request_bytes` (a larger one gets `413` with `-32022`),
+//!   unless the server's buffers are over their budget ([`RpcBuffers`]): then the request
+//!   gets `503` with `-32028` unread;
 //! - answers a request whose `id` is neither a string, a non-negative integer nor null with
 //!   `-32600` (jsonrpsee would take it for a notification and answer a bare `null`);
 //! - answers CORS preflights and adds CORS headers ([`super::cors`]);
@@ -46,7 +48,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::codes;
-use super::conn::{ConnState, GuardedIo, WsConnection};
+use super::conn::{ConnState, GuardedIo, RpcBuffers, WsConnection};
 use super::cors::{Cors, Preflight};
 use super::limits::ClientIp;
 
@@ -82,6 +84,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// `rpc.cors_allowed_origins`, if any.
     pub cors: Option<Cors>,
+    /// What every connection's requests and answers hold, and its budget.
+    pub buffers: Arc<RpcBuffers>,
 }
 
 /// Serves `listener` until `stop`, each connection with a fresh service from
@@ -153,7 +157,7 @@ async fn accept_loop<S, F>(
             }
             continue;
         };
-        let conn = Arc::new(ConnState::default());
+        let conn = Arc::new(ConnState::new(settings.buffers.clone()));
         let io = GuardedIo::new(
             stream,
             conn.clone(),
@@ -260,12 +264,20 @@ where
         }
         request.extensions_mut().insert(ClientIp(self.peer));
         let upgrade = ws::is_upgrade_request(&request);
+        // The body, counted in the server's buffers until its answer is made.
+        let mut held = None;
         let request = if upgrade {
             request
                 .extensions_mut()
                 .insert(WsConnection(self.conn.clone()));
             request.map(HttpBody::new)
         } else if request.method() == Method::POST {
+            if self.settings.buffers.over_budget() {
+                self.settings.buffers.refuse();
+                let mut response = busy_response(&self.settings);
+                self.decorate(origin.as_ref(), response.headers_mut());
+                return Ok(response);
+            }
             let (parts, body) = request.into_parts();
             let limit = self.settings.max_request_bytes;
             let body =
@@ -278,14 +290,20 @@ where
                     }
                 };
             let body = invalid_ids_replaced(&body).unwrap_or(body);
+            held = Some(self.settings.buffers.hold(body.len()));
             Request::from_parts(parts, HttpBody::from(body))
         } else {
             request.map(HttpBody::new)
         };
         std::future::poll_fn(|cx| self.inner.poll_ready(cx)).await?;
         let mut response = self.inner.call(request).await?;
+        drop(held);
         if upgrade && response.status() == StatusCode::SWITCHING_PROTOCOLS {
             self.conn.upgrade();
+        } else if let Some(bytes) = hyper::body::Body::size_hint(response.body()).exact() {
+            // Counted until the socket takes it ([`ConnState::queued`]).
+            self.conn
+                .queued(usize::try_from(bytes).unwrap_or(usize::MAX));
         }
         if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
             // jsonrpsee's own `-32007`; not expected, as the body was read within the limit.
@@ -401,6 +419,26 @@ fn body_error_response(e: BodyError, settings: &Settings) -> HttpResponse {
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
     // What is left of the body was not read: the connection cannot carry another request.
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// `503` with `-32028`: the server's buffers are over their budget; the body is left unread,
+/// so the connection closes after it.
+fn busy_response(settings: &Settings) -> HttpResponse {
+    let message = format!(
+        "server busy: the RPC server holds more than its {} bytes of requests and answers \
+         (the memory budget's rpc share); retry shortly",
+        settings.buffers.budget()
+    );
+    let mut response = HttpResponse::new(HttpBody::from(error_body(codes::RPC_BUSY, &message)));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }

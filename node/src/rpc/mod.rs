@@ -103,6 +103,10 @@ pub mod codes {
     pub const REQUEST_TIMEOUT: i32 = -32026;
     /// The node is under hard memory pressure (`memory.limit`): no new transactions.
     pub const MEMORY_PRESSURE: i32 = -32027;
+    /// The server's buffers (requests read and answers not yet written, over every
+    /// connection) are over the memory budget's `rpc` share: a new HTTP request is refused
+    /// unread (HTTP 503).
+    pub const RPC_BUSY: i32 = -32028;
 }
 
 fn err(code: i32, msg: impl Into<String>) -> ErrorObjectOwned {
@@ -154,6 +158,7 @@ pub async fn start(
     config: &RpcConfig,
     metrics: RpcMetrics,
     block_time_ms: u64,
+    buffers: Arc<conn::RpcBuffers>,
 ) -> Result<(ServerHandle, SocketAddr)> {
     let addr = config.listen_addr;
     let rpc_err = |reason: String| Error::Rpc { addr, reason };
@@ -195,6 +200,7 @@ pub async fn start(
         max_request_bytes: config.max_request_bytes as usize,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         cors: Cors::new(&config.cors_allowed_origins),
+        buffers,
     };
     let make_service = {
         let stop = stop.clone();
@@ -256,7 +262,11 @@ mod tests {
         let metrics = RpcMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let (handle, addr) = start(chain.clone(), &config, metrics, 1_000).await.unwrap();
+        let buffers = conn::RpcBuffers::new(crate::memory::DEFAULT_RPC_BUFFER_BYTES);
+        buffers.register(&mut registry);
+        let (handle, addr) = start(chain.clone(), &config, metrics, 1_000, buffers)
+            .await
+            .unwrap();
         let client = HttpClientBuilder::default()
             .build(format!("http://{addr}"))
             .unwrap();
@@ -578,6 +588,51 @@ mod tests {
             .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"{method}"}}"#))
             .collect();
         format!("[{}]", calls.join(","))
+    }
+
+    #[tokio::test]
+    async fn new_requests_are_refused_unread_while_the_buffers_are_over_budget() {
+        let chain = Arc::new(chain().0);
+        let config = RpcConfig {
+            listen_addr: "127.0.0.1:0".parse().unwrap(),
+            ..RpcConfig::default()
+        };
+        let buffers = conn::RpcBuffers::new(4_096);
+        let mut registry = Registry::default();
+        buffers.register(&mut registry);
+        let (handle, addr) = start(
+            chain,
+            &config,
+            RpcMetrics::default(),
+            1_000,
+            buffers.clone(),
+        )
+        .await
+        .unwrap();
+        let status = r#"{"jsonrpc":"2.0","id":1,"method":"chain_status"}"#;
+        let answered = raw_http(addr, &post(addr, status, "")).await;
+        assert_eq!(answered.status, 200, "{}", answered.body);
+        // The answer was written: nothing is held once the connection is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while buffers.used() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(buffers.used(), 0);
+
+        // Other connections' answers hold more than the budget.
+        let held = buffers.hold(5_000);
+        let refused = raw_http(addr, &post(addr, status, "")).await;
+        assert_eq!(refused.status, 503, "{}", refused.body);
+        assert_eq!(refused.header("retry-after"), Some("1"));
+        let body: Value = serde_json::from_str(&refused.body).unwrap();
+        assert_eq!(error_code(&body), i64::from(codes::RPC_BUSY), "{body}");
+        let text = crate::metrics::render(&registry);
+        assert!(text.contains("keel_rpc_busy_refusals_total 1\n"), "{text}");
+
+        drop(held);
+        let again = raw_http(addr, &post(addr, status, "")).await;
+        assert_eq!(again.status, 200, "{}", again.body);
+        handle.stop().unwrap();
     }
 
     #[tokio::test]
