@@ -8,7 +8,8 @@
 # state_getAccount at READS_PER_SEC; samples VmRSS/VmHWM and the node's memory metrics every
 # 2 s into OUT.mem; leaves loadgen's JSON in OUT.json, hey's summary in OUT.hey, the metrics
 # 20 s after the load in OUT.after and the final VmHWM in OUT.hwm. KEEL selects the binary
-# (default: keel on PATH). Summarize with scripts/memory_summary.py OUT.mem.
+# (default: keel on PATH); BATCH=N makes loadgen send JSON-RPC batches of N (default 1).
+# Summarize with scripts/memory_summary.py OUT.mem.
 set -euo pipefail
 LIMIT=$1; TPS=$2; SECS=$3; RPS=$4; OUT=$5
 K=${KEEL:-keel}
@@ -31,7 +32,7 @@ hey -z "${SECS}s" -q $((RPS / 10)) -c 10 -m POST -T application/json \
   -d "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"state_getAccount\",\"params\":[\"$ADDR\"]}" \
   http://127.0.0.1:36657/ > "$OUT.hey" 2>&1 &
 HEY=$!
-$K loadgen --rpc http://127.0.0.1:36657 --key "$H/keys/validator.key" --tps "$TPS" --duration "$SECS" --json > "$OUT.json"
+$K loadgen --rpc http://127.0.0.1:36657 --key "$H/keys/validator.key" --tps "$TPS" --duration "$SECS" --batch "${BATCH:-1}" --json > "$OUT.json"
 wait $HEY
 sleep 20
 curl -s 127.0.0.1:36660/metrics > "$OUT.after"

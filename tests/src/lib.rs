@@ -896,6 +896,11 @@ impl TestNode {
         }
     }
 
+    /// The node process's id (for `/proc/PID/status`); `None` when it is not started.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(ChildGuard::id)
+    }
+
     /// SIGKILLs the node (no clean shutdown) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

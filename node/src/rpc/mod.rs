@@ -618,6 +618,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(buffers.used(), 0);
+        assert_eq!(buffers.buffered(), 0);
 
         // Other connections' answers hold more than the budget.
         let held = buffers.hold(5_000);
