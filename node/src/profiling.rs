@@ -409,17 +409,20 @@ impl Profiles {
                 .build_unresolved()
                 .map_err(|e| ProfileError::Failed(format!("cannot read the CPU profile: {e}")))?;
             drop(guard);
-            encode_cpu(&symbolize(unresolved), format, duration)
+            Ok(unresolved)
         });
-        tokio::select! {
-            joined = task => flatten(joined),
+        let unresolved = tokio::select! {
+            joined = task => flatten(joined)?,
             () = shutdown.cancelled() => {
                 // The sampler stops within a moment; its thread ends by itself.
                 let _ = stop.send(());
-                Err(ProfileError::Unavailable(
-                    "the CPU profile was cut short: the node is shutting down\n".to_string(),
-                ))
+                return Err(shutting_down());
             }
+        };
+        let encoded = low_priority(move || encode_cpu(&symbolize(unresolved), format, duration));
+        tokio::select! {
+            done = encoded => done.and_then(|r| r),
+            () = shutdown.cancelled() => Err(shutting_down()),
         }
     }
 
@@ -433,12 +436,12 @@ impl Profiles {
         let permit = self.heap.clone().try_acquire_owned().map_err(|_| {
             ProfileError::Busy("a heap profile is being written: try again in a moment\n")
         })?;
-        let joined = tokio::task::spawn_blocking(move || {
+        let body = low_priority(move || {
             let _permit = permit;
             heap::dump_pprof()
         })
-        .await;
-        let body = flatten(joined)?;
+        .await
+        .and_then(|r| r)?;
         Ok(Reply {
             content_type: OCTET_STREAM,
             filename: Some("heap"),
@@ -510,6 +513,47 @@ fn resolve(ip: usize) -> Vec<pprof::Symbol> {
 }
 
 /// The result of a blocking task, a panic in it included.
+fn shutting_down() -> ProfileError {
+    ProfileError::Unavailable(
+        "the CPU profile was cut short: the node is shutting down\n".to_string(),
+    )
+}
+
+/// Runs `work` on a thread of its own at the lowest CPU priority (nice 19) and hands back
+/// its result. Symbolizing a profile costs up to about a second of CPU (the first one after
+/// a while loads the binary's debug information); at nice 19 that time comes from idle
+/// cores, or, on a node that keeps every core busy, from a share of about 1.5% of one core
+/// (the kernel's weight 15 against 1,024), so a profile takes from throughput no more than
+/// that share while it is being symbolized; the answer comes later instead.
+async fn low_priority<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ProfileError> + Send + 'static,
+) -> Result<Result<T, ProfileError>, ProfileError> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("keel-symbolize".into())
+        .spawn(move || {
+            lower_this_threads_priority();
+            let _ = done.send(work());
+        })
+        .map_err(|e| ProfileError::Failed(format!("cannot start a thread to symbolize: {e}\n")))?;
+    result.await.map_err(|_| {
+        error!("the thread symbolizing a profile stopped without an answer");
+        ProfileError::Failed("the profile could not be taken: internal error (logged)\n".into())
+    })
+}
+
+/// Sets the calling thread's nice value to 19 (Linux: per thread). Failure leaves it as is.
+#[allow(unsafe_code)]
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `gettid` and `setpriority` take and return plain integers; with `PRIO_PROCESS`
+    // and a thread id, Linux sets that one thread's nice value.
+    unsafe {
+        let tid = libc::gettid();
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
 fn flatten<T>(
     joined: Result<Result<T, ProfileError>, tokio::task::JoinError>,
 ) -> Result<T, ProfileError> {
@@ -940,6 +984,32 @@ mod tests {
         let long = "9".repeat(500) + "\u{1b}";
         let e = parse("/debug/pprof/profile", Some(&format!("seconds={long}"))).unwrap_err();
         assert!(e.to_string().len() < 200, "{e}");
+    }
+
+    #[tokio::test]
+    async fn symbolizing_runs_on_a_thread_of_its_own_at_the_lowest_priority() {
+        let (name, nice) = low_priority(|| {
+            // Field 19 of /proc/thread-self/stat is the thread's nice value; the name (field
+            // 2) has no spaces here.
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            let nice: i32 = stat.split(' ').nth(18).unwrap().parse().unwrap();
+            Ok((std::thread::current().name().map(str::to_string), nice))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(name.as_deref(), Some("keel-symbolize"));
+        if cfg!(target_os = "linux") {
+            assert_eq!(nice, 19);
+        }
+        // The caller's own thread keeps its priority (whatever the test runs at).
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        assert_ne!(stat.split(' ').nth(18), Some("19"));
+        // A failing job's error comes back as it is.
+        let failed = low_priority::<()>(|| Err(ProfileError::Failed("no".into())))
+            .await
+            .unwrap();
+        assert!(matches!(failed, Err(ProfileError::Failed(m)) if m == "no"));
     }
 
     #[test]
