@@ -1009,6 +1009,22 @@ impl Ctx {
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Account `account`'s transfer with `nonce` to the next account of the ring, signed
+    /// (always the same bytes for the same pair).
+    fn transfer(&self, account: usize, nonce: u64) -> Option<Transaction> {
+        let (key, to) = (self.keys.get(account)?, self.recipients.get(account)?);
+        Some(Transaction::sign(
+            key,
+            &self.chain_id,
+            nonce,
+            self.fee,
+            TxKind::Transfer {
+                to: *to,
+                amount: self.amount,
+            },
+        ))
+    }
+
     fn endpoint(&self, account: usize) -> Option<&Endpoint> {
         self.endpoints.get(account % self.endpoints.len().max(1))
     }
@@ -1672,24 +1688,10 @@ async fn send_phase(
 
 /// Signs and submits account `account`'s transfer with `nonce`.
 async fn submit(ctx: Arc<Ctx>, account: usize, nonce: u64) {
-    let (Some(key), Some(to), Some(endpoint)) = (
-        ctx.keys.get(account),
-        ctx.recipients.get(account),
-        ctx.endpoint(account),
-    ) else {
+    let (Some(tx), Some(endpoint)) = (ctx.transfer(account, nonce), ctx.endpoint(account)) else {
         ctx.outstanding.fetch_sub(1, Ordering::SeqCst);
         return;
     };
-    let tx = Transaction::sign(
-        key,
-        &ctx.chain_id,
-        nonce,
-        ctx.fee,
-        TxKind::Transfer {
-            to: *to,
-            amount: ctx.amount,
-        },
-    );
     ctx.tally().sent(tx.hash, account, nonce, Instant::now());
     let result = endpoint
         .submit
@@ -1786,20 +1788,10 @@ async fn submit_batch(ctx: Arc<Ctx>, e: usize, transfers: Vec<(usize, u64)>) {
     let mut calls = jsonrpsee::core::params::BatchRequestBuilder::new();
     let mut sent = Vec::with_capacity(transfers.len());
     for (account, nonce) in transfers {
-        let (Some(key), Some(to)) = (ctx.keys.get(account), ctx.recipients.get(account)) else {
+        let Some(tx) = ctx.transfer(account, nonce) else {
             ctx.outstanding.fetch_sub(1, Ordering::SeqCst);
             continue;
         };
-        let tx = Transaction::sign(
-            key,
-            &ctx.chain_id,
-            nonce,
-            ctx.fee,
-            TxKind::Transfer {
-                to: *to,
-                amount: ctx.amount,
-            },
-        );
         // Serializing a hex string cannot fail.
         let _ = calls.insert("tx_submit", [SignedTxHex::from_bytes(&tx.bytes)]);
         sent.push((tx.hash, account, nonce));

@@ -33,7 +33,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,7 +41,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use keel_node::config::{ByteSize, Config};
-use keel_tests::{http_request, keel_bin, u64_field, ChildGuard, RpcClient, TestNode};
+use keel_tests::{drain, http_request, keel_bin, u64_field, ChildGuard, RpcClient, TestNode};
 use keel_types::Address;
 use serde_json::Value;
 
@@ -181,17 +180,6 @@ fn sample(metrics: SocketAddr, pid: u32, at: Duration) -> Sample {
         "/metrics at {at:?} has no keel_memory_allocated_bytes or no keel_memory_used_bytes:\n{text}"
     );
     s
-}
-
-/// Reads a pipe to its end on a thread.
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut p) = pipe {
-            let _ = p.read_to_end(&mut bytes);
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
 }
 
 /// Sets its flag when dropped, so the reader thread stops also when the test panics.

@@ -8,13 +8,11 @@
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::thread;
 use std::time::Duration;
 
-use keel_tests::{ChildGuard, TestNode};
+use keel_tests::{drain, ChildGuard, TestNode};
 
 /// How long the whole client run may take (it needs a few seconds on a 200 ms chain).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -65,17 +63,6 @@ fn require_python() -> String {
         out.status
     );
     version
-}
-
-/// Reads a pipe to its end on a thread, so a chatty child never blocks on a full pipe.
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut p) = pipe {
-            let _ = p.read_to_end(&mut bytes);
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
 }
 
 /// Runs the client with `args` and a deadline; returns (success, stdout + stderr).
