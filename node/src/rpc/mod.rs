@@ -14,6 +14,9 @@
 //! and time, CORS), [`conn`] bounds its socket (stalled writes, WebSocket backpressure and
 //! message size), [`checks`] bounds its calls (`rpc.requests_per_sec_per_ip` through
 //! [`limits`], `rpc.max_batch_size`) and [`codes`] gives every refusal a code of its own.
+//! [`conn::RpcBuffers`] bounds the bytes all connections hold together (the memory budget's
+//! `rpc` share), and [`submit`] admits the `tx_submit` calls that arrive together as one
+//! batch.
 
 pub mod api;
 pub mod checks;
