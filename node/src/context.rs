@@ -379,10 +379,15 @@ impl NodeContext {
     /// waiting (libp2p gathers what is submitted into batches, `crate::net::tx_gossip`).
     pub fn submit(&self, bytes: &[u8]) -> Result<Hash, SubmitError> {
         let hash = self.admit_from_peer(bytes)?;
+        self.gossip_transaction(bytes);
+        Ok(hash)
+    }
+
+    /// Hands an admitted transaction to the network for gossip, without waiting.
+    fn gossip_transaction(&self, bytes: &[u8]) {
         if let Some(net) = self.gossip.get() {
             net.broadcast(keel_p2p::Channel::Transactions, bytes.to_vec());
         }
-        Ok(hash)
     }
 
     /// Checks and admits transactions submitted together (as [`NodeContext::submit`] does
@@ -391,10 +396,8 @@ impl NodeContext {
     /// `items[i]`. Blocks on rayon: call it from a blocking context.
     pub fn submit_batch<B: AsRef<[u8]>>(&self, items: &[B]) -> Vec<Result<Hash, SubmitError>> {
         let results = self.admit_batch_from_peer(items);
-        if let Some(net) = self.gossip.get() {
-            for (bytes, _) in items.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
-                net.broadcast(keel_p2p::Channel::Transactions, bytes.as_ref().to_vec());
-            }
+        for (bytes, _) in items.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
+            self.gossip_transaction(bytes.as_ref());
         }
         results
     }

@@ -411,14 +411,20 @@ fn body_error_response(e: BodyError, settings: &Settings) -> HttpResponse {
             "parse error: the request body could not be read".to_string(),
         ),
     };
-    let mut response = HttpResponse::new(HttpBody::from(error_body(code, &message)));
+    // What is left of the body was not read: the connection cannot carry another request.
+    closing_error_response(status, code, &message)
+}
+
+/// A JSON-RPC error (null id) with `status`, after which the connection closes (the request
+/// body was not read, or not all of it).
+fn closing_error_response(status: StatusCode, code: i32, message: &str) -> HttpResponse {
+    let mut response = HttpResponse::new(HttpBody::from(error_body(code, message)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
-    // What is left of the body was not read: the connection cannot carry another request.
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
@@ -431,15 +437,11 @@ fn busy_response(settings: &Settings) -> HttpResponse {
          (the memory budget's rpc share); retry shortly",
         settings.buffers.budget()
     );
-    let mut response = HttpResponse::new(HttpBody::from(error_body(codes::RPC_BUSY, &message)));
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let mut response =
+        closing_error_response(StatusCode::SERVICE_UNAVAILABLE, codes::RPC_BUSY, &message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
 }
 
