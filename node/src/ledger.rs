@@ -43,6 +43,7 @@ use keel_types::{
 };
 
 use crate::store::ConsensusStore;
+use crate::units::allocation_size;
 use crate::view::CertifiedBlock;
 
 /// How far above the final tip a pending block may be. A block higher than that is refused
@@ -215,18 +216,22 @@ impl Pending {
     /// Estimated bytes the block, its receipts, its staged state and its fresh nodes hold.
     fn memory_bytes(&self) -> u64 {
         use std::mem::size_of;
-        // The body holds each transaction's encoded bytes.
-        let txs = self.block.txs.iter().fold(0u64, |sum, tx| {
-            sum.saturating_add((size_of::<Vec<u8>>() + tx.capacity()) as u64)
-        });
-        let receipts = self.receipts.iter().fold(0u64, |sum, r| {
-            sum.saturating_add(
-                (size_of::<Receipt>() + r.error.as_ref().map_or(0, String::capacity)) as u64,
-            )
-        });
-        let lists = self.new_nonces.capacity() * size_of::<(Address, u64)>()
-            + self.tx_hashes.capacity() * size_of::<Hash>();
-        (size_of::<Block>() + lists) as u64
+        // Each allocation at the allocator's size class. The body holds each transaction's
+        // encoded bytes.
+        let txs = self.block.txs.iter().fold(
+            allocation_size(self.block.txs.capacity() * size_of::<Vec<u8>>()) as u64,
+            |sum, tx| sum.saturating_add(allocation_size(tx.capacity()) as u64),
+        );
+        let receipts = self.receipts.iter().fold(
+            allocation_size(self.receipts.capacity() * size_of::<Receipt>()) as u64,
+            |sum, r| {
+                let error = r.error.as_ref().map_or(0, String::capacity);
+                sum.saturating_add(allocation_size(error) as u64)
+            },
+        );
+        let lists = allocation_size(self.new_nonces.capacity() * size_of::<(Address, u64)>())
+            + allocation_size(self.tx_hashes.capacity() * size_of::<Hash>());
+        (allocation_size(size_of::<Block>()) + lists) as u64
             + txs
             + receipts
             + self.layer.memory_bytes()
@@ -258,6 +263,10 @@ pub struct Ledger {
     /// Estimated bytes the pending blocks hold (`keel_memory_used_bytes{consumer="blocks"}`),
     /// set at every change of `pending`.
     pending_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Estimated bytes of the block being executed or written now, outside `pending`: its
+    /// decoded transactions while it executes, its records and RocksDB's batch while it is
+    /// written. Counted in `pending_bytes` while it lasts.
+    in_flight: u64,
     /// Certified pending blocks by height: the branch consensus extends, as RPC shows it.
     certified: std::collections::BTreeMap<u64, Arc<CertifiedBlock>>,
     final_tip: (u64, Hash),
@@ -283,6 +292,7 @@ impl Ledger {
             sig_cache: None,
             pending: HashMap::new(),
             pending_bytes: Arc::default(),
+            in_flight: 0,
             certified: std::collections::BTreeMap::new(),
             final_tip,
         })
@@ -294,10 +304,17 @@ impl Ledger {
     }
 
     /// Estimated bytes the pending (not yet final) blocks hold in memory: their bodies,
-    /// receipts, staged state and new tree nodes. Updated as blocks are kept, finalized and
-    /// dropped; the memory governor reads it.
+    /// receipts, staged state and new tree nodes, and while a block executes or is written,
+    /// what that holds besides. Updated as blocks are kept, executed, finalized and dropped;
+    /// the memory governor reads it.
     pub fn pending_memory(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.pending_bytes.clone()
+    }
+
+    /// Counts `bytes` as the block in flight (0: none) in the pending figure.
+    fn set_in_flight(&mut self, bytes: u64) {
+        self.in_flight = bytes;
+        self.account_pending();
     }
 
     fn account_pending(&self) {
@@ -305,12 +322,14 @@ impl Ledger {
         // is its own (hashbrown: a hash and a control byte per bucket).
         let certified = self.certified.values().fold(0u64, |sum, c| {
             let buckets = c.tx_hashes.capacity().saturating_mul(8) / 7;
-            sum.saturating_add((buckets * (std::mem::size_of::<Hash>() + 1)) as u64)
+            sum.saturating_add(allocation_size(buckets * (std::mem::size_of::<Hash>() + 1)) as u64)
         });
         let bytes = self
             .pending
             .values()
-            .fold(certified, |sum, p| sum.saturating_add(p.bytes));
+            .fold(certified.saturating_add(self.in_flight), |sum, p| {
+                sum.saturating_add(p.bytes)
+            });
         self.pending_bytes
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
@@ -397,6 +416,18 @@ impl Ledger {
         txs: Vec<Transaction>,
         evidence: Vec<Evidence>,
     ) -> Result<Block, LedgerError> {
+        self.set_in_flight(transactions_bytes(&txs));
+        let built = self.build_block_in_flight(template, txs, evidence);
+        self.set_in_flight(0);
+        built
+    }
+
+    fn build_block_in_flight(
+        &mut self,
+        template: BlockTemplate,
+        txs: Vec<Transaction>,
+        evidence: Vec<Evidence>,
+    ) -> Result<Block, LedgerError> {
         let (parent_height, layers) = self.parent_view(&template.parent_hash)?;
         self.check_position(
             template.height,
@@ -466,6 +497,12 @@ impl Ledger {
     /// What consensus checks (proposer, round, timestamp, validator set, certificate and
     /// evidence signatures) is not checked here.
     pub fn validate_block(&mut self, block: &Block) -> Result<(), LedgerError> {
+        let validated = self.validate_block_in_flight(block);
+        self.set_in_flight(0);
+        validated
+    }
+
+    fn validate_block_in_flight(&mut self, block: &Block) -> Result<(), LedgerError> {
         let hash = block.hash();
         if self.has_block(&hash) {
             return Ok(());
@@ -502,6 +539,7 @@ impl Ledger {
                     .map_err(|e| LedgerError::Invalid(format!("transaction {i}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        self.set_in_flight(transactions_bytes(&txs));
         let tx_hashes: Vec<Hash> = txs.iter().map(|t| t.hash).collect();
         let tx_root = merkle_root(&tx_hashes);
         if tx_root != header.tx_root {
@@ -666,8 +704,12 @@ impl Ledger {
         self.blocks.stage_finalized(&mut batch, height, *hash);
         self.records.stage_latest_qc(&mut batch, qc);
         self.records.stage_delete_pending(&mut batch, [*hash]);
+        self.in_flight = commit_bytes(&batch, &pending.layer);
+        self.account_pending();
         let writing = std::time::Instant::now();
-        self.store.write_layer(&pending.layer, batch)?;
+        let write = self.store.write_layer(&pending.layer, batch);
+        self.set_in_flight(0);
+        write?;
         let commit_time = writing.elapsed();
         self.final_tip = (height, *hash);
         self.certified.retain(|h, _| *h > height);
@@ -863,6 +905,31 @@ impl std::ops::Deref for StateRef<'_> {
             StateRef::Branch(s) => s,
         }
     }
+}
+
+/// Bytes decoded transactions hold (the list and each one's bytes and chain id), at the
+/// allocator's size classes.
+fn transactions_bytes(txs: &[Transaction]) -> u64 {
+    txs.iter().fold(
+        allocation_size(std::mem::size_of_val(txs)) as u64,
+        |sum, tx| {
+            sum.saturating_add(
+                (allocation_size(tx.bytes.capacity()) + allocation_size(tx.chain_id.capacity()))
+                    as u64,
+            )
+        },
+    )
+}
+
+/// Bytes a block's write holds while it lasts: the records staged for it (each key and value
+/// an allocation of its own, in a list of operations) and the engine's batch, one buffer with
+/// a copy of those records and of the block's staged state (`layer`), a few bytes of framing
+/// per record.
+fn commit_bytes(batch: &WriteBatch, layer: &Layer) -> u64 {
+    const FRAMING: usize = 8;
+    let staged = batch.size_bytes() + batch.len() * (std::mem::size_of::<keel_storage::Op>() + 32);
+    let engine = batch.size_bytes() + layer.op_bytes() + (batch.len() + layer.len()) * FRAMING;
+    allocation_size(staged + engine) as u64
 }
 
 #[cfg(test)]
@@ -1260,16 +1327,30 @@ pub(crate) mod tests {
         inner: MemStore,
         writes: Mutex<Vec<WriteBatch>>,
         node_reads: Mutex<Vec<Vec<u8>>>,
+        /// A figure to read at every write and node read, and what was read.
+        watched: Mutex<Option<Arc<std::sync::atomic::AtomicU64>>>,
+        seen: Mutex<Vec<u64>>,
+    }
+
+    impl Recording {
+        fn look(&self) {
+            if let Some(figure) = self.watched.lock().unwrap().as_ref() {
+                let now = figure.load(std::sync::atomic::Ordering::Relaxed);
+                self.seen.lock().unwrap().push(now);
+            }
+        }
     }
 
     impl KvStore for Recording {
         fn get(&self, col: Column, key: &[u8]) -> keel_storage::Result<Option<Vec<u8>>> {
             if col == Column::StateNodes {
                 self.node_reads.lock().unwrap().push(key.to_vec());
+                self.look();
             }
             self.inner.get(col, key)
         }
         fn write(&self, batch: WriteBatch) -> keel_storage::Result<()> {
+            self.look();
             self.writes.lock().unwrap().push(batch.clone());
             self.inner.write(batch)
         }
@@ -1291,6 +1372,51 @@ pub(crate) mod tests {
         fn memory_bytes(&self) -> u64 {
             0
         }
+    }
+
+    /// The `blocks` memory figure counts the block in flight while it lasts: its
+    /// transactions while it executes, its records and the engine's batch while it is
+    /// written; afterwards only the pending blocks.
+    #[test]
+    fn the_pending_figure_counts_the_block_in_flight() {
+        let recording = Arc::new(Recording::default());
+        let store: Arc<dyn KvStore> = recording.clone();
+        let g = genesis(&store);
+        let mut app = Ledger::new(store.clone(), params(), BlockLimits::NONE).unwrap();
+        let figure = app.pending_memory();
+        let read =
+            |f: &Arc<std::sync::atomic::AtomicU64>| f.load(std::sync::atomic::Ordering::Relaxed);
+        let (_, [b1, b2, b3]) = three_blocks(&mut app, g);
+        let kept: u64 = app.pending.values().map(|p| p.bytes).sum();
+        assert_eq!(read(&figure), kept);
+
+        // Executing: the decoded transactions count on top of the pending blocks.
+        *recording.watched.lock().unwrap() = Some(figure.clone());
+        let txs = vec![transfer(1, 3, 1, 5), transfer(2, 2, 1, 5)];
+        let executing = transactions_bytes(&txs);
+        assert!(executing >= 2 * 160);
+        let b4 = build(&mut app, &b3, 4, txs);
+        let during = recording.seen.lock().unwrap().clone();
+        assert!(!during.is_empty());
+        assert!(during.iter().all(|s| *s == kept + executing), "{during:?}");
+        let kept: u64 = app.pending.values().map(|p| p.bytes).sum();
+        assert_eq!(read(&figure), kept);
+
+        // Writing: the records and the engine's copy of them and of the staged state.
+        recording.seen.lock().unwrap().clear();
+        let staged = |b: &Block| app.pending[&b.hash()].layer.op_bytes() as u64;
+        let (staged1, staged2) = (staged(&b1), staged(&b2));
+        let first = app.pending[&b1.hash()].bytes;
+        app.finalize(&b2.hash(), &qc(b2.hash(), 2, 2)).unwrap();
+        let during = recording.seen.lock().unwrap().clone();
+        assert_eq!(during.len(), 2, "one write per block");
+        // Block 1 is written while all four are pending, block 2 once block 1 is final.
+        assert!(during[0] > kept + staged1, "{during:?} vs {kept}");
+        assert!(during[1] > kept - first + staged2, "{during:?} vs {kept}");
+        let left: u64 = app.pending.values().map(|p| p.bytes).sum();
+        assert_eq!(app.pending.len(), 2);
+        assert_eq!(read(&figure), left);
+        assert!(app.pending.contains_key(&b4.hash()));
     }
 
     /// Finalized blocks hand their upper tree levels to the node cache: a block executed on

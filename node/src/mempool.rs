@@ -20,34 +20,67 @@
 //! comes or goes, so a scrape reads it without taking the node's mempool lock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 
 use keel_types::{Address, Hash, Transaction, TxKind};
+
+use crate::units::allocation_size;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Largest accepted transaction (its `SignedTx` bytes).
 pub const MAX_TX_BYTES: usize = 64 * 1024;
 
+/// What the pool's hash index costs a transaction: its bucket (hash and sender/nonce) in a
+/// table between half and seven-eighths full, with its control byte. [`held_bytes`] charges
+/// this; [`Mempool::memory_bytes`] counts the table as it is instead.
+const INDEX_BYTES: usize =
+    (std::mem::size_of::<Hash>() + std::mem::size_of::<(Address, u64)>()) * 3 / 2 + 2;
+
 /// What the pool charges a transaction besides its encoded bytes and chain id: its decoded
 /// form (an allocation of its own), its slot in the sender's queue (a B-tree of nonces to
 /// those allocations: 16 bytes a slot, counted three times over because a loaded node's
 /// queues hold a few transactions each, in nodes of 11 slots) and its entry in the hash
-/// index (a table between half and seven-eighths full). With these, `max_bytes` bounds the
-/// memory the pool holds, not only the encoded sizes (a 150-byte transfer costs about four
-/// times that).
-pub const TX_OVERHEAD: usize = std::mem::size_of::<Entry>()
-    + 3 * (8 + std::mem::size_of::<Box<Entry>>())
-    + (std::mem::size_of::<Hash>() + std::mem::size_of::<(Address, u64)>()) * 3 / 2
-    + 2;
+/// index ([`INDEX_BYTES`]). With these, `max_bytes` bounds the memory the pool holds, not
+/// only the encoded sizes (a 150-byte transfer costs about four times that).
+pub const TX_OVERHEAD: usize =
+    std::mem::size_of::<Entry>() + 3 * (8 + std::mem::size_of::<Box<Entry>>()) + INDEX_BYTES;
 
 /// The smallest `max_bytes` that holds one transaction of the largest size.
 pub const MIN_POOL_BYTES: u64 = (MAX_TX_BYTES + 1024) as u64;
 
 /// Bytes the pool charges `tx` against `max_bytes`: what holding it costs in memory.
+/// Each allocation counts at the allocator's size class ([`allocation_size`]), as jemalloc
+/// does (a 150-byte transfer's bytes take 160).
 pub fn held_bytes(tx: &Transaction) -> u64 {
-    (tx.bytes.len() + tx.chain_id.len() + TX_OVERHEAD) as u64
+    let entry = std::mem::size_of::<Entry>();
+    // `TX_OVERHEAD` holds the entry at its requested size: swap in its size class.
+    (TX_OVERHEAD - entry
+        + allocation_size(entry)
+        + allocation_size(tx.bytes.len())
+        + allocation_size(tx.chain_id.len())) as u64
+}
+
+/// The pool's tables: std's hasher (SipHash with a per-process random key: peers choose the
+/// senders and hashes) in hashbrown's table, which says how many bytes it holds.
+type Map<K, V> = hashbrown::HashMap<K, V, std::collections::hash_map::RandomState>;
+
+/// Bytes a table holds (its buckets and control bytes): it never shrinks by itself.
+fn table_bytes<K: Eq + std::hash::Hash, V>(map: &Map<K, V>) -> u64 {
+    allocation_size(map.allocation_size()) as u64
+}
+
+/// Tables of this many buckets or fewer are never shrunk (tens of KiB at most).
+const MIN_SHRINK_BUCKETS: usize = 1024;
+
+/// Shrinks `map` once less than a quarter of its buckets are in use, to about half full.
+fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut Map<K, V>) {
+    // (`capacity` is no guide: removals that leave tombstones lower it.)
+    let buckets = map.allocation_size() / (std::mem::size_of::<(K, V)>() + 1);
+    if buckets > MIN_SHRINK_BUCKETS && map.len() < buckets / 4 {
+        map.shrink_to(map.len() * 3 / 2);
+    }
 }
 
 /// How far ahead of a sender's committed nonce a transaction's nonce may be.
@@ -170,8 +203,8 @@ pub struct Mempool {
     limits: MempoolLimits,
     chain_id: String,
     min_fee: u64,
-    senders: HashMap<Address, SenderQueue>,
-    by_hash: HashMap<Hash, (Address, u64)>,
+    senders: Map<Address, SenderQueue>,
+    by_hash: Map<Hash, (Address, u64)>,
     /// `(fee, hash)` of every sender's highest-nonce transaction: the eviction candidates.
     tails: BTreeSet<(u64, Hash)>,
     bytes: u64,
@@ -208,8 +241,8 @@ impl Mempool {
             limits,
             chain_id,
             min_fee,
-            senders: HashMap::new(),
-            by_hash: HashMap::new(),
+            senders: Map::default(),
+            by_hash: Map::default(),
             tails: BTreeSet::new(),
             bytes: 0,
             txs_gauge: Gauge::default(),
@@ -401,6 +434,10 @@ impl Mempool {
         for (sender, nonce) in new_nonces {
             self.advance_sender(sender, *nonce);
         }
+        // Hash tables keep their buckets as they empty: after a peak, give back most of a
+        // table less than a quarter full (rarely: only after the pool shrank fourfold).
+        shrink_if_sparse(&mut self.by_hash);
+        shrink_if_sparse(&mut self.senders);
     }
 
     /// Whether a transaction with this hash is pending.
@@ -424,9 +461,21 @@ impl Mempool {
         self.by_hash.is_empty()
     }
 
-    /// Bytes the pending transactions hold: the sum of their [`held_bytes`].
+    /// Bytes the pending transactions hold: the sum of their [`held_bytes`] (what
+    /// `max_bytes` bounds).
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes the pool holds in memory (the `mempool` memory consumer): [`Mempool::bytes`]
+    /// with its hash index counted as the table it is rather than as [`held_bytes`]
+    /// estimates it, plus the table of senders.
+    pub fn memory_bytes(&self) -> u64 {
+        let estimated = (self.by_hash.len() * INDEX_BYTES) as u64;
+        self.bytes
+            .saturating_sub(estimated)
+            .saturating_add(table_bytes(&self.by_hash))
+            .saturating_add(table_bytes(&self.senders))
     }
 
     /// The capacity of the pool.
@@ -915,6 +964,44 @@ mod tests {
     }
 
     #[test]
+    fn memory_counts_the_index_as_it_is_and_a_sparse_index_shrinks() {
+        let mut pool = new_pool(100_000);
+        let txs: Vec<Transaction> = (0..3_000).map(|s| transfer(s + 1, 0, 5, 1)).collect();
+        for tx in &txs {
+            pool.insert(tx.clone(), 0, RICH).unwrap();
+        }
+        // 3,000 entries in 4,096 buckets of 65 bytes: about what `held_bytes` estimates.
+        let estimated = 3_000 * INDEX_BYTES as u64;
+        let index = table_bytes(&pool.by_hash);
+        assert!(
+            index.abs_diff(estimated) < estimated / 5,
+            "{index} vs {estimated}"
+        );
+        assert_eq!(
+            pool.memory_bytes(),
+            pool.bytes() - estimated + index + table_bytes(&pool.senders)
+        );
+
+        // The table keeps its buckets while the pool empties to a third ...
+        let first: Vec<Hash> = txs[..2_000].iter().map(|t| t.hash).collect();
+        for hash in &first[..1_000] {
+            assert!(pool.remove_tx(hash).is_some());
+        }
+        assert_eq!(table_bytes(&pool.by_hash), index);
+        assert_eq!(
+            pool.memory_bytes(),
+            pool.bytes() - 2_000 * INDEX_BYTES as u64 + index + table_bytes(&pool.senders)
+        );
+        assert!(pool.memory_bytes() > pool.bytes());
+
+        // ... and gives them back once a block leaves it less than a quarter full.
+        pool.remove_committed(&first[1_000..], &[]);
+        assert_eq!(pool.len(), 1_000);
+        assert!(table_bytes(&pool.by_hash) <= index / 2);
+        pool.check_invariants();
+    }
+
+    #[test]
     fn byte_limit_evicts_as_many_as_needed_from_the_back_or_nothing() {
         let size = held_bytes(&transfer(1, 0, 1, 1));
         let mut pool = Mempool::new(limits(100, 4 * size + 10), CHAIN.into(), 1);
@@ -928,9 +1015,15 @@ mod tests {
         // Needs three slots' worth of bytes: a1 (fee 2), then b0 (3), then a0 (4), which became
         // A's last once a1 was planned.
         // Encoded sizes such that each holds three transfers' worth of bytes.
-        let encoded = (3 * size - (size - transfer(1, 0, 1, 1).bytes.len() as u64)) as usize;
+        // (The largest such size: allocations count at their size classes.)
         let mut big = transfer(4, 0, 10, 1);
+        let mut encoded = (3 * size - (size - big.bytes.len() as u64)) as usize;
         big.bytes.resize(encoded, 0);
+        while held_bytes(&big) > 3 * size {
+            encoded -= 1;
+            big.bytes.truncate(encoded);
+        }
+        assert!(held_bytes(&big) > 2 * size + 10);
         let mut too_cheap = transfer(4, 0, 4, 1);
         too_cheap.bytes.resize(encoded, 0);
         assert_eq!(pool.insert(too_cheap, 0, RICH), Err(Rejection::Full));

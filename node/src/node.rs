@@ -386,7 +386,7 @@ fn governor(config: &Config, chain: &Arc<NodeContext>, sizes: Sizes) -> crate::m
     consumers.push(Consumer {
         name: "mempool",
         budget: budgets.mempool,
-        used: Box::new(move || weak.upgrade().map_or(0, |c| c.mempool().bytes())),
+        used: Box::new(move || weak.upgrade().map_or(0, |c| c.mempool().memory_bytes())),
         resize: None,
     });
     crate::memory::Governor::new(budgets.limit, consumers, chain.memory_pressure().clone())
