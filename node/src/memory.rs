@@ -134,6 +134,19 @@ pub fn allocated_bytes() -> u64 {
     tikv_jemalloc_ctl::stats::allocated::read().map_or(0, |b| b as u64)
 }
 
+/// Bytes the calling thread has allocated less those it has freed (jemalloc's per-thread
+/// `thread.allocated` and `thread.deallocated`, at size classes), from its start; 0 where
+/// jemalloc cannot tell. Differences across some work measure what the work left allocated,
+/// provided it freed nothing another thread allocated.
+pub fn thread_net_allocated() -> i64 {
+    let read = || -> Result<i64, tikv_jemalloc_ctl::Error> {
+        let allocated = tikv_jemalloc_ctl::thread::allocatedp::read()?.get();
+        let freed = tikv_jemalloc_ctl::thread::deallocatedp::read()?.get();
+        Ok(allocated.wrapping_sub(freed) as i64)
+    };
+    read().unwrap_or(0)
+}
+
 /// Bytes of freed blocks jemalloc keeps in its per-thread caches for the next allocations
 /// of those threads (`stats.arenas.<all>.tcache_bytes`), 0 if it cannot tell. jemalloc
 /// counts them as allocated: every thread that allocates (async workers, the executor's

@@ -375,6 +375,14 @@ fn governor(config: &Config, chain: &Arc<NodeContext>, sizes: Sizes) -> crate::m
         used: Box::new(crate::memory::thread_cached_bytes),
         resize: None,
     });
+    // What profiles leave loaded: the symbol cache, until `SYMBOLS_KEPT_FOR` after the last
+    // profile, and pprof's table of CPU samples.
+    consumers.push(Consumer {
+        name: "profiles",
+        budget: 0,
+        used: Box::new(crate::profiling::held_bytes),
+        resize: None,
+    });
     // The fixed footprint of a started node, measured once at the end of its start.
     consumers.push(Consumer {
         name: "base",
@@ -644,7 +652,12 @@ mod tests {
         // per-thread caches: reported, with no share of their own.
         let base = sample(&text, "keel_memory_used_bytes{consumer=\"base\"}");
         sample(&text, "keel_memory_used_bytes{consumer=\"allocator\"}");
-        for consumer in ["base", "allocator"] {
+        // No profile taken: no symbols held.
+        assert_eq!(
+            sample(&text, "keel_memory_used_bytes{consumer=\"profiles\"}"),
+            0.0
+        );
+        for consumer in ["base", "allocator", "profiles"] {
             assert_eq!(
                 sample(
                     &text,

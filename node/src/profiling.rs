@@ -70,6 +70,36 @@ pub const PREFIX: &str = "/debug/pprof";
 /// How long the parsed debug information stays loaded after the last profile.
 pub const SYMBOLS_KEPT_FOR: Duration = Duration::from_secs(600);
 
+/// Bytes profiling holds between profiles ([`held_bytes`]).
+static HELD: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes profiling holds now (the `profiles` memory consumer), 0 before the first profile:
+/// the symbol cache, the parsed debug information of the binary (about 100 MB for a release
+/// build: pprof loads it when a CPU profile starts, symbolizing adds to it), until it is freed
+/// [`SYMBOLS_KEPT_FOR`] after the last profile; and pprof's table of CPU samples (about 20
+/// MB), kept from the first CPU profile on. Measured as the work that loads them runs, with
+/// jemalloc's per-thread counters (0 where jemalloc is not the allocator).
+pub fn held_bytes() -> u64 {
+    HELD.load(Ordering::Relaxed)
+}
+
+/// Adds to [`held_bytes`] what the calling thread allocated since `start` (its
+/// [`thread_net_allocated`](crate::memory::thread_net_allocated) then) and still holds, less
+/// `handed_over` bytes it allocated for others.
+fn note_held(start: i64, handed_over: usize) {
+    let grown = crate::memory::thread_net_allocated()
+        - start
+        - crate::units::allocation_size(handed_over) as i64;
+    if let Ok(grown) = u64::try_from(grown) {
+        HELD.fetch_add(grown, Ordering::Relaxed);
+    }
+}
+
+/// [`note_held`] for work that answers `reply`.
+fn note_symbols_loaded(start: i64, reply: &Result<Reply, ProfileError>) {
+    note_held(start, reply.as_ref().map_or(0, |r| r.body.len()));
+}
+
 /// Bumped by every profile: a delayed free of the symbol cache only happens if no profile
 /// came after the one that scheduled it.
 static SYMBOLS_USED: AtomicU64 = AtomicU64::new(0);
@@ -391,10 +421,14 @@ impl Profiles {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            // Starting loads the symbol cache (pprof resolves a backtrace first, so that its
+            // signal handler never has to) and, the first time, pprof's table of samples.
+            let start = crate::memory::thread_net_allocated();
             let guard = pprof::ProfilerGuardBuilder::default()
                 .frequency(FREQUENCY_HZ)
                 .build()
                 .map_err(|e| ProfileError::Failed(format!("cannot start the CPU profiler: {e}")))?;
+            note_held(start, 0);
             match stopped.recv_timeout(duration) {
                 Err(RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {
@@ -419,7 +453,14 @@ impl Profiles {
                 return Err(shutting_down());
             }
         };
-        let encoded = low_priority(move || encode_cpu(&symbolize(unresolved), format, duration));
+        let encoded = low_priority(move || {
+            let start = crate::memory::thread_net_allocated();
+            let reply = encode_cpu(&symbolize(&unresolved), format, duration);
+            note_symbols_loaded(start, &reply);
+            // Allocated by the sampler's thread: freed after the measurement.
+            drop(unresolved);
+            reply
+        });
         tokio::select! {
             done = encoded => done.and_then(|r| r),
             () = shutdown.cancelled() => Err(shutting_down()),
@@ -436,17 +477,19 @@ impl Profiles {
         let permit = self.heap.clone().try_acquire_owned().map_err(|_| {
             ProfileError::Busy("a heap profile is being written: try again in a moment\n")
         })?;
-        let body = low_priority(move || {
+        low_priority(move || {
             let _permit = permit;
-            heap::dump_pprof()
+            let start = crate::memory::thread_net_allocated();
+            let reply = heap::dump_pprof().map(|body| Reply {
+                content_type: OCTET_STREAM,
+                filename: Some("heap"),
+                body,
+            });
+            note_symbols_loaded(start, &reply);
+            reply
         })
         .await
-        .and_then(|r| r)?;
-        Ok(Reply {
-            content_type: OCTET_STREAM,
-            filename: Some("heap"),
-            body,
-        })
+        .and_then(|r| r)
     }
 }
 
@@ -464,7 +507,17 @@ fn forget_symbols_later(shutdown: &CancellationToken) {
         }
         if SYMBOLS_USED.load(Ordering::Acquire) == generation {
             // Takes backtrace's lock: a profile symbolizing meanwhile just loads it again.
-            let _ = tokio::task::spawn_blocking(backtrace::clear_symbol_cache).await;
+            let _ = tokio::task::spawn_blocking(|| {
+                let start = crate::memory::thread_net_allocated();
+                backtrace::clear_symbol_cache();
+                let freed = start - crate::memory::thread_net_allocated();
+                if let Ok(freed) = u64::try_from(freed) {
+                    let _ = HELD.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                        Some(h.saturating_sub(freed))
+                    });
+                }
+            })
+            .await;
         }
     });
 }
@@ -472,10 +525,10 @@ fn forget_symbols_later(shutdown: &CancellationToken) {
 /// Resolves the samples' addresses to functions, files and lines, each distinct address once
 /// (pprof's own `build` resolves every frame of every stack). What pprof's `Frames::from`
 /// does otherwise: inlined frames of an address innermost first, unresolvable ones dropped.
-fn symbolize(unresolved: pprof::UnresolvedReport) -> pprof::Report {
+fn symbolize(unresolved: &pprof::UnresolvedReport) -> pprof::Report {
     let mut known: HashMap<usize, Vec<pprof::Symbol>> = HashMap::new();
     let mut data: HashMap<pprof::Frames, isize> = HashMap::with_capacity(unresolved.data.len());
-    for (stack, count) in unresolved.data {
+    for (stack, count) in &unresolved.data {
         let mut frames = Vec::with_capacity(stack.frames.len());
         for frame in &stack.frames {
             let symbols = known.entry(frame.ip).or_insert_with(|| resolve(frame.ip));
@@ -490,11 +543,11 @@ fn symbolize(unresolved: pprof::UnresolvedReport) -> pprof::Report {
             thread_id: stack.thread_id,
             sample_timestamp: stack.sample_timestamp,
         };
-        *data.entry(frames).or_insert(0) += count;
+        *data.entry(frames).or_insert(0) += *count;
     }
     pprof::Report {
         data,
-        timing: unresolved.timing,
+        timing: unresolved.timing.clone(),
     }
 }
 

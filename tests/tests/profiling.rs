@@ -30,6 +30,17 @@ fn header<'a>(response: &'a HttpResponse, name: &str) -> &'a str {
 }
 
 /// Submits transfers from the validator's account until `stop`, counting those accepted.
+/// `keel_memory_used_bytes{consumer="profiles"}` of the node whose metrics listen at `addr`.
+fn symbols_held(addr: SocketAddr) -> f64 {
+    let metrics = get(addr, "/metrics");
+    let text = String::from_utf8(metrics.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("keel_memory_used_bytes{consumer=\"profiles\"} "))
+        .unwrap_or_else(|| panic!("no profiles consumer in {text}"))
+        .parse()
+        .unwrap()
+}
+
 fn load(
     node: &TestNode,
     stop: Arc<AtomicBool>,
@@ -75,6 +86,8 @@ fn profiles_of_a_loaded_node_decode_and_the_node_keeps_finalizing() {
         "{index}"
     );
     let frame_pointers = index.contains("frame pointers present");
+    // No symbols are loaded before the first profile.
+    assert_eq!(symbols_held(metrics), 0.0);
 
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
@@ -100,6 +113,12 @@ fn profiles_of_a_loaded_node_decode_and_the_node_keeps_finalizing() {
             cpu.functions
         );
     }
+
+    // The profile left pprof's table of samples (~20 MB) and the symbol cache (the binary's
+    // parsed debug information: ~100 MB with a release build's) loaded: the `profiles`
+    // memory consumer counts them.
+    let held = symbols_held(metrics);
+    assert!(held > 10e6, "profiles consumer: {held}");
 
     let flamegraph = get(metrics, "/debug/pprof/flamegraph?seconds=1");
     assert_eq!(flamegraph.status, 200, "{flamegraph:?}");
