@@ -341,7 +341,8 @@ type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// Serves `GET /metrics` on `config.listen_addr` with the text `render` returns at each
 /// request (HTTP/1.1; any other path gets 404, any other method 405), and with
 /// `config.profiling` the profiles of [`crate::profiling`] under `/debug/pprof/` (starting
-/// jemalloc's heap sampling now). Returns the bound address and the listener's task.
+/// jemalloc's heap sampling now; refused while `memory`, the node's governor, says the node
+/// cannot afford one). Returns the bound address and the listener's task.
 ///
 /// At most 64 connections are served at once (more are closed as soon as they are accepted);
 /// a client has 5 s to send its request head. When `shutdown` is cancelled the listener
@@ -350,9 +351,10 @@ type Render = Arc<dyn Fn() -> String + Send + Sync>;
 pub async fn serve_metrics(
     config: &MetricsConfig,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    memory: Option<Arc<crate::memory::Governor>>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let profiles = Profiles::start(config);
+    let profiles = Profiles::start(config, memory);
     serve_with(config.listen_addr, render, profiles, shutdown, LIMITS).await
 }
 

@@ -151,6 +151,7 @@ impl Node {
         let (metrics_addr, metrics) = crate::metrics::serve_metrics(
             &config.metrics,
             Arc::new(move || crate::metrics::render(&registry)),
+            Some(governor.clone()),
             tasks.token(),
         )
         .await?;
@@ -376,12 +377,12 @@ fn governor(config: &Config, chain: &Arc<NodeContext>, sizes: Sizes) -> crate::m
         resize: None,
     });
     // What profiles leave loaded: the symbol cache, until `SYMBOLS_KEPT_FOR` after the last
-    // profile, and pprof's table of CPU samples.
+    // profile or until pressure changes (freed then), and pprof's table of CPU samples.
     consumers.push(Consumer {
         name: "profiles",
         budget: 0,
         used: Box::new(crate::profiling::held_bytes),
-        resize: None,
+        resize: Some(Box::new(|_| crate::profiling::forget_symbols())),
     });
     // The fixed footprint of a started node, measured once at the end of its start.
     consumers.push(Consumer {

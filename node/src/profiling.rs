@@ -271,14 +271,29 @@ pub struct Profiles {
     heap_sampling: Result<u64, String>,
     /// Whether this binary keeps frame pointers (`None`: cannot tell on this platform).
     frame_pointers: Option<bool>,
+    /// The node's memory governor: profiles are refused when they would bring pressure.
+    memory: Option<Arc<crate::memory::Governor>>,
 }
+
+/// What a first profile loads, for the memory check before one (the symbol cache and pprof's
+/// table: 123.6 MB after a first CPU profile of a release build, 135.4 MB with a heap profile,
+/// docs/profiling.md), rounded up.
+pub const FIRST_PROFILE_BYTES: u64 = 160 << 20;
 
 impl Profiles {
     /// `None` when `config.profiling` is off. Otherwise switches jemalloc's heap sampling on
     /// at `config.heap_sample_bytes` (discarding what was sampled before), checks for frame
     /// pointers, and logs what is served; a part that cannot work here (heap profiles without
     /// a profiling jemalloc) is logged and answered 503, the rest is served.
-    pub fn start(config: &MetricsConfig) -> Option<Arc<Profiles>> {
+    ///
+    /// With `memory` (the node's governor), a profile is refused (503) while the node is under
+    /// memory pressure, or when what a first profile loads ([`FIRST_PROFILE_BYTES`], unless
+    /// the symbols are loaded already) would take the process's resident memory past the
+    /// soft-pressure threshold of `memory.limit`.
+    pub fn start(
+        config: &MetricsConfig,
+        memory: Option<Arc<crate::memory::Governor>>,
+    ) -> Option<Arc<Profiles>> {
         if !config.profiling {
             return None;
         }
@@ -291,7 +306,8 @@ impl Profiles {
             ),
             Err(e) => warn!("heap profiles unavailable: {e}"),
         }
-        let profiles = Profiles::new(heap_sampling);
+        let mut profiles = Profiles::new(heap_sampling);
+        profiles.memory = memory;
         if profiles.frame_pointers == Some(false) {
             warn!(
                 "this keel binary was built without frame pointers: CPU profiles will have \
@@ -309,7 +325,42 @@ impl Profiles {
             heap: Arc::new(Semaphore::new(1)),
             heap_sampling,
             frame_pointers: frame_pointers::present(),
+            memory: None,
         }
+    }
+
+    /// Refuses a profile the node cannot afford now: see [`Profiles::start`].
+    fn check_memory(&self) -> Result<(), ProfileError> {
+        let Some(governor) = &self.memory else {
+            return Ok(());
+        };
+        let level = governor.pressure().level();
+        if level > 0 {
+            return Err(ProfileError::Unavailable(format!(
+                "the node is under memory pressure (keel_memory_pressure {level}): a profile \
+                 would add to it; try again when the pressure is 0\n"
+            )));
+        }
+        let limit = governor.limit();
+        let need = if held_bytes() >= FIRST_PROFILE_BYTES / 2 {
+            0
+        } else {
+            FIRST_PROFILE_BYTES
+        };
+        let resident = crate::memory::process_resident_bytes();
+        let ceiling = limit / 100 * crate::memory::SOFT_PERCENT;
+        if limit > 0 && resident.saturating_add(need) > ceiling {
+            return Err(ProfileError::Unavailable(format!(
+                "a first profile loads about {} MiB (symbols and pprof's table): with {} MiB \
+                 resident that would pass {}% of memory.limit ({} MiB) and shrink the caches; \
+                 raise the limit to profile this node\n",
+                need >> 20,
+                resident >> 20,
+                crate::memory::SOFT_PERCENT,
+                limit >> 20
+            )));
+        }
+        Ok(())
     }
 
     /// Answers a request for a path under [`PREFIX`]: the profile, or a plain-text error
@@ -347,6 +398,7 @@ impl Profiles {
                 body: Bytes::from(self.index()),
             }),
             ProfileRequest::Cpu { seconds, format } => {
+                self.check_memory()?;
                 let reply = self
                     .cpu_profile(Duration::from_secs(seconds), format, shutdown)
                     .await;
@@ -354,6 +406,7 @@ impl Profiles {
                 reply
             }
             ProfileRequest::Heap => {
+                self.check_memory()?;
                 let reply = self.heap_profile().await;
                 forget_symbols_later(shutdown);
                 reply
@@ -424,11 +477,13 @@ impl Profiles {
             // Starting loads the symbol cache (pprof resolves a backtrace first, so that its
             // signal handler never has to) and, the first time, pprof's table of samples.
             let start = crate::memory::thread_net_allocated();
+            let cpu = thread_cpu_time();
             let guard = pprof::ProfilerGuardBuilder::default()
                 .frequency(FREQUENCY_HZ)
                 .build()
                 .map_err(|e| ProfileError::Failed(format!("cannot start the CPU profiler: {e}")))?;
             note_held(start, 0);
+            let starting = thread_cpu_time().saturating_sub(cpu);
             match stopped.recv_timeout(duration) {
                 Err(RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {
@@ -443,9 +498,9 @@ impl Profiles {
                 .build_unresolved()
                 .map_err(|e| ProfileError::Failed(format!("cannot read the CPU profile: {e}")))?;
             drop(guard);
-            Ok(unresolved)
+            Ok((unresolved, starting))
         });
-        let unresolved = tokio::select! {
+        let (unresolved, starting) = tokio::select! {
             joined = task => flatten(joined)?,
             () = shutdown.cancelled() => {
                 // The sampler stops within a moment; its thread ends by itself.
@@ -455,10 +510,19 @@ impl Profiles {
         };
         let encoded = low_priority(move || {
             let start = crate::memory::thread_net_allocated();
+            let cpu = thread_cpu_time();
             let reply = encode_cpu(&symbolize(&unresolved), format, duration);
             note_symbols_loaded(start, &reply);
             // Allocated by the sampler's thread: freed after the measurement.
             drop(unresolved);
+            // What the profile cost besides its sampler, for operators (docs/profiling.md).
+            info!(
+                seconds = duration.as_secs(),
+                start_cpu_ms = starting.as_millis() as u64,
+                symbolize_cpu_ms = thread_cpu_time().saturating_sub(cpu).as_millis() as u64,
+                held_mib = held_bytes() >> 20,
+                "CPU profile taken"
+            );
             reply
         });
         tokio::select! {
@@ -480,12 +544,18 @@ impl Profiles {
         low_priority(move || {
             let _permit = permit;
             let start = crate::memory::thread_net_allocated();
+            let cpu = thread_cpu_time();
             let reply = heap::dump_pprof().map(|body| Reply {
                 content_type: OCTET_STREAM,
                 filename: Some("heap"),
                 body,
             });
             note_symbols_loaded(start, &reply);
+            info!(
+                cpu_ms = thread_cpu_time().saturating_sub(cpu).as_millis() as u64,
+                held_mib = held_bytes() >> 20,
+                "heap profile taken"
+            );
             reply
         })
         .await
@@ -507,19 +577,24 @@ fn forget_symbols_later(shutdown: &CancellationToken) {
         }
         if SYMBOLS_USED.load(Ordering::Acquire) == generation {
             // Takes backtrace's lock: a profile symbolizing meanwhile just loads it again.
-            let _ = tokio::task::spawn_blocking(|| {
-                let start = crate::memory::thread_net_allocated();
-                backtrace::clear_symbol_cache();
-                let freed = start - crate::memory::thread_net_allocated();
-                if let Ok(freed) = u64::try_from(freed) {
-                    let _ = HELD.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
-                        Some(h.saturating_sub(freed))
-                    });
-                }
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(forget_symbols).await;
         }
     });
+}
+
+/// Frees the symbol cache now and takes what that gave back off [`held_bytes`]. The memory
+/// governor calls it whenever pressure changes (the `profiles` consumer's resize), so a
+/// profile's symbols never keep a node under pressure; a profile symbolizing meanwhile loads
+/// them again (it takes backtrace's lock).
+pub fn forget_symbols() {
+    let start = crate::memory::thread_net_allocated();
+    backtrace::clear_symbol_cache();
+    let freed = start - crate::memory::thread_net_allocated();
+    if let Ok(freed) = u64::try_from(freed) {
+        let _ = HELD.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+            Some(h.saturating_sub(freed))
+        });
+    }
 }
 
 /// Resolves the samples' addresses to functions, files and lines, each distinct address once
@@ -593,6 +668,27 @@ async fn low_priority<T: Send + 'static>(
         error!("the thread symbolizing a profile stopped without an answer");
         ProfileError::Failed("the profile could not be taken: internal error (logged)\n".into())
     })
+}
+
+/// CPU time the calling thread has used (Linux: `CLOCK_THREAD_CPUTIME_ID`; zero elsewhere or
+/// on failure).
+#[allow(unsafe_code)]
+fn thread_cpu_time() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock_gettime` writes one `timespec` through the valid pointer given.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0 {
+            return Duration::new(
+                u64::try_from(now.tv_sec).unwrap_or(0),
+                u32::try_from(now.tv_nsec).unwrap_or(0),
+            );
+        }
+    }
+    Duration::ZERO
 }
 
 /// Sets the calling thread's nice value to 19 (Linux: per thread). Failure leaves it as is.
@@ -1088,6 +1184,60 @@ mod tests {
 
     /// Every CPU-profile check in one test: the sampler is process-wide, so two tests taking
     /// profiles at once would refuse each other.
+    #[tokio::test]
+    async fn profiles_are_refused_under_memory_pressure_or_when_the_limit_cannot_take_one() {
+        use crate::memory::{Governor, Pressure};
+        let shutdown = CancellationToken::new();
+        let answer = |profiles: Arc<Profiles>, path: &'static str| {
+            let shutdown = shutdown.clone();
+            async move {
+                let response = profiles
+                    .respond(&Method::GET, path, Some("seconds=1"), &shutdown)
+                    .await;
+                let status = response.status();
+                (
+                    status,
+                    String::from_utf8_lossy(&body_bytes(response).await).into_owned(),
+                )
+            }
+        };
+        let with = |limit: u64, pressure: Arc<Pressure>| {
+            let mut profiles = Profiles::new(Err("not in this test".to_string()));
+            profiles.memory = Some(Arc::new(Governor::new(limit, Vec::new(), pressure)));
+            Arc::new(profiles)
+        };
+
+        // Under pressure: refused before anything is loaded or sampled.
+        let pressure = Arc::new(Pressure::default());
+        pressure.set(1);
+        let profiles = with(1 << 40, pressure.clone());
+        for path in ["/debug/pprof/profile", "/debug/pprof/heap"] {
+            let (status, text) = answer(profiles.clone(), path).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+            assert!(
+                text.contains("under memory pressure (keel_memory_pressure 1)"),
+                "{text}"
+            );
+        }
+
+        // A limit that cannot take what a first profile loads on top of what is resident.
+        let resident = crate::memory::process_resident_bytes();
+        let tight = (resident + FIRST_PROFILE_BYTES / 2) / 85 * 100;
+        let (status, text) = answer(with(tight, Arc::default()), "/debug/pprof/heap").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+        assert!(
+            text.contains("a first profile loads about 160 MiB"),
+            "{text}"
+        );
+
+        // Room enough: the check passes (the heap profile is then unavailable in this
+        // process for its own reason).
+        let roomy = (resident + 2 * FIRST_PROFILE_BYTES) / 85 * 100;
+        let (status, text) = answer(with(roomy, Arc::default()), "/debug/pprof/heap").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+        assert!(text.contains("not in this test"), "{text}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cpu_profiles_are_pprof_or_svg_and_one_at_a_time() {
         let _sampler = lock_sampler_for_test().await;
