@@ -510,16 +510,13 @@ impl Host {
         let txs: Vec<_> = if req.empty {
             Vec::new()
         } else {
+            // Passed over inside the pool rather than selected and dropped here: a loaded
+            // pool holds the branch's transactions too (until they are final), and cloning
+            // them only to drop them cost as much memory as the block itself, twice.
             let exclude = self.ledger.branch_tx_hashes(&req.parent_hash);
-            let selected = self.chain.mempool().select(
-                limits.max_txs.saturating_add(exclude.len()),
-                limits.max_bytes,
-            );
-            selected
-                .into_iter()
-                .filter(|t| !exclude.contains(&t.hash))
-                .take(limits.max_txs)
-                .collect()
+            self.chain
+                .mempool()
+                .select_excluding(limits.max_txs, limits.max_bytes, &exclude)
         };
         let template = BlockTemplate::from(&req);
         let started = std::time::Instant::now();

@@ -378,6 +378,19 @@ impl Mempool {
     /// it (see the module doc). A sender whose next transaction does not fit in the bytes left
     /// contributes nothing more. Deterministic: the same pool gives the same list.
     pub fn select(&self, max_txs: usize, max_bytes: usize) -> Vec<Transaction> {
+        self.select_excluding(max_txs, max_bytes, &std::collections::HashSet::new())
+    }
+
+    /// [`Mempool::select`] passing over the transactions in `exclude` (those a block on the
+    /// branch being extended already holds): they are neither returned nor counted against
+    /// the limits, and their senders' next transactions stay candidates. Only what is
+    /// returned is cloned.
+    pub fn select_excluding(
+        &self,
+        max_txs: usize,
+        max_bytes: usize,
+        exclude: &std::collections::HashSet<Hash>,
+    ) -> Vec<Transaction> {
         let mut heap: BinaryHeap<Candidate> = self
             .senders
             .iter()
@@ -400,14 +413,16 @@ impl Mempool {
             let Some(entry) = queue.txs.get(&candidate.nonce) else {
                 continue;
             };
-            let Some(total) = used
-                .checked_add(entry.tx.bytes.len())
-                .filter(|t| *t <= max_bytes)
-            else {
-                continue;
-            };
-            used = total;
-            selected.push(entry.tx.clone());
+            if !exclude.contains(&entry.tx.hash) {
+                let Some(total) = used
+                    .checked_add(entry.tx.bytes.len())
+                    .filter(|t| *t <= max_bytes)
+                else {
+                    continue;
+                };
+                used = total;
+                selected.push(entry.tx.clone());
+            }
             let next = candidate
                 .nonce
                 .checked_add(1)
@@ -961,6 +976,38 @@ mod tests {
             Err(Rejection::Full)
         );
         pool2.check_invariants();
+    }
+
+    #[test]
+    fn selection_passes_over_excluded_transactions_without_counting_them() {
+        let mut pool = new_pool(100);
+        let a: Vec<Transaction> = (0..3).map(|n| transfer(1, n, 5, 1)).collect();
+        let b0 = transfer(2, 0, 3, 1);
+        for tx in a.iter().chain([&b0]) {
+            pool.insert(tx.clone(), 0, RICH).unwrap();
+        }
+        // A's first two are on the branch: A's third is next in line, then B's.
+        let exclude: std::collections::HashSet<Hash> = [a[0].hash, a[1].hash].into();
+        assert_eq!(
+            hashes(&pool.select_excluding(10, usize::MAX, &exclude)),
+            vec![a[2].hash, b0.hash]
+        );
+        // Excluded transactions take none of the limits.
+        let one = a[2].bytes.len();
+        assert_eq!(
+            hashes(&pool.select_excluding(1, usize::MAX, &exclude)),
+            vec![a[2].hash]
+        );
+        assert_eq!(
+            hashes(&pool.select_excluding(10, one, &exclude)),
+            vec![a[2].hash]
+        );
+        // Without exclusions it is `select`.
+        let none = std::collections::HashSet::new();
+        assert_eq!(
+            pool.select_excluding(10, usize::MAX, &none),
+            pool.select(10, usize::MAX)
+        );
     }
 
     #[test]
