@@ -349,7 +349,7 @@ impl Profiles {
         };
         let resident = crate::memory::process_resident_bytes();
         let ceiling = limit / 100 * crate::memory::SOFT_PERCENT;
-        if limit > 0 && resident.saturating_add(need) > ceiling {
+        if need > 0 && limit > 0 && resident.saturating_add(need) > ceiling {
             return Err(ProfileError::Unavailable(format!(
                 "a first profile loads about {} MiB (symbols and pprof's table): with {} MiB \
                  resident that would pass {}% of memory.limit ({} MiB) and shrink the caches; \
