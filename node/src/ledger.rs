@@ -923,13 +923,10 @@ fn transactions_bytes(txs: &[Transaction]) -> u64 {
 
 /// Bytes a block's write holds while it lasts: the records staged for it (each key and value
 /// an allocation of its own, in a list of operations) and the engine's batch, one buffer with
-/// a copy of those records and of the block's staged state (`layer`), a few bytes of framing
-/// per record.
+/// a copy of those records and of the block's staged state (`layer`).
 fn commit_bytes(batch: &WriteBatch, layer: &Layer) -> u64 {
-    const FRAMING: usize = 8;
     let staged = batch.size_bytes() + batch.len() * (std::mem::size_of::<keel_storage::Op>() + 32);
-    let engine = batch.size_bytes() + layer.op_bytes() + (batch.len() + layer.len()) * FRAMING;
-    allocation_size(staged + engine) as u64
+    (allocation_size(staged) + allocation_size(batch.serialized_bytes(Some(layer)))) as u64
 }
 
 #[cfg(test)]

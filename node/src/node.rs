@@ -381,7 +381,7 @@ fn governor(config: &Config, chain: &Arc<NodeContext>, sizes: Sizes) -> crate::m
     consumers.push(Consumer {
         name: "profiles",
         budget: 0,
-        used: Box::new(crate::profiling::held_bytes),
+        used: Box::new(crate::profiling::loaded_bytes),
         resize: Some(Box::new(|_| crate::profiling::forget_symbols())),
     });
     // The fixed footprint of a started node, measured once at the end of its start.

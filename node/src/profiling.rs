@@ -70,7 +70,7 @@ pub const PREFIX: &str = "/debug/pprof";
 /// How long the parsed debug information stays loaded after the last profile.
 pub const SYMBOLS_KEPT_FOR: Duration = Duration::from_secs(600);
 
-/// Bytes profiling holds between profiles ([`held_bytes`]).
+/// Bytes profiling holds between profiles ([`loaded_bytes`]).
 static HELD: AtomicU64 = AtomicU64::new(0);
 
 /// Bytes profiling holds now (the `profiles` memory consumer), 0 before the first profile:
@@ -79,11 +79,11 @@ static HELD: AtomicU64 = AtomicU64::new(0);
 /// [`SYMBOLS_KEPT_FOR`] after the last profile; and pprof's table of CPU samples (about 20
 /// MB), kept from the first CPU profile on. Measured as the work that loads them runs, with
 /// jemalloc's per-thread counters (0 where jemalloc is not the allocator).
-pub fn held_bytes() -> u64 {
+pub fn loaded_bytes() -> u64 {
     HELD.load(Ordering::Relaxed)
 }
 
-/// Adds to [`held_bytes`] what the calling thread allocated since `start` (its
+/// Adds to [`loaded_bytes`] what the calling thread allocated since `start` (its
 /// [`thread_net_allocated`](crate::memory::thread_net_allocated) then) and still holds, less
 /// `handed_over` bytes it allocated for others.
 fn note_held(start: i64, handed_over: usize) {
@@ -342,7 +342,7 @@ impl Profiles {
             )));
         }
         let limit = governor.limit();
-        let need = if held_bytes() >= FIRST_PROFILE_BYTES / 2 {
+        let need = if loaded_bytes() >= FIRST_PROFILE_BYTES / 2 {
             0
         } else {
             FIRST_PROFILE_BYTES
@@ -520,7 +520,7 @@ impl Profiles {
                 seconds = duration.as_secs(),
                 start_cpu_ms = starting.as_millis() as u64,
                 symbolize_cpu_ms = thread_cpu_time().saturating_sub(cpu).as_millis() as u64,
-                held_mib = held_bytes() >> 20,
+                held_mib = loaded_bytes() >> 20,
                 "CPU profile taken"
             );
             reply
@@ -553,7 +553,7 @@ impl Profiles {
             note_symbols_loaded(start, &reply);
             info!(
                 cpu_ms = thread_cpu_time().saturating_sub(cpu).as_millis() as u64,
-                held_mib = held_bytes() >> 20,
+                held_mib = loaded_bytes() >> 20,
                 "heap profile taken"
             );
             reply
@@ -582,7 +582,7 @@ fn forget_symbols_later(shutdown: &CancellationToken) {
     });
 }
 
-/// Frees the symbol cache now and takes what that gave back off [`held_bytes`]. The memory
+/// Frees the symbol cache now and takes what that gave back off [`loaded_bytes`]. The memory
 /// governor calls it whenever pressure changes (the `profiles` consumer's resize), so a
 /// profile's symbols never keep a node under pressure; a profile symbolizing meanwhile loads
 /// them again (it takes backtrace's lock).

@@ -188,6 +188,26 @@ impl WriteBatch {
         self.bytes
     }
 
+    /// At most the bytes of the engine's serialized batch of these operations preceded by
+    /// `layer`'s (RocksDB's write batch format: a 12-byte header, and per record its key and
+    /// value with a tag, the column family id and the two lengths as varints). What the
+    /// engine reserves for one write, and what it holds while the write lasts.
+    pub fn serialized_bytes(&self, layer: Option<&crate::Layer>) -> usize {
+        /// The header: sequence number and count.
+        const HEADER: usize = 12;
+        /// A tag and three varints of at most 5 bytes.
+        const RECORD_OVERHEAD: usize = 1 + 5 + 5 + 5;
+        let (layer_bytes, layer_ops) = layer.map_or((0, 0), |l| (l.op_bytes(), l.len()));
+        self.bytes
+            .saturating_add(layer_bytes)
+            .saturating_add(
+                self.len()
+                    .saturating_add(layer_ops)
+                    .saturating_mul(RECORD_OVERHEAD),
+            )
+            .saturating_add(HEADER)
+    }
+
     /// Appends all operations of `other`.
     pub fn extend(&mut self, other: WriteBatch) {
         self.bytes = self.bytes.saturating_add(other.bytes);

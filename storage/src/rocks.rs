@@ -290,18 +290,7 @@ impl RocksStore {
         let sync = batch.sync();
         // Reserved up front: a block's batch is ~20 MB, and growing RocksDB's buffer by
         // appending copied it over and over (a quarter of the write's time).
-        let (layer_bytes, layer_ops) = layer.map_or((0, 0), |l| (l.op_bytes(), l.len()));
-        let reserve = batch
-            .size_bytes()
-            .saturating_add(layer_bytes)
-            .saturating_add(
-                batch
-                    .len()
-                    .saturating_add(layer_ops)
-                    .saturating_mul(RECORD_OVERHEAD),
-            )
-            .saturating_add(WRITE_BATCH_HEADER);
-        let mut rb = rocksdb::WriteBatch::with_capacity_bytes(reserve);
+        let mut rb = rocksdb::WriteBatch::with_capacity_bytes(batch.serialized_bytes(layer));
         let mut failed = None;
         if let Some(layer) = layer {
             layer.for_each_op(|op| {
@@ -423,12 +412,6 @@ impl<'s> Handles<'s> {
         Ok(h)
     }
 }
-
-/// Bytes of RocksDB's write batch header (sequence number and count).
-const WRITE_BATCH_HEADER: usize = 12;
-/// Upper bound of the bytes RocksDB adds to one operation in a write batch: a tag, the column
-/// family id and the two lengths, as varints.
-const RECORD_OVERHEAD: usize = 1 + 5 + 5 + 5;
 
 fn column_options(cache: &Cache, compression: Compression, write_buffer_size: usize) -> Options {
     let mut table = BlockBasedOptions::default();
@@ -727,6 +710,43 @@ mod tests {
             .get(section)
             .and_then(|s| s.get(key))
             .unwrap_or_else(|| panic!("no {key} in [{section}]"))
+    }
+
+    #[test]
+    fn serialized_bytes_bound_rocksdbs_batch_of_the_same_records() {
+        let mut staged = WriteBatch::new();
+        for i in 0..500u32 {
+            staged.put(Column::StateNodes, i.to_be_bytes().repeat(9), vec![7u8; 90]);
+        }
+        staged.delete(Column::StateNodes, b"gone".to_vec());
+        let layer = crate::Layer::from_batch(&staged);
+        let mut batch = WriteBatch::new();
+        batch.put(Column::Bodies, b"block".to_vec(), vec![1u8; 5_000]);
+        let mut rb = rocksdb::WriteBatch::default();
+        for (k, v) in staged
+            .ops()
+            .iter()
+            .chain(batch.ops())
+            .filter_map(|op| match op {
+                crate::Op::Put(_, k, v) => Some((k, v)),
+                _ => None,
+            })
+        {
+            rb.put(k, v);
+        }
+        rb.delete(b"gone");
+        let bound = batch.serialized_bytes(Some(&layer));
+        assert!(
+            rb.size_in_bytes() <= bound,
+            "{} > {bound}",
+            rb.size_in_bytes()
+        );
+        // Not far above: the framing is a few bytes per record.
+        assert!(
+            bound < rb.size_in_bytes() + 502 * 16,
+            "{bound} vs {}",
+            rb.size_in_bytes()
+        );
     }
 
     #[test]
