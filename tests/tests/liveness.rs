@@ -93,10 +93,32 @@ struct Recovery {
     per_minute: [u64; 3],
 }
 
+/// How recovery is judged: the block rate over windows of `window_blocks` block times is at
+/// least `share` of the rate before the kill, in every window for `hold_windows` windows.
+struct Criterion {
+    window_blocks: f64,
+    hold_windows: f64,
+    share: f64,
+}
+
+/// The measurement's criterion: 20 block times (one lost block is within 90% of them), held
+/// for three windows.
+const MEASURED: Criterion = Criterion {
+    window_blocks: 20.0,
+    hold_windows: 3.0,
+    share: 0.9,
+};
+
 /// Runs four validators at `block_time_ms`, measures the rate for `before` seconds, kills
 /// one, and samples `after` seconds more. `minute` is the length of the per-minute stretches
 /// (60 s in the measurement, shorter in the short test).
-fn measure(block_time_ms: u64, before: f64, after: f64, minute: f64) -> Recovery {
+fn measure(
+    block_time_ms: u64,
+    before: f64,
+    after: f64,
+    minute: f64,
+    criterion: &Criterion,
+) -> Recovery {
     let dir = tempfile::Builder::new()
         .prefix("keel-liveness-")
         .tempdir()
@@ -144,11 +166,16 @@ fn measure(block_time_ms: u64, before: f64, after: f64, minute: f64) -> Recovery
             t += 2.0;
         }
     }
-    // A window of 20 block times: 90% of it is 18 blocks, so one lost block is within it.
-    let window = 20.0 * block_time_ms as f64 / 1000.0;
+    let window = criterion.window_blocks * block_time_ms as f64 / 1000.0;
     Recovery {
         rate_before,
-        seconds: samples.recovery(kill, window, 3.0 * window, rate_before, 0.9),
+        seconds: samples.recovery(
+            kill,
+            window,
+            criterion.hold_windows * window,
+            rate_before,
+            criterion.share,
+        ),
         per_minute: [
             samples.blocks(kill - minute, kill),
             samples.blocks(kill, kill + minute),
@@ -157,11 +184,14 @@ fn measure(block_time_ms: u64, before: f64, after: f64, minute: f64) -> Recovery
     }
 }
 
-fn report(block_time_ms: u64, minute: f64, r: &Recovery) {
+fn report(block_time_ms: u64, minute: f64, criterion: &Criterion, r: &Recovery) {
     eprintln!(
-        "block_time_ms = {block_time_ms}: {:.2} blocks/s before the kill; back to 90% after {}; \
-         blocks per {minute:.0} s: {} before, {} after the kill, {} in the next",
+        "block_time_ms = {block_time_ms}: {:.2} blocks/s before the kill; back to {:.0}% \
+         (windows of {} block times) after {}; blocks per {minute:.0} s: {} before, {} after \
+         the kill, {} in the next",
         r.rate_before,
+        criterion.share * 100.0,
+        criterion.window_blocks,
         r.seconds
             .map_or("never".to_string(), |s| format!("{s:.1} s")),
         r.per_minute[0],
@@ -170,19 +200,33 @@ fn report(block_time_ms: u64, minute: f64, r: &Recovery) {
     );
 }
 
-/// One of four validator processes dies: the other three are back to 90% of their block
-/// rate within seconds (here at 300 ms blocks; the bound is loose for a shared test machine,
-/// the figure for 1 s blocks is measured by the ignored test below).
+/// One of four validator processes dies: the other three are back to most of their block
+/// rate within seconds (here at 300 ms blocks; the figure for 1 s blocks, at 90% over 20
+/// block times, is measured by the ignored test below).
+///
+/// The bound is looser than the measurement's, because at 300 ms blocks a round led by the
+/// dead validator costs `keel testnet`'s 1 s timeout floor, about four blocks: reputation
+/// draws it again now and then (weight 10 against 1000 once its failure leaves the window,
+/// about one round in 300, so about once in 45 s), and one such round in a window of 20
+/// block times is 80% of it. CI failed the 90%-of-20 version with 46 and 47 blocks of 50 in
+/// the two 15 s stretches after the kill. Windows of 30 block times at 80%, held for two,
+/// absorb one such round and still fail the pace before the liveness work (15 blocks in
+/// the minute after a kill, a quarter of it).
 #[test]
 fn killing_one_of_four_validators_costs_seconds_of_pace() {
-    let r = measure(300, 15.0, 45.0, 15.0);
-    report(300, 15.0, &r);
+    let criterion = Criterion {
+        window_blocks: 30.0,
+        hold_windows: 2.0,
+        share: 0.8,
+    };
+    let r = measure(300, 15.0, 45.0, 15.0, &criterion);
+    report(300, 15.0, &criterion, &r);
     assert!(
         r.rate_before > 1.0,
         "too slow to measure: {:.2}/s",
         r.rate_before
     );
-    let seconds = r.seconds.expect("the block rate never came back to 90%");
+    let seconds = r.seconds.expect("the block rate never came back to 80%");
     assert!(seconds <= 20.0, "{seconds:.1} s of reduced pace");
 }
 
@@ -190,8 +234,8 @@ fn killing_one_of_four_validators_costs_seconds_of_pace() {
 #[test]
 #[ignore = "takes 4 minutes: run with --ignored --nocapture"]
 fn recovery_after_killing_one_of_four_validators_at_one_second_blocks() {
-    let r = measure(1_000, 60.0, 120.0, 60.0);
-    report(1_000, 60.0, &r);
+    let r = measure(1_000, 60.0, 120.0, 60.0, &MEASURED);
+    report(1_000, 60.0, &MEASURED, &r);
     let seconds = r.seconds.expect("the block rate never came back to 90%");
     assert!(seconds <= 10.0, "{seconds:.1} s of reduced pace");
 }
