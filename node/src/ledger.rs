@@ -189,6 +189,17 @@ struct Pending {
     bytes: u64,
 }
 
+/// Bytes a list of `receipts` with room for `capacity` holds, at the allocator's size classes.
+fn receipts_bytes(capacity: usize, receipts: &[Receipt]) -> u64 {
+    receipts.iter().fold(
+        allocation_size(capacity * std::mem::size_of::<Receipt>()) as u64,
+        |sum, r| {
+            let error = r.error.as_ref().map_or(0, String::capacity);
+            sum.saturating_add(allocation_size(error) as u64)
+        },
+    )
+}
+
 impl Pending {
     fn new(block: Block, tx_hashes: Vec<Hash>, executed: Executed) -> Self {
         let Executed {
@@ -222,13 +233,7 @@ impl Pending {
             allocation_size(self.block.txs.capacity() * size_of::<Vec<u8>>()) as u64,
             |sum, tx| sum.saturating_add(allocation_size(tx.capacity()) as u64),
         );
-        let receipts = self.receipts.iter().fold(
-            allocation_size(self.receipts.capacity() * size_of::<Receipt>()) as u64,
-            |sum, r| {
-                let error = r.error.as_ref().map_or(0, String::capacity);
-                sum.saturating_add(allocation_size(error) as u64)
-            },
-        );
+        let receipts = receipts_bytes(self.receipts.capacity(), &self.receipts);
         let lists = allocation_size(self.new_nonces.capacity() * size_of::<(Address, u64)>())
             + allocation_size(self.tx_hashes.capacity() * size_of::<Hash>());
         (allocation_size(size_of::<Block>()) + lists) as u64
@@ -441,6 +446,7 @@ impl Ledger {
             evidence: evidence.clone(),
         };
         let executed = self.execute(layers, &env, &txs)?;
+        self.set_in_flight(self.in_flight.saturating_add(executed.memory_bytes()));
         let tx_hashes: Vec<Hash> = txs.iter().map(|t| t.hash).collect();
         let mut block = Block {
             header: Header {
@@ -561,6 +567,7 @@ impl Ledger {
             evidence: block.evidence.clone(),
         };
         let executed = self.execute(layers, &env, &txs)?;
+        self.set_in_flight(self.in_flight.saturating_add(executed.memory_bytes()));
         if executed.outcome.state_root != header.state_root {
             return Err(LedgerError::Invalid(format!(
                 "state root {}, execution gives {}",
@@ -871,6 +878,9 @@ impl Ledger {
     ) -> Result<Executed, LedgerError> {
         let state = self.state_over(layers);
         let execution = state.execute(env, txs)?;
+        // What the execution holds counts while it is staged; the staged batch and the new
+        // nodes count from when the caller has them until the block is kept.
+        let _staging = Counted::new(&self.pending_bytes, execution.memory_bytes());
         let mut batch = WriteBatch::new();
         let (outcome, fresh) = state.stage_fresh(execution, &mut batch)?;
         Ok(Executed {
@@ -888,6 +898,42 @@ struct Executed {
     batch: WriteBatch,
     /// Its upper tree levels, for the node cache once the block is final.
     fresh: FreshNodes,
+}
+
+impl Executed {
+    /// Estimated bytes it holds until it is kept: the receipts and changed accounts, the
+    /// staged batch and the new upper tree nodes.
+    fn memory_bytes(&self) -> u64 {
+        let changed = allocation_size(
+            self.outcome.changed.capacity() * std::mem::size_of::<(Address, Account)>(),
+        ) as u64;
+        receipts_bytes(self.outcome.receipts.capacity(), &self.outcome.receipts)
+            .saturating_add(changed)
+            .saturating_add(self.batch.memory_bytes())
+            .saturating_add(self.fresh.memory_bytes())
+    }
+}
+
+/// Bytes added to a memory figure for as long as this lives.
+struct Counted<'a> {
+    figure: &'a std::sync::atomic::AtomicU64,
+    bytes: u64,
+}
+
+impl<'a> Counted<'a> {
+    fn new(figure: &'a std::sync::atomic::AtomicU64, bytes: u64) -> Counted<'a> {
+        figure.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        Counted { figure, bytes }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .figure
+            .fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(self.bytes)));
+    }
 }
 
 /// The long-lived state (final-tip executions, cached) or a throw-away one over an overlay.
@@ -1372,7 +1418,8 @@ pub(crate) mod tests {
     }
 
     /// The `blocks` memory figure counts the block in flight while it lasts: its
-    /// transactions while it executes, its records and the engine's batch while it is
+    /// transactions while it executes, then also what the execution holds (receipts, staged
+    /// state, new nodes) until it is kept, its records and the engine's batch while it is
     /// written; afterwards only the pending blocks.
     #[test]
     fn the_pending_figure_counts_the_block_in_flight() {
@@ -1392,10 +1439,22 @@ pub(crate) mod tests {
         let txs = vec![transfer(1, 3, 1, 5), transfer(2, 2, 1, 5)];
         let executing = transactions_bytes(&txs);
         assert!(executing >= 2 * 160);
+        recording.writes.lock().unwrap().clear();
         let b4 = build(&mut app, &b3, 4, txs);
         let during = recording.seen.lock().unwrap().clone();
-        assert!(!during.is_empty());
-        assert!(during.iter().all(|s| *s == kept + executing), "{during:?}");
+        // Any node reads of the execution (here the pending blocks and the cache hold every
+        // node it needs), then the write of the executed block's record.
+        assert_eq!(
+            recording.writes.lock().unwrap().len(),
+            1,
+            "one record written"
+        );
+        let (writing, reads) = during.split_last().unwrap();
+        assert!(reads.iter().all(|s| *s >= kept + executing), "{during:?}");
+        // Until it is kept, the executed block's receipts, staged state and new nodes count
+        // too: at least its staged state's keys and values.
+        let staged4 = app.pending[&b4.hash()].layer.op_bytes() as u64;
+        assert!(*writing >= kept + executing + staged4, "{during:?}");
         let kept: u64 = app.pending.values().map(|p| p.bytes).sum();
         assert_eq!(read(&figure), kept);
 
@@ -1414,6 +1473,24 @@ pub(crate) mod tests {
         assert_eq!(app.pending.len(), 2);
         assert_eq!(read(&figure), left);
         assert!(app.pending.contains_key(&b4.hash()));
+    }
+
+    /// What an execution holds counts while it is staged, on top of the figure as it is,
+    /// and comes off whatever the figure was set to meanwhile (never below zero).
+    #[test]
+    fn a_staged_execution_counts_while_it_lasts() {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let figure = AtomicU64::new(1_000);
+        {
+            let _staging = Counted::new(&figure, 500);
+            assert_eq!(figure.load(Relaxed), 1_500);
+        }
+        assert_eq!(figure.load(Relaxed), 1_000);
+        {
+            let _staging = Counted::new(&figure, 500);
+            figure.store(200, Relaxed);
+        }
+        assert_eq!(figure.load(Relaxed), 0);
     }
 
     /// Finalized blocks hand their upper tree levels to the node cache: a block executed on

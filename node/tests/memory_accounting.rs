@@ -2,7 +2,9 @@
 //! what it really allocates, measured by a counting allocator: the state-tree node cache
 //! (`NodeCache::memory_bytes`), the signature cache (entries times `SIG_ENTRY_BYTES`), the
 //! mempool (`Mempool::memory_bytes`: the sum of `held_bytes`, tables as they are) and the staged state of a pending block
-//! (`Layer::memory_bytes`, the largest part of the `blocks` consumer). Each estimate must be within 25% of
+//! (`Layer::memory_bytes`, the largest part of the `blocks` consumer), and what a block being
+//! executed holds until it is kept (the tree nodes read for its update,
+//! `ReadNodes::memory_bytes`, and its staged batch, `WriteBatch::memory_bytes`). Each estimate must be within 25% of
 //! the bytes allocated while the consumer filled (the governor sizes caches by them, and the
 //! memory dashboard adds them up against jemalloc's allocated bytes).
 
@@ -218,4 +220,54 @@ fn a_pending_blocks_staged_state_reports_what_it_takes() {
     let (allocated, layer) = allocated_by(|| Layer::from_batch(&batch));
     assert!(layer.len() > 4_000, "{} entries", layer.len());
     assert_close("staged state", layer.memory_bytes(), allocated);
+}
+
+#[test]
+fn the_nodes_a_block_reads_for_its_update_report_what_they_take() {
+    // The accounts of a block of 2,000 transfers over a tree of 20,000 accounts, read for
+    // their update on a pool of one thread (this closure's), so the counter sees it all.
+    let (_store, tree) = committed_accounts();
+    let keys: Vec<Hash> = (0..4_000u64).map(|i| key(i * 5)).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    // A first read fills the tree's upper levels (its own figure, `NodeCache::memory_bytes`).
+    let _ = tree.get_many_for_update(1, &keys).unwrap();
+    let (allocated, read) = pool.install(|| {
+        allocated_by(|| {
+            let (values, read) = tree.get_many_for_update(1, &keys).unwrap();
+            assert!(values.iter().all(Option::is_some));
+            read
+        })
+    });
+    // Most of the 20,000 leaves sit within the upper levels, which are not in the set.
+    assert!(read.len() > 1_000, "{} nodes read", read.len());
+    assert_close("nodes read for an update", read.memory_bytes(), allocated);
+}
+
+#[test]
+fn a_staged_batch_reports_what_it_takes() {
+    // The same block's state changes staged into a batch (the tree's upper levels go to its
+    // cache of one node, which holds nothing).
+    let (_store, tree) = committed_accounts();
+    let block: Vec<(Hash, Option<Vec<u8>>)> = (0..4_000u64)
+        .map(|i| (key(i * 5), Some(vec![8u8; 60])))
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    // A first staging fills the tree's upper levels (its own figure).
+    tree.apply(Some(1), 2, &block, &mut WriteBatch::new())
+        .unwrap();
+    let (allocated, batch) = pool.install(|| {
+        allocated_by(|| {
+            let mut batch = WriteBatch::new();
+            tree.apply(Some(1), 2, &block, &mut batch).unwrap();
+            batch
+        })
+    });
+    assert!(batch.len() > 4_000, "{} operations", batch.len());
+    assert_close("staged batch", batch.memory_bytes(), allocated);
 }

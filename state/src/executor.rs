@@ -370,6 +370,34 @@ pub struct Execution {
     read: TreeReads,
 }
 
+impl Execution {
+    /// Estimated bytes it holds: the receipts (and their error messages), the changed
+    /// accounts (and their unbonding lists), the slashings, the new registry and the tree
+    /// nodes read. The node counts them in the pending blocks' memory while the block is
+    /// staged.
+    pub fn memory_bytes(&self) -> u64 {
+        use std::mem::size_of;
+        let receipts = self.receipts.iter().fold(
+            (self.receipts.capacity() * size_of::<Receipt>()) as u64,
+            |sum, r| sum.saturating_add(r.error.as_ref().map_or(0, String::capacity) as u64),
+        );
+        let changed = self.changed.iter().fold(
+            (self.changed.capacity() * size_of::<(Address, Account)>()) as u64,
+            |sum, (_, account)| {
+                sum.saturating_add((account.unbonding.capacity() * size_of::<Unbonding>()) as u64)
+            },
+        );
+        let slashed = (self.slashed.capacity() * size_of::<(Address, u64)>()) as u64;
+        let registry = self.registry.as_ref().map_or(0, Vec::capacity) as u64;
+        let read = self.read.0.as_ref().map_or(0, |r| r.memory_bytes());
+        receipts
+            .saturating_add(changed)
+            .saturating_add(slashed)
+            .saturating_add(registry)
+            .saturating_add(read)
+    }
+}
+
 /// Tree nodes an execution read (leaves and deep internal nodes), so that staging its
 /// changes does not read them again. A hint, not part of what the block did: two executions
 /// are equal whatever they happened to read.

@@ -56,6 +56,17 @@ type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 /// See [`FastMap`].
 type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// Estimated bytes a std hash table with room for `capacity` entries of `T` holds:
+/// hashbrown's power-of-two buckets (seven eighths of them usable once there are eight or
+/// more), one control byte each and a group's worth more.
+fn table_bytes<T>(capacity: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = (capacity.saturating_mul(8) / 7).max(1).next_power_of_two();
+    (buckets * (std::mem::size_of::<T>() + 1) + 16) as u64
+}
+
 /// An empty [`FastMap`] with room for `capacity` entries.
 fn fast_map<K, V>(capacity: usize) -> FastMap<K, V> {
     FastMap::with_capacity_and_hasher(capacity, Default::default())

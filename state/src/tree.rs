@@ -286,6 +286,15 @@ impl ReadNodes {
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
+
+    /// Estimated bytes it holds: its table and each node's own allocation. Nodes read for an
+    /// update below the upper levels are not cached, so they are this table's alone.
+    pub fn memory_bytes(&self) -> u64 {
+        let table = crate::table_bytes::<(NodeKey, Node)>(self.nodes.capacity());
+        self.nodes
+            .values()
+            .fold(table, |sum, node| sum.saturating_add(node.heap_bytes()))
+    }
 }
 
 impl std::fmt::Debug for ReadNodes {

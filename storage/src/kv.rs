@@ -183,6 +183,19 @@ impl WriteBatch {
         self.ops.is_empty()
     }
 
+    /// Estimated bytes it holds in memory: its list of operations and each key's and value's
+    /// buffer (their capacities). What a block's staged state takes until it is kept.
+    pub fn memory_bytes(&self) -> u64 {
+        let list = self.ops.capacity() * std::mem::size_of::<Op>();
+        self.ops.iter().fold(list as u64, |sum, op| {
+            let bytes = match op {
+                Op::Put(_, k, v) | Op::DeleteRange(_, k, v) => k.capacity() + v.capacity(),
+                Op::Delete(_, k) => k.capacity(),
+            };
+            sum.saturating_add(bytes as u64)
+        })
+    }
+
     /// Approximate payload bytes (keys and values).
     pub fn size_bytes(&self) -> usize {
         self.bytes
