@@ -488,7 +488,8 @@ impl Ledger {
         self.records.put_pending(&block)?;
         self.pending
             .insert(block.hash(), Pending::new(block, tx_hashes, executed));
-        self.account_pending();
+        // The block in flight is now a pending one: count it once.
+        self.set_in_flight(0);
         Ok(())
     }
 
