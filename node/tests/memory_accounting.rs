@@ -115,6 +115,23 @@ fn committed_accounts() -> (Arc<dyn KvStore>, StateTree) {
     (store, tree)
 }
 
+/// The state changes of a block of 2,000 transfers: 4,000 of those accounts rewritten.
+fn block_updates() -> Vec<(Hash, Option<Vec<u8>>)> {
+    (0..4_000u64)
+        .map(|i| (key(i * 5), Some(vec![8u8; 60])))
+        .collect()
+}
+
+/// [`allocated_by`] for work that runs on rayon: on a pool of one thread, the one `f` runs
+/// on, so the counter sees all of it.
+fn on_one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> (i64, T) {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| allocated_by(f))
+}
+
 #[test]
 fn the_node_cache_reports_what_its_nodes_take() {
     let (store, _) = committed_accounts();
@@ -211,9 +228,7 @@ fn the_mempool_reports_what_its_transactions_take() {
 fn a_pending_blocks_staged_state_reports_what_it_takes() {
     // The state changes of a block of 2,000 transfers over a tree of 20,000 accounts.
     let (_store, tree) = committed_accounts();
-    let block: Vec<(Hash, Option<Vec<u8>>)> = (0..4_000u64)
-        .map(|i| (key(i * 5), Some(vec![8u8; 60])))
-        .collect();
+    let block = block_updates();
     let mut batch = WriteBatch::new();
     tree.apply(Some(1), 2, &block, &mut batch).unwrap();
 
@@ -225,21 +240,15 @@ fn a_pending_blocks_staged_state_reports_what_it_takes() {
 #[test]
 fn the_nodes_a_block_reads_for_its_update_report_what_they_take() {
     // The accounts of a block of 2,000 transfers over a tree of 20,000 accounts, read for
-    // their update on a pool of one thread (this closure's), so the counter sees it all.
+    // their update.
     let (_store, tree) = committed_accounts();
-    let keys: Vec<Hash> = (0..4_000u64).map(|i| key(i * 5)).collect();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let keys: Vec<Hash> = block_updates().into_iter().map(|(k, _)| k).collect();
     // A first read fills the tree's upper levels (its own figure, `NodeCache::memory_bytes`).
     let _ = tree.get_many_for_update(1, &keys).unwrap();
-    let (allocated, read) = pool.install(|| {
-        allocated_by(|| {
-            let (values, read) = tree.get_many_for_update(1, &keys).unwrap();
-            assert!(values.iter().all(Option::is_some));
-            read
-        })
+    let (allocated, read) = on_one_thread(|| {
+        let (values, read) = tree.get_many_for_update(1, &keys).unwrap();
+        assert!(values.iter().all(Option::is_some));
+        read
     });
     // Most of the 20,000 leaves sit within the upper levels, which are not in the set.
     assert!(read.len() > 1_000, "{} nodes read", read.len());
@@ -251,22 +260,14 @@ fn a_staged_batch_reports_what_it_takes() {
     // The same block's state changes staged into a batch (the tree's upper levels go to its
     // cache of one node, which holds nothing).
     let (_store, tree) = committed_accounts();
-    let block: Vec<(Hash, Option<Vec<u8>>)> = (0..4_000u64)
-        .map(|i| (key(i * 5), Some(vec![8u8; 60])))
-        .collect();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let block = block_updates();
     // A first staging fills the tree's upper levels (its own figure).
     tree.apply(Some(1), 2, &block, &mut WriteBatch::new())
         .unwrap();
-    let (allocated, batch) = pool.install(|| {
-        allocated_by(|| {
-            let mut batch = WriteBatch::new();
-            tree.apply(Some(1), 2, &block, &mut batch).unwrap();
-            batch
-        })
+    let (allocated, batch) = on_one_thread(|| {
+        let mut batch = WriteBatch::new();
+        tree.apply(Some(1), 2, &block, &mut batch).unwrap();
+        batch
     });
     assert!(batch.len() > 4_000, "{} operations", batch.len());
     assert_close("staged batch", batch.memory_bytes(), allocated);

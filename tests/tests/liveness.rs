@@ -206,9 +206,9 @@ fn report(block_time_ms: u64, minute: f64, criterion: &Criterion, r: &Recovery) 
 ///
 /// The bound is looser than the measurement's, because at 300 ms blocks a round led by the
 /// dead validator costs `keel testnet`'s 1 s timeout floor, about four blocks: reputation
-/// draws it again now and then (weight 10 against 1000 once its failure leaves the window,
-/// about one round in 300, so about once in 45 s), and one such round in a window of 20
-/// block times is 80% of it. CI failed the 90%-of-20 version with 46 and 47 blocks of 50 in
+/// draws it again now and then (weight 10 against 1000 for each live one once its failure
+/// leaves the window: about one round in 300, once in 90 s at 300 ms), and one such round in
+/// a window of 20 block times is 80% of it. CI failed the 90%-of-20 version with 46 and 47 blocks of 50 in
 /// the two 15 s stretches after the kill. Windows of 30 block times at 80%, held for two,
 /// absorb one such round and still fail the pace before the liveness work (15 blocks in
 /// the minute after a kill, a quarter of it).
