@@ -1364,6 +1364,15 @@ pub(crate) mod tests {
         );
     }
 
+    /// A ledger over a [`Recording`] store holding the genesis, and the genesis hash.
+    fn recorded_ledger() -> (Arc<Recording>, Ledger, Hash) {
+        let recording = Arc::new(Recording::default());
+        let store: Arc<dyn KvStore> = recording.clone();
+        let g = genesis(&store);
+        let app = Ledger::new(store, params(), BlockLimits::NONE).unwrap();
+        (recording, app, g)
+    }
+
     /// Records every batch written, to check what one finalization writes, and the state
     /// nodes read.
     #[derive(Default)]
@@ -1424,10 +1433,7 @@ pub(crate) mod tests {
     /// written; afterwards only the pending blocks.
     #[test]
     fn the_pending_figure_counts_the_block_in_flight() {
-        let recording = Arc::new(Recording::default());
-        let store: Arc<dyn KvStore> = recording.clone();
-        let g = genesis(&store);
-        let mut app = Ledger::new(store.clone(), params(), BlockLimits::NONE).unwrap();
+        let (recording, mut app, g) = recorded_ledger();
         let figure = app.pending_memory();
         let read =
             |f: &Arc<std::sync::atomic::AtomicU64>| f.load(std::sync::atomic::Ordering::Relaxed);
@@ -1498,10 +1504,7 @@ pub(crate) mod tests {
     /// the final tip reads none of the upper-level nodes those blocks wrote from the store.
     #[test]
     fn final_blocks_leave_their_upper_tree_levels_in_the_node_cache() {
-        let recording = Arc::new(Recording::default());
-        let store: Arc<dyn KvStore> = recording.clone();
-        let g = genesis(&store);
-        let mut app = Ledger::new(store.clone(), params(), BlockLimits::NONE).unwrap();
+        let (recording, mut app, g) = recorded_ledger();
         let (_, [_, _, b3]) = three_blocks(&mut app, g);
         app.finalize(&b3.hash(), &qc(b3.hash(), 3, 3)).unwrap();
         assert_eq!(app.final_tip(), (3, b3.hash()));
@@ -1525,10 +1528,8 @@ pub(crate) mod tests {
 
     #[test]
     fn finalize_writes_each_block_in_one_batch_readable_through_the_block_store() {
-        let recording = Arc::new(Recording::default());
+        let (recording, mut app, g) = recorded_ledger();
         let store: Arc<dyn KvStore> = recording.clone();
-        let g = genesis(&store);
-        let mut app = Ledger::new(store.clone(), params(), BlockLimits::NONE).unwrap();
         let (_, [b1, b2, b3]) = three_blocks(&mut app, g);
         let receipts: Vec<Vec<Receipt>> = [&b1, &b2]
             .iter()
